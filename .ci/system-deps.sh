@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Debian packages ztagent needs on a fresh machine. Idempotent; installs only what is missing.
+set -euo pipefail
+need=()
+for pkg in python3-venv; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then echo "missing Debian packages: ${need[*]} (run as root or install them)" >&2; exit 2; fi
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}"
+fi

@@ -1,0 +1,49 @@
+# ztagent — see README.md. `make run` and `make test` work on a fresh machine.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+CONFIG ?= ztagent.toml
+PROTO_FILES := $(shell find proto -name '*.proto')
+
+.PHONY: run test lint proto certs venv deps clean
+
+$(VENV)/.installed: pyproject.toml
+	@bash .ci/system-deps.sh
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+venv: $(VENV)/.installed
+
+certs-dev/ca.json: | $(VENV)/.installed
+	$(BIN)/ztagent ca init --dir certs-dev
+
+certs: $(VENV)/.installed
+	$(BIN)/ztagent ca init --dir certs-dev --force
+
+run: $(VENV)/.installed certs-dev/ca.json
+	$(BIN)/ztagent demo --config $(CONFIG)
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check ztagent tests
+	$(BIN)/ruff format --check ztagent tests
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/pytest -q
+
+# Regenerates ztagent/_proto from proto/ (committed; never edit the output by hand).
+proto: $(VENV)/.installed
+	rm -rf ztagent/_proto && mkdir -p ztagent/_proto
+	$(PY) -m grpc_tools.protoc -I proto/ztagent --python_out=ztagent/_proto \
+	  --grpc_python_out=ztagent/_proto --mypy_out=ztagent/_proto --mypy_grpc_out=ztagent/_proto \
+	  $(patsubst proto/ztagent/%,%,$(PROTO_FILES))
+	# protoc imports siblings by proto path; make them package-relative to ztagent._proto.
+	find ztagent/_proto -name '*.py*' -exec sed -i -E \
+	  's/^from (workloads|v1)(\.| )/from ztagent._proto.\1\2/; s/^import (workloads|v1)\./import ztagent._proto.\1./' {} +
+	find ztagent/_proto -type d -exec touch {}/__init__.py \;
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,5 @@
+import sys
+
+from ztagent.cli import main
+
+sys.exit(main())
