@@ -1,0 +1,139 @@
+"""Real servers on loopback: a dev CA, an echo upstream, and the sidecar, started per test."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
+
+from tests.integration.echo_upstream import SERVICE, EchoUpstream
+from ztagent.config import load_config
+from ztagent.pki import ca
+from ztagent.sidecar.server import Sidecar
+
+TRUST_DOMAIN = "ztagent.dev"
+CLIENT_AUTH = [ExtendedKeyUsageOID.CLIENT_AUTH]
+
+
+def _load_pair(cert: Path, key: Path) -> ca.KeyPair:
+    k = serialization.load_pem_private_key(key.read_bytes(), None)
+    assert isinstance(k, ec.EllipticCurvePrivateKey)
+    return ca.KeyPair(x509.load_pem_x509_certificate(cert.read_bytes()), k)
+
+
+@dataclass(frozen=True)
+class Pki:
+    layout: ca.CaLayout
+    root: ca.KeyPair
+    issuing: ca.KeyPair
+
+    def mint(
+        self,
+        device_id: str = "dev-1",
+        *,
+        issuer: ca.KeyPair | None = None,
+        uris: Sequence[str] | None = None,
+        eku: Sequence[ObjectIdentifier] | None = CLIENT_AUTH,
+        not_before: timedelta = timedelta(hours=-1),
+        not_after: timedelta = timedelta(days=29),
+    ) -> ca.KeyPair:
+        """A device leaf, valid now by default; offsets are relative to the current time."""
+        now = datetime.now(UTC)
+        return ca.build_leaf(
+            issuer or self.issuing,
+            subject_cn=device_id,
+            uris=list(uris)
+            if uris is not None
+            else [f"spiffe://{TRUST_DOMAIN}/device/{device_id}"],
+            eku=eku,
+            not_before=now + not_before,
+            not_after=now + not_after,
+        )
+
+
+@pytest.fixture(scope="session")
+def session_ca(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return ca.init_ca(tmp_path_factory.mktemp("pki") / "ca", TRUST_DOMAIN).dir
+
+
+@pytest.fixture
+def pki(session_ca: Path, tmp_path: Path) -> Pki:
+    """A private copy of the session CA, so a test may revoke and rewrite the CRL."""
+    target = tmp_path / "ca"
+    shutil.copytree(session_ca, target)
+    layout = ca.CaLayout(target)
+    return Pki(
+        layout,
+        _load_pair(layout.root_cert, layout.root_key),
+        _load_pair(layout.issuing_cert, layout.issuing_key),
+    )
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[EchoUpstream]:
+    echo = EchoUpstream()
+    await echo.start()
+    yield echo
+    await echo.stop()
+
+
+def write_config(pki: Pki, routes: dict[str, str], *, extra: str = "") -> Path:
+    route_text = "".join(
+        f'[[routes]]\nservice = "{service}"\nupstream = "{address}"\n'
+        for service, address in routes.items()
+    )
+    text = f"""
+[listen]
+address = "127.0.0.1:0"
+grace_period_s = 5
+
+[tls]
+server_cert = "{pki.layout.server_cert}"
+server_key = "{pki.layout.server_key}"
+client_ca = "{pki.layout.bundle}"
+crl = "{pki.layout.crl}"
+reload_interval_s = 0.1
+
+{extra}
+{route_text}
+"""
+    path = pki.layout.dir.parent / "ztagent.toml"
+    path.write_text(text)
+    return path
+
+
+StartSidecar = Callable[..., "AsyncIterator[Sidecar]"]
+
+
+@pytest.fixture
+async def sidecar(pki: Pki, upstream: EchoUpstream) -> AsyncIterator[Sidecar]:
+    """The sidecar with one route, test.v1.Echo -> the echo upstream."""
+    car = Sidecar(load_config(write_config(pki, {SERVICE: upstream.address})))
+    await car.start()
+    yield car
+    await car.stop(0)
+
+
+def channel(
+    pki: Pki, port: int, pair: ca.KeyPair | None, *, extra_chain: Sequence[x509.Certificate] = ()
+) -> grpc.aio.Channel:
+    """An mTLS client channel presenting ``pair`` (None: no client certificate)."""
+    roots = pki.layout.bundle.read_bytes()
+    if pair is None:
+        creds = grpc.ssl_channel_credentials(root_certificates=roots)
+    else:
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=roots,
+            private_key=ca.key_pem(pair.key),
+            certificate_chain=ca.cert_pem(pair.cert, *extra_chain),
+        )
+    return grpc.aio.secure_channel(f"127.0.0.1:{port}", creds)

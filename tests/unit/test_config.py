@@ -1,0 +1,111 @@
+"""Config: valid files load; every bad key or value is refused with the key named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ztagent.config import load_config, parse_config
+from ztagent.errors import ConfigError
+
+BASE = """
+[tls]
+server_cert = "s.pem"
+server_key = "s.key"
+client_ca = "ca.pem"
+crl = "crl.pem"
+
+[[routes]]
+service = "ztagent.workloads.v1.Storage"
+upstream = "127.0.0.1:50061"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "ztagent.toml"
+    path.write_text(text)
+    return path
+
+
+def test_example_config_at_repo_root_loads() -> None:
+    root = Path(__file__).resolve().parents[2]
+    config = load_config(root / "ztagent.toml")
+    assert config.listen.address == "127.0.0.1:8443"
+    assert config.identity.trust_domain == "ztagent.dev"
+    assert config.route_for("ztagent.workloads.v1.Storage") is not None
+    assert config.tls.client_ca == root / "certs-dev" / "ca-bundle.pem"
+
+
+def test_defaults_and_relative_paths(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, BASE))
+    assert config.tls.server_cert == tmp_path / "s.pem"
+    assert config.identity.max_cert_lifetime_days == 90
+    assert config.identity.crl_failure_mode == "closed"
+    assert config.routes[0].timeout_s is None
+
+
+def test_listen_override(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, BASE), listen_address="127.0.0.1:0")
+    assert config.listen.address == "127.0.0.1:0"
+
+
+@pytest.mark.parametrize(
+    ("extra", "key", "why"),
+    [
+        ("[bogus]\nx = 1\n", "bogus", "unknown section"),
+        ("[listen]\nadress = '127.0.0.1:1'\n", "listen.adress", "unknown key"),
+        ("[listen]\naddress = 'nope'\n", "listen.address", "expected host:port"),
+        ("[listen]\naddress = '127.0.0.1:70000'\n", "listen.address", "port must be"),
+        ("[listen]\ngrace_period_s = -1\n", "listen.grace_period_s", "expected >= 0"),
+        ("[listen]\nmax_message_bytes = 'big'\n", "listen.max_message_bytes", "integer"),
+        ("[identity]\ntrust_domain = 'Bad Domain'\n", "identity.trust_domain", "lowercase"),
+        ("[identity]\nmax_cert_lifetime_days = 0\n", "identity.max_cert_lifetime_days", ">= 1"),
+        ("[identity]\ncheck_crl = 'yes'\n", "identity.check_crl", "true or false"),
+        ("[identity]\ncrl_failure_mode = 'maybe'\n", "identity.crl_failure_mode", "closed, open"),
+        (
+            "[[routes]]\nservice = 'a.B'\nupstream = '10.0.0.5:80'\n",
+            "routes[1].upstream",
+            "loopback or unix",
+        ),
+        ("[[routes]]\nservice = 'a/B'\nupstream = 'unix:/x'\n", "routes[1].service", "service"),
+        (
+            "[[routes]]\nservice = 'ztagent.workloads.v1.Storage'\nupstream = 'unix:/x'\n",
+            "routes[1].service",
+            "duplicate",
+        ),
+        ("[[routes]]\nservice = 'a.B'\n", "routes[1].upstream", "required"),
+        (
+            "[[routes]]\nservice = 'a.B'\nupstream = 'unix:/x'\ncolour = 1\n",
+            "routes[1].colour",
+            "unknown",
+        ),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path: Path, extra: str, key: str, why: str) -> None:
+    with pytest.raises(ConfigError, match=why) as info:
+        load_config(write(tmp_path, BASE + extra))
+    assert info.value.key == key
+    assert info.value.code == "config_invalid"
+
+
+def test_missing_tls_section(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="section is required") as info:
+        parse_config({}, tmp_path)
+    assert info.value.key == "tls"
+
+
+def test_crl_required_while_checking(tmp_path: Path) -> None:
+    text = BASE.replace('crl = "crl.pem"\n', "")
+    with pytest.raises(ConfigError, match=r"required while identity\.check_crl") as info:
+        load_config(write(tmp_path, text))
+    assert info.value.key == "tls.crl"
+    config = load_config(write(tmp_path, text + "[identity]\ncheck_crl = false\n"))
+    assert config.tls.crl is None
+
+
+def test_not_toml_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(write(tmp_path, "[tls\n"))
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "absent.toml")

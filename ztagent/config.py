@@ -1,0 +1,332 @@
+"""ztagent.toml: parsed once, validated completely, frozen.
+
+Defaults, then the file, then command-line overrides. Relative paths are resolved against the
+directory of the config file. Unknown sections or keys and bad values raise ``ConfigError``
+naming the key (``tls.client_ca``, ``routes[1].upstream``) before any socket opens.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ztagent.errors import ConfigError
+
+FailureMode = Literal["closed", "open"]
+
+_SERVICE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+_TRUST_DOMAIN_RE = re.compile(r"^[a-z0-9._-]{1,255}$")
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    address: str = "127.0.0.1:8443"
+    """host:port the sidecar binds (mTLS). Default port 8443."""
+    grace_period_s: float = 10.0
+    """On SIGTERM, in-flight calls get this many seconds to finish, then are cancelled."""
+    max_message_bytes: int = 16 * 1024 * 1024
+    """Largest single gRPC message accepted or forwarded, in bytes."""
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    server_cert: Path
+    """PEM: the sidecar's server certificate, followed by its issuing CA."""
+    server_key: Path
+    """PEM: the server certificate's private key (0600)."""
+    client_ca: Path
+    """PEM bundle: root and issuing CAs that device certificates chain to."""
+    crl: Path | None = None
+    """PEM CRL(s) from the device CAs; required unless identity.check_crl = false."""
+    reload_interval_s: float = 2.0
+    """How often the files above are checked for changes (seconds)."""
+
+
+@dataclass(frozen=True)
+class IdentityConfig:
+    trust_domain: str = "ztagent.dev"
+    """Device SPIFFE IDs must be spiffe://<trust_domain>/device/<id>."""
+    max_cert_lifetime_days: int = 90
+    """Device certificates valid for longer than this are refused."""
+    check_crl: bool = True
+    """Refuse devices when no CRL from their issuing CA is loaded."""
+    crl_failure_mode: FailureMode = "closed"
+    """closed: a CRL past its nextUpdate refuses every device; open: it is still used."""
+
+
+@dataclass(frozen=True)
+class Route:
+    service: str
+    """Fully-qualified gRPC service name, e.g. ztagent.workloads.v1.Storage."""
+    upstream: str
+    """unix:/path/to.sock or host:port (loopback) of the local service."""
+    timeout_s: float | None = None
+    """Deadline applied when the caller sets none (seconds); None = no deadline."""
+
+
+@dataclass(frozen=True)
+class Config:
+    tls: TlsConfig
+    listen: ListenConfig = field(default_factory=ListenConfig)
+    identity: IdentityConfig = field(default_factory=IdentityConfig)
+    routes: tuple[Route, ...] = ()
+    source: Path | None = None
+
+    def route_for(self, service: str) -> Route | None:
+        for route in self.routes:
+            if route.service == service:
+                return route
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# parsing helpers
+
+
+def _type_name(value: object) -> str:
+    return type(value).__name__
+
+
+def _expect_table(value: object, key: str) -> Mapping[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(key, f"expected a table, got {_type_name(value)}")
+    return value
+
+
+def _check_keys(table: Mapping[str, Any], section: str, allowed: set[str]) -> None:
+    for key in table:
+        if key not in allowed:
+            raise ConfigError(
+                f"{section}.{key}", f"unknown key (expected one of: {', '.join(sorted(allowed))})"
+            )
+
+
+def _str(table: Mapping[str, Any], key: str, name: str, default: str | None = None) -> str:
+    value = table.get(key, default)
+    if value is None:
+        raise ConfigError(name, "is required")
+    if not isinstance(value, str) or not value:
+        raise ConfigError(name, f"expected a non-empty string, got {value!r}")
+    return value
+
+
+def _number(
+    table: Mapping[str, Any], key: str, name: str, default: float, *, minimum: float
+) -> float:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(name, f"expected a number, got {value!r}")
+    if value < minimum:
+        raise ConfigError(name, f"expected >= {minimum}, got {value}")
+    return float(value)
+
+
+def _int(table: Mapping[str, Any], key: str, name: str, default: int, *, minimum: int) -> int:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(name, f"expected an integer, got {value!r}")
+    if value < minimum:
+        raise ConfigError(name, f"expected >= {minimum}, got {value}")
+    return value
+
+
+def _bool(table: Mapping[str, Any], key: str, name: str, default: bool) -> bool:
+    value = table.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(name, f"expected true or false, got {value!r}")
+    return value
+
+
+def _choice(
+    table: Mapping[str, Any], key: str, name: str, default: str, choices: tuple[str, ...]
+) -> str:
+    value = table.get(key, default)
+    if value not in choices:
+        raise ConfigError(name, f"expected one of {', '.join(choices)}, got {value!r}")
+    return str(value)
+
+
+def _path(
+    table: Mapping[str, Any], key: str, name: str, base: Path, *, required: bool = True
+) -> Path | None:
+    if key not in table and not required:
+        return None
+    path = Path(_str(table, key, name))
+    return path if path.is_absolute() else base / path
+
+
+def parse_host_port(value: str, name: str) -> tuple[str, int]:
+    """Splits 'host:port' or '[v6]:port'; raises ConfigError naming ``name``."""
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", value)
+    if not match:
+        raise ConfigError(name, f"expected host:port or [ipv6]:port, got {value!r}")
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4))
+    if not 0 <= port <= 65535:
+        raise ConfigError(name, f"port must be 0-65535, got {port}")
+    return host, port
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def validate_upstream(value: str, name: str) -> str:
+    """An upstream is a unix socket or a loopback host:port (workloads never leave the node)."""
+    if value.startswith("unix:"):
+        if len(value) <= len("unix:"):
+            raise ConfigError(name, "unix: address needs a path")
+        return value
+    host, _ = parse_host_port(value, name)
+    if not is_loopback_host(host):
+        raise ConfigError(
+            name, f"upstream must be loopback or unix:, got {value!r} (host {host!r})"
+        )
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# sections
+
+
+def _listen(raw: Mapping[str, Any]) -> ListenConfig:
+    _check_keys(raw, "listen", {"address", "grace_period_s", "max_message_bytes"})
+    d = ListenConfig()
+    address = _str(raw, "address", "listen.address", d.address)
+    parse_host_port(address, "listen.address")
+    return ListenConfig(
+        address=address,
+        grace_period_s=_number(
+            raw, "grace_period_s", "listen.grace_period_s", d.grace_period_s, minimum=0
+        ),
+        max_message_bytes=_int(
+            raw, "max_message_bytes", "listen.max_message_bytes", d.max_message_bytes, minimum=1024
+        ),
+    )
+
+
+def _tls(raw: Mapping[str, Any], base: Path) -> TlsConfig:
+    keys = {"server_cert", "server_key", "client_ca", "crl", "reload_interval_s"}
+    _check_keys(raw, "tls", keys)
+    server_cert = _path(raw, "server_cert", "tls.server_cert", base)
+    server_key = _path(raw, "server_key", "tls.server_key", base)
+    client_ca = _path(raw, "client_ca", "tls.client_ca", base)
+    assert server_cert and server_key and client_ca
+    return TlsConfig(
+        server_cert=server_cert,
+        server_key=server_key,
+        client_ca=client_ca,
+        crl=_path(raw, "crl", "tls.crl", base, required=False),
+        reload_interval_s=_number(
+            raw, "reload_interval_s", "tls.reload_interval_s", 2.0, minimum=0.05
+        ),
+    )
+
+
+def _identity(raw: Mapping[str, Any]) -> IdentityConfig:
+    keys = {"trust_domain", "max_cert_lifetime_days", "check_crl", "crl_failure_mode"}
+    _check_keys(raw, "identity", keys)
+    td = _str(raw, "trust_domain", "identity.trust_domain", "ztagent.dev")
+    if not _TRUST_DOMAIN_RE.match(td):
+        raise ConfigError(
+            "identity.trust_domain",
+            f"expected lowercase letters, digits, '.', '-', '_'; got {td!r}",
+        )
+    mode = _choice(
+        raw, "crl_failure_mode", "identity.crl_failure_mode", "closed", ("closed", "open")
+    )
+    return IdentityConfig(
+        trust_domain=td,
+        max_cert_lifetime_days=_int(
+            raw, "max_cert_lifetime_days", "identity.max_cert_lifetime_days", 90, minimum=1
+        ),
+        check_crl=_bool(raw, "check_crl", "identity.check_crl", True),
+        crl_failure_mode="open" if mode == "open" else "closed",
+    )
+
+
+def _routes(raw: object) -> tuple[Route, ...]:
+    if not isinstance(raw, list):
+        raise ConfigError("routes", f"expected [[routes]] tables, got {_type_name(raw)}")
+    routes: list[Route] = []
+    seen: set[str] = set()
+    for i, item in enumerate(raw):
+        name = f"routes[{i}]"
+        table = _expect_table(item, name)
+        _check_keys(table, name, {"service", "upstream", "timeout_s"})
+        service = _str(table, "service", f"{name}.service")
+        if not _SERVICE_RE.match(service):
+            raise ConfigError(
+                f"{name}.service", f"expected a gRPC service name like pkg.v1.Svc, got {service!r}"
+            )
+        if service in seen:
+            raise ConfigError(f"{name}.service", f"duplicate route for {service!r}")
+        seen.add(service)
+        upstream = validate_upstream(
+            _str(table, "upstream", f"{name}.upstream"), f"{name}.upstream"
+        )
+        timeout: float | None = None
+        if "timeout_s" in table:
+            timeout = _number(table, "timeout_s", f"{name}.timeout_s", 0, minimum=0.001)
+        routes.append(Route(service=service, upstream=upstream, timeout_s=timeout))
+    return tuple(routes)
+
+
+def parse_config(raw: Mapping[str, Any], base: Path, source: Path | None = None) -> Config:
+    """Builds a validated Config from an already-decoded TOML document."""
+    allowed = {"listen", "tls", "identity", "routes"}
+    for key in raw:
+        if key not in allowed:
+            raise ConfigError(
+                key, f"unknown section (expected one of: {', '.join(sorted(allowed))})"
+            )
+    if "tls" not in raw:
+        raise ConfigError("tls", "section is required (server_cert, server_key, client_ca)")
+    listen = _listen(_expect_table(raw.get("listen", {}), "listen"))
+    tls = _tls(_expect_table(raw["tls"], "tls"), base)
+    identity = _identity(_expect_table(raw.get("identity", {}), "identity"))
+    if identity.check_crl and tls.crl is None:
+        raise ConfigError("tls.crl", "is required while identity.check_crl = true")
+    routes = _routes(raw.get("routes", []))
+    return Config(listen=listen, tls=tls, identity=identity, routes=routes, source=source)
+
+
+def load_config(path: Path, *, listen_address: str | None = None) -> Config:
+    """Reads and validates ``path``; ``listen_address`` overrides listen.address."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot read config file: {exc.strerror}") from exc
+    try:
+        raw: dict[str, Any] = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), f"not valid TOML: {exc}") from exc
+    if listen_address is not None:
+        raw.setdefault("listen", {})
+        _expect_table(raw["listen"], "listen")["address"] = listen_address  # type: ignore[index]
+    return parse_config(raw, path.resolve().parent, source=path)
+
+
+def check_files(config: Config) -> None:
+    """Every file the config names must exist and be readable before start-up goes on."""
+    tls = config.tls
+    named = {
+        "tls.server_cert": tls.server_cert,
+        "tls.server_key": tls.server_key,
+        "tls.client_ca": tls.client_ca,
+    }
+    if tls.crl is not None:
+        named["tls.crl"] = tls.crl
+    for key, path in named.items():
+        if not path.is_file():
+            raise ConfigError(key, f"file not found: {path}")

@@ -1,0 +1,161 @@
+"""The byte-exact gRPC proxy: every call, whatever its kind, is forwarded as a raw stream.
+
+At the HTTP/2 level the four RPC kinds differ only in how many messages each side sends, so
+the proxy handles every method as stream-stream with identity (de)serialisers: requests and
+responses pass as the same bytes, half-close, deadlines, cancellation, status, details and
+trailing metadata are carried both ways.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Protocol
+
+import grpc
+
+from ztagent.config import Route
+from ztagent.errors import ZtagentError, grpc_status_for
+from ztagent.sidecar.upstreams import Upstreams, service_of
+
+log = logging.getLogger("ztagent.proxy")
+
+Metadata = Sequence[tuple[str, str | bytes]]
+
+IDENTITY_PREFIX = "x-ztagent-"
+# Not forwarded: our own identity headers (a client must never set them), HTTP/2 pseudo and
+# transport headers, and grpc-reserved keys the channel sets itself.
+_DROP_EXACT = frozenset({"user-agent", "te", "content-type", "host", "connection"})
+_DROP_PREFIXES = (IDENTITY_PREFIX, ":", "grpc-")
+# Upstream trailers that grpc rebuilds itself; grpc-status-details-bin (rich errors) is kept.
+_KEEP_GRPC_TRAILERS = frozenset({"grpc-status-details-bin"})
+
+
+def forwardable(metadata: Metadata | None) -> list[tuple[str, str | bytes]]:
+    """Client metadata minus identity, transport and grpc-reserved keys."""
+    if not metadata:
+        return []
+    return [
+        (key, value)
+        for key, value in metadata
+        if key not in _DROP_EXACT and not key.startswith(_DROP_PREFIXES)
+    ]
+
+
+def _returnable(metadata: Metadata | None) -> list[tuple[str, str | bytes]]:
+    if not metadata:
+        return []
+    return [
+        (key, value)
+        for key, value in metadata
+        if not key.startswith((":", "grpc-")) or key in _KEEP_GRPC_TRAILERS
+    ]
+
+
+class Admission(Protocol):
+    """Decides whether a call may pass; returns the identity headers to add upstream."""
+
+    def admit(self, context: grpc.aio.ServicerContext, full_method: str) -> Metadata:
+        """Raises a ZtagentError to refuse the call."""
+        ...
+
+
+class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
+    """Generic handler: admission first, then route by service name and forward."""
+
+    def __init__(self, admission: Admission, upstreams: Upstreams) -> None:
+        self._admission = admission
+        self._upstreams = upstreams
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        method: str = handler_call_details.method
+        handler = self._handlers.get(method)
+        if handler is None:
+            handler = grpc.stream_stream_rpc_method_handler(self._bind(method))
+            if len(self._handlers) < 4096:  # bounded: method names come from clients
+                self._handlers[method] = handler
+        return handler
+
+    def _bind(self, method: str):  # type: ignore[no-untyped-def]
+        async def handle(request_iterator: object, context: grpc.aio.ServicerContext) -> None:
+            await self.forward(method, context)
+
+        return handle
+
+    async def forward(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        try:
+            identity = self._admission.admit(context, method)
+        except ZtagentError as err:
+            log.info("refused %s: %s", method, err)
+            await context.abort(grpc_status_for(err), f"{err.code}: {err.message}")
+            return
+        route = self._upstreams.route(service_of(method))
+        if route is None:
+            known = ", ".join(self._upstreams.services) or "none"
+            await context.abort(
+                grpc.StatusCode.UNIMPLEMENTED,
+                f"no route for service {service_of(method) or method!r} (routed: {known})",
+            )
+            return
+        await self._relay(method, route, identity, context)
+
+    async def _relay(
+        self,
+        method: str,
+        route: Route,
+        identity: Metadata,
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        channel = self._upstreams.channel(route)
+        multicallable = channel.stream_stream(method)
+        timeout = context.time_remaining()
+        if timeout is None:
+            timeout = route.timeout_s
+        metadata = forwardable(context.invocation_metadata())
+        metadata.extend(identity)
+        call = multicallable(metadata=tuple(metadata), timeout=timeout)
+        pump = asyncio.create_task(_pump_requests(context, call))
+        try:
+            initial = await call.initial_metadata()
+            if initial:
+                await context.send_initial_metadata(_returnable(initial))
+            while True:
+                message = await call.read()
+                if message is grpc.aio.EOF:
+                    break
+                await context.write(message)
+            code = await call.code()
+            details = await call.details()
+            trailing = await call.trailing_metadata()
+        except grpc.aio.AioRpcError as err:
+            code, details, trailing = err.code(), err.details(), err.trailing_metadata()
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
+        finally:
+            if not pump.done():
+                pump.cancel()
+        if trailing:
+            context.set_trailing_metadata(_returnable(trailing))
+        if code != grpc.StatusCode.OK:
+            context.set_code(code)
+            context.set_details(details or "")
+
+
+async def _pump_requests(
+    context: grpc.aio.ServicerContext, call: grpc.aio.StreamStreamCall
+) -> None:
+    """Copies client messages upstream, then half-closes; stops if the upstream call ends."""
+    try:
+        while True:
+            message = await context.read()
+            if message is grpc.aio.EOF:
+                break
+            await call.write(message)
+        await call.done_writing()
+    except (asyncio.InvalidStateError, grpc.aio.AioRpcError, grpc.aio.UsageError):
+        pass  # the upstream call already finished; its status is relayed by the reader

@@ -1,0 +1,204 @@
+"""The sidecar process: mTLS grpc.aio server, health, hot reload of trust files, graceful stop.
+
+IO lives here (sockets, files, timers, signals); the checks it runs are pure functions in
+``ztagent.pki`` and the forwarding is in ``ztagent.sidecar.proxy``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from pathlib import Path
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from ztagent.config import Config, check_files
+from ztagent.errors import ConfigError, ZtagentError
+from ztagent.pki.trust_files import TrustFiles
+from ztagent.pki.verify import DeviceChecker, DevicePolicy
+from ztagent.sidecar.admission import Clock, DeviceAdmission, utc_now
+from ztagent.sidecar.proxy import ProxyHandler
+from ztagent.sidecar.upstreams import Upstreams
+
+log = logging.getLogger("ztagent.sidecar")
+
+FileSignature = tuple[tuple[int, int, int], ...]
+
+
+def file_signature(paths: tuple[Path, ...]) -> FileSignature:
+    """(mtime_ns, size, inode) per file: changes when a file is rewritten or replaced."""
+    out = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            out.append((-1, -1, -1))
+        else:
+            out.append((st.st_mtime_ns, st.st_size, st.st_ino))
+    return tuple(out)
+
+
+def device_policy(config: Config) -> DevicePolicy:
+    from datetime import timedelta
+
+    ident = config.identity
+    return DevicePolicy(
+        trust_domain=ident.trust_domain,
+        max_lifetime=timedelta(days=ident.max_cert_lifetime_days),
+        check_crl=ident.check_crl,
+        crl_fail_open=ident.crl_failure_mode == "open",
+    )
+
+
+def _server_cert_config(config: Config) -> object:
+    """grpc's certificate configuration; validates that the key belongs to the certificate."""
+    tls = config.tls
+    chain = tls.server_cert.read_bytes()
+    key = tls.server_key.read_bytes()
+    bundle = tls.client_ca.read_bytes()
+    try:
+        leaf = x509.load_pem_x509_certificate(chain)
+    except ValueError as exc:
+        raise ConfigError("tls.server_cert", f"not a PEM certificate: {exc}") from exc
+    try:
+        private = serialization.load_pem_private_key(key, password=None)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError("tls.server_key", f"not an unencrypted PEM private key: {exc}") from exc
+    pub = serialization.PublicFormat.SubjectPublicKeyInfo
+    enc = serialization.Encoding.DER
+    if private.public_key().public_bytes(enc, pub) != leaf.public_key().public_bytes(enc, pub):
+        raise ConfigError("tls.server_key", "does not match the public key in tls.server_cert")
+    return grpc.ssl_server_certificate_configuration(((key, chain),), root_certificates=bundle)
+
+
+class Sidecar:
+    """One sidecar server. ``start()`` validates everything, binds, and reports SERVING."""
+
+    def __init__(self, config: Config, clock: Clock = utc_now) -> None:
+        self.config = config
+        self._clock = clock
+        self.port = 0
+        self.health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._upstreams: Upstreams | None = None
+        self._admission: DeviceAdmission | None = None
+        self._trust_files = TrustFiles(config.tls.client_ca, config.tls.crl)
+        self._tls_paths = (config.tls.server_cert, config.tls.server_key, config.tls.client_ca)
+        self._tls_signature: FileSignature = ()
+        self._pending_tls: object | None = None
+        self._watcher: asyncio.Task[None] | None = None
+
+    # -- start-up ---------------------------------------------------------------------------
+
+    async def start(self) -> int:
+        config = self.config
+        check_files(config)
+        self._tls_signature = file_signature(self._tls_paths)
+        initial = _server_cert_config(config)
+        trust = self._trust_files.load()
+        self._admission = DeviceAdmission(DeviceChecker(trust, device_policy(config)), self._clock)
+        self._upstreams = Upstreams(config.routes, config.listen.max_message_bytes)
+
+        limit = config.listen.max_message_bytes
+        server = grpc.aio.server(
+            options=[
+                ("grpc.so_reuseport", 0),
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+            ]
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        server.add_generic_rpc_handlers((ProxyHandler(self._admission, self._upstreams),))
+        credentials = grpc.dynamic_ssl_server_credentials(
+            initial, self._fetch_tls, require_client_authentication=True
+        )
+        try:
+            self.port = server.add_secure_port(config.listen.address, credentials)
+        except RuntimeError as exc:
+            raise ConfigError(
+                "listen.address", f"cannot bind {config.listen.address}: {exc}"
+            ) from exc
+        await server.start()
+        self._server = server
+        self._watcher = asyncio.create_task(self._watch_files())
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "sidecar listening on %s (port %d), routes: %s",
+            config.listen.address,
+            self.port,
+            ", ".join(f"{r.service} -> {r.upstream}" for r in config.routes) or "none",
+        )
+        return self.port
+
+    # -- hot reload -------------------------------------------------------------------------
+
+    def _fetch_tls(self) -> object | None:
+        """Called by grpc at each handshake: a new configuration only when files changed."""
+        pending, self._pending_tls = self._pending_tls, None
+        return pending
+
+    def reload(self) -> bool:
+        """Reloads changed trust/TLS files; a file that fails to load keeps the old one."""
+        changed = False
+        if self._trust_files.changed():
+            try:
+                trust = self._trust_files.load()
+            except ZtagentError as err:
+                log.error("keeping previous CA bundle/CRL: %s", err)
+            else:
+                assert self._admission is not None
+                self._admission.checker.replace_trust(trust)
+                log.info("reloaded device CA bundle and CRL")
+                changed = True
+        signature = file_signature(self._tls_paths)
+        if signature != self._tls_signature:
+            try:
+                self._pending_tls = _server_cert_config(self.config)
+            except (ZtagentError, OSError) as err:
+                log.error("keeping previous TLS server certificate: %s", err)
+            else:
+                self._tls_signature = signature
+                log.info("reloaded TLS server certificate and client CA bundle")
+                changed = True
+        return changed
+
+    async def _watch_files(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.tls.reload_interval_s)
+            self.reload()
+
+    # -- stop -------------------------------------------------------------------------------
+
+    async def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING at once, then in-flight calls get ``grace`` seconds before cancel."""
+        if grace is None:
+            grace = self.config.listen.grace_period_s
+        await self.health.enter_graceful_shutdown()
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        if self._server is not None:
+            await self._server.stop(grace)
+        if self._upstreams is not None:
+            await self._upstreams.close()
+
+
+async def run_sidecar(config: Config) -> None:
+    """Runs until SIGTERM or SIGINT, then drains in-flight calls within the grace period."""
+    sidecar = Sidecar(config)
+    await sidecar.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping: draining in-flight calls for up to %.1f s", config.listen.grace_period_s)
+    await sidecar.stop()
+    log.info("stopped")

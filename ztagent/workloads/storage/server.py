@@ -1,0 +1,493 @@
+"""The gRPC face of the storage workload: ``ztagent.workloads.v1.Storage`` plus health.
+
+The caller's namespace is the device id the sidecar puts in ``x-ztagent-device-id``; a call
+without it is refused, so callers can never pick a namespace. SQLite work runs on one worker
+thread, in order, off the event loop. Watch fans committed changes out to subscribers through
+bounded per-watcher queues: a watcher that falls behind is dropped with RESOURCE_EXHAUSTED
+and never slows writers down. The workload binds loopback or a unix socket only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import ipaddress
+import logging
+import signal
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from ztagent._proto.workloads.v1 import storage_pb2, storage_pb2_grpc
+from ztagent.errors import ConfigError, TransportError, VerificationError, ZtagentError
+from ztagent.workloads.storage.errors import (
+    InvalidRequestError,
+    WatchOverflowError,
+    grpc_status_for,
+)
+from ztagent.workloads.storage.store import (
+    DEFAULT_MAX_VALUE_BYTES,
+    Change,
+    ChangeKind,
+    Store,
+    validate_namespace,
+    validate_prefix,
+)
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "ztagent.workloads.v1.Storage"
+DEVICE_ID_HEADER = "x-ztagent-device-id"
+ERROR_CODE_HEADER = "x-ztagent-error-code"
+"""Trailing metadata that carries the stable ztagent error code of a failed call."""
+DEFAULT_LISTEN = "127.0.0.1:50061"
+STOP_GRACE_S = 5.0
+"""Seconds in-flight calls get to finish on SIGTERM/SIGINT."""
+RECEIVE_HEADROOM_BYTES = 1024 * 1024
+"""The gRPC receive limit is max_value_bytes plus this, so an oversized value reaches the
+store's own check (INVALID_ARGUMENT) instead of gRPC's (RESOURCE_EXHAUSTED)."""
+WATCH_MAX_EVENTS = 1024
+"""Changes a watcher may have queued before it is dropped."""
+WATCH_PAGE = 100
+"""Existing records read per step when a Watch asks for them."""
+BULK_MAX_ITEMS = 10_000
+"""Most PutRequests one BulkPut may carry."""
+
+_T = TypeVar("_T")
+
+_MISSING_DEVICE_ID = (
+    f"missing {DEVICE_ID_HEADER} metadata: call the storage workload through the ztagent sidecar"
+)
+
+
+# -- listen addresses -----------------------------------------------------------------------
+
+
+def parse_listen(addr: str) -> str:
+    """Validates a workload listen address and returns it in the form gRPC binds.
+
+    Accepts ``unix:/path``, ``unix:///path`` (returned as ``unix:/path``), ``unix:relative``,
+    and ``HOST:PORT`` where HOST is ``localhost`` or a loopback IP (``127.0.0.1``,
+    ``[::1]``). Anything else raises ``ConfigError('listen', ...)``: the workload trusts the
+    sidecar's device-id header, so it must not be reachable from the network.
+    """
+    expected = "expected 'unix:/path/to.sock' or a loopback HOST:PORT such as 127.0.0.1:50061"
+
+    def bad(why: str) -> ConfigError:
+        return ConfigError("listen", f"got {addr!r} ({why}); {expected}")
+
+    if "\x00" in addr or not addr.strip() or addr != addr.strip():
+        raise bad("empty, blank-padded or NUL")
+    if addr.startswith("unix:"):
+        rest = addr.removeprefix("unix:")
+        if rest.startswith("//"):
+            if not rest.startswith("///"):
+                raise bad("unix:// needs an absolute path, as in unix:///run/storage.sock")
+            rest = rest[2:]
+        if not rest:
+            raise bad("no socket path")
+        return f"unix:{rest}"
+    host, sep, port_text = addr.rpartition(":")
+    if not sep or not host:
+        raise bad("no host")
+    if not port_text.isdigit() or int(port_text) > 65535:
+        raise bad(f"port {port_text!r} is not 0-65535")
+    port = int(port_text)
+    if host.lower() == "localhost":
+        return f"localhost:{port}"
+    bracketed = host.startswith("[") and host.endswith("]")
+    try:
+        ip = ipaddress.ip_address(host[1:-1] if bracketed else host)
+    except ValueError:
+        raise bad(f"host {host!r} is neither localhost nor an IP address") from None
+    if ip.version == 6 and not bracketed:
+        raise bad("an IPv6 host needs brackets, as in [::1]:50061")
+    if not ip.is_loopback:
+        raise bad(f"{ip} is not a loopback address")
+    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+
+
+# -- watch fan-out --------------------------------------------------------------------------
+
+
+class _Watcher:
+    """One Watch call's bounded queue of changes."""
+
+    def __init__(self, namespace: str, prefix: str, max_events: int, max_bytes: int) -> None:
+        self.namespace = namespace
+        self.prefix = prefix
+        self.max_events = max_events
+        self.max_bytes = max_bytes
+        self.queue: asyncio.Queue[Change | None] = asyncio.Queue()
+        self.queued_bytes = 0
+        self.overflowed = False
+        self.closed = False
+
+    def offer(self, change: Change) -> None:
+        if self.overflowed or self.closed:
+            return
+        size = len(change.value)
+        if self.queue.qsize() >= self.max_events or self.queued_bytes + size > self.max_bytes:
+            self.overflowed = True
+            self.queue.put_nowait(None)  # wakes the reader, which sees the flag
+            return
+        self.queued_bytes += size
+        self.queue.put_nowait(change)
+
+    def close(self) -> None:
+        self.closed = True
+        self.queue.put_nowait(None)
+
+    async def next(self) -> Change | None:
+        """The next change; None once the watcher overflowed or the hub closed."""
+        change = await self.queue.get()
+        if change is None or self.overflowed:
+            return None
+        self.queued_bytes -= len(change.value)
+        return change
+
+
+class ChangeHub:
+    """Fans committed changes out to the watchers of their namespace and prefix.
+
+    ``publish_threadsafe`` is the store's ``on_change`` callback: it runs on the store's
+    thread and hands the change to the loop, preserving commit order. Delivery never blocks.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, *, max_events: int, max_bytes: int) -> None:
+        self._loop = loop
+        self._max_events = max_events
+        self._max_bytes = max_bytes
+        self._watchers: dict[str, set[_Watcher]] = {}
+        self._closed = False
+
+    def subscribe(self, namespace: str, prefix: str) -> _Watcher:
+        watcher = _Watcher(namespace, prefix, self._max_events, self._max_bytes)
+        if self._closed:
+            watcher.close()
+        else:
+            self._watchers.setdefault(namespace, set()).add(watcher)
+        return watcher
+
+    def unsubscribe(self, watcher: _Watcher) -> None:
+        group = self._watchers.get(watcher.namespace)
+        if group is not None:
+            group.discard(watcher)
+            if not group:
+                del self._watchers[watcher.namespace]
+
+    def publish_threadsafe(self, change: Change) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop already closed: nobody is watching
+            self._loop.call_soon_threadsafe(self.publish, change)
+
+    def publish(self, change: Change) -> None:
+        for watcher in list(self._watchers.get(change.namespace, ())):
+            if change.key.startswith(watcher.prefix):
+                watcher.offer(change)
+                if watcher.overflowed:
+                    self.unsubscribe(watcher)
+
+    def close(self) -> None:
+        """Ends every Watch (at shutdown); later subscribers end at once."""
+        self._closed = True
+        for group in list(self._watchers.values()):
+            for watcher in group:
+                watcher.close()
+        self._watchers.clear()
+
+
+# -- the servicer ---------------------------------------------------------------------------
+
+
+def device_namespace(metadata: Sequence[tuple[str, Any]] | None) -> str:
+    """The caller's namespace: the single ``x-ztagent-device-id`` value the sidecar added."""
+    values = [value for key, value in metadata or () if key == DEVICE_ID_HEADER]
+    if not values or not values[0]:
+        raise VerificationError("missing_device_id", _MISSING_DEVICE_ID)
+    if len(values) > 1:
+        raise VerificationError(
+            "ambiguous_device_id",
+            f"got {len(values)} {DEVICE_ID_HEADER} values, expected exactly one from the sidecar",
+        )
+    value = values[0]
+    if not isinstance(value, str):
+        raise VerificationError("bad_device_id", f"{DEVICE_ID_HEADER} must be text")
+    try:
+        validate_namespace(value)
+    except InvalidRequestError as err:
+        raise VerificationError("bad_device_id", f"{DEVICE_ID_HEADER}: {err.message}") from None
+    return value
+
+
+async def _abort(context: grpc.aio.ServicerContext, err: ZtagentError) -> NoReturn:
+    await context.abort(grpc_status_for(err), err.message, ((ERROR_CODE_HEADER, err.code),))
+    raise AssertionError("context.abort returned")  # pragma: no cover
+
+
+class StorageServicer(storage_pb2_grpc.StorageServicer):
+    """Implements ``ztagent.workloads.v1.Storage`` over a :class:`Store`."""
+
+    def __init__(self, store: Store, hub: ChangeHub, executor: ThreadPoolExecutor) -> None:
+        self._store = store
+        self._hub = hub
+        self._executor = executor
+
+    async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+
+    async def Put(
+        self, request: storage_pb2.PutRequest, context: grpc.aio.ServicerContext
+    ) -> storage_pb2.PutResponse:
+        try:
+            ns = device_namespace(context.invocation_metadata())
+            revision = await self._run(self._store.put, ns, request.key, request.value)
+        except ZtagentError as err:
+            await _abort(context, err)
+        return storage_pb2.PutResponse(key=request.key, revision=revision)
+
+    async def Get(
+        self, request: storage_pb2.GetRequest, context: grpc.aio.ServicerContext
+    ) -> storage_pb2.GetResponse:
+        try:
+            ns = device_namespace(context.invocation_metadata())
+            record = await self._run(self._store.get, ns, request.key)
+        except ZtagentError as err:
+            await _abort(context, err)
+        return storage_pb2.GetResponse(key=record.key, value=record.value, revision=record.revision)
+
+    async def Delete(
+        self, request: storage_pb2.DeleteRequest, context: grpc.aio.ServicerContext
+    ) -> storage_pb2.DeleteResponse:
+        try:
+            ns = device_namespace(context.invocation_metadata())
+            revision = await self._run(self._store.delete, ns, request.key)
+        except ZtagentError as err:
+            await _abort(context, err)
+        return storage_pb2.DeleteResponse(deleted=revision is not None)
+
+    async def List(
+        self, request: storage_pb2.ListRequest, context: grpc.aio.ServicerContext
+    ) -> storage_pb2.ListResponse:
+        try:
+            ns = device_namespace(context.invocation_metadata())
+            page = await self._run(
+                self._store.list_keys, ns, request.prefix, request.page_size, request.page_token
+            )
+        except ZtagentError as err:
+            await _abort(context, err)
+        return storage_pb2.ListResponse(keys=page.keys, next_page_token=page.next_page_token)
+
+    async def BulkPut(
+        self,
+        request_iterator: AsyncIterator[storage_pb2.PutRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> storage_pb2.BulkPutResponse:
+        try:
+            ns = device_namespace(context.invocation_metadata())
+            items: list[tuple[str, bytes]] = []
+            async for request in request_iterator:
+                self._store.check_value(request.key, request.value)  # fail before buffering more
+                items.append((request.key, request.value))
+                if len(items) > BULK_MAX_ITEMS:
+                    raise InvalidRequestError(
+                        "bulk_too_large",
+                        f"BulkPut sent more than {BULK_MAX_ITEMS} values; maximum is "
+                        f"{BULK_MAX_ITEMS} per call",
+                    )
+            revisions = await self._run(self._store.put_many, ns, items)
+        except ZtagentError as err:
+            await _abort(context, err)
+        return storage_pb2.BulkPutResponse(
+            count=len(revisions), last_revision=revisions[-1] if revisions else 0
+        )
+
+    async def Watch(
+        self, request: storage_pb2.WatchRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[storage_pb2.WatchEvent]:
+        try:
+            ns = device_namespace(context.invocation_metadata())
+            validate_prefix(request.prefix)
+        except ZtagentError as err:
+            await _abort(context, err)
+        watcher = self._hub.subscribe(ns, request.prefix)
+        try:
+            # Subscribed: tell the client, so it knows later writes will reach it.
+            await context.send_initial_metadata(())
+            start_revision = 0
+            end_revision = 0
+            seen: dict[str, int] = {}
+            if request.include_existing:
+                after: str | None = None
+                first = True
+                while True:
+                    try:
+                        page = await self._run(
+                            self._store.scan, ns, request.prefix, after, WATCH_PAGE
+                        )
+                    except ZtagentError as err:
+                        await _abort(context, err)
+                    if first:
+                        start_revision, first = page.revision, False
+                    end_revision = page.revision
+                    for record in page.records:
+                        seen[record.key] = record.revision
+                        yield storage_pb2.WatchEvent(
+                            kind=storage_pb2.WatchEvent.PUT,
+                            key=record.key,
+                            value=record.value,
+                            revision=record.revision,
+                        )
+                    if page.last_key is None:
+                        break
+                    after = page.last_key
+            while True:
+                change = await watcher.next()
+                if change is None:
+                    break
+                if change.revision <= start_revision:
+                    continue  # committed before the first read: already in the snapshot
+                if change.revision <= end_revision and change.revision <= seen.get(change.key, 0):
+                    continue  # a later page already carried this value
+                yield storage_pb2.WatchEvent(
+                    kind=(
+                        storage_pb2.WatchEvent.PUT
+                        if change.kind is ChangeKind.PUT
+                        else storage_pb2.WatchEvent.DELETE
+                    ),
+                    key=change.key,
+                    value=change.value,
+                    revision=change.revision,
+                )
+            if watcher.overflowed:
+                await _abort(
+                    context,
+                    WatchOverflowError(
+                        "watch_overflow",
+                        f"watcher fell behind: more than {watcher.max_events} changes or "
+                        f"{watcher.max_bytes} bytes queued; reconnect with include_existing",
+                    ),
+                )
+            await _abort(
+                context,
+                TransportError("shutting_down", "storage workload is shutting down"),
+            )
+        finally:
+            self._hub.unsubscribe(watcher)
+
+
+# -- starting and stopping ------------------------------------------------------------------
+
+
+@dataclass
+class _Running:
+    server: grpc.aio.Server
+    store: Store
+    hub: ChangeHub
+    health: Any
+    executor: ThreadPoolExecutor
+
+
+_RUNNING: dict[int, _Running] = {}
+
+
+async def start_storage_server(
+    listen: str, data_dir: Path, *, max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
+) -> tuple[grpc.aio.Server, int]:
+    """Opens the store in ``data_dir`` and starts serving on ``listen``.
+
+    Returns the started server and its bound port (0 for a unix socket). Stop it with
+    :func:`stop_storage_server`, which also closes the database.
+    """
+    address = parse_listen(listen)
+    if max_value_bytes < 1:
+        raise ConfigError(
+            "max_value_bytes", f"got {max_value_bytes}, expected a positive number of bytes"
+        )
+    loop = asyncio.get_running_loop()
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ztagent-storage")
+    hub = ChangeHub(loop, max_events=WATCH_MAX_EVENTS, max_bytes=4 * max_value_bytes + 2**20)
+    try:
+        store = await loop.run_in_executor(
+            executor,
+            functools.partial(
+                Store.open,
+                data_dir,
+                max_value_bytes=max_value_bytes,
+                on_change=hub.publish_threadsafe,
+            ),
+        )
+    except BaseException:
+        executor.shutdown(wait=False)
+        raise
+    limit = max_value_bytes + RECEIVE_HEADROOM_BYTES
+    server = grpc.aio.server(
+        options=[
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+        ]
+    )
+    storage_pb2_grpc.add_StorageServicer_to_server(StorageServicer(store, hub, executor), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    running = _Running(server, store, hub, health_servicer, executor)
+    try:
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise TransportError("listen_failed", f"cannot bind {address}: {exc}") from None
+        await server.start()
+        for service in ("", SERVICE_NAME):
+            await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    except BaseException:
+        await _shutdown(running, grace=None)
+        raise
+    _RUNNING[id(server)] = running
+    bound = 0 if address.startswith("unix:") else int(port)
+    log.info("storage workload serving on %s (port %d), data in %s", address, bound, data_dir)
+    return server, bound
+
+
+async def stop_storage_server(server: grpc.aio.Server, grace: float | None = STOP_GRACE_S) -> None:
+    """Reports NOT_SERVING, ends Watch streams, stops with ``grace`` seconds, closes the DB."""
+    running = _RUNNING.pop(id(server), None)
+    if running is None:
+        await server.stop(grace)
+        return
+    await _shutdown(running, grace)
+
+
+async def _shutdown(running: _Running, grace: float | None) -> None:
+    with contextlib.suppress(Exception):
+        await running.health.enter_graceful_shutdown()
+    running.hub.close()
+    await running.server.stop(grace)
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(running.executor, running.store.close)
+    running.executor.shutdown(wait=True)
+
+
+async def run_storage(
+    listen: str, data_dir: Path, *, max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
+) -> None:
+    """Serves until SIGTERM or SIGINT, then stops with a 5 s grace and closes the DB."""
+    server, _ = await start_storage_server(listen, data_dir, max_value_bytes=max_value_bytes)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        log.info("storage workload stopping")
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+        await stop_storage_server(server, STOP_GRACE_S)
