@@ -13,6 +13,9 @@ $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	# Real OPA (Go rego as a c-shared library) for the tests' OPA-REST stand-in. Its metadata
+	# says Python >= 3.14, but it works on 3.11 (see ../shared/NOTES.md).
+	$(PY) -m pip install -q --no-deps --ignore-requires-python opa-golib-python-bindings==0.4.4
 	@touch $@
 
 venv: $(VENV)/.installed
