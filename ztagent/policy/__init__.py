@@ -1,0 +1,1 @@
+"""Policy: engines (embedded Regorus, remote OPA), bundles, authoring tools, decision log."""
