@@ -83,6 +83,12 @@ class EchoUpstream:
             raise
         return request
 
+    async def sleep(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        """Sleeps float(request) seconds, then echoes: an in-flight call for drain tests."""
+        self._record("Sleep", context)
+        await asyncio.sleep(float(request.decode()))
+        return request
+
     async def start(self, address: str = "127.0.0.1:0") -> str:
         handlers = {
             "Unary": grpc.unary_unary_rpc_method_handler(self.unary),
@@ -91,6 +97,7 @@ class EchoUpstream:
             "Bidi": grpc.stream_stream_rpc_method_handler(self.bidi),
             "Fail": grpc.unary_unary_rpc_method_handler(self.fail),
             "Slow": grpc.unary_unary_rpc_method_handler(self.slow),
+            "Sleep": grpc.unary_unary_rpc_method_handler(self.sleep),
         }
         limit = 16 * 1024 * 1024
         self.server = grpc.aio.server(
