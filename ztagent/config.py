@@ -60,6 +60,68 @@ class IdentityConfig:
 
 
 @dataclass(frozen=True)
+class TokensConfig:
+    issuer: str
+    """Expected ``iss`` of user tokens."""
+    audiences: tuple[str, ...]
+    """Accepted ``aud`` values (a token matches when any of its audiences is listed)."""
+    jwks_file: Path | None = None
+    """JWKS of the issuer from a file (re-read when stale) ..."""
+    jwks_url: str | None = None
+    """... or from an https URL (exactly one of the two)."""
+    jwks_ca_bundle: Path | None = None
+    """PEM CA bundle for the JWKS URL's TLS (default: system trust)."""
+    algorithms: tuple[str, ...] = ("ES256",)
+    """Allowed JWS algorithms; never none and never HMAC."""
+    leeway_s: float = 30.0
+    """Clock skew tolerated on exp / nbf / iat (seconds)."""
+    max_token_bytes: int = 8192
+    """Longer bearer tokens are refused before any parsing."""
+    typ: str | None = None
+    """Required JWT ``typ`` header (e.g. at+jwt); None = not checked."""
+    require_cert_binding: bool = False
+    """Require ``cnf.x5t#S256`` (RFC 8705) matching the connection's client certificate."""
+    jwks_cache_ttl_s: float = 300.0
+    """Keys are refetched after this long."""
+    jwks_min_refresh_interval_s: float = 30.0
+    """An unknown kid triggers at most one refetch per interval."""
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    engine: Literal["embedded", "opa"] = "embedded"
+    """embedded: Regorus in-process; opa: an OPA server over its REST API."""
+    path: Path | None = None
+    """embedded: policy directory or OPA bundle (.tar.gz); default ./policies."""
+    opa_url: str = "http://127.0.0.1:8181"
+    """opa: base URL of the OPA server."""
+    decision_path: str = "data.ztagent.authz.decision"
+    timeout_s: float = 0.25
+    """opa: per-decision timeout."""
+    failure_mode: FailureMode = "closed"
+    """closed: an engine error, timeout or undefined decision denies (UNAVAILABLE);
+    open: the call is allowed and the failure is logged. Settable per route."""
+    dry_run: bool = False
+    """Shadow mode: log the would-be decision, allow the call. Settable per route."""
+    reload_interval_s: float = 2.0
+    """How often policy files are checked for changes."""
+
+
+@dataclass(frozen=True)
+class DecisionLogConfig:
+    enabled: bool = True
+    path: Path = Path("var/log/decisions.jsonl")
+    """JSON lines, hash-chained; rotated by size into .1, .2, ..."""
+    max_bytes: int = 50 * 1024 * 1024
+    backups: int = 5
+    queue_size: int = 10_000
+    """Lines waiting for the writer thread."""
+    on_full: Literal["drop", "block"] = "drop"
+    """drop: count and drop lines when the queue is full; block: make requests wait."""
+    fsync: bool = False
+
+
+@dataclass(frozen=True)
 class Route:
     service: str
     """Fully-qualified gRPC service name, e.g. ztagent.workloads.v1.Storage."""
@@ -67,6 +129,10 @@ class Route:
     """unix:/path/to.sock or host:port (loopback) of the local service."""
     timeout_s: float | None = None
     """Deadline applied when the caller sets none (seconds); None = no deadline."""
+    failure_mode: FailureMode | None = None
+    """Overrides policy.failure_mode for this service."""
+    dry_run: bool | None = None
+    """Overrides policy.dry_run for this service."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +141,9 @@ class Config:
     listen: ListenConfig = field(default_factory=ListenConfig)
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     routes: tuple[Route, ...] = ()
+    tokens: TokensConfig | None = None
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    decision_log: DecisionLogConfig = field(default_factory=DecisionLogConfig)
     source: Path | None = None
 
     def route_for(self, service: str) -> Route | None:
@@ -149,6 +218,22 @@ def _choice(
     if value not in choices:
         raise ConfigError(name, f"expected one of {', '.join(choices)}, got {value!r}")
     return str(value)
+
+
+def _failure_mode(table: Mapping[str, Any], key: str, name: str) -> FailureMode:
+    return "open" if _choice(table, key, name, "closed", ("closed", "open")) == "open" else "closed"
+
+
+def _str_list(
+    table: Mapping[str, Any], key: str, name: str, default: tuple[str, ...]
+) -> tuple[str, ...]:
+    """A string or a non-empty list of strings."""
+    value = table.get(key, list(default))
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(name, f"expected a string or a non-empty list of strings, got {value!r}")
+    return tuple(value)
 
 
 def _path(
@@ -242,16 +327,130 @@ def _identity(raw: Mapping[str, Any]) -> IdentityConfig:
             "identity.trust_domain",
             f"expected lowercase letters, digits, '.', '-', '_'; got {td!r}",
         )
-    mode = _choice(
-        raw, "crl_failure_mode", "identity.crl_failure_mode", "closed", ("closed", "open")
-    )
+    mode = _failure_mode(raw, "crl_failure_mode", "identity.crl_failure_mode")
     return IdentityConfig(
         trust_domain=td,
         max_cert_lifetime_days=_int(
             raw, "max_cert_lifetime_days", "identity.max_cert_lifetime_days", 90, minimum=1
         ),
         check_crl=_bool(raw, "check_crl", "identity.check_crl", True),
-        crl_failure_mode="open" if mode == "open" else "closed",
+        crl_failure_mode=mode,
+    )
+
+
+_ASYMMETRIC_ALGS = (
+    "ES256",
+    "ES384",
+    "ES512",
+    "RS256",
+    "RS384",
+    "RS512",
+    "PS256",
+    "PS384",
+    "PS512",
+    "EdDSA",
+)
+
+
+def _tokens(raw: Mapping[str, Any], base: Path) -> TokensConfig:
+    keys = {
+        "issuer", "audience", "jwks_file", "jwks_url", "jwks_ca_bundle", "algorithms",
+        "leeway_s", "max_token_bytes", "typ", "require_cert_binding", "jwks_cache_ttl_s",
+        "jwks_min_refresh_interval_s",
+    }  # fmt: skip
+    _check_keys(raw, "tokens", keys)
+    d = TokensConfig(issuer="", audiences=())
+    if ("jwks_file" in raw) == ("jwks_url" in raw):
+        raise ConfigError(
+            "tokens.jwks_file", "set exactly one of tokens.jwks_file, tokens.jwks_url"
+        )
+    jwks_url = None
+    if "jwks_url" in raw:
+        jwks_url = _str(raw, "jwks_url", "tokens.jwks_url")
+        if not jwks_url.startswith("https://"):
+            raise ConfigError("tokens.jwks_url", f"expected an https:// URL, got {jwks_url!r}")
+    algorithms = _str_list(raw, "algorithms", "tokens.algorithms", d.algorithms)
+    for alg in algorithms:
+        if alg not in _ASYMMETRIC_ALGS:
+            raise ConfigError(
+                "tokens.algorithms",
+                f"{alg!r} is not allowed (expected asymmetric algorithms: "
+                f"{', '.join(_ASYMMETRIC_ALGS)}; never none or HMAC)",
+            )
+    typ = _str(raw, "typ", "tokens.typ") if "typ" in raw else None
+    return TokensConfig(
+        issuer=_str(raw, "issuer", "tokens.issuer"),
+        audiences=_str_list(raw, "audience", "tokens.audience", ()),
+        jwks_file=_path(raw, "jwks_file", "tokens.jwks_file", base, required=False),
+        jwks_url=jwks_url,
+        jwks_ca_bundle=_path(raw, "jwks_ca_bundle", "tokens.jwks_ca_bundle", base, required=False),
+        algorithms=algorithms,
+        leeway_s=_number(raw, "leeway_s", "tokens.leeway_s", d.leeway_s, minimum=0),
+        max_token_bytes=_int(
+            raw, "max_token_bytes", "tokens.max_token_bytes", d.max_token_bytes, minimum=256
+        ),
+        typ=typ,
+        require_cert_binding=_bool(
+            raw, "require_cert_binding", "tokens.require_cert_binding", False
+        ),
+        jwks_cache_ttl_s=_number(
+            raw, "jwks_cache_ttl_s", "tokens.jwks_cache_ttl_s", d.jwks_cache_ttl_s, minimum=1
+        ),
+        jwks_min_refresh_interval_s=_number(
+            raw,
+            "jwks_min_refresh_interval_s",
+            "tokens.jwks_min_refresh_interval_s",
+            d.jwks_min_refresh_interval_s,
+            minimum=0,
+        ),
+    )
+
+
+def _policy(raw: Mapping[str, Any], base: Path) -> PolicyConfig:
+    keys = {
+        "engine", "path", "opa_url", "decision_path", "timeout_ms", "failure_mode", "dry_run",
+        "reload_interval_s",
+    }  # fmt: skip
+    _check_keys(raw, "policy", keys)
+    d = PolicyConfig()
+    engine = _choice(raw, "engine", "policy.engine", "embedded", ("embedded", "opa"))
+    path = _path(raw, "path", "policy.path", base, required=False) or base / "policies"
+    opa_url = _str(raw, "opa_url", "policy.opa_url", d.opa_url)
+    if not re.match(r"^https?://[^/\s]+", opa_url):
+        raise ConfigError("policy.opa_url", f"expected http(s)://host:port, got {opa_url!r}")
+    decision_path = _str(raw, "decision_path", "policy.decision_path", d.decision_path)
+    if not re.fullmatch(r"data(\.[A-Za-z_][A-Za-z0-9_]*)+", decision_path):
+        raise ConfigError(
+            "policy.decision_path", f"expected data.<package>.<rule>, got {decision_path!r}"
+        )
+    return PolicyConfig(
+        engine="opa" if engine == "opa" else "embedded",
+        path=path,
+        opa_url=opa_url.rstrip("/"),
+        decision_path=decision_path,
+        timeout_s=_number(raw, "timeout_ms", "policy.timeout_ms", 250, minimum=1) / 1000,
+        failure_mode=_failure_mode(raw, "failure_mode", "policy.failure_mode"),
+        dry_run=_bool(raw, "dry_run", "policy.dry_run", False),
+        reload_interval_s=_number(
+            raw, "reload_interval_s", "policy.reload_interval_s", 2.0, minimum=0.05
+        ),
+    )
+
+
+def _decision_log(raw: Mapping[str, Any], base: Path) -> DecisionLogConfig:
+    keys = {"enabled", "path", "max_bytes", "backups", "queue_size", "on_full", "fsync"}
+    _check_keys(raw, "decision_log", keys)
+    d = DecisionLogConfig()
+    path = _path(raw, "path", "decision_log.path", base, required=False) or base / d.path
+    on_full = _choice(raw, "on_full", "decision_log.on_full", "drop", ("drop", "block"))
+    return DecisionLogConfig(
+        enabled=_bool(raw, "enabled", "decision_log.enabled", True),
+        path=path,
+        max_bytes=_int(raw, "max_bytes", "decision_log.max_bytes", d.max_bytes, minimum=4096),
+        backups=_int(raw, "backups", "decision_log.backups", d.backups, minimum=0),
+        queue_size=_int(raw, "queue_size", "decision_log.queue_size", d.queue_size, minimum=1),
+        on_full="block" if on_full == "block" else "drop",
+        fsync=_bool(raw, "fsync", "decision_log.fsync", False),
     )
 
 
@@ -263,7 +462,7 @@ def _routes(raw: object) -> tuple[Route, ...]:
     for i, item in enumerate(raw):
         name = f"routes[{i}]"
         table = _expect_table(item, name)
-        _check_keys(table, name, {"service", "upstream", "timeout_s"})
+        _check_keys(table, name, {"service", "upstream", "timeout_s", "failure_mode", "dry_run"})
         service = _str(table, "service", f"{name}.service")
         if not _SERVICE_RE.match(service):
             raise ConfigError(
@@ -278,13 +477,25 @@ def _routes(raw: object) -> tuple[Route, ...]:
         timeout: float | None = None
         if "timeout_s" in table:
             timeout = _number(table, "timeout_s", f"{name}.timeout_s", 0, minimum=0.001)
-        routes.append(Route(service=service, upstream=upstream, timeout_s=timeout))
+        mode: FailureMode | None = None
+        if "failure_mode" in table:
+            mode = _failure_mode(table, "failure_mode", f"{name}.failure_mode")
+        dry_run = _bool(table, "dry_run", f"{name}.dry_run", False) if "dry_run" in table else None
+        routes.append(
+            Route(
+                service=service,
+                upstream=upstream,
+                timeout_s=timeout,
+                failure_mode=mode,
+                dry_run=dry_run,
+            )
+        )
     return tuple(routes)
 
 
 def parse_config(raw: Mapping[str, Any], base: Path, source: Path | None = None) -> Config:
     """Builds a validated Config from an already-decoded TOML document."""
-    allowed = {"listen", "tls", "identity", "routes"}
+    allowed = {"listen", "tls", "identity", "routes", "tokens", "policy", "decision_log"}
     for key in raw:
         if key not in allowed:
             raise ConfigError(
@@ -298,7 +509,19 @@ def parse_config(raw: Mapping[str, Any], base: Path, source: Path | None = None)
     if identity.check_crl and tls.crl is None:
         raise ConfigError("tls.crl", "is required while identity.check_crl = true")
     routes = _routes(raw.get("routes", []))
-    return Config(listen=listen, tls=tls, identity=identity, routes=routes, source=source)
+    tokens = _tokens(_expect_table(raw["tokens"], "tokens"), base) if "tokens" in raw else None
+    return Config(
+        listen=listen,
+        tls=tls,
+        identity=identity,
+        routes=routes,
+        tokens=tokens,
+        policy=_policy(_expect_table(raw.get("policy", {}), "policy"), base),
+        decision_log=_decision_log(
+            _expect_table(raw.get("decision_log", {}), "decision_log"), base
+        ),
+        source=source,
+    )
 
 
 def load_config(path: Path, *, listen_address: str | None = None) -> Config:
@@ -327,6 +550,14 @@ def check_files(config: Config) -> None:
     }
     if tls.crl is not None:
         named["tls.crl"] = tls.crl
+    if config.tokens is not None:
+        if config.tokens.jwks_file is not None:
+            named["tokens.jwks_file"] = config.tokens.jwks_file
+        if config.tokens.jwks_ca_bundle is not None:
+            named["tokens.jwks_ca_bundle"] = config.tokens.jwks_ca_bundle
     for key, path in named.items():
         if not path.is_file():
             raise ConfigError(key, f"file not found: {path}")
+    policy = config.policy
+    if policy.engine == "embedded" and (policy.path is None or not policy.path.exists()):
+        raise ConfigError("policy.path", f"policy directory or bundle not found: {policy.path}")

@@ -45,11 +45,17 @@ class TransportError(ZtagentError):
     """A dependency could not be reached or answered badly (upstream, engine, issuer)."""
 
 
+class DeniedError(ZtagentError):
+    """The policy decided no. Maps to PERMISSION_DENIED with the policy's reasons."""
+
+
 def grpc_status_for(err: ZtagentError) -> grpc.StatusCode:
     if isinstance(err, VerificationError):
         return grpc.StatusCode.UNAUTHENTICATED
     if isinstance(err, TransportError):
         return grpc.StatusCode.UNAVAILABLE
+    if isinstance(err, DeniedError):
+        return grpc.StatusCode.PERMISSION_DENIED
     if isinstance(err, ConfigError):
         return grpc.StatusCode.FAILED_PRECONDITION
     return grpc.StatusCode.INTERNAL

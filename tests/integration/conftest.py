@@ -86,7 +86,13 @@ async def upstream() -> AsyncIterator[EchoUpstream]:
     await echo.stop()
 
 
-def write_config(pki: Pki, routes: dict[str, str], *, extra: str = "") -> Path:
+ALLOW_ALL = Path(__file__).parent / "policy_allow_all"
+SHIPPED_POLICIES = Path(__file__).resolve().parents[2] / "policies"
+
+
+def write_config(
+    pki: Pki, routes: dict[str, str], *, extra: str = "", policy: Path = ALLOW_ALL
+) -> Path:
     route_text = "".join(
         f'[[routes]]\nservice = "{service}"\nupstream = "{address}"\n'
         for service, address in routes.items()
@@ -102,6 +108,13 @@ server_key = "{pki.layout.server_key}"
 client_ca = "{pki.layout.bundle}"
 crl = "{pki.layout.crl}"
 reload_interval_s = 0.1
+
+[policy]
+path = "{policy}"
+reload_interval_s = 0.1
+
+[decision_log]
+path = "{pki.layout.dir.parent / "decisions.jsonl"}"
 
 {extra}
 {route_text}

@@ -56,7 +56,7 @@ def _returnable(metadata: Metadata | None) -> list[tuple[str, str | bytes]]:
 class Admission(Protocol):
     """Decides whether a call may pass; returns the identity headers to add upstream."""
 
-    def admit(self, context: grpc.aio.ServicerContext, full_method: str) -> Metadata:
+    async def admit(self, context: grpc.aio.ServicerContext, full_method: str) -> Metadata:
         """Raises a ZtagentError to refuse the call."""
         ...
 
@@ -88,7 +88,7 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
 
     async def forward(self, method: str, context: grpc.aio.ServicerContext) -> None:
         try:
-            identity = self._admission.admit(context, method)
+            identity = await self._admission.admit(context, method)
         except ZtagentError as err:
             log.info("refused %s: %s", method, err)
             await context.abort(grpc_status_for(err), f"{err.code}: {err.message}")

@@ -22,9 +22,13 @@ from ztagent.config import Config, check_files
 from ztagent.errors import ConfigError, ZtagentError
 from ztagent.pki.trust_files import TrustFiles
 from ztagent.pki.verify import DeviceChecker, DevicePolicy
-from ztagent.sidecar.admission import Clock, DeviceAdmission, utc_now
+from ztagent.policy.decision_log import DecisionLog, NullDecisionLog
+from ztagent.policy.types import PolicyEngine
+from ztagent.sidecar.admission import Clock, utc_now
+from ztagent.sidecar.pipeline import Pipeline
 from ztagent.sidecar.proxy import ProxyHandler
 from ztagent.sidecar.upstreams import Upstreams
+from ztagent.tokens.verifier import TokenVerifier
 
 log = logging.getLogger("ztagent.sidecar")
 
@@ -77,6 +81,47 @@ def _server_cert_config(config: Config) -> object:
     return grpc.ssl_server_certificate_configuration(((key, chain),), root_certificates=bundle)
 
 
+POLICY_HEALTH = "ztagent.policy"
+TOKENS_HEALTH = "ztagent.tokens"
+
+
+def build_engine(config: Config) -> PolicyEngine:
+    """The configured policy engine; an embedded policy that fails to load stops start-up."""
+    policy = config.policy
+    if policy.engine == "opa":
+        from ztagent.policy.opa import OpaEngine
+
+        return OpaEngine(
+            policy.opa_url, decision_path=policy.decision_path, timeout_s=policy.timeout_s
+        )
+    from ztagent.policy.embedded import EmbeddedEngine
+
+    assert policy.path is not None
+    return EmbeddedEngine.load(policy.path, policy.decision_path)
+
+
+def build_tokens(config: Config) -> TokenVerifier | None:
+    if config.tokens is None:
+        return None
+    from ztagent.tokens.setup import verifier_from_config
+
+    return verifier_from_config(config.tokens)
+
+
+def build_decision_log(config: Config) -> DecisionLog | NullDecisionLog:
+    dl = config.decision_log
+    if not dl.enabled:
+        return NullDecisionLog()
+    return DecisionLog(
+        dl.path,
+        max_bytes=dl.max_bytes,
+        backups=dl.backups,
+        queue_size=dl.queue_size,
+        on_full=dl.on_full,
+        fsync=dl.fsync,
+    )
+
+
 class Sidecar:
     """One sidecar server. ``start()`` validates everything, binds, and reports SERVING."""
 
@@ -87,7 +132,7 @@ class Sidecar:
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._upstreams: Upstreams | None = None
-        self._admission: DeviceAdmission | None = None
+        self.pipeline: Pipeline | None = None
         self._trust_files = TrustFiles(config.tls.client_ca, config.tls.crl)
         self._tls_paths = (config.tls.server_cert, config.tls.server_key, config.tls.client_ca)
         self._tls_signature: FileSignature = ()
@@ -102,7 +147,14 @@ class Sidecar:
         self._tls_signature = file_signature(self._tls_paths)
         initial = _server_cert_config(config)
         trust = self._trust_files.load()
-        self._admission = DeviceAdmission(DeviceChecker(trust, device_policy(config)), self._clock)
+        checker = DeviceChecker(trust, device_policy(config))
+        engine = build_engine(config)
+        tokens = build_tokens(config)
+        if tokens is not None:
+            await tokens.prime()
+        decision_log = build_decision_log(config)
+        decision_log.start()
+        self.pipeline = Pipeline(config, checker, engine, tokens, decision_log, self._clock)
         self._upstreams = Upstreams(config.routes, config.listen.max_message_bytes)
 
         limit = config.listen.max_message_bytes
@@ -114,7 +166,7 @@ class Sidecar:
             ]
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        server.add_generic_rpc_handlers((ProxyHandler(self._admission, self._upstreams),))
+        server.add_generic_rpc_handlers((ProxyHandler(self.pipeline, self._upstreams),))
         credentials = grpc.dynamic_ssl_server_credentials(
             initial, self._fetch_tls, require_client_authentication=True
         )
@@ -127,6 +179,7 @@ class Sidecar:
         await server.start()
         self._server = server
         self._watcher = asyncio.create_task(self._watch_files())
+        await self._report_health()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "sidecar listening on %s (port %d), routes: %s",
@@ -152,8 +205,8 @@ class Sidecar:
             except ZtagentError as err:
                 log.error("keeping previous CA bundle/CRL: %s", err)
             else:
-                assert self._admission is not None
-                self._admission.checker.replace_trust(trust)
+                assert self.pipeline is not None
+                self.pipeline.checker.replace_trust(trust)
                 log.info("reloaded device CA bundle and CRL")
                 changed = True
         signature = file_signature(self._tls_paths)
@@ -166,12 +219,30 @@ class Sidecar:
                 self._tls_signature = signature
                 log.info("reloaded TLS server certificate and client CA bundle")
                 changed = True
+        assert self.pipeline is not None
+        if self.pipeline.engine.maybe_reload():
+            log.info("policy reloaded: revision %s", self.pipeline.engine.revision)
+            changed = True
         return changed
 
+    async def _report_health(self) -> None:
+        """Per-part health: ztagent.policy (last reload failed / engine unreachable) and
+        ztagent.tokens (JWKS refresh failing, last good keys in use)."""
+        assert self.pipeline is not None
+        serving = health_pb2.HealthCheckResponse.SERVING
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        policy_ok = self.pipeline.engine.health().ok
+        await self.health.set(POLICY_HEALTH, serving if policy_ok else not_serving)
+        if self.pipeline.tokens is not None:
+            tokens_ok = self.pipeline.tokens.health().ok
+            await self.health.set(TOKENS_HEALTH, serving if tokens_ok else not_serving)
+
     async def _watch_files(self) -> None:
+        interval = min(self.config.tls.reload_interval_s, self.config.policy.reload_interval_s)
         while True:
-            await asyncio.sleep(self.config.tls.reload_interval_s)
+            await asyncio.sleep(interval)
             self.reload()
+            await self._report_health()
 
     # -- stop -------------------------------------------------------------------------------
 
@@ -188,6 +259,9 @@ class Sidecar:
             await self._server.stop(grace)
         if self._upstreams is not None:
             await self._upstreams.close()
+        if self.pipeline is not None:
+            await self.pipeline.engine.close()
+            self.pipeline.decision_log.close()
 
 
 async def run_sidecar(config: Config) -> None:

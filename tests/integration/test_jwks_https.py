@@ -1,0 +1,236 @@
+"""JwksSource against a real HTTPS issuer on loopback (TLS from a throwaway CA).
+
+The issuer is a stdlib ``http.server`` on 127.0.0.1, port 0, whose JWKS and status the test
+controls and whose requests it counts. The monotonic clock is injected: intervals are moved,
+never slept through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import ssl
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from tests.unit.tokens._support import (
+    NOW,
+    POLICY,
+    FakeMonotonic,
+    FakeWallClock,
+    claims,
+    jwks_bytes,
+    new_key,
+    sign,
+)
+from ztagent.pki import ca
+from ztagent.tokens.errors import JwksError, TokenError
+from ztagent.tokens.jwks import DISCOVERY_PATH, JwksSource
+from ztagent.tokens.verifier import TokenVerifier
+
+pytestmark = pytest.mark.integration
+
+JWKS_PATH = "/jwks.json"
+
+
+@dataclass
+class Issuer:
+    """What the fake issuer serves; the handler reads it on every request."""
+
+    url: str = ""
+    ca_bundle: Path = Path()
+    jwks: bytes = b""
+    status: int = 200
+    discovery: dict[str, object] = field(default_factory=dict)
+    hits: Counter[str] = field(default_factory=Counter)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def fetches(self) -> int:
+        with self.lock:
+            return self.hits[JWKS_PATH]
+
+
+def _handler(issuer: Issuer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            with issuer.lock:
+                issuer.hits[self.path] += 1
+            if self.path == JWKS_PATH:
+                body, status = issuer.jwks, issuer.status
+            elif self.path == DISCOVERY_PATH:
+                body, status = json.dumps(issuer.discovery).encode(), issuer.status
+            else:
+                body, status = b"not found", 404
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    return Handler
+
+
+@pytest.fixture(scope="module")
+def tls_material(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a localhost server cert, valid at the real time (TLS checks it)."""
+    now = datetime.now(UTC)
+    root, issuing = ca.new_ca("jwks test", now=now)
+    leaf = ca.build_leaf(
+        issuing,
+        subject_cn="issuer",
+        uris=[],
+        eku=[ExtendedKeyUsageOID.SERVER_AUTH],
+        not_before=now - timedelta(hours=1),
+        not_after=now + timedelta(days=1),
+        dns=("localhost",),
+        ips=("127.0.0.1",),
+    )
+    d = tmp_path_factory.mktemp("jwks-tls")
+    (d / "bundle.pem").write_bytes(ca.cert_pem(root.cert, issuing.cert))
+    (d / "server.pem").write_bytes(ca.cert_pem(leaf.cert, issuing.cert))
+    (d / "server.key").write_bytes(ca.key_pem(leaf.key))
+    other_root, _ = ca.new_ca("unrelated", now=now)
+    (d / "other.pem").write_bytes(ca.cert_pem(other_root.cert))
+    return d / "bundle.pem", d / "server.pem", d / "server.key"
+
+
+@pytest.fixture
+def issuer(tls_material: tuple[Path, Path, Path]) -> Iterator[Issuer]:
+    bundle, cert, key = tls_material
+    state = Issuer(ca_bundle=bundle)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    state.url = f"https://127.0.0.1:{server.server_address[1]}"
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture
+def clocks() -> tuple[FakeMonotonic, FakeWallClock]:
+    return FakeMonotonic(), FakeWallClock()
+
+
+def _verifier(
+    issuer: Issuer, clocks: tuple[FakeMonotonic, FakeWallClock]
+) -> tuple[TokenVerifier, JwksSource]:
+    mono, wall = clocks
+    source = JwksSource(
+        issuer.url + JWKS_PATH, ca_bundle=issuer.ca_bundle, clock=mono, wall_clock=wall
+    )
+    return TokenVerifier(source, POLICY, wall), source
+
+
+async def test_random_kids_cause_at_most_one_fetch_per_interval(
+    issuer: Issuer, clocks: tuple[FakeMonotonic, FakeWallClock]
+) -> None:
+    key = new_key()
+    issuer.jwks = jwks_bytes(key)
+    tv, _ = _verifier(issuer, clocks)
+    assert (await tv.verify(sign(key), None)).sub == "alice"
+    assert issuer.fetches() == 1
+
+    async def attempt() -> str:
+        try:
+            await tv.verify(sign(key, kid=secrets.token_urlsafe(12)), None)
+        except TokenError as err:
+            return err.code
+        return "accepted"
+
+    codes = [await attempt() for _ in range(100)]  # inside the interval of the first fetch
+    assert set(codes) == {"token_kid_unknown"} and issuer.fetches() == 1
+    clocks[0].advance(31)
+    codes = list(await asyncio.gather(*(attempt() for _ in range(100))))  # concurrent flood
+    assert set(codes) == {"token_kid_unknown"} and issuer.fetches() == 2
+    codes = [await attempt() for _ in range(100)]
+    assert issuer.fetches() == 2
+
+
+async def test_issuer_down_keeps_last_good_keys_and_reports_degraded(
+    issuer: Issuer, clocks: tuple[FakeMonotonic, FakeWallClock]
+) -> None:
+    key = new_key()
+    issuer.jwks = jwks_bytes(key)
+    tv, source = _verifier(issuer, clocks)
+    await tv.prime()
+    assert tv.health().ok and tv.health().fetched_at == NOW
+    issuer.status = 503
+    clocks[0].advance(301)  # keys are stale: the next verify refetches and fails
+    assert (await tv.verify(sign(key), None)).sub == "alice"
+    health = tv.health()
+    assert not health.ok and health.fetched_at == NOW
+    assert health.last_error is not None and "HTTP 503" in health.last_error
+    assert issuer.fetches() == 2
+    # stale and failing: no retry before the minimum interval has passed
+    assert (await tv.verify(sign(key, claims(sub="bob")), None)).sub == "bob"
+    assert issuer.fetches() == 2
+    issuer.status = 200
+    clocks[0].advance(30)
+    await tv.verify(sign(key), None)
+    assert tv.health().ok and issuer.fetches() == 3
+    assert source.fetch_count == 3
+
+
+async def test_rotated_keys_accepted_after_exactly_one_refetch(
+    issuer: Issuer, clocks: tuple[FakeMonotonic, FakeWallClock]
+) -> None:
+    old, new = new_key(), new_key()
+    issuer.jwks = jwks_bytes(old)
+    tv, _ = _verifier(issuer, clocks)
+    await tv.verify(sign(old), None)
+    issuer.jwks = jwks_bytes(new, old)  # the issuer rotates
+    clocks[0].advance(31)
+    user = await tv.verify(sign(new), None)
+    assert user.sub == "alice" and issuer.fetches() == 2
+    await tv.verify(sign(new), None)
+    await tv.verify(sign(old), None)
+    assert issuer.fetches() == 2
+
+
+async def test_untrusted_tls_and_never_loaded_keys_are_unavailable(
+    issuer: Issuer, clocks: tuple[FakeMonotonic, FakeWallClock]
+) -> None:
+    issuer.jwks = jwks_bytes(new_key())
+    other = issuer.ca_bundle.parent / "other.pem"
+    source = JwksSource(issuer.url + JWKS_PATH, ca_bundle=other, clock=clocks[0])
+    with pytest.raises(JwksError) as info:
+        await source.get_keys()
+    assert info.value.code == "jwks_unavailable" and "CERTIFICATE_VERIFY_FAILED" in (
+        source.health().last_error or ""
+    )
+    assert issuer.fetches() == 0  # the handshake failed before any request
+
+
+async def test_oidc_discovery(issuer: Issuer, clocks: tuple[FakeMonotonic, FakeWallClock]) -> None:
+    key = new_key()
+    issuer.jwks = jwks_bytes(key)
+    issuer.discovery = {"issuer": issuer.url, "jwks_uri": issuer.url + JWKS_PATH}
+    source = JwksSource(issuer.url, discover=True, ca_bundle=issuer.ca_bundle, clock=clocks[0])
+    assert [k.kid for k in await source.get_keys()] == [key.kid]
+    assert issuer.hits[DISCOVERY_PATH] == 1 and issuer.fetches() == 1
+
+    issuer.discovery = {"issuer": "https://evil.example", "jwks_uri": issuer.url + JWKS_PATH}
+    bad = JwksSource(issuer.url, discover=True, ca_bundle=issuer.ca_bundle, clock=clocks[0])
+    with pytest.raises(JwksError):
+        await bad.get_keys()
+    assert "jwks_invalid" in (bad.health().last_error or "")
+    assert "evil.example" in (bad.health().last_error or "")

@@ -1,0 +1,623 @@
+"""The decision log: one hash-chained JSON line per decided request.
+
+Record format (one line, UTF-8, compact separators, keys in this order)::
+
+    decision_id time device_id user_sub service method allow enforced dry_run reasons
+    failure policy_revision latency_us attestation input prev_sha256
+
+``prev_sha256`` is the hex SHA-256 of the previous line's bytes (without its newline); the
+first line of a fresh log carries ``GENESIS_PREV`` (64 zeros). Any edit, deletion, insertion
+or reordering of a line breaks the chain at the line after it (``log_verify`` finds it). The
+last line has no successor, so an edit to it is only detectable against an external anchor
+(``LogVerifyReport.last_sha256``).
+
+``DecisionLog`` is the IO edge. ``submit()`` is cheap and never touches the disk: it puts the
+record on a bounded queue; ONE background thread serialises, hashes and appends in batches
+(one ``write`` per batch, optional ``fsync``), rotates by size and keeps the chain across
+files (the first line of a new file carries the hash of the last line of the rotated one).
+
+Files: ``path`` is the live file, ``path.1`` the newest rotated one ... ``path.<backups>``
+the oldest. New files get mode 0640; parent directories are created (0750).
+
+Restart and crash recovery: ``start()`` continues the chain from the hash of the last
+*complete* line (one ending in a newline) of ``path``, or of ``path.1`` when ``path`` is
+empty or missing, or from ``GENESIS_PREV``. A partial trailing line (a crash mid-write) is
+truncated away and a warning naming its length and SHA-256 is logged; it was never counted
+as written.
+
+Write errors (disk full, a rotated name taken by a directory...) increment
+``LogStats.errors``, are logged at most once a minute (logger ``ztagent.decision_log``) and
+never stop the writer. A failed write loses the records of the batch being written (the
+lines that reached the file whole stay and the chain resumes from them); a failed rotation
+keeps appending to the live file and retries at the next batch. A record that is not JSON
+serialisable (NaN, bytes...) is counted as an error and skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hashlib
+import json
+import logging
+import os
+import queue
+import secrets
+import stat
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final, Literal, Protocol
+
+from ztagent.errors import ConfigError, ZtagentError
+
+logger = logging.getLogger("ztagent.decision_log")
+
+GENESIS_PREV: Final = "0" * 64
+"""``prev_sha256`` of the first line of a fresh log."""
+FILE_MODE: Final = 0o640
+DIR_MODE: Final = 0o750
+DEFAULT_MAX_BYTES: Final = 50 * 1024 * 1024
+ERROR_LOG_INTERVAL_S: Final = 60.0
+BATCH_MAX: Final = 512
+"""At most this many records are written with one ``write`` call."""
+_TAIL_CHUNK = 64 * 1024
+
+OnFull = Literal["drop", "block"]
+
+
+class DecisionLogError(ZtagentError):
+    """The decision log cannot be used: ``decision_log_unavailable`` (the file cannot be
+    opened or read at start-up), ``decision_log_state`` (started twice)."""
+
+
+def line_sha256(line: bytes) -> str:
+    """The chain hash of one line: hex SHA-256 of its bytes without the trailing newline."""
+    return hashlib.sha256(line).hexdigest()
+
+
+def new_decision_id(now: datetime) -> str:
+    """A 32-hex-character id that sorts by time: 48-bit Unix milliseconds, 80 random bits."""
+    ms = int(now.timestamp() * 1000) & 0xFFFF_FFFF_FFFF
+    return f"{ms:012x}{secrets.token_hex(10)}"
+
+
+def format_time(t: datetime) -> str:
+    """RFC 3339, UTC, milliseconds, ``Z``: ``2025-01-02T03:04:05.678Z``."""
+    u = t.astimezone(UTC)
+    return f"{u:%Y-%m-%dT%H:%M:%S}.{u.microsecond // 1000:03d}Z"
+
+
+def _dumps(value: object) -> str:
+    # Nested objects are key-sorted so equal records give equal bytes whatever the insertion
+    # order of their dicts; NaN/Infinity and non-JSON types raise (ValueError / TypeError).
+    return json.dumps(
+        value, ensure_ascii=False, separators=(",", ":"), sort_keys=True, allow_nan=False
+    )
+
+
+@dataclass(frozen=True)
+class DecisionRecord:
+    """One decided request. ``to_json_bytes`` makes its log line.
+
+    ``allow`` is the policy's decision; ``enforced`` what happened to the call (False when
+    denied; True when allowed, when ``dry_run`` let a deny through, or when ``failure_mode =
+    "open"`` let it through). ``failure`` is the error code (``policy_timeout``...) when the
+    failure mode, not the policy, decided. ``input`` is the policy input with credentials
+    already removed; the log owns it once submitted (do not mutate it afterwards: it is
+    serialised later, on the writer thread).
+    """
+
+    decision_id: str
+    time: datetime
+    """Timezone-aware; written as UTC with milliseconds."""
+    device_id: str | None
+    user_sub: str | None
+    service: str
+    method: str
+    allow: bool
+    enforced: bool
+    dry_run: bool
+    reasons: Sequence[str]
+    failure: str | None
+    policy_revision: str
+    latency_us: int
+    input: Mapping[str, Any] = field(hash=False)
+    attestation: Mapping[str, Any] | None = field(default=None, hash=False)
+
+    def __post_init__(self) -> None:
+        if self.time.tzinfo is None or self.time.utcoffset() is None:
+            raise ValueError(f"time must be timezone-aware, got naive {self.time.isoformat()}")
+
+    def to_json_bytes(self, prev_sha256: str) -> bytes:
+        """The line, without newline. Deterministic: same record and prev, same bytes."""
+        if len(prev_sha256) != 64:
+            raise ValueError(f"prev_sha256 must be 64 hex characters, got {prev_sha256!r}")
+        fields: tuple[tuple[str, object], ...] = (
+            ("decision_id", self.decision_id),
+            ("time", format_time(self.time)),
+            ("device_id", self.device_id),
+            ("user_sub", self.user_sub),
+            ("service", self.service),
+            ("method", self.method),
+            ("allow", self.allow),
+            ("enforced", self.enforced),
+            ("dry_run", self.dry_run),
+            ("reasons", list(self.reasons)),
+            ("failure", self.failure),
+            ("policy_revision", self.policy_revision),
+            ("latency_us", self.latency_us),
+            ("attestation", self.attestation),
+            ("input", self.input),
+            ("prev_sha256", prev_sha256),
+        )
+        body = ",".join(f"{_dumps(k)}:{_dumps(v)}" for k, v in fields)
+        # A lone surrogate (from undecodable metadata) cannot be UTF-8 encoded; backslashreplace
+        # turns it into the JSON escape \udcXX, which parses back to the same string.
+        return ("{" + body + "}").encode("utf-8", "backslashreplace")
+
+
+@dataclass(frozen=True)
+class LogStats:
+    """Counters since ``start()``. ``written``: lines that reached the file whole;
+    ``dropped``: records refused by ``submit`` (queue full in drop mode, or log closed);
+    ``rotated``: completed rotations; ``queue_depth``: records waiting; ``errors``: write,
+    open, rotation and serialisation failures (events, not records)."""
+
+    written: int
+    dropped: int
+    rotated: int
+    queue_depth: int
+    errors: int
+
+
+class DecisionSink(Protocol):
+    """What the sidecar calls: ``DecisionLog`` or ``NullDecisionLog``."""
+
+    def start(self) -> None: ...
+
+    def submit(self, record: DecisionRecord) -> bool: ...
+
+    async def asubmit(self, record: DecisionRecord) -> bool: ...
+
+    @property
+    def stats(self) -> LogStats: ...
+
+    def close(self, timeout_s: float = 5.0) -> bool: ...
+
+
+class NullDecisionLog:
+    """The decision log when ``[decision_log]`` is disabled: accepts and discards."""
+
+    def start(self) -> None:
+        return None
+
+    def submit(self, record: DecisionRecord) -> bool:
+        return True
+
+    async def asubmit(self, record: DecisionRecord) -> bool:
+        return True
+
+    @property
+    def stats(self) -> LogStats:
+        return LogStats(written=0, dropped=0, rotated=0, queue_depth=0, errors=0)
+
+    def close(self, timeout_s: float = 5.0) -> bool:
+        return True
+
+
+_STOP: Final = object()
+
+
+class DecisionLog:
+    """Hash-chained, size-rotated JSON-lines decision log with one background writer thread.
+
+    ``on_full`` decides what ``submit`` does when ``queue_size`` records are waiting:
+    ``"drop"`` (default) refuses the record at once and counts it in ``stats.dropped``;
+    ``"block"`` waits for space. Block mode never loses a record to back-pressure but stalls
+    the request that submits it while the disk is slow: the choice for audit-critical
+    deployments. From the event loop use ``await asubmit()``, which waits in a worker thread
+    only when the queue is full.
+
+    ``max_bytes``: the live file is rotated before a line would take it past this size (a
+    single longer line gets a file of its own). ``backups``: rotated files kept (0 keeps
+    none). ``fsync``: fsync after every batch (and the directory after every rotation).
+
+    Call ``close()`` after the server stopped taking requests; the writer thread is a daemon
+    so a process that never calls it does not hang at exit, but loses what was queued.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        backups: int = 5,
+        queue_size: int = 10_000,
+        on_full: OnFull = "drop",
+        fsync: bool = False,
+    ) -> None:
+        if max_bytes < 1:
+            raise ConfigError("decision_log.max_bytes", f"must be >= 1, got {max_bytes}")
+        if backups < 0:
+            raise ConfigError("decision_log.backups", f"must be >= 0, got {backups}")
+        if queue_size < 1:
+            raise ConfigError("decision_log.queue_size", f"must be >= 1, got {queue_size}")
+        if on_full not in ("drop", "block"):
+            raise ConfigError(
+                "decision_log.on_full", f"expected 'drop' or 'block', got {on_full!r}"
+            )
+        self.path = path
+        self.max_bytes = max_bytes
+        self.backups = backups
+        self.on_full: OnFull = on_full
+        self.fsync = fsync
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=queue_size)
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._count_lock = threading.Lock()
+        # writer-thread state
+        self._fd: int | None = None
+        self._size = 0
+        self._prev = GENESIS_PREV
+        # counters: `dropped` is touched by submitters (under _count_lock), the rest by the
+        # writer only
+        self._written = 0
+        self._dropped = 0
+        self._rotated = 0
+        self._errors = 0
+        self._clock: Callable[[], float] = time.monotonic
+        self._last_error_log: float | None = None
+        self._suppressed = 0
+
+    # --- public -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Open the live file (continuing its chain) and start the writer thread.
+
+        Raises ``DecisionLogError(decision_log_unavailable)`` naming the path and the OS
+        error when the file cannot be opened, so a bad path stops start-up.
+        """
+        if self._thread is not None or self._closed:
+            raise DecisionLogError("decision_log_state", "start() called twice or after close()")
+        try:
+            self._open()
+        except OSError as exc:
+            raise DecisionLogError(
+                "decision_log_unavailable", f"cannot open {self.path}: {exc.strerror or exc}"
+            ) from None
+        self._thread = threading.Thread(target=self._run, name="ztagent-decision-log", daemon=True)
+        self._thread.start()
+
+    def submit(self, record: DecisionRecord) -> bool:
+        """Queue ``record``; True if queued. Drop mode never blocks: a full queue (or a
+        closed log) counts a drop and returns False. Block mode waits for space."""
+        if self._closed:
+            self._count_drop()
+            return False
+        if self.on_full == "block":
+            self._queue.put(record)
+            return True
+        try:
+            self._queue.put_nowait(record)
+        except queue.Full:
+            self._count_drop()
+            return False
+        return True
+
+    async def asubmit(self, record: DecisionRecord) -> bool:
+        """``submit`` for the event loop: in block mode a full queue is waited for in a worker
+        thread, never on the loop. (A cancelled wait still queues the record once there is
+        space.)"""
+        if self.on_full == "drop" or self._closed:
+            return self.submit(record)
+        try:
+            self._queue.put_nowait(record)
+        except queue.Full:
+            await asyncio.to_thread(self._queue.put, record)
+        return True
+
+    @property
+    def stats(self) -> LogStats:
+        return LogStats(
+            written=self._written,
+            dropped=self._dropped,
+            rotated=self._rotated,
+            queue_depth=self._queue.qsize(),
+            errors=self._errors,
+        )
+
+    def close(self, timeout_s: float = 5.0) -> bool:
+        """Refuse new records, write what is queued, stop the writer. True if the writer
+        finished within ``timeout_s``; False leaves it draining in the background."""
+        self._closed = True
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            self._close_fd()
+            return True
+        deadline = time.monotonic() + timeout_s
+        with contextlib.suppress(queue.Full):
+            # Full: the writer is busy; it sees _closed after its batch and stops when empty
+            self._queue.put(_STOP, timeout=timeout_s)
+        thread.join(max(0.0, deadline - time.monotonic()))
+        if thread.is_alive():
+            logger.warning(
+                "decision log %s: writer still busy after %.1fs, %d records queued",
+                self.path,
+                timeout_s,
+                self._queue.qsize(),
+            )
+            return False
+        self._close_fd()
+        return True
+
+    # --- writer thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            batch: list[DecisionRecord] = []
+            item = self._queue.get()
+            stop = not isinstance(item, DecisionRecord)
+            if isinstance(item, DecisionRecord):
+                batch.append(item)
+            while not stop and len(batch) < BATCH_MAX:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(item, DecisionRecord):
+                    batch.append(item)
+                else:
+                    stop = True
+            if batch:
+                try:
+                    self._write_batch(batch)
+                except Exception as exc:  # the writer must survive anything
+                    self._close_fd()  # resync the chain head from the file next time
+                    self._error(f"unexpected writer failure: {exc!r}", lost=len(batch))
+            if stop or (self._closed and self._queue.empty()):
+                return
+
+    def _write_batch(self, records: list[DecisionRecord]) -> None:
+        if self._fd is None:
+            try:
+                self._open()
+            except OSError as exc:
+                self._error(f"cannot open {self.path}: {exc}", lost=len(records))
+                return
+        pending: list[bytes] = []
+        pending_size = 0
+        prev = self._prev
+        may_rotate = True
+        for i, record in enumerate(records):
+            try:
+                line = record.to_json_bytes(prev)
+            except (TypeError, ValueError) as exc:
+                self._error(f"record {record.decision_id} cannot be serialised: {exc}", lost=1)
+                continue
+            n = len(line) + 1
+            used = self._size + pending_size
+            if may_rotate and used > 0 and used + n > self.max_bytes:
+                unsent = len(records) - i
+                if pending and not self._flush(pending, unsent=unsent):
+                    return
+                pending, pending_size = [], 0
+                may_rotate = self._rotate(unsent=unsent)
+                if self._fd is None:  # rotated, but the new file could not be opened
+                    return
+            pending.append(line)
+            pending_size += n
+            prev = line_sha256(line)
+        if pending:
+            self._flush(pending, unsent=0)
+
+    def _flush(self, lines: list[bytes], *, unsent: int) -> bool:
+        """Append ``lines``; on failure count what reached the file and resync from it."""
+        assert self._fd is not None
+        data = b"\n".join(lines) + b"\n"
+        start = self._size
+        try:
+            self._write(self._fd, data)
+            if self.fsync:
+                os.fsync(self._fd)
+        except Exception as exc:
+            self._close_fd()
+            whole = 0
+            with contextlib.suppress(OSError):
+                self._open()  # truncates a partial line, re-reads the chain head
+                if self._size >= start:
+                    end = start
+                    for line in lines:
+                        end += len(line) + 1
+                        if end > self._size:
+                            break
+                        whole += 1
+            self._written += whole
+            lost = len(lines) - whole + unsent
+            self._error(f"write to {self.path} failed: {exc}", lost=lost)
+            return False
+        self._size += len(data)
+        self._prev = line_sha256(lines[-1])
+        self._written += len(lines)
+        return True
+
+    def _write(self, fd: int, data: bytes) -> None:
+        """Write all of ``data`` (the one place bytes go to disk; tests override it)."""
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+
+    def _rotate(self, *, unsent: int) -> bool:
+        """``path`` -> ``path.1`` -> ... -> ``path.<backups>``, then a fresh ``path``; the
+        chain head (``_prev``) carries over. False on failure (counted): if a rename failed,
+        the live file stays open and keeps growing; if the new file could not be opened,
+        ``_fd`` is None and the ``unsent`` records are lost."""
+        try:
+            if self.backups == 0:
+                self.path.unlink()
+            else:
+                for i in range(self.backups - 1, 0, -1):
+                    older = self._backup(i)
+                    if older.exists():
+                        os.replace(older, self._backup(i + 1))
+                os.replace(self.path, self._backup(1))
+            extra = self.backups + 1
+            while self._backup(extra).is_file():  # left over from a larger `backups`
+                self._backup(extra).unlink()
+                extra += 1
+        except OSError as exc:
+            self._error(f"rotation of {self.path} failed, appending to it: {exc}", lost=0)
+            return False
+        self._close_fd()
+        self._rotated += 1
+        try:
+            self._open_fresh()
+        except OSError as exc:
+            self._error(f"cannot open {self.path} after rotation: {exc}", lost=unsent)
+            return False
+        if self.fsync:
+            self._fsync_dir()
+        return True
+
+    # --- files ----------------------------------------------------------------------------
+
+    def _backup(self, n: int) -> Path:
+        return self.path.with_name(f"{self.path.name}.{n}")
+
+    def _open_fd(self) -> int:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+        flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC
+        try:
+            fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        except FileExistsError:
+            fd = os.open(self.path, flags)
+        else:
+            try:
+                os.fchmod(fd, FILE_MODE)  # exactly 0640, whatever the umask
+            except OSError:
+                os.close(fd)
+                raise
+        return fd
+
+    def _open_fresh(self) -> None:
+        fd = self._open_fd()
+        self._fd = fd
+        self._size = os.fstat(fd).st_size
+
+    def _open(self) -> None:
+        """Open ``path`` and set the chain head from its last complete line, truncating a
+        partial one; from ``path.1`` when ``path`` is empty; else ``GENESIS_PREV``."""
+        fd = self._open_fd()
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(errno.EINVAL, "not a regular file")
+            head, size, partial = _recover_tail(fd, st.st_size)
+        except BaseException:
+            os.close(fd)
+            raise
+        if partial is not None:
+            logger.warning(
+                "decision log %s: removed a partial last line (%d bytes, sha256 %s), "
+                "left by an interrupted write; the chain continues from the line before it",
+                self.path,
+                len(partial),
+                line_sha256(partial),
+            )
+        if head is None:
+            head = _last_line_hash(self._backup(1)) if self.backups > 0 else None
+        self._fd = fd
+        self._size = size
+        self._prev = head or GENESIS_PREV
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+
+    def _fsync_dir(self) -> None:
+        try:
+            dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.fsync(dir_fd)
+        except OSError:
+            pass
+        finally:
+            os.close(dir_fd)
+
+    # --- counters and error reporting -------------------------------------------------
+
+    def _count_drop(self) -> None:
+        with self._count_lock:
+            self._dropped += 1
+
+    def _error(self, message: str, *, lost: int) -> None:
+        """Count one failure and log it, at most once per ``ERROR_LOG_INTERVAL_S``."""
+        self._errors += 1
+        now = self._clock()
+        if self._last_error_log is not None and now - self._last_error_log < ERROR_LOG_INTERVAL_S:
+            self._suppressed += 1
+            return
+        suffix = f"; {lost} records lost" if lost else ""
+        if self._suppressed:
+            suffix += f" ({self._suppressed} more errors since the last report)"
+        logger.error("decision log: %s%s", message, suffix)
+        self._last_error_log = now
+        self._suppressed = 0
+
+
+def _rfind_newline(fd: int, end: int) -> int:
+    """Offset of the last ``\\n`` in ``[0, end)``, or -1; reads backwards in chunks."""
+    pos = end
+    while pos > 0:
+        start = max(0, pos - _TAIL_CHUNK)
+        chunk = os.pread(fd, pos - start, start)
+        i = chunk.rfind(b"\n")
+        if i >= 0:
+            return start + i
+        pos = start
+    return -1
+
+
+def _recover_tail(fd: int, size: int) -> tuple[str | None, int, bytes | None]:
+    """(hash of the last complete line or None, size after truncation, removed partial)."""
+    if size == 0:
+        return None, 0, None
+    last_nl = _rfind_newline(fd, size)
+    partial: bytes | None = None
+    if last_nl != size - 1:
+        keep = last_nl + 1
+        partial = os.pread(fd, size - keep, keep)
+        os.ftruncate(fd, keep)
+        size = keep
+    if size == 0:
+        return None, 0, partial
+    before = _rfind_newline(fd, size - 1)
+    line = os.pread(fd, size - 1 - (before + 1), before + 1)
+    return line_sha256(line), size, partial
+
+
+def _last_line_hash(path: Path) -> str | None:
+    """Hash of the last complete line of a (rotated) file, read-only; None if none."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        size = os.fstat(fd).st_size
+        last_nl = _rfind_newline(fd, size)
+        if last_nl < 0:
+            return None
+        before = _rfind_newline(fd, last_nl)
+        return line_sha256(os.pread(fd, last_nl - (before + 1), before + 1))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)

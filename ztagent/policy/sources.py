@@ -1,0 +1,394 @@
+"""Policy sources with OPA bundle semantics: a directory or a ``.tar.gz`` bundle.
+
+This is the IO edge of the policy engines: it reads ``*.rego`` modules and ``data.json``
+documents into an immutable ``PolicySources``; compiling and evaluating live in
+``embedded.py``.
+
+- A ``data.json`` is merged into the data tree at the path of its directory
+  (``a/b/data.json`` -> ``data.a.b``); a key defined by two files is refused, naming both.
+- ``*_test.rego`` modules are skipped unless ``include_tests``; hidden files and directories
+  (names starting with ``.``) are skipped, except the root ``.manifest``.
+- A bundle's ``.manifest`` may give ``revision`` (used as the policy revision) and ``roots``
+  (every package and data path must lie under one of them).
+- Bundle members are read in memory, never extracted. Refused with ``bundle_invalid``:
+  absolute names, ``..`` components, symlinks, hard links and other non-regular members,
+  duplicate names, a member over ``MAX_MEMBER_BYTES`` or a total over ``MAX_BUNDLE_BYTES``.
+  Bundle signatures (``.signatures.json``) are not verified.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import tarfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from ztagent.policy.errors import PolicyLoadError
+
+MAX_MEMBER_BYTES = 16 * 1024 * 1024
+"""Largest bundle member read, in bytes (uncompressed)."""
+MAX_BUNDLE_BYTES = 64 * 1024 * 1024
+"""Largest sum of declared member sizes in a bundle, in bytes (uncompressed)."""
+
+_TEST_SUFFIX = "_test.rego"
+
+
+@dataclass(frozen=True)
+class PolicySources:
+    """Everything a policy engine needs, read once from a directory or a bundle."""
+
+    modules: tuple[tuple[str, str], ...]
+    """(path relative to the root, with ``/`` separators; module text), sorted by path."""
+    data: dict[str, Any]
+    """The merged data tree (``data`` in Rego)."""
+    revision: str
+    """The manifest's ``revision`` if any, else ``sha256:`` + 16 hex over modules and data."""
+    tests_included: bool
+
+
+def is_bundle(path: Path) -> bool:
+    return path.name.endswith((".tar.gz", ".tgz"))
+
+
+def load_sources(path: Path, include_tests: bool = False) -> PolicySources:
+    """Loads a policy directory or a ``.tar.gz`` bundle."""
+    if path.is_dir():
+        return load_dir(path, include_tests=include_tests)
+    if path.is_file() and is_bundle(path):
+        return load_bundle(path, include_tests=include_tests)
+    if not path.exists():
+        raise PolicyLoadError(
+            "policy_data_invalid",
+            f"{path}: no such file or directory (expected a policy directory or a .tar.gz bundle)",
+        )
+    raise PolicyLoadError(
+        "bundle_invalid", f"{path}: expected a policy directory or a .tar.gz bundle"
+    )
+
+
+def load_dir(path: Path, *, include_tests: bool = False) -> PolicySources:
+    """Reads every ``*.rego`` and ``data.json`` under ``path`` (and a root ``.manifest``)."""
+    if not path.is_dir():
+        raise PolicyLoadError("policy_data_invalid", f"{path}: not a directory")
+    modules: list[tuple[str, str]] = []
+    data_files: list[tuple[str, bytes]] = []
+    manifest: bytes | None = None
+    for rel in _walk_dir(path):
+        full = path / rel
+        if rel == ".manifest":
+            manifest = _read_file(full)
+        elif rel.endswith(".rego"):
+            if rel.endswith(_TEST_SUFFIX) and not include_tests:
+                continue
+            modules.append((rel, _decode(str(full), _read_file(full))))
+        elif PurePosixPath(rel).name == "data.json":
+            data_files.append((rel, _read_file(full)))
+    return _assemble(str(path), modules, data_files, manifest, include_tests)
+
+
+def load_bundle(path: Path, *, include_tests: bool = False) -> PolicySources:
+    """Reads an OPA bundle (``.tar.gz``) in memory, refusing unsafe members."""
+    modules: list[tuple[str, str]] = []
+    data_files: list[tuple[str, bytes]] = []
+    manifest: bytes | None = None
+    seen: set[str] = set()
+    total = 0
+    try:
+        with tarfile.open(path, mode="r:gz") as tar:
+            for member in tar:
+                rel = _safe_member_name(path, member)
+                if member.isdir():
+                    continue
+                if rel in seen:
+                    raise _bad_bundle(path, f"member {member.name!r} appears twice")
+                seen.add(rel)
+                total += member.size
+                if total > MAX_BUNDLE_BYTES:
+                    raise _bad_bundle(path, f"members add up to more than {MAX_BUNDLE_BYTES} bytes")
+                if any(part.startswith(".") for part in rel.split("/")) and rel != ".manifest":
+                    continue
+                is_rego = rel.endswith(".rego")
+                is_data = PurePosixPath(rel).name == "data.json"
+                if rel != ".manifest" and not is_rego and not is_data:
+                    continue
+                if is_rego and rel.endswith(_TEST_SUFFIX) and not include_tests:
+                    continue
+                extracted = tar.extractfile(member)
+                if extracted is None:  # pragma: no cover - regular files always extract
+                    raise _bad_bundle(path, f"member {member.name!r} cannot be read")
+                content = extracted.read(MAX_MEMBER_BYTES + 1)
+                if len(content) > MAX_MEMBER_BYTES:  # header lied about the size
+                    raise _bad_bundle(path, f"member {member.name!r} is larger than declared")
+                if rel == ".manifest":
+                    manifest = content
+                elif is_rego:
+                    modules.append((rel, _decode(f"{path}/{rel}", content)))
+                else:
+                    data_files.append((rel, content))
+    except (tarfile.TarError, gzip.BadGzipFile, EOFError, OSError) as exc:
+        raise _bad_bundle(path, f"not a readable .tar.gz ({exc})") from None
+    return _assemble(str(path), modules, data_files, manifest, include_tests)
+
+
+def sources_signature(path: Path) -> tuple[tuple[str, int, int, int], ...]:
+    """(relative path, mtime_ns, size, inode) of every relevant file, or of the bundle file.
+
+    Cheap change detection for hot reload: any added, removed or rewritten ``*.rego``,
+    ``data.json`` or ``.manifest`` changes it. A missing path gives ``()``.
+    """
+    try:
+        if not path.is_dir():
+            st = os.stat(path)
+            return (("", st.st_mtime_ns, st.st_size, st.st_ino),)
+        stamps = []
+        for rel in _walk_dir(path):
+            st = os.stat(path / rel)
+            stamps.append((rel, st.st_mtime_ns, st.st_size, st.st_ino))
+        return tuple(stamps)
+    except FileNotFoundError:
+        return ()
+
+
+# --- internals --------------------------------------------------------------------------------
+
+
+def _walk_dir(root: Path) -> list[str]:
+    """Relative paths of the relevant files under root, sorted, hidden dirs skipped."""
+    found: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        reldir = Path(dirpath).relative_to(root).as_posix()
+        for name in filenames:
+            rel = name if reldir == "." else f"{reldir}/{name}"
+            if rel == ".manifest" or (
+                not name.startswith(".") and (name.endswith(".rego") or name == "data.json")
+            ):
+                found.append(rel)
+    return sorted(found)
+
+
+def _read_file(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise PolicyLoadError(
+            "policy_data_invalid", f"{path}: cannot read: {exc.strerror}"
+        ) from None
+
+
+def _decode(name: str, content: bytes) -> str:
+    try:
+        return content.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PolicyLoadError(
+            "policy_parse_error", f"{name}: not UTF-8 text (byte offset {exc.start})"
+        ) from None
+
+
+def _bad_bundle(path: Path, message: str) -> PolicyLoadError:
+    return PolicyLoadError("bundle_invalid", f"{path}: {message}")
+
+
+def _safe_member_name(bundle: Path, member: tarfile.TarInfo) -> str:
+    name = member.name
+    if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+        raise _bad_bundle(bundle, f"member {name!r} has an absolute path (expected relative)")
+    parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise _bad_bundle(bundle, f"member {name!r} contains '..' (expected no parent refs)")
+    if member.issym() or member.islnk():
+        raise _bad_bundle(
+            bundle, f"member {name!r} is a link to {member.linkname!r} (expected a regular file)"
+        )
+    if not (member.isfile() or member.isdir()):
+        raise _bad_bundle(bundle, f"member {name!r} is not a regular file or directory")
+    if member.size > MAX_MEMBER_BYTES:
+        raise _bad_bundle(
+            bundle, f"member {name!r} is {member.size} bytes (limit {MAX_MEMBER_BYTES})"
+        )
+    return "/".join(parts)
+
+
+def _assemble(
+    root: str,
+    modules: list[tuple[str, str]],
+    data_files: list[tuple[str, bytes]],
+    manifest_bytes: bytes | None,
+    include_tests: bool,
+) -> PolicySources:
+    revision, roots = _parse_manifest(root, manifest_bytes)
+    data = _merge_data(root, data_files)
+    mods = tuple(sorted(modules))
+    if roots is not None:
+        _check_roots(root, roots, mods, data)
+    if revision is None:
+        revision = _content_revision(mods, data)
+    return PolicySources(modules=mods, data=data, revision=revision, tests_included=include_tests)
+
+
+def _parse_manifest(root: str, raw: bytes | None) -> tuple[str | None, list[list[str]] | None]:
+    if raw is None:
+        return None, None
+    where = f"{root}/.manifest"
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PolicyLoadError("bundle_invalid", f"{where}: not JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise PolicyLoadError(
+            "bundle_invalid", f"{where}: expected an object, got {type(doc).__name__}"
+        )
+    revision = doc.get("revision")
+    if revision is not None and not isinstance(revision, str):
+        raise PolicyLoadError(
+            "bundle_invalid", f"{where}: 'revision' must be a string, got {revision!r}"
+        )
+    roots = doc.get("roots")
+    if roots is None:
+        return revision or None, None
+    if not isinstance(roots, list) or not all(isinstance(r, str) for r in roots):
+        raise PolicyLoadError(
+            "bundle_invalid", f"{where}: 'roots' must be a list of strings, got {roots!r}"
+        )
+    return revision or None, [[p for p in r.split("/") if p] for r in roots]
+
+
+def _merge_data(root: str, data_files: list[tuple[str, bytes]]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    owners: dict[tuple[str, ...], str] = {}
+    for rel, raw in sorted(data_files):
+        where = f"{root}/{rel}"
+        try:
+            doc = json.loads(raw)
+        except UnicodeDecodeError:
+            raise PolicyLoadError("policy_data_invalid", f"{where}: not UTF-8 text") from None
+        except json.JSONDecodeError as exc:
+            raise PolicyLoadError(
+                "policy_data_invalid", f"{where}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}"
+            ) from None
+        prefix = tuple(PurePosixPath(rel).parent.parts)
+        if not prefix and not isinstance(doc, dict):
+            raise PolicyLoadError(
+                "policy_data_invalid",
+                f"{where}: the root data.json must be an object, got {type(doc).__name__}",
+            )
+        _merge_at(tree, owners, prefix, doc, where)
+    return tree
+
+
+def _merge_at(
+    tree: dict[str, Any],
+    owners: dict[tuple[str, ...], str],
+    prefix: tuple[str, ...],
+    value: Any,
+    where: str,
+) -> None:
+    node = tree
+    for i, key in enumerate(prefix[:-1] if prefix else ()):
+        here = prefix[: i + 1]
+        child = node.setdefault(key, {})
+        owners.setdefault(here, where)
+        if not isinstance(child, dict):
+            raise _conflict(here, owners.get(here, "?"), where)
+        node = child
+    if not prefix:
+        _merge_obj(node, owners, (), value, where)
+        return
+    key = prefix[-1]
+    if key not in node:
+        node[key] = value
+        _own(owners, prefix, value, where)
+    elif isinstance(node[key], dict) and isinstance(value, dict):
+        _merge_obj(node[key], owners, prefix, value, where)
+    else:
+        raise _conflict(prefix, owners.get(prefix, "?"), where)
+
+
+def _merge_obj(
+    node: dict[str, Any],
+    owners: dict[tuple[str, ...], str],
+    path: tuple[str, ...],
+    obj: dict[str, Any],
+    where: str,
+) -> None:
+    for key, value in obj.items():
+        here = (*path, key)
+        if key not in node:
+            node[key] = value
+            _own(owners, here, value, where)
+        elif isinstance(node[key], dict) and isinstance(value, dict):
+            _merge_obj(node[key], owners, here, value, where)
+        else:
+            raise _conflict(here, owners.get(here, "?"), where)
+
+
+def _own(owners: dict[tuple[str, ...], str], path: tuple[str, ...], value: Any, where: str) -> None:
+    owners.setdefault(path, where)
+    if isinstance(value, dict):
+        for key, child in value.items():
+            _own(owners, (*path, key), child, where)
+
+
+def _conflict(path: tuple[str, ...], first: str, second: str) -> PolicyLoadError:
+    dotted = ".".join(("data", *path))
+    return PolicyLoadError(
+        "policy_data_invalid", f"{dotted} is defined by both {first} and {second}"
+    )
+
+
+def _package_path(text: str) -> list[str] | None:
+    for line in text.splitlines():
+        stripped = line.split("#", 1)[0].strip()
+        if stripped.startswith("package "):
+            name = stripped.removeprefix("package ").strip()
+            return [p.strip('"[]') for p in name.replace("[", ".[").split(".") if p]
+    return None
+
+
+def _check_roots(
+    root: str, roots: list[list[str]], modules: Iterable[tuple[str, str]], data: dict[str, Any]
+) -> None:
+    def inside(path: list[str]) -> bool:
+        return any(path[: len(r)] == r for r in roots)
+
+    for rel, text in modules:
+        pkg = _package_path(text)
+        if pkg is not None and not inside(pkg):
+            raise PolicyLoadError(
+                "bundle_invalid",
+                f"{root}/{rel}: package {'.'.join(pkg)} is outside the manifest roots "
+                f"{['/'.join(r) for r in roots]}",
+            )
+
+    def walk(node: Any, path: list[str]) -> None:
+        if inside(path):
+            return
+        below = [r for r in roots if r[: len(path)] == path]
+        if not below or not isinstance(node, dict):
+            raise PolicyLoadError(
+                "bundle_invalid",
+                f"{root}: data path {'/'.join(path) or '/'} is outside the manifest roots "
+                f"{['/'.join(r) for r in roots]}",
+            )
+        for key, child in node.items():
+            walk(child, [*path, key])
+
+    for key, child in data.items():
+        walk(child, [key])
+
+
+def _content_revision(modules: tuple[tuple[str, str], ...], data: dict[str, Any]) -> str:
+    digest = hashlib.sha256()
+    for rel, text in modules:
+        for part in (rel.encode(), text.encode()):
+            digest.update(len(part).to_bytes(8, "big"))
+            digest.update(part)
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    digest.update(b"data")
+    digest.update(canonical.encode())
+    return "sha256:" + digest.hexdigest()[:16]

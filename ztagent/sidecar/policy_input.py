@@ -1,0 +1,79 @@
+"""Builds the policy input document (DESIGN.md, published as policies/input.schema.json).
+
+Pure: values in, a JSON-ready dict out. Credentials never enter the document.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from ztagent import __version__
+
+# Never copied into the input (or the decision log): credentials and our own identity headers.
+_SECRET_KEYS = frozenset({"authorization", "cookie", "proxy-authorization", "x-api-key"})
+_SKIP_PREFIXES = (":", "grpc-", "x-ztagent-")
+
+
+def unverified_posture() -> dict[str, Any]:
+    """The posture of a device with no (or no fresh) attestation."""
+    return {
+        "verified": False,
+        "age_s": None,
+        "firmware": {"name": None, "version": None, "signed": False, "signer": None},
+        "boot": {"verified": False, "pcrs": {}},
+        "host": {},
+    }
+
+
+def request_metadata(metadata: Sequence[tuple[str, str | bytes]] | None) -> dict[str, str]:
+    """Client metadata for the policy: lowercase keys, repeated keys joined with ',',
+    binary (-bin) values base64-encoded, credentials removed."""
+    out: dict[str, str] = {}
+    for key, value in metadata or ():
+        if key in _SECRET_KEYS or key.startswith(_SKIP_PREFIXES):
+            continue
+        text = base64.b64encode(value).decode() if isinstance(value, bytes) else value
+        out[key] = f"{out[key]},{text}" if key in out else text
+    return out
+
+
+def split_method(full_method: str) -> tuple[str, str]:
+    """'/pkg.Svc/Method' -> ('pkg.Svc', 'Method'); ('', '') when malformed."""
+    parts = full_method.split("/")
+    if len(parts) != 3 or parts[0] or not parts[1] or not parts[2]:
+        return "", ""
+    return parts[1], parts[2]
+
+
+def rfc3339(when: datetime) -> str:
+    return when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
+
+
+def build_input(
+    *,
+    device: Mapping[str, Any],
+    posture: Mapping[str, Any],
+    user: Mapping[str, Any],
+    full_method: str,
+    metadata: Mapping[str, str],
+    peer: str,
+    now: datetime,
+    node: str,
+) -> dict[str, Any]:
+    service, method = split_method(full_method)
+    return {
+        "device": dict(device),
+        "posture": dict(posture),
+        "user": dict(user),
+        "request": {
+            "service": service,
+            "method": method,
+            "full_method": full_method,
+            "metadata": dict(metadata),
+            "peer": peer,
+        },
+        "context": {"time": rfc3339(now), "node": node, "agent_version": __version__},
+    }

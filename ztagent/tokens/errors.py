@@ -1,0 +1,35 @@
+"""Errors of the token domain: user tokens (JWT), the issuer's key set, the dev issuer.
+
+``TokenError`` codes (stable, relied on by logs, policies and scripts; UNAUTHENTICATED):
+
+``token_malformed``, ``token_too_large``, ``token_alg_not_allowed``, ``token_kid_missing``,
+``token_kid_unknown``, ``token_bad_signature``, ``token_expired``, ``token_not_yet_valid``,
+``token_iat_in_future``, ``token_wrong_issuer``, ``token_wrong_audience``,
+``token_typ_mismatch``, ``token_cnf_mismatch``, ``token_cnf_required``,
+``token_claims_invalid``.
+
+``JwksError`` codes (the issuer's key set could not be had; UNAVAILABLE):
+``jwks_unavailable`` (fetch failed: network, TLS, HTTP status, file missing, no key set yet),
+``jwks_invalid`` (fetched, but not a usable JWKS or discovery document).
+
+``DevIssuerError`` codes (development-only issuer files): ``dev_issuer_exists``,
+``dev_issuer_missing``, ``dev_issuer_invalid``, ``ttl_invalid``, ``bind_cert_invalid``.
+
+Messages say what was received and what was expected; they never contain a whole token.
+"""
+
+from __future__ import annotations
+
+from ztagent.errors import TransportError, VerificationError, ZtagentError
+
+
+class TokenError(VerificationError):
+    """A user token was checked and refused."""
+
+
+class JwksError(TransportError):
+    """The issuer's key set could not be fetched or parsed."""
+
+
+class DevIssuerError(ZtagentError):
+    """A dev-issuer operation could not be done (missing, existing or broken files)."""
