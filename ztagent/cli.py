@@ -29,11 +29,14 @@ def _print_json(obj: object) -> None:
 
 def cmd_ca_init(args: argparse.Namespace) -> int:
     from ztagent.pki import ca
+    from ztagent.tokens.dev_issuer import init_dev_issuer
 
     layout = ca.init_ca(args.dir, args.trust_domain, force=args.force)
+    issuer = init_dev_issuer(args.dir, args.trust_domain, force=True)
     print(f"dev PKI created in {args.dir} (trust domain {args.trust_domain})")
     for name, path in sorted(vars(layout).items()):
         print(f"  {name:<18} {path}")
+    print(f"  {'token_issuer':<18} {issuer.jwks_path} (DEVELOPMENT ONLY: {issuer.issuer})")
     return EXIT_OK
 
 
@@ -111,6 +114,218 @@ def cmd_cert_verify(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- tokens ------------------------------------------------------------------------------------
+
+
+def _parse_duration(text: str) -> int:
+    """'900', '90s', '15m', '2h', '1d' -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        value = int(number) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a duration like 900, 15m or 2h, got {text!r}"
+        ) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive duration, got {text!r}")
+    return value
+
+
+def cmd_token_mint(args: argparse.Namespace) -> int:
+    from ztagent.tokens.dev_issuer import mint_token
+
+    print(
+        mint_token(
+            args.dir,
+            sub=args.sub,
+            scope=args.scope,
+            roles=args.roles,
+            ttl_s=args.ttl,
+            bind_cert=args.bind_cert,
+            audience=args.audience,
+        )
+    )
+    return EXIT_OK
+
+
+def cmd_token_verify(args: argparse.Namespace) -> int:
+    from ztagent.config import load_config
+    from ztagent.tokens.errors import TokenError
+    from ztagent.tokens.setup import verifier_from_config
+    from ztagent.tokens.verify import cert_thumbprint
+
+    config = load_config(args.config)
+    if config.tokens is None:
+        raise ConfigError("tokens", f"{args.config} has no [tokens] section")
+    thumbprint = None
+    if args.cert is not None:
+        from cryptography import x509
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        try:
+            cert = x509.load_pem_x509_certificate(args.cert.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(str(args.cert), f"cannot read a PEM certificate: {exc}") from exc
+        thumbprint = cert_thumbprint(cert.public_bytes(Encoding.DER))
+    token = sys.stdin.read().strip() if args.token == "-" else args.token  # noqa: S105
+    verifier = verifier_from_config(config.tokens)
+    try:
+        user = asyncio.run(verifier.verify(token, thumbprint))
+    except TokenError as err:
+        if args.json:
+            _print_json({"accepted": False, "error": err.as_dict()})
+        else:
+            print(f"REJECTED: {err.code}: {err.message}")
+        return EXIT_REJECTED
+    doc = user.as_input()
+    if args.json:
+        _print_json({"accepted": True, "user": doc})
+    else:
+        print(f"ACCEPTED: sub {doc['sub']!r} from {doc['iss']}")
+        for key in ("aud", "scope", "roles", "cert_bound"):
+            print(f"  {key:<11} {doc[key]}")
+    return EXIT_OK
+
+
+# -- policy ------------------------------------------------------------------------------------
+
+
+def cmd_policy_test(args: argparse.Namespace) -> int:
+    from ztagent.policy.authoring import run_tests
+
+    report = run_tests(args.dir, coverage=args.coverage)
+    if args.json:
+        _print_json(
+            {
+                "ok": report.ok,
+                "results": [vars(r) for r in report.results],
+                "coverage": None
+                if report.coverage is None
+                else {f.file: f.percent for f in report.coverage.files},
+            }
+        )
+        return EXIT_OK if report.ok else EXIT_REJECTED
+    for r in report.results:
+        line = f"{r.status:<5} data.{r.package}.{r.name} ({r.file})"
+        print(line + (f": {r.message}" if r.message else ""))
+    passed, failed, errors = report.count("PASS"), report.count("FAIL"), report.count("ERROR")
+    print(f"{passed} passed, {failed} failed, {errors} errors")
+    if report.coverage is not None:
+        for f in report.coverage.files:
+            missing = ", ".join(str(n) for n in f.not_covered) or "-"
+            print(f"coverage {f.percent:5.1f}% {f.file} (not covered: {missing})")
+        print(f"coverage {report.coverage.percent:5.1f}% total")
+    return EXIT_OK if report.ok else EXIT_REJECTED
+
+
+def cmd_policy_check(args: argparse.Namespace) -> int:
+    from ztagent.policy.authoring import check
+
+    problems = check(args.dir)
+    if args.json:
+        _print_json({"ok": not problems, "problems": [vars(p) for p in problems]})
+    else:
+        for problem in problems:
+            print(problem)
+        print(f"{args.dir}: {'ok' if not problems else f'{len(problems)} problem(s)'}")
+    return EXIT_REJECTED if problems else EXIT_OK
+
+
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot read: {exc.strerror}") from exc
+    except json.JSONDecodeError as exc:
+        raise ConfigError(str(path), f"not JSON: {exc}") from exc
+
+
+def cmd_policy_eval(args: argparse.Namespace) -> int:
+    from ztagent.policy.authoring import evaluate_input
+
+    input_doc = _read_json(args.input)
+    if not isinstance(input_doc, dict):
+        raise ConfigError(str(args.input), "expected a JSON object (the policy input)")
+    result = evaluate_input(args.policy, input_doc, explain=args.explain, data_path=args.data)
+    decision = result.decision
+    if args.json:
+        _print_json(
+            {
+                "decision": None
+                if decision is None
+                else {
+                    "allow": decision.allow,
+                    "reasons": list(decision.reasons),
+                    "headers": dict(decision.headers),
+                },
+                "error": result.error,
+                "explanation": list(result.explanation),
+                "prints": list(result.prints),
+            }
+        )
+    else:
+        if decision is None:
+            print(f"NO DECISION: {result.error or 'undefined'}")
+        else:
+            verdict = "ALLOW" if decision.allow else "DENY"
+            print(f"{verdict} reasons={list(decision.reasons)} headers={dict(decision.headers)}")
+        for line in result.explanation:
+            print(f"  {line}")
+        for line in result.prints:
+            print(f"  print: {line}")
+    if decision is None:
+        return EXIT_REJECTED
+    return EXIT_OK if decision.allow else EXIT_REJECTED
+
+
+def cmd_policy_replay(args: argparse.Namespace) -> int:
+    from ztagent.policy.authoring import replay
+
+    report = replay(args.log, args.policy)
+    if args.json:
+        _print_json(
+            {
+                "total": report.total,
+                "revision": report.revision,
+                "changed": [vars(c) for c in report.changed],
+                "errors": [vars(e) for e in report.errors],
+            }
+        )
+    else:
+        for c in report.changed:
+            old = "allow" if c.old_allow else "deny"
+            new = "allow" if c.new_allow else "deny"
+            print(
+                f"line {c.line_no} {c.decision_id}: {old} {list(c.old_reasons)} -> "
+                f"{new} {list(c.new_reasons)}"
+            )
+        for e in report.errors:
+            print(f"line {e.line_no}: error: {e.message}")
+        print(
+            f"{report.total} decisions replayed against {args.policy} "
+            f"(revision {report.revision}): {len(report.changed)} would change, "
+            f"{len(report.errors)} errors"
+        )
+    return EXIT_OK if not report.errors else EXIT_REJECTED
+
+
+def cmd_log_verify(args: argparse.Namespace) -> int:
+    from ztagent.policy.log_verify import log_files, verify_files
+
+    paths = [p for path in args.files for p in (log_files(path) if args.rotated else [path])]
+    report = verify_files(paths)
+    if args.json:
+        _print_json(vars(report))
+    elif report.ok:
+        print(f"OK: {report.lines} lines, hash chain intact ({', '.join(map(str, paths))})")
+        if report.chain_continues_from:
+            print(f"  chain continues from {report.chain_continues_from} (an earlier file)")
+    else:
+        print(f"BROKEN: {report.reason}")
+    return EXIT_OK if report.ok else EXIT_REJECTED
+
+
 # -- workloads / demo -------------------------------------------------------------------------
 
 
@@ -175,6 +390,64 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, required=True)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_cert_verify)
+
+    tok = sub.add_parser("token", help="user tokens").add_subparsers(
+        dest="token_command", required=True, metavar="SUBCOMMAND"
+    )
+    p = tok.add_parser("verify", help="explain whether the sidecar accepts a user token")
+    p.add_argument("token", help="the JWT, or - to read it from stdin")
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--cert", type=Path, help="client certificate the token must be bound to")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_token_verify)
+    p = tok.add_parser(
+        "mint",
+        help="DEVELOPMENT ONLY: sign a user token with the dev issuer made by `ca init`",
+        description="DEVELOPMENT ONLY. Signs an access token with the development issuer key "
+        "in --dir. Never use the dev issuer outside development and tests.",
+    )
+    p.add_argument("--dir", type=Path, default=Path("certs-dev"))
+    p.add_argument("--sub", required=True)
+    p.add_argument("--scope", nargs="*", default=[])
+    p.add_argument("--roles", nargs="*", default=[])
+    p.add_argument("--ttl", type=_parse_duration, default=900, help="e.g. 900, 15m, 2h")
+    p.add_argument("--bind-cert", type=Path, help="bind to this client cert (cnf.x5t#S256)")
+    p.add_argument("--audience")
+    p.set_defaults(func=cmd_token_mint)
+
+    pol = sub.add_parser("policy", help="Rego policy authoring").add_subparsers(
+        dest="policy_command", required=True, metavar="SUBCOMMAND"
+    )
+    p = pol.add_parser("test", help="run every test_* rule (like opa test)")
+    p.add_argument("dir", type=Path, nargs="?", default=Path("policies"))
+    p.add_argument("--coverage", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_policy_test)
+    p = pol.add_parser("eval", help="evaluate the decision for an input document")
+    p.add_argument("--input", type=Path, required=True)
+    p.add_argument("--policy", type=Path, default=Path("policies"))
+    p.add_argument("--data", type=Path, help="extra data (JSON) merged at the data root")
+    p.add_argument("--explain", action="store_true", help="list the rules that were evaluated")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_policy_eval)
+    p = pol.add_parser("check", help="report parse and compile errors as file:line:col")
+    p.add_argument("dir", type=Path, nargs="?", default=Path("policies"))
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_policy_check)
+    p = pol.add_parser("replay", help="re-evaluate logged decisions against a candidate policy")
+    p.add_argument("--log", type=Path, required=True, help="decision log (JSON lines)")
+    p.add_argument("--policy", type=Path, required=True, help="candidate policy dir or bundle")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_policy_replay)
+
+    lg = sub.add_parser("log", help="decision log tools").add_subparsers(
+        dest="log_command", required=True, metavar="SUBCOMMAND"
+    )
+    p = lg.add_parser("verify", help="check the hash chain of a decision log")
+    p.add_argument("files", type=Path, nargs="+", help="log files, oldest first")
+    p.add_argument("--rotated", action="store_true", help="also check FILE.N ... FILE.1")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_log_verify)
 
     wl = sub.add_parser("workload", help="reference local services").add_subparsers(
         dest="workload", required=True, metavar="WORKLOAD"

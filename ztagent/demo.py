@@ -1,14 +1,18 @@
 """`make run`: the whole stack on the embedded defaults, with allowed and refused calls.
 
 Starts the storage workload and the sidecar as child processes (logs in var/log/), then a
-demo client shows (a) the demo device storing and reading a value through the sidecar,
-(b) a revoked device refused, (c) a client without a certificate refused. Everything it starts
-is stopped before it returns; exit 0 only when every outcome is the expected one.
+demo client shows: a device + user allowed to write and read, a user denied by policy with the
+reason, a forged token refused, a device with no user denied, a revoked device refused and a
+client without a certificate refused; finally the decision log's hash chain is verified.
+Everything it starts is stopped before it returns; exit 0 only when every outcome is the
+expected one.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
 import subprocess
 import sys
 import time
@@ -23,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ztagent.config import Config, load_config
 from ztagent.pki import ca
+from ztagent.tokens.dev_issuer import mint_token
 from ztagent.workloads.storage.server import parse_listen
 
 STORAGE = "ztagent.workloads.v1.Storage"
@@ -47,7 +52,7 @@ def _ensure_device(ca_dir: Path, device_id: str) -> Path:
     return cert_path
 
 
-def _channel(config: Config, ca_dir: Path, device_cert: Path | None) -> grpc.Channel:
+def _channel(config: Config, device_cert: Path | None) -> grpc.Channel:
     roots = config.tls.client_ca.read_bytes()
     if device_cert is None:
         creds = grpc.ssl_channel_credentials(root_certificates=roots)
@@ -94,47 +99,86 @@ def _process(args: list[str], log_path: Path) -> Iterator[subprocess.Popen[bytes
                 proc.wait()
 
 
-def _storage_call(channel: grpc.Channel, method: str, request: bytes) -> bytes:
+def _storage_call(
+    channel: grpc.Channel, method: str, request: bytes, token: str | None = None
+) -> bytes:
     call = channel.unary_unary(f"/{STORAGE}/{method}")
-    reply: bytes = call(request, timeout=10)
+    metadata = (("authorization", f"Bearer {token}"),) if token else None
+    reply: bytes = call(request, timeout=10, metadata=metadata)
     return reply
 
 
-def _scenario_allowed(config: Config, ca_dir: Path, device_cert: Path) -> Outcome:
+def _scenario_allowed(config: Config, device_cert: Path, token: str) -> Outcome:
     from ztagent._proto.workloads.v1 import storage_pb2
 
     value = b"hello from the edge"
-    with _channel(config, ca_dir, device_cert) as channel:
+    with _channel(config, device_cert) as channel:
         put = storage_pb2.PutRequest(key="greeting", value=value).SerializeToString()
-        storage_pb2.PutResponse.FromString(_storage_call(channel, "Put", put))
-        got = storage_pb2.GetResponse.FromString(
-            _storage_call(
-                channel, "Get", storage_pb2.GetRequest(key="greeting").SerializeToString()
-            )
-        )
+        storage_pb2.PutResponse.FromString(_storage_call(channel, "Put", put, token))
+        get = storage_pb2.GetRequest(key="greeting").SerializeToString()
+        got = storage_pb2.GetResponse.FromString(_storage_call(channel, "Get", get, token))
     ok = got.value == value
     return Outcome(
         ok,
-        f"(a) device {DEMO_DEVICE!r} stored 'greeting' and read it back through the sidecar: "
-        f"{got.value!r} (revision {got.revision})",
+        f"(a) device {DEMO_DEVICE!r} + user 'alice' (role writer, token bound to the device "
+        f"cert) stored 'greeting' and read it back: {got.value!r} (revision {got.revision})",
     )
 
 
 def _scenario_refused(
-    config: Config, ca_dir: Path, device_cert: Path | None, label: str, expect: grpc.StatusCode
+    config: Config,
+    device_cert: Path | None,
+    label: str,
+    expect: grpc.StatusCode,
+    *,
+    method: str = "Get",
+    token: str | None = None,
 ) -> Outcome:
     from ztagent._proto.workloads.v1 import storage_pb2
 
-    with _channel(config, ca_dir, device_cert) as channel:
+    if method == "Put":
+        request = storage_pb2.PutRequest(key="greeting", value=b"overwrite").SerializeToString()
+    else:
+        request = storage_pb2.GetRequest(key="greeting").SerializeToString()
+    with _channel(config, device_cert) as channel:
         try:
-            _storage_call(
-                channel, "Get", storage_pb2.GetRequest(key="greeting").SerializeToString()
-            )
+            _storage_call(channel, method, request, token)
         except grpc.RpcError as err:
             code, details = err.code(), err.details()
             first_line = (details or "").splitlines()[0] if details else ""
             return Outcome(code == expect, f"{label} refused: {code.name} {first_line}")
     return Outcome(False, f"{label} was NOT refused (expected {expect.name})")
+
+
+def _forge(token: str) -> str:
+    """Alice's token with its payload edited to claim role admin; signature left as it was."""
+    header, payload, signature = token.split(".")
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    claims["roles"] = ["admin", "writer"]
+    forged = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
+    return f"{header}.{forged}.{signature}"
+
+
+def _ensure_dev_issuer(ca_dir: Path, trust_domain: str) -> None:
+    from ztagent.errors import ZtagentError
+    from ztagent.tokens.dev_issuer import init_dev_issuer, load_dev_issuer
+
+    try:
+        load_dev_issuer(ca_dir)
+    except ZtagentError:
+        init_dev_issuer(ca_dir, trust_domain, force=True)
+
+
+def _verify_decision_log(config: Config) -> Outcome:
+    from ztagent.policy.log_verify import log_files, verify_files
+
+    path = config.decision_log.path
+    if not config.decision_log.enabled or not path.exists():
+        return Outcome(True, "(g) decision log disabled")
+    report = verify_files(log_files(path))
+    if report.ok:
+        return Outcome(True, f"(g) decision log {path}: {report.lines} lines, hash chain intact")
+    return Outcome(False, f"(g) decision log {path}: BROKEN: {report.reason}")
 
 
 def run_demo(config_path: Path, ca_dir: Path) -> int:
@@ -144,6 +188,7 @@ def run_demo(config_path: Path, ca_dir: Path) -> int:
         print(f"demo: {config_path} has no [[routes]] entry for {STORAGE}", file=sys.stderr)
         return 2
     root = config_path.resolve().parent
+    _ensure_dev_issuer(ca_dir, config.identity.trust_domain)
     device_cert = _ensure_device(ca_dir, DEMO_DEVICE)
     revoked_cert = _ensure_device(ca_dir, REVOKED_DEVICE)
     ca.revoke(ca_dir, cert_path=revoked_cert)  # idempotent; also refreshes the CRL's nextUpdate
@@ -158,28 +203,51 @@ def run_demo(config_path: Path, ca_dir: Path) -> int:
         try:
             with grpc.insecure_channel(route.upstream) as upstream:
                 _wait_healthy(upstream, "storage workload", storage)
-            with _channel(config, ca_dir, device_cert) as channel:
+            with _channel(config, device_cert) as channel:
                 _wait_healthy(channel, "sidecar", sidecar)
         except RuntimeError as err:
             print(f"demo: {err}; see {logs}/", file=sys.stderr)
             return 1
+        alice = mint_token(ca_dir, sub="alice", roles=["writer"], bind_cert=device_cert)
+        bob = mint_token(ca_dir, sub="bob", roles=["reader"])
         outcomes = [
-            _scenario_allowed(config, ca_dir, device_cert),
+            _scenario_allowed(config, device_cert, alice),
             _scenario_refused(
                 config,
-                ca_dir,
-                revoked_cert,
-                f"(b) revoked device {REVOKED_DEVICE!r}",
-                grpc.StatusCode.UNAUTHENTICATED,
+                device_cert,
+                "(b) user 'bob' (role reader) writing",
+                grpc.StatusCode.PERMISSION_DENIED,
+                method="Put",
+                token=bob,
             ),
             _scenario_refused(
                 config,
-                ca_dir,
+                device_cert,
+                "(c) forged token (alice's, payload edited to role admin)",
+                grpc.StatusCode.UNAUTHENTICATED,
+                token=_forge(alice),
+            ),
+            _scenario_refused(
+                config,
+                device_cert,
+                f"(d) device {DEMO_DEVICE!r} with no user token",
+                grpc.StatusCode.PERMISSION_DENIED,
+            ),
+            _scenario_refused(
+                config,
+                revoked_cert,
+                f"(e) revoked device {REVOKED_DEVICE!r}",
+                grpc.StatusCode.UNAUTHENTICATED,
+                token=alice,
+            ),
+            _scenario_refused(
+                config,
                 None,
-                "(c) client without a certificate",
+                "(f) client without a certificate (TLS handshake)",
                 grpc.StatusCode.UNAVAILABLE,
             ),
         ]
+    outcomes.append(_verify_decision_log(config))
     for outcome in outcomes:
         print(("[ok]   " if outcome.ok else "[FAIL] ") + outcome.line)
     failed = [o for o in outcomes if not o.ok]

@@ -51,8 +51,8 @@ SAMPLE_INPUT: Mapping[str, Any] = {
     },
     "user": {
         "authenticated": False,
-        "sub": "",
-        "iss": "",
+        "sub": None,
+        "iss": None,
         "aud": [],
         "scope": [],
         "roles": [],

@@ -11,7 +11,7 @@ documents into an immutable ``PolicySources``; compiling and evaluating live in
 - A bundle's ``.manifest`` may give ``revision`` (used as the policy revision) and ``roots``
   (every package and data path must lie under one of them).
 - Bundle members are read in memory, never extracted. Refused with ``bundle_invalid``:
-  absolute names, ``..`` components, symlinks, hard links and other non-regular members,
+  drive-letter or '//' names, ``..`` components, symlinks, hard links and other non-regular members,
   duplicate names, a member over ``MAX_MEMBER_BYTES`` or a total over ``MAX_BUNDLE_BYTES``.
   Bundle signatures (``.signatures.json``) are not verified.
 """
@@ -196,7 +196,9 @@ def _bad_bundle(path: Path, message: str) -> PolicyLoadError:
 
 def _safe_member_name(bundle: Path, member: tarfile.TarInfo) -> str:
     name = member.name
-    if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+    # `opa build` writes names like "/data.json": one leading "/" means the bundle root.
+    # Members are only read in memory, never extracted, so this cannot escape anything.
+    if name.startswith("//") or (len(name) > 1 and name[1] == ":"):
         raise _bad_bundle(bundle, f"member {name!r} has an absolute path (expected relative)")
     parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
     if ".." in parts:

@@ -261,7 +261,7 @@ class Sidecar:
             await self._upstreams.close()
         if self.pipeline is not None:
             await self.pipeline.engine.close()
-            self.pipeline.decision_log.close()
+            await asyncio.to_thread(self.pipeline.decision_log.close)
 
 
 async def run_sidecar(config: Config) -> None:

@@ -98,6 +98,22 @@ def test_load_bundle(tmp_path: Path) -> None:
     assert len(load_bundle(bundle, include_tests=True).modules) == 2
 
 
+def test_opa_build_style_root_slash_names_are_bundle_relative(tmp_path: Path) -> None:
+    """`opa build` writes members as /.manifest, /data.json, /authz.rego."""
+    bundle = make_bundle(
+        tmp_path / "b.tar.gz",
+        {
+            "/.manifest": json.dumps({"revision": "r1"}),
+            "/authz.rego": AUTHZ,
+            "/ztagent/authz/data.json": json.dumps({"users": ["bob"]}),
+        },
+    )
+    src = load_bundle(bundle)
+    assert src.revision == "r1"
+    assert [rel for rel, _ in src.modules] == ["authz.rego"]
+    assert src.data == {"ztagent": {"authz": {"users": ["bob"]}}}
+
+
 def test_bundle_without_manifest_uses_content_hash(tmp_path: Path) -> None:
     bundle = make_bundle(
         tmp_path / "b.tar.gz",
@@ -111,7 +127,8 @@ def test_bundle_without_manifest_uses_content_hash(tmp_path: Path) -> None:
     [
         ({"../evil.rego": "package evil\n"}, {}, r"'\.\.'"),
         ({"a/../../evil.rego": "package evil\n"}, {}, r"'\.\.'"),
-        ({"/etc/evil.rego": "package evil\n"}, {}, "absolute path"),
+        ({"//etc/evil.rego": "package evil\n"}, {}, "absolute path"),
+        ({"C:/evil.rego": "package evil\n"}, {}, "absolute path"),
         ({"authz.rego": AUTHZ}, {"symlink": "link.rego"}, "is a link"),
         ({"authz.rego": AUTHZ}, {"hardlink": "hard.rego"}, "is a link"),
         ({"a.rego": "package a\n", "./a.rego": "package a\n"}, {}, "appears twice"),
