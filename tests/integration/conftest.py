@@ -91,7 +91,12 @@ SHIPPED_POLICIES = Path(__file__).resolve().parents[2] / "policies"
 
 
 def write_config(
-    pki: Pki, routes: dict[str, str], *, extra: str = "", policy: Path = ALLOW_ALL
+    pki: Pki,
+    routes: dict[str, str],
+    *,
+    extra: str = "",
+    policy: Path = ALLOW_ALL,
+    policy_extra: str = "",
 ) -> Path:
     route_text = "".join(
         f'[[routes]]\nservice = "{service}"\nupstream = "{address}"\n'
@@ -112,6 +117,7 @@ reload_interval_s = 0.1
 [policy]
 path = "{policy}"
 reload_interval_s = 0.1
+{policy_extra}
 
 [decision_log]
 path = "{pki.layout.dir.parent / "decisions.jsonl"}"
