@@ -40,7 +40,7 @@ test: lint
 # Regenerates ztagent/_proto from proto/ (committed; never edit the output by hand).
 proto: $(VENV)/.installed
 	rm -rf ztagent/_proto && mkdir -p ztagent/_proto
-	$(PY) -m grpc_tools.protoc -I proto/ztagent --python_out=ztagent/_proto \
+	PATH="$(abspath $(BIN)):$$PATH" $(PY) -m grpc_tools.protoc -I proto/ztagent --python_out=ztagent/_proto \
 	  --grpc_python_out=ztagent/_proto --mypy_out=ztagent/_proto --mypy_grpc_out=ztagent/_proto \
 	  $(patsubst proto/ztagent/%,%,$(PROTO_FILES))
 	# protoc imports siblings by proto path; make them package-relative to ztagent._proto.
