@@ -216,6 +216,8 @@ class EmbeddedEngine:
     def evaluate_sync(self, input_doc: Mapping[str, Any]) -> Decision:
         """``evaluate`` without the coroutine (for tools and benchmarks)."""
         current = self._current  # read once: a concurrent reload swaps the attribute only
+        if current.engine is None:
+            raise PolicyError("policy_engine_error", "the policy engine is closed")
         set_input(current.engine, input_doc)
         try:
             raw = eval_path(current.engine, self._decision_path)
@@ -265,7 +267,10 @@ class EmbeddedEngine:
         return True
 
     async def close(self) -> None:
-        return None
+        """Drops the Regorus engine here, on the owning thread: Regorus engines are
+        thread-bound ("unsendable"), and left to the garbage collector they may be dropped
+        on whichever thread runs the next collection. Evaluating after close raises."""
+        self._current = _Compiled(engine=None, revision=self._current.revision)
 
 
 def _compile(path: Path, decision_path: str) -> _Compiled:

@@ -106,7 +106,7 @@ async def test_engine_error_is_policy_engine_error(tmp_path: Path) -> None:
         {
             "a.rego": (
                 "package ztagent.authz\nimport rego.v1\n"
-                "n := to_number(input.user.sub)\n"
+                "n := to_number(input.context.node)\n"
                 'decision := {"allow": n > 0}\n'
             )
         },
