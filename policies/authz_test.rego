@@ -98,9 +98,17 @@ test_read_scope_allows_get if {
 }
 
 test_writer_put_allowed if {
-	every method in ["Put", "Delete", "BulkPut"] {
+	every method in ["Put", "BulkPut"] {
 		authz.allow with input as call(storage, method, ["writer"], [])
 	}
+}
+
+# Shipped data: deleting needs an attested device (require_posture on Storage.Delete).
+test_writer_delete_needs_posture if {
+	d := authz.decision with input as call(storage, "Delete", ["writer"], [])
+	d.allow == false
+	d.reasons == ["posture_required"]
+	authz.allow with input as object.union(call(storage, "Delete", ["writer"], []), {"posture": verified_posture})
 }
 
 test_write_scope_allows_put if {

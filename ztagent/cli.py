@@ -207,7 +207,8 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
         )
         return EXIT_OK if report.ok else EXIT_REJECTED
     for r in report.results:
-        line = f"{r.status:<5} data.{r.package}.{r.name} ({r.file})"
+        package = r.package if r.package.startswith("data.") else f"data.{r.package}"
+        line = f"{r.status:<5} {package}.{r.name} ({r.file})"
         print(line + (f": {r.message}" if r.message else ""))
     passed, failed, errors = report.count("PASS"), report.count("FAIL"), report.count("ERROR")
     print(f"{passed} passed, {failed} failed, {errors} errors")

@@ -146,8 +146,15 @@ MATRIX = [
         "cam-1",
         "carol",
         {"scope": ["storage.read"]},
-        "Delete",
+        "Put",
         "PERMISSION_DENIED: policy_denied: role_required:writer",
+    ),
+    (  # shipped data: Delete needs attested posture, and this device has not attested
+        "cam-1",
+        "alice",
+        {"roles": ["writer"]},
+        "Delete",
+        "PERMISSION_DENIED: policy_denied: posture_required",
     ),
     ("cam-1", None, {}, "Get", "PERMISSION_DENIED: policy_denied: user_unauthenticated"),
     (
