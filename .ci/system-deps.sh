@@ -2,7 +2,9 @@
 # Debian packages ztagent needs on a fresh machine. Idempotent; installs only what is missing.
 set -euo pipefail
 need=()
-for pkg in python3-venv; do
+# swtpm + tpm2-tools: the software TPM the tests and `make run` use; libtss2-dev + pkg-config:
+# to build tpm2-pytss.
+for pkg in python3-venv pkg-config swtpm swtpm-tools tpm2-tools libtss2-dev; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

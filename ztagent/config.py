@@ -122,6 +122,24 @@ class DecisionLogConfig:
 
 
 @dataclass(frozen=True)
+class PostureConfig:
+    enabled: bool = True
+    """Serve the ztagent.v1.Attestation service and fill input.posture from attestations."""
+    max_age_s: float = 600.0
+    """An attested posture is used for this long, then the device must attest again."""
+    reference_values: Path | None = None
+    """Reference boot measurements (JSON); default policies/data/reference-values.json."""
+    firmware_keys: tuple[Path, ...] = ()
+    """PEM public keys (Ed25519 or ECDSA P-256) of trusted firmware vendors."""
+    pcrs: tuple[int, ...] = (0, 4, 7)
+    """PCR selection (sha256 bank) every quote must cover."""
+    state_dir: Path = Path("var/state")
+    """AK bindings and the highest firmware security version seen per device (persisted)."""
+    nonce_ttl_s: float = 60.0
+    """A challenge nonce expires after this long (at most 60 s)."""
+
+
+@dataclass(frozen=True)
 class Route:
     service: str
     """Fully-qualified gRPC service name, e.g. ztagent.workloads.v1.Storage."""
@@ -144,6 +162,7 @@ class Config:
     tokens: TokensConfig | None = None
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     decision_log: DecisionLogConfig = field(default_factory=DecisionLogConfig)
+    posture: PostureConfig = field(default_factory=PostureConfig)
     source: Path | None = None
 
     def route_for(self, service: str) -> Route | None:
@@ -454,6 +473,41 @@ def _decision_log(raw: Mapping[str, Any], base: Path) -> DecisionLogConfig:
     )
 
 
+def _posture(raw: Mapping[str, Any], base: Path) -> PostureConfig:
+    keys = {
+        "enabled", "max_age_s", "reference_values", "firmware_keys", "pcrs", "state_dir",
+        "nonce_ttl_s",
+    }  # fmt: skip
+    _check_keys(raw, "posture", keys)
+    d = PostureConfig()
+    refs = _path(raw, "reference_values", "posture.reference_values", base, required=False)
+    keys_raw = raw.get("firmware_keys", [])
+    if not isinstance(keys_raw, list) or not all(isinstance(k, str) and k for k in keys_raw):
+        raise ConfigError("posture.firmware_keys", f"expected a list of paths, got {keys_raw!r}")
+    firmware_keys = tuple(p if p.is_absolute() else base / p for p in map(Path, keys_raw))
+    pcrs = raw.get("pcrs", list(d.pcrs))
+    if (
+        not isinstance(pcrs, list)
+        or not pcrs
+        or not all(isinstance(p, int) and not isinstance(p, bool) and 0 <= p <= 23 for p in pcrs)
+        or len(set(pcrs)) != len(pcrs)
+    ):
+        raise ConfigError("posture.pcrs", f"expected distinct PCR indexes 0-23, got {pcrs!r}")
+    state_dir = _path(raw, "state_dir", "posture.state_dir", base, required=False)
+    nonce_ttl = _number(raw, "nonce_ttl_s", "posture.nonce_ttl_s", d.nonce_ttl_s, minimum=1)
+    if nonce_ttl > 60:
+        raise ConfigError("posture.nonce_ttl_s", f"expected at most 60 seconds, got {nonce_ttl}")
+    return PostureConfig(
+        enabled=_bool(raw, "enabled", "posture.enabled", True),
+        max_age_s=_number(raw, "max_age_s", "posture.max_age_s", d.max_age_s, minimum=1),
+        reference_values=refs or base / "policies" / "data" / "reference-values.json",
+        firmware_keys=firmware_keys,
+        pcrs=tuple(sorted(pcrs)),
+        state_dir=state_dir or base / d.state_dir,
+        nonce_ttl_s=nonce_ttl,
+    )
+
+
 def _routes(raw: object) -> tuple[Route, ...]:
     if not isinstance(raw, list):
         raise ConfigError("routes", f"expected [[routes]] tables, got {_type_name(raw)}")
@@ -495,7 +549,9 @@ def _routes(raw: object) -> tuple[Route, ...]:
 
 def parse_config(raw: Mapping[str, Any], base: Path, source: Path | None = None) -> Config:
     """Builds a validated Config from an already-decoded TOML document."""
-    allowed = {"listen", "tls", "identity", "routes", "tokens", "policy", "decision_log"}
+    allowed = {
+        "listen", "tls", "identity", "routes", "tokens", "policy", "decision_log", "posture",
+    }  # fmt: skip
     for key in raw:
         if key not in allowed:
             raise ConfigError(
@@ -520,6 +576,7 @@ def parse_config(raw: Mapping[str, Any], base: Path, source: Path | None = None)
         decision_log=_decision_log(
             _expect_table(raw.get("decision_log", {}), "decision_log"), base
         ),
+        posture=_posture(_expect_table(raw.get("posture", {}), "posture"), base),
         source=source,
     )
 
@@ -558,6 +615,14 @@ def check_files(config: Config) -> None:
     for key, path in named.items():
         if not path.is_file():
             raise ConfigError(key, f"file not found: {path}")
+    if config.posture.enabled:
+        assert config.posture.reference_values is not None
+        named_posture = {"posture.reference_values": config.posture.reference_values}
+        for i, key_path in enumerate(config.posture.firmware_keys):
+            named_posture[f"posture.firmware_keys[{i}]"] = key_path
+        for key, path in named_posture.items():
+            if not path.is_file():
+                raise ConfigError(key, f"file not found: {path}")
     policy = config.policy
     if policy.engine == "embedded" and (policy.path is None or not policy.path.exists()):
         raise ConfigError("policy.path", f"policy directory or bundle not found: {policy.path}")

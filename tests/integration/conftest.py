@@ -97,6 +97,7 @@ def write_config(
     extra: str = "",
     policy: Path = ALLOW_ALL,
     policy_extra: str = "",
+    posture_extra: str = "",
 ) -> Path:
     route_text = "".join(
         f'[[routes]]\nservice = "{service}"\nupstream = "{address}"\n'
@@ -121,6 +122,11 @@ reload_interval_s = 0.1
 
 [decision_log]
 path = "{pki.layout.dir.parent / "decisions.jsonl"}"
+
+[posture]
+reference_values = "{SHIPPED_POLICIES / "data" / "reference-values.json"}"
+state_dir = "{pki.layout.dir.parent / "state"}"
+{posture_extra}
 
 {extra}
 {route_text}

@@ -19,6 +19,7 @@ import socket
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import grpc
@@ -34,6 +35,7 @@ from ztagent.policy.decision_log import (
 )
 from ztagent.policy.errors import PolicyError
 from ztagent.policy.types import Decision, PolicyEngine
+from ztagent.posture.verifier import PostureCache
 from ztagent.sidecar.admission import (
     DEVICE_ID_HEADER,
     SPIFFE_ID_HEADER,
@@ -91,11 +93,14 @@ class Pipeline:
         tokens: TokenVerifier | None,
         decision_log: DecisionLog | NullDecisionLog,
         clock: Clock = utc_now,
+        *,
+        posture_cache: PostureCache | None = None,
     ) -> None:
         self.checker = checker
         self.engine = engine
         self.tokens = tokens
         self.decision_log = decision_log
+        self.posture_cache = posture_cache
         self._clock = clock
         self._node = socket.gethostname()
         self._block_on_full_log = config.decision_log.on_full == "block"
@@ -129,15 +134,29 @@ class Pipeline:
         user = await self.tokens.verify(token, x5t_s256(device))
         return user.as_input()
 
+    def posture_input(
+        self, device: VerifiedDevice, now: datetime
+    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """input.posture for this certificate, and the decision log's link to the attestation
+        that backs it (None: no fresh attestation, posture unverified)."""
+        if self.posture_cache is None:
+            return unverified_posture(), None
+        posture = self.posture_cache.get(device.fingerprint_sha256, now)
+        if posture is None:
+            return unverified_posture(), None
+        doc = posture.as_input(now)
+        return doc, {"attestation_id": posture.attestation_id, "quote_age_s": doc["age_s"]}
+
     async def admit(self, context: grpc.aio.ServicerContext, full_method: str) -> Metadata:
         started = time.perf_counter()
         device = self.verify_device(context.auth_context())
         metadata = context.invocation_metadata()
         user = await self.user_input(metadata, device)
         now = self._clock()
+        posture_doc, attestation = self.posture_input(device, now)
         input_doc = build_input(
             device=device.as_input(),
-            posture=unverified_posture(),
+            posture=posture_doc,
             user=user,
             full_method=full_method,
             metadata=request_metadata(metadata),
@@ -181,7 +200,7 @@ class Pipeline:
             failure=failure.code if failure else None,
             policy_revision=decision.revision,
             latency_us=int((time.perf_counter() - started) * 1e6),
-            attestation=None,
+            attestation=attestation,
             input=input_doc,
         )
         if self._block_on_full_log:

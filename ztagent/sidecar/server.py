@@ -18,6 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from ztagent._proto.v1 import attestation_pb2_grpc
 from ztagent.config import Config, check_files
 from ztagent.errors import ConfigError, ZtagentError
 from ztagent.pki.trust_files import TrustFiles
@@ -25,6 +26,7 @@ from ztagent.pki.verify import DeviceChecker, DevicePolicy
 from ztagent.policy.decision_log import DecisionLog, NullDecisionLog
 from ztagent.policy.types import PolicyEngine
 from ztagent.sidecar.admission import Clock, utc_now
+from ztagent.sidecar.attestation import AttestationService, PostureState
 from ztagent.sidecar.pipeline import Pipeline
 from ztagent.sidecar.proxy import ProxyHandler
 from ztagent.sidecar.upstreams import Upstreams
@@ -153,8 +155,17 @@ class Sidecar:
         if tokens is not None:
             await tokens.prime()
         decision_log = build_decision_log(config)
+        posture = PostureState.load(config.posture) if config.posture.enabled else None
         decision_log.start()
-        self.pipeline = Pipeline(config, checker, engine, tokens, decision_log, self._clock)
+        self.pipeline = Pipeline(
+            config,
+            checker,
+            engine,
+            tokens,
+            decision_log,
+            self._clock,
+            posture_cache=posture.cache if posture is not None else None,
+        )
         self._upstreams = Upstreams(config.routes, config.listen.max_message_bytes)
 
         limit = config.listen.max_message_bytes
@@ -166,6 +177,10 @@ class Sidecar:
             ]
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        if posture is not None:
+            attestation_pb2_grpc.add_AttestationServicer_to_server(
+                AttestationService(self.pipeline, posture, self._clock), server
+            )
         server.add_generic_rpc_handlers((ProxyHandler(self.pipeline, self._upstreams),))
         credentials = grpc.dynamic_ssl_server_credentials(
             initial, self._fetch_tls, require_client_authentication=True

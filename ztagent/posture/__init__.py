@@ -1,0 +1,1 @@
+"""Device posture: measured boot, TPM quotes, firmware manifests and their verification."""

@@ -1,0 +1,130 @@
+"""Small persisted stores of the verifier: firmware SVN high-water marks and bound AKs.
+
+Each store is one JSON file, read once when opened and rewritten atomically (temp file,
+fsync, rename) on every change. Single writer: one sidecar process owns a state file; the
+in-process lock serialises threads. A missing file is an empty store; an unreadable or
+malformed one is a ``ConfigError`` naming the store, never silently reset (that would forget
+rollback high-water marks or AK bindings).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+from ztagent.errors import ConfigError
+from ztagent.pki._files import write_atomic
+from ztagent.posture.errors import PostureError
+
+FORMAT_VERSION = 1
+ROLLBACK_KEY = "posture.rollback_store"
+AK_REGISTRY_KEY = "posture.ak_registry"
+
+
+class _JsonStore:
+    def __init__(self, path: Path, key: str) -> None:
+        self._path = Path(path)
+        self._key = key
+        self._lock = threading.Lock()
+        self._devices: dict[str, Any] = self._read()
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            raw = self._path.read_bytes()
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            raise ConfigError(self._key, f"cannot read {self._path}: {exc.strerror}") from exc
+        try:
+            doc = json.loads(raw)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise ConfigError(self._key, f"{self._path} is not JSON: {exc}") from exc
+        if (
+            not isinstance(doc, dict)
+            or doc.get("version") != FORMAT_VERSION
+            or not isinstance(doc.get("devices"), dict)
+        ):
+            raise ConfigError(
+                self._key, f"{self._path}: expected {{'version': 1, 'devices': {{...}}}}"
+            )
+        devices: dict[str, Any] = doc["devices"]
+        for device_id, value in devices.items():
+            if not self._valid(value):
+                raise ConfigError(self._key, f"{self._path}: bad entry for {device_id!r}")
+        return devices
+
+    def _valid(self, value: Any) -> bool:
+        raise NotImplementedError
+
+    def _write(self) -> None:
+        doc = {"version": FORMAT_VERSION, "devices": self._devices}
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(self._path, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
+
+
+class RollbackStore(_JsonStore):
+    """The highest firmware SVN seen per device; a lower one is a rollback."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, ROLLBACK_KEY)
+
+    def _valid(self, value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    def highest(self, device_id: str) -> int | None:
+        with self._lock:
+            value = self._devices.get(device_id)
+            return None if value is None else int(value)
+
+    def check(self, device_id: str, svn: int) -> None:
+        """``firmware_rollback`` if ``svn`` is below the highest seen (equal is fine)."""
+        with self._lock:
+            self._check(device_id, svn)
+
+    def _check(self, device_id: str, svn: int) -> None:
+        highest = self._devices.get(device_id)
+        if highest is not None and svn < highest:
+            raise PostureError(
+                "firmware_rollback",
+                f"device {device_id} firmware svn {svn}, expected >= {highest} (highest seen)",
+            )
+
+    def check_and_record(self, device_id: str, svn: int) -> None:
+        """Check, then persist ``svn`` as the new highest when it is higher."""
+        with self._lock:
+            self._check(device_id, svn)
+            if self._devices.get(device_id) != svn:
+                self._devices[device_id] = svn
+                self._write()
+
+
+class AkRegistry(_JsonStore):
+    """device id -> hex TPM name of its bound attestation key."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, AK_REGISTRY_KEY)
+
+    def _valid(self, value: Any) -> bool:
+        if not isinstance(value, str) or len(value) < 4:
+            return False
+        try:
+            bytes.fromhex(value)
+        except ValueError:
+            return False
+        return True
+
+    def bind(self, device_id: str, ak_name_hex: str) -> None:
+        """Record (or replace) the AK of ``device_id``; only after a completed AK binding."""
+        if not device_id or not self._valid(ak_name_hex):
+            raise ValueError(f"device id and hex AK name expected, got {device_id!r}")
+        with self._lock:
+            if self._devices.get(device_id) != ak_name_hex.lower():
+                self._devices[device_id] = ak_name_hex.lower()
+                self._write()
+
+    def bound_ak(self, device_id: str) -> str | None:
+        with self._lock:
+            value = self._devices.get(device_id)
+            return None if value is None else str(value)

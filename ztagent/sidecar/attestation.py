@@ -1,0 +1,164 @@
+"""The ztagent.v1.Attestation service the sidecar serves on its mTLS port.
+
+The caller is identified by its device certificate (the same check as every proxied call);
+nonces and AK bindings are bound to that certificate's fingerprint. The verification itself
+is pure (``ztagent.posture.verifier``); this module owns the stores and the cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from ztagent._proto.v1 import attestation_pb2, attestation_pb2_grpc
+from ztagent.config import PostureConfig
+from ztagent.errors import ZtagentError, grpc_status_for
+from ztagent.pki.verify import VerifiedDevice
+from ztagent.posture.ak_binding import PendingBindings, begin_binding, complete_binding
+from ztagent.posture.errors import PostureError
+from ztagent.posture.firmware import FirmwarePublicKey, load_trusted_keys
+from ztagent.posture.nonces import NonceStore
+from ztagent.posture.reference import ReferenceValues
+from ztagent.posture.state import AkRegistry, RollbackStore
+from ztagent.posture.verifier import AttestationContext, PostureCache, verify_evidence
+from ztagent.sidecar.admission import Clock
+from ztagent.sidecar.pipeline import Pipeline
+
+log = logging.getLogger("ztagent.attestation")
+
+
+@dataclass
+class PostureState:
+    """Everything attestation keeps between calls."""
+
+    config: PostureConfig
+    references: ReferenceValues
+    trusted_keys: dict[str, FirmwarePublicKey]
+    nonces: NonceStore
+    pending: PendingBindings
+    registry: AkRegistry
+    rollback: RollbackStore
+    cache: PostureCache
+
+    @classmethod
+    def load(cls, config: PostureConfig) -> PostureState:
+        assert config.reference_values is not None
+        state_dir: Path = config.state_dir
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return cls(
+            config=config,
+            references=ReferenceValues.load(config.reference_values),
+            trusted_keys=dict(load_trusted_keys(config.firmware_keys)),
+            nonces=NonceStore(ttl_s=config.nonce_ttl_s),
+            pending=PendingBindings(),
+            registry=AkRegistry(state_dir / "ak-bindings.json"),
+            rollback=RollbackStore(state_dir / "firmware-svn.json"),
+            cache=PostureCache(),
+        )
+
+
+class AttestationService(attestation_pb2_grpc.AttestationServicer):
+    def __init__(self, pipeline: Pipeline, state: PostureState, clock: Clock) -> None:
+        self._pipeline = pipeline
+        self._state = state
+        self._clock = clock
+
+    async def _device(self, context: grpc.aio.ServicerContext) -> VerifiedDevice:
+        try:
+            return self._pipeline.verify_device(context.auth_context())
+        except ZtagentError as err:
+            await context.abort(grpc_status_for(err), f"{err.code}: {err.message}")
+            raise AssertionError("unreachable") from err
+
+    async def Challenge(
+        self, request: attestation_pb2.ChallengeRequest, context: grpc.aio.ServicerContext
+    ) -> attestation_pb2.ChallengeResponse:
+        device = await self._device(context)
+        nonce, expires_at = self._state.nonces.issue(device.fingerprint_sha256, self._clock())
+        return attestation_pb2.ChallengeResponse(
+            nonce=nonce, expires_at=int(expires_at.timestamp())
+        )
+
+    async def Attest(
+        self, request: attestation_pb2.AttestRequest, context: grpc.aio.ServicerContext
+    ) -> attestation_pb2.AttestResponse:
+        device = await self._device(context)
+        state = self._state
+        ctx = AttestationContext(
+            device_id=device.device_id,
+            cert_fingerprint=device.fingerprint_sha256,
+            pcr_selection=state.config.pcrs,
+            references=state.references,
+            trusted_firmware_keys=state.trusted_keys,
+            max_age_s=state.config.max_age_s,
+            now=self._clock(),
+        )
+        try:
+            posture = verify_evidence(
+                request.evidence,
+                ctx,
+                nonces=state.nonces,
+                registry=state.registry,
+                rollback=state.rollback,
+            )
+        except PostureError as err:
+            # The newest evidence says no: a posture cached from an earlier attestation of
+            # this certificate no longer stands.
+            state.cache.drop(device.fingerprint_sha256)
+            log.warning("attestation of %s refused: %s", device.device_id, err)
+            return attestation_pb2.AttestResponse(
+                verified=False,
+                failures=[attestation_pb2.Failure(code=err.code, message=err.message)],
+            )
+        state.cache.put(posture)
+        log.info(
+            "device %s attested (%s): firmware %s %s, posture valid until %s",
+            device.device_id,
+            posture.attestation_id,
+            posture.firmware.get("name"),
+            posture.firmware.get("version"),
+            posture.expires_at.isoformat(),
+        )
+        return attestation_pb2.AttestResponse(
+            verified=True,
+            posture_expires_at=int(posture.expires_at.timestamp()),
+            attestation_id=posture.attestation_id,
+        )
+
+    async def BeginAkBinding(
+        self, request: attestation_pb2.BeginAkBindingRequest, context: grpc.aio.ServicerContext
+    ) -> attestation_pb2.BeginAkBindingResponse:
+        device = await self._device(context)
+        try:
+            pending, blob, secret = begin_binding(
+                request.ek_public, request.ak_public, rng=secrets.token_bytes
+            )
+        except PostureError as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{err.code}: {err.message}")
+            raise AssertionError("unreachable") from err
+        binding_id = self._state.pending.add(pending, device.fingerprint_sha256, self._clock())
+        return attestation_pb2.BeginAkBindingResponse(
+            binding_id=binding_id, credential_blob=blob, encrypted_secret=secret
+        )
+
+    async def CompleteAkBinding(
+        self, request: attestation_pb2.CompleteAkBindingRequest, context: grpc.aio.ServicerContext
+    ) -> attestation_pb2.CompleteAkBindingResponse:
+        device = await self._device(context)
+        try:
+            pending = self._state.pending.take(
+                request.binding_id, device.fingerprint_sha256, self._clock()
+            )
+            ak_name = complete_binding(pending, request.secret)
+        except PostureError as err:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{err.code}: {err.message}")
+            raise AssertionError("unreachable") from err
+        self._state.registry.bind(device.device_id, ak_name)
+        log.info(
+            "device %s: AK %s bound (MakeCredential/ActivateCredential)", device.device_id, ak_name
+        )
+        return attestation_pb2.CompleteAkBindingResponse(bound=True, ak_name=ak_name)
