@@ -13,6 +13,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from ztagent import __version__
 from ztagent.errors import EXIT_OK, EXIT_REJECTED, ConfigError, ZtagentError, exit_code_for
@@ -327,6 +328,145 @@ def cmd_log_verify(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_REJECTED
 
 
+# -- posture ------------------------------------------------------------------------------------
+
+
+def _device_channel(server: str, cert: Path, key: Path, ca_bundle: Path) -> Any:
+    import grpc
+
+    try:
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=ca_bundle.read_bytes(),
+            private_key=key.read_bytes(),
+            certificate_chain=cert.read_bytes(),
+        )
+    except OSError as exc:
+        raise ConfigError(str(exc.filename), f"cannot read: {exc.strerror}") from exc
+    return grpc.aio.secure_channel(server, creds)
+
+
+def cmd_attest(args: argparse.Namespace) -> int:
+    from ztagent.posture.device import attest_once, load_evidence_inputs
+    from ztagent.posture.host import collect_host_facts
+    from ztagent.posture.tpm import DeviceTpm
+
+    cert = args.cert or args.dir / "device.pem"
+    key = args.key or cert.with_suffix(".key")
+    ca_bundle = args.ca_bundle or args.dir / "ca-bundle.pem"
+    inputs = load_evidence_inputs(
+        args.dir,
+        event_log=args.event_log,
+        firmware=args.firmware,
+        firmware_signature=args.firmware_sig,
+    )
+    tpm = DeviceTpm(args.tpm)
+    pcrs = tuple(args.pcrs)
+
+    async def once() -> object:
+        channel = _device_channel(args.server, cert, key, ca_bundle)
+        async with channel:
+            return await attest_once(
+                channel,
+                tpm,
+                state_dir=args.dir,
+                pcrs=pcrs,
+                event_log=inputs.event_log,
+                firmware_manifest=inputs.firmware_manifest,
+                firmware_signature=inputs.firmware_signature,
+                host_facts=collect_host_facts(args.require_process, args.forbid_process),
+            )
+
+    async def run() -> int:
+        import time
+
+        while True:
+            response: Any = await once()
+            if response.verified:
+                until = time.strftime(
+                    "%Y-%m-%dT%H:%M:%SZ", time.gmtime(response.posture_expires_at)
+                )
+                print(
+                    f"VERIFIED attestation {response.attestation_id}; posture valid until {until}"
+                )
+            else:
+                for failure in response.failures:
+                    print(f"REFUSED {failure.code}: {failure.message}")
+            if args.every is None:
+                return EXIT_OK if response.verified else EXIT_REJECTED
+            wait = float(args.every)
+            if response.verified:  # never let the posture lapse: at most 2/3 of its lifetime
+                wait = min(wait, max(1.0, (response.posture_expires_at - time.time()) * 2 / 3))
+            await asyncio.sleep(wait)
+
+    return asyncio.run(run())
+
+
+def cmd_posture_reference(args: argparse.Namespace) -> int:
+    from ztagent.posture.eventlog import parse_event_log
+    from ztagent.posture.reference import reference_from_event_log, write_reference_values
+
+    try:
+        raw = args.eventlog.read_bytes()
+    except OSError as exc:
+        raise ConfigError(str(args.eventlog), f"cannot read: {exc.strerror}") from exc
+    existing = _read_json(args.out) if args.merge and args.out.exists() else None
+    data = reference_from_event_log(
+        parse_event_log(raw),
+        existing=existing,  # type: ignore[arg-type]
+    )
+    write_reference_values(args.out, data)
+    components = data.get("components", {})
+    for name, comp in sorted(components.items()):
+        versions = ", ".join(a["version"] for a in comp["allowed"])
+        print(f"  {name:<11} PCR {comp['pcr']:<2} allowed: {versions}")
+    print(f"reference values written to {args.out}")
+    return EXIT_OK
+
+
+def cmd_posture_simulate_boot(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from ztagent.pki._files import write_atomic
+    from ztagent.posture.boot_sim import demo_components, simulate_boot
+    from ztagent.posture.tpm import DeviceTpm
+
+    components = demo_components(args.firmware_version)
+    if args.firmware_image is not None:
+        components[0] = replace(components[0], image=args.firmware_image.read_bytes())
+    if args.tamper_kernel:
+        kernel = components[2]
+        components[2] = replace(kernel, image=kernel.image + b"\x00rootkit")
+    log = simulate_boot(DeviceTpm(args.tpm), components)
+    write_atomic(args.out, log)
+    for c in components:
+        print(f"  measured {c.component:<10} {c.name} {c.version} into PCR {c.pcr}")
+    print(f"event log written to {args.out}")
+    return EXIT_OK
+
+
+def cmd_firmware_keygen(args: argparse.Namespace) -> int:
+    from ztagent.posture.firmware import generate_firmware_key
+
+    private, public = generate_firmware_key(args.out, args.name, alg=args.alg)
+    print(f"DEVELOPMENT vendor key: private {private} (0600), public {public}")
+    print("list the public key in [posture] firmware_keys of the sidecar config")
+    return EXIT_OK
+
+
+def cmd_firmware_sign(args: argparse.Namespace) -> int:
+    from ztagent.pki._files import write_atomic
+    from ztagent.posture.firmware import sign_manifest
+
+    manifest, signature = sign_manifest(
+        args.key, args.image, name=args.name, version=args.version, svn=args.svn
+    )
+    out = args.out or args.image.with_suffix(".manifest.json")
+    write_atomic(out, manifest)
+    write_atomic(out.with_suffix(".sig"), signature)
+    print(f"manifest {out}, signature {out.with_suffix('.sig')}")
+    return EXIT_OK
+
+
 # -- workloads / demo -------------------------------------------------------------------------
 
 
@@ -449,6 +589,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rotated", action="store_true", help="also check FILE.N ... FILE.1")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_log_verify)
+
+    p = sub.add_parser("attest", help="device side of posture attestation (TPM quote)")
+    p.add_argument("--server", required=True, help="sidecar host:port")
+    p.add_argument(
+        "--dir", type=Path, required=True, help="device state dir (AK binding, event log)"
+    )
+    p.add_argument(
+        "--tpm", default="device:/dev/tpmrm0", help="TCTI, e.g. swtpm:host=127.0.0.1,port=2321"
+    )
+    p.add_argument("--cert", type=Path, help="device certificate (default DIR/device.pem)")
+    p.add_argument("--key", type=Path, help="device key (default: next to the cert, .key)")
+    p.add_argument("--ca-bundle", type=Path, help="sidecar CA bundle (default DIR/ca-bundle.pem)")
+    p.add_argument("--event-log", type=Path, help="measured-boot log (default DIR/event-log.bin)")
+    p.add_argument("--firmware", type=Path, help="signed firmware manifest (JSON)")
+    p.add_argument("--firmware-sig", type=Path, help="its signature")
+    p.add_argument("--pcrs", type=int, nargs="+", default=[0, 4, 7])
+    p.add_argument("--require-process", action="append", default=[])
+    p.add_argument("--forbid-process", action="append", default=[])
+    p.add_argument("--every", type=float, help="re-attest every N seconds (and before expiry)")
+    p.set_defaults(func=cmd_attest)
+
+    pos = sub.add_parser("posture", help="posture tooling").add_subparsers(
+        dest="posture_command", required=True, metavar="SUBCOMMAND"
+    )
+    p = pos.add_parser("reference", help="reference values from a known-good event log")
+    p.add_argument("--eventlog", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--merge", action="store_true", help="add to the allowed values in --out")
+    p.set_defaults(func=cmd_posture_reference)
+    p = pos.add_parser(
+        "simulate-boot", help="DEVELOPMENT: measured boot on a (fresh) swtpm + event log"
+    )
+    p.add_argument("--tpm", required=True, help="TCTI of a freshly started TPM")
+    p.add_argument("--out", type=Path, required=True, help="event log to write")
+    p.add_argument("--firmware-version", default="1.3.0")
+    p.add_argument("--firmware-image", type=Path, help="measure this image as the firmware")
+    p.add_argument("--tamper-kernel", action="store_true", help="measure a modified kernel")
+    p.set_defaults(func=cmd_posture_simulate_boot)
+
+    fw = sub.add_parser("firmware", help="firmware signing (vendor side, dev)").add_subparsers(
+        dest="firmware_command", required=True, metavar="SUBCOMMAND"
+    )
+    p = fw.add_parser("keygen", help="DEVELOPMENT: a firmware signing key pair")
+    p.add_argument("--out", type=Path, required=True, help="directory")
+    p.add_argument("--name", default="vendor")
+    p.add_argument("--alg", choices=["Ed25519", "ES256"], default="Ed25519")
+    p.set_defaults(func=cmd_firmware_keygen)
+    p = fw.add_parser("sign", help="sign a firmware image's manifest")
+    p.add_argument("image", type=Path)
+    p.add_argument("--key", type=Path, required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--version", required=True)
+    p.add_argument("--svn", type=int, required=True, help="security version number")
+    p.add_argument("--out", type=Path, help="manifest path (signature next to it, .sig)")
+    p.set_defaults(func=cmd_firmware_sign)
 
     wl = sub.add_parser("workload", help="reference local services").add_subparsers(
         dest="workload", required=True, metavar="WORKLOAD"
