@@ -34,11 +34,25 @@ def cmd_ca_init(args: argparse.Namespace) -> int:
 
     layout = ca.init_ca(args.dir, args.trust_domain, force=args.force)
     issuer = init_dev_issuer(args.dir, args.trust_domain, force=True)
+    vendor_key = dev_firmware_vendor(args.dir)
     print(f"dev PKI created in {args.dir} (trust domain {args.trust_domain})")
     for name, path in sorted(vars(layout).items()):
         print(f"  {name:<18} {path}")
     print(f"  {'token_issuer':<18} {issuer.jwks_path} (DEVELOPMENT ONLY: {issuer.issuer})")
+    print(f"  {'firmware_vendor':<18} {vendor_key} (DEVELOPMENT ONLY firmware signing key)")
     return EXIT_OK
+
+
+def dev_firmware_vendor(ca_dir: Path) -> Path:
+    """DEVELOPMENT ONLY: a fresh firmware vendor key pair in <ca_dir>/firmware/ (the example
+    config trusts vendor.pub); returns the private key's path."""
+    from ztagent.posture.firmware import generate_firmware_key
+
+    out = ca_dir / "firmware"
+    for stale in (out / "vendor.key", out / "vendor.pub"):
+        stale.unlink(missing_ok=True)
+    private, _ = generate_firmware_key(out, "vendor")
+    return private
 
 
 def cmd_ca_issue(args: argparse.Namespace) -> int:

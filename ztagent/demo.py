@@ -26,6 +26,7 @@ from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ztagent.config import Config, load_config
+from ztagent.demo_posture import DemoDevice, attest, booted_devices, ensure_dev_firmware_vendor
 from ztagent.pki import ca
 from ztagent.tokens.dev_issuer import mint_token
 from ztagent.workloads.storage.server import parse_listen
@@ -33,6 +34,7 @@ from ztagent.workloads.storage.server import parse_listen
 STORAGE = "ztagent.workloads.v1.Storage"
 DEMO_DEVICE = "demo-device"
 REVOKED_DEVICE = "demo-revoked"
+TAMPERED_DEVICE = "demo-tampered"
 
 
 @dataclass(frozen=True)
@@ -134,20 +136,89 @@ def _scenario_refused(
     method: str = "Get",
     token: str | None = None,
 ) -> Outcome:
-    from ztagent._proto.workloads.v1 import storage_pb2
-
-    if method == "Put":
-        request = storage_pb2.PutRequest(key="greeting", value=b"overwrite").SerializeToString()
-    else:
-        request = storage_pb2.GetRequest(key="greeting").SerializeToString()
     with _channel(config, device_cert) as channel:
         try:
-            _storage_call(channel, method, request, token)
+            _storage_call(channel, method, _request(method), token)
         except grpc.RpcError as err:
             code, details = err.code(), err.details()
             first_line = (details or "").splitlines()[0] if details else ""
             return Outcome(code == expect, f"{label} refused: {code.name} {first_line}")
     return Outcome(False, f"{label} was NOT refused (expected {expect.name})")
+
+
+def _request(method: str) -> bytes:
+    from ztagent._proto.workloads.v1 import storage_pb2
+
+    if method == "Put":
+        return storage_pb2.PutRequest(key="greeting", value=b"overwrite").SerializeToString()
+    if method == "Delete":
+        return storage_pb2.DeleteRequest(key="greeting").SerializeToString()
+    return storage_pb2.GetRequest(key="greeting").SerializeToString()
+
+
+def _scenario_posture(
+    config: Config, good: DemoDevice, tampered: DemoDevice, token: str, tampered_token: str
+) -> list[Outcome]:
+    """Delete needs attested posture (shipped policy): refused, attest, allowed; a device
+    whose measured kernel is not in the reference values is refused with the reason."""
+    outcomes = [
+        _scenario_refused(
+            config,
+            good.cert,
+            f"(g) device {good.name!r} deleting before it attested",
+            grpc.StatusCode.PERMISSION_DENIED,
+            method="Delete",
+            token=token,
+        )
+    ]
+    verdict = attest(config, good)
+    outcomes.append(
+        Outcome(
+            verdict.verified,
+            f"(h) device {good.name!r} attested with its TPM (quote over a fresh nonce, "
+            f"measured boot, signed firmware): "
+            + ("VERIFIED " + verdict.attestation_id if verdict.verified else str(verdict.failures)),
+        )
+    )
+    with _channel(config, good.cert) as channel:
+        try:
+            reply = _storage_call(channel, "Delete", _request("Delete"), token)
+            from ztagent._proto.workloads.v1 import storage_pb2
+
+            deleted = storage_pb2.DeleteResponse.FromString(reply).deleted
+            outcomes.append(
+                Outcome(
+                    True,
+                    f"(i) device {good.name!r} deleting after it attested: allowed "
+                    f"(deleted={deleted})",
+                )
+            )
+        except grpc.RpcError as err:
+            outcomes.append(
+                Outcome(
+                    False, f"(i) delete after attesting failed: {err.code().name} {err.details()}"
+                )
+            )
+    bad = attest(config, tampered)
+    failures = ", ".join(f"{f.code}: {f.message}" for f in bad.failures)
+    outcomes.append(
+        Outcome(
+            not bad.verified and any(f.code == "boot_not_reference" for f in bad.failures),
+            f"(j) device {tampered.name!r} with a tampered kernel refused at attestation: "
+            + failures,
+        )
+    )
+    outcomes.append(
+        _scenario_refused(
+            config,
+            tampered.cert,
+            f"(k) device {tampered.name!r} + user 'alice' deleting",
+            grpc.StatusCode.PERMISSION_DENIED,
+            method="Delete",
+            token=tampered_token,
+        )
+    )
+    return outcomes
 
 
 def _forge(token: str) -> str:
@@ -174,11 +245,11 @@ def _verify_decision_log(config: Config) -> Outcome:
 
     path = config.decision_log.path
     if not config.decision_log.enabled or not path.exists():
-        return Outcome(True, "(g) decision log disabled")
+        return Outcome(True, "(l) decision log disabled")
     report = verify_files(log_files(path))
     if report.ok:
-        return Outcome(True, f"(g) decision log {path}: {report.lines} lines, hash chain intact")
-    return Outcome(False, f"(g) decision log {path}: BROKEN: {report.reason}")
+        return Outcome(True, f"(l) decision log {path}: {report.lines} lines, hash chain intact")
+    return Outcome(False, f"(l) decision log {path}: BROKEN: {report.reason}")
 
 
 def run_demo(config_path: Path, ca_dir: Path) -> int:
@@ -191,12 +262,17 @@ def run_demo(config_path: Path, ca_dir: Path) -> int:
     _ensure_dev_issuer(ca_dir, config.identity.trust_domain)
     device_cert = _ensure_device(ca_dir, DEMO_DEVICE)
     revoked_cert = _ensure_device(ca_dir, REVOKED_DEVICE)
+    tampered_cert = _ensure_device(ca_dir, TAMPERED_DEVICE)
+    ensure_dev_firmware_vendor(ca_dir)
     ca.revoke(ca_dir, cert_path=revoked_cert)  # idempotent; also refreshes the CRL's nextUpdate
     logs = root / "var" / "log"
     storage_args = ["workload", "storage", "--listen", parse_listen(route.upstream)]
     storage_args += ["--data", str(root / "var" / "storage")]
     print(f"starting storage workload on {route.upstream} and sidecar on {config.listen.address}")
     with (
+        booted_devices(
+            root, ca_dir, (DEMO_DEVICE, device_cert), (TAMPERED_DEVICE, tampered_cert)
+        ) as (good, tampered),
         _process(storage_args, logs / "storage.log") as storage,
         _process(["serve", "--config", str(config_path)], logs / "sidecar.log") as sidecar,
     ):
@@ -247,6 +323,10 @@ def run_demo(config_path: Path, ca_dir: Path) -> int:
                 grpc.StatusCode.UNAVAILABLE,
             ),
         ]
+        alice_on_tampered = mint_token(
+            ca_dir, sub="alice", roles=["writer"], bind_cert=tampered_cert
+        )
+        outcomes += _scenario_posture(config, good, tampered, alice, alice_on_tampered)
     outcomes.append(_verify_decision_log(config))
     for outcome in outcomes:
         print(("[ok]   " if outcome.ok else "[FAIL] ") + outcome.line)

@@ -1,0 +1,108 @@
+"""The posture part of `make run`: two demo devices boot on their own swtpm (one with a
+tampered kernel), attest to the sidecar, and the attested one may then delete from storage.
+DEVELOPMENT ONLY (dev firmware vendor key, simulated measured boot)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from ztagent.config import Config
+from ztagent.pki._files import write_atomic
+from ztagent.posture.boot_sim import demo_components, simulate_boot
+from ztagent.posture.device import attest_once
+from ztagent.posture.firmware import sign_manifest
+from ztagent.posture.host import collect_host_facts
+from ztagent.posture.tpm import DeviceTpm, SwtpmProcess, start_swtpm
+
+FIRMWARE_SVN = 3
+
+
+@dataclass(frozen=True)
+class DemoDevice:
+    name: str
+    cert: Path
+    dir: Path
+    tpm: DeviceTpm
+    event_log: bytes
+    manifest: bytes
+    signature: bytes
+
+
+def ensure_dev_firmware_vendor(ca_dir: Path) -> Path:
+    from ztagent.cli import dev_firmware_vendor
+
+    key = ca_dir / "firmware" / "vendor.key"
+    return key if key.exists() else dev_firmware_vendor(ca_dir)
+
+
+def _boot(
+    name: str, cert: Path, device_dir: Path, vendor_key: Path, *, tamper_kernel: bool
+) -> tuple[DemoDevice, SwtpmProcess]:
+    """A fresh swtpm (a fresh boot: PCRs start at zero), measured boot, signed firmware."""
+    proc = start_swtpm(device_dir / "tpm")
+    try:
+        tpm = DeviceTpm(proc.tcti)
+        components = demo_components()
+        if tamper_kernel:
+            kernel = components[2]
+            components[2] = replace(kernel, image=kernel.image + b"\x00rootkit")
+        log = simulate_boot(tpm, components)
+        write_atomic(device_dir / "event-log.bin", log)
+        firmware = components[0]
+        manifest, signature = sign_manifest(
+            vendor_key, firmware.image, name=firmware.name, version=firmware.version,
+            svn=FIRMWARE_SVN,
+        )  # fmt: skip
+    except BaseException:
+        proc.stop()
+        raise
+    return DemoDevice(name, cert, device_dir, tpm, log, manifest, signature), proc
+
+
+@contextlib.contextmanager
+def booted_devices(
+    root: Path, ca_dir: Path, good: tuple[str, Path], tampered: tuple[str, Path]
+) -> Iterator[tuple[DemoDevice, DemoDevice]]:
+    vendor_key = ensure_dev_firmware_vendor(ca_dir)
+    devices = root / "var" / "devices"
+    procs: list[SwtpmProcess] = []
+    try:
+        dev_good, proc = _boot(*good, devices / good[0], vendor_key, tamper_kernel=False)
+        procs.append(proc)
+        dev_bad, proc = _boot(*tampered, devices / tampered[0], vendor_key, tamper_kernel=True)
+        procs.append(proc)
+        yield dev_good, dev_bad
+    finally:
+        for proc in procs:
+            proc.stop()
+
+
+def attest(config: Config, device: DemoDevice) -> Any:
+    """One attestation round over the sidecar's mTLS port; the AttestResponse."""
+
+    async def run() -> Any:
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=config.tls.client_ca.read_bytes(),
+            private_key=device.cert.with_suffix(".key").read_bytes(),
+            certificate_chain=device.cert.read_bytes(),
+        )
+        async with grpc.aio.secure_channel(config.listen.address, creds) as channel:
+            return await attest_once(
+                channel,
+                device.tpm,
+                state_dir=device.dir,
+                pcrs=config.posture.pcrs,
+                event_log=device.event_log,
+                firmware_manifest=device.manifest,
+                firmware_signature=device.signature,
+                host_facts=collect_host_facts(),
+            )
+
+    return asyncio.run(run())
