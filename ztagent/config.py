@@ -31,6 +31,11 @@ class ListenConfig:
     """On SIGTERM, in-flight calls get this many seconds to finish, then are cancelled."""
     max_message_bytes: int = 16 * 1024 * 1024
     """Largest single gRPC message accepted or forwarded, in bytes."""
+    max_connection_age_s: float = 300.0
+    """Connections older than this are closed gracefully (GOAWAY) so clients re-handshake:
+    a rotated server cert or a revoked device takes effect at the TLS layer too."""
+    max_connection_age_grace_s: float = 30.0
+    """Calls still running on an aged connection get this long before it is closed."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,12 @@ class TlsConfig:
     """PEM CRL(s) from the device CAs; required unless identity.check_crl = false."""
     reload_interval_s: float = 2.0
     """How often the files above are checked for changes (seconds)."""
+    crl_source: str | None = None
+    """Where fresh CRLs come from: ca://host:port (the CA's GetCRL, server-auth TLS checked
+    against client_ca), https://... or file:/path. Each verified CRL is written to ``crl``
+    (the last good one on disk, for offline start). None: ``crl`` is maintained by others."""
+    crl_refresh_interval_s: float = 60.0
+    """How often ``crl_source`` is polled."""
 
 
 @dataclass(frozen=True)
@@ -56,7 +67,10 @@ class IdentityConfig:
     check_crl: bool = True
     """Refuse devices when no CRL from their issuing CA is loaded."""
     crl_failure_mode: FailureMode = "closed"
-    """closed: a CRL past its nextUpdate refuses every device; open: it is still used."""
+    """closed: a CRL past its nextUpdate (+ crl_grace_s) refuses every device; open: it is
+    still used."""
+    crl_grace_s: float = 0.0
+    """A CRL stays usable this long past its nextUpdate (offline edge nodes)."""
 
 
 @dataclass(frozen=True)
@@ -304,7 +318,14 @@ def validate_upstream(value: str, name: str) -> str:
 
 
 def _listen(raw: Mapping[str, Any]) -> ListenConfig:
-    _check_keys(raw, "listen", {"address", "grace_period_s", "max_message_bytes"})
+    _check_keys(
+        raw,
+        "listen",
+        {
+            "address", "grace_period_s", "max_message_bytes", "max_connection_age_s",
+            "max_connection_age_grace_s",
+        },
+    )  # fmt: skip
     d = ListenConfig()
     address = _str(raw, "address", "listen.address", d.address)
     parse_host_port(address, "listen.address")
@@ -316,12 +337,31 @@ def _listen(raw: Mapping[str, Any]) -> ListenConfig:
         max_message_bytes=_int(
             raw, "max_message_bytes", "listen.max_message_bytes", d.max_message_bytes, minimum=1024
         ),
+        max_connection_age_s=_number(
+            raw, "max_connection_age_s", "listen.max_connection_age_s", 300.0, minimum=1
+        ),
+        max_connection_age_grace_s=_number(
+            raw, "max_connection_age_grace_s", "listen.max_connection_age_grace_s", 30.0, minimum=0
+        ),
     )
 
 
 def _tls(raw: Mapping[str, Any], base: Path) -> TlsConfig:
-    keys = {"server_cert", "server_key", "client_ca", "crl", "reload_interval_s"}
+    keys = {
+        "server_cert", "server_key", "client_ca", "crl", "reload_interval_s", "crl_source",
+        "crl_refresh_interval_s",
+    }  # fmt: skip
     _check_keys(raw, "tls", keys)
+    crl_source = None
+    if "crl_source" in raw:
+        crl_source = _str(raw, "crl_source", "tls.crl_source")
+        if not re.match(r"^(ca://[^/\s]+:\d+|https://\S+|file:\S+)$", crl_source):
+            raise ConfigError(
+                "tls.crl_source",
+                f"expected ca://host:port, https://... or file:/path, got {crl_source!r}",
+            )
+        if "crl" not in raw:
+            raise ConfigError("tls.crl", "is required with tls.crl_source (the on-disk copy)")
     server_cert = _path(raw, "server_cert", "tls.server_cert", base)
     server_key = _path(raw, "server_key", "tls.server_key", base)
     client_ca = _path(raw, "client_ca", "tls.client_ca", base)
@@ -334,11 +374,21 @@ def _tls(raw: Mapping[str, Any], base: Path) -> TlsConfig:
         reload_interval_s=_number(
             raw, "reload_interval_s", "tls.reload_interval_s", 2.0, minimum=0.05
         ),
+        crl_source=crl_source,
+        crl_refresh_interval_s=_number(
+            raw, "crl_refresh_interval_s", "tls.crl_refresh_interval_s", 60.0, minimum=0.05
+        ),
     )
 
 
 def _identity(raw: Mapping[str, Any]) -> IdentityConfig:
-    keys = {"trust_domain", "max_cert_lifetime_days", "check_crl", "crl_failure_mode"}
+    keys = {
+        "trust_domain",
+        "max_cert_lifetime_days",
+        "check_crl",
+        "crl_failure_mode",
+        "crl_grace_s",
+    }
     _check_keys(raw, "identity", keys)
     td = _str(raw, "trust_domain", "identity.trust_domain", "ztagent.dev")
     if not _TRUST_DOMAIN_RE.match(td):
@@ -354,6 +404,7 @@ def _identity(raw: Mapping[str, Any]) -> IdentityConfig:
         ),
         check_crl=_bool(raw, "check_crl", "identity.check_crl", True),
         crl_failure_mode=mode,
+        crl_grace_s=_number(raw, "crl_grace_s", "identity.crl_grace_s", 0.0, minimum=0),
     )
 
 

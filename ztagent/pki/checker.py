@@ -105,7 +105,9 @@ def _failure_window(
         return _MIN, not_before - _TICK
     if err.code == "cert_expired":
         return not_after + _TICK, _MAX
-    updates = [c.next_update_utc for c in trust.crls if c.next_update_utc is not None]
+    updates = [
+        c.next_update_utc + policy.crl_grace for c in trust.crls if c.next_update_utc is not None
+    ]
     if updates and not policy.crl_fail_open and err.code != "crl_expired":
         not_after = min(not_after, *updates)
     return not_before, not_after

@@ -65,6 +65,9 @@ class DevicePolicy:
     """A CRL from the leaf's issuer must be present (``crl_missing`` otherwise)."""
     crl_fail_open: bool = False
     """If True a CRL past nextUpdate is still used; by default such a CRL is ``crl_expired``."""
+    crl_grace: timedelta = timedelta(0)
+    """A CRL stays usable this long past its nextUpdate (an edge node may be offline when the
+    CA publishes the next one); after that, fail closed refuses with ``crl_expired``."""
 
     def __post_init__(self) -> None:
         try:
@@ -277,12 +280,13 @@ def _check_revocation(
         )
     crl = max(signed, key=lambda c: c.last_update_utc)
     next_update = crl.next_update_utc
-    if (next_update is None or next_update < now) and not policy.crl_fail_open:
+    usable_until = None if next_update is None else next_update + policy.crl_grace
+    if (usable_until is None or usable_until < now) and not policy.crl_fail_open:
         shown = rfc3339(next_update) if next_update else "(none)"
         raise CertError(
             "crl_expired",
-            f"CRL from issuer {cert.issuer.rfc4514_string()!r} has nextUpdate {shown} "
-            f"(validation time {rfc3339(now)})",
+            f"CRL from issuer {cert.issuer.rfc4514_string()!r} has nextUpdate {shown}, "
+            f"grace {policy.crl_grace.total_seconds():.0f} s (validation time {rfc3339(now)})",
         )
     entry = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
     if entry is not None:
@@ -291,7 +295,7 @@ def _check_revocation(
             f"{what} serial {cert.serial_number:x} was revoked at "
             f"{rfc3339(entry.revocation_date_utc)} (CRL from {cert.issuer.rfc4514_string()!r})",
         )
-    return next_update
+    return usable_until
 
 
 def explain(

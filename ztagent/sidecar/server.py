@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from ztagent._proto.v1 import attestation_pb2_grpc
 from ztagent.config import Config, check_files
 from ztagent.errors import ConfigError, ZtagentError
+from ztagent.pki.crl_fetch import CrlFetcher
 from ztagent.pki.trust_files import TrustFiles
 from ztagent.pki.verify import DeviceChecker, DevicePolicy
 from ztagent.policy.decision_log import DecisionLog, NullDecisionLog
@@ -59,6 +60,7 @@ def device_policy(config: Config) -> DevicePolicy:
         max_lifetime=timedelta(days=ident.max_cert_lifetime_days),
         check_crl=ident.check_crl,
         crl_fail_open=ident.crl_failure_mode == "open",
+        crl_grace=timedelta(seconds=ident.crl_grace_s),
     )
 
 
@@ -85,6 +87,7 @@ def _server_cert_config(config: Config) -> object:
 
 POLICY_HEALTH = "ztagent.policy"
 TOKENS_HEALTH = "ztagent.tokens"
+REVOCATION_HEALTH = "ztagent.revocation"
 
 
 def build_engine(config: Config) -> PolicyEngine:
@@ -140,11 +143,19 @@ class Sidecar:
         self._tls_signature: FileSignature = ()
         self._pending_tls: object | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._crl_task: asyncio.Task[None] | None = None
+        self.crl_fetcher = (
+            CrlFetcher(config.tls.crl_source, config.tls.client_ca, config.tls.crl)
+            if config.tls.crl_source is not None and config.tls.crl is not None
+            else None
+        )
 
     # -- start-up ---------------------------------------------------------------------------
 
     async def start(self) -> int:
         config = self.config
+        if self.crl_fetcher is not None:  # freshest CRL first; else the last good one on disk
+            await self.crl_fetcher.fetch_once(self._clock())
         check_files(config)
         self._tls_signature = file_signature(self._tls_paths)
         initial = _server_cert_config(config)
@@ -174,6 +185,11 @@ class Sidecar:
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
+                ("grpc.max_connection_age_ms", int(config.listen.max_connection_age_s * 1000)),
+                (
+                    "grpc.max_connection_age_grace_ms",
+                    int(config.listen.max_connection_age_grace_s * 1000),
+                ),
             ]
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -194,6 +210,8 @@ class Sidecar:
         await server.start()
         self._server = server
         self._watcher = asyncio.create_task(self._watch_files())
+        if self.crl_fetcher is not None:
+            self._crl_task = asyncio.create_task(self._fetch_crls(self.crl_fetcher))
         await self._report_health()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         log.info(
@@ -251,6 +269,16 @@ class Sidecar:
         if self.pipeline.tokens is not None:
             tokens_ok = self.pipeline.tokens.health().ok
             await self.health.set(TOKENS_HEALTH, serving if tokens_ok else not_serving)
+        if self.crl_fetcher is not None:
+            crl_ok = self.crl_fetcher.health().ok
+            await self.health.set(REVOCATION_HEALTH, serving if crl_ok else not_serving)
+
+    async def _fetch_crls(self, fetcher: CrlFetcher) -> None:
+        while True:
+            await asyncio.sleep(self.config.tls.crl_refresh_interval_s)
+            if await fetcher.fetch_once(self._clock()):
+                self.reload()  # at once, not at the next file poll
+            await self._report_health()
 
     async def _watch_files(self) -> None:
         interval = min(self.config.tls.reload_interval_s, self.config.policy.reload_interval_s)
@@ -266,10 +294,11 @@ class Sidecar:
         if grace is None:
             grace = self.config.listen.grace_period_s
         await self.health.enter_graceful_shutdown()
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
+        for task in (self._watcher, self._crl_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._server is not None:
             await self._server.stop(grace)
         if self._upstreams is not None:

@@ -268,12 +268,21 @@ def _stale_crl(pki: Pki) -> bytes:
 def test_rejects_crl_past_next_update(session_pki: Pki, policy: DevicePolicy, mint: Mint) -> None:
     _reject(
         "crl_expired",
-        r"nextUpdate 2026-11-25T12:00:00Z \(validation time 2026-11-26T12:00:00Z\)",
+        r"nextUpdate 2026-11-25T12:00:00Z, grace 0 s \(validation time 2026-11-26T12:00:00Z\)",
         mint().cert,
         session_pki.trust(_stale_crl(session_pki)),
         policy,
         NOW,
     )
+
+
+def test_stale_crl_used_within_grace_then_refused(session_pki: Pki, mint: Mint) -> None:
+    """nextUpdate was a day ago: a 2-day grace still accepts, a 12-hour grace refuses."""
+    trust = session_pki.trust(_stale_crl(session_pki))
+    lenient = DevicePolicy("ztagent.dev", crl_grace=timedelta(days=2))
+    assert verify_device_cert(mint().cert, trust, lenient, NOW).device_id == "dev-1"
+    strict = DevicePolicy("ztagent.dev", crl_grace=timedelta(hours=12))
+    _reject("crl_expired", r"grace 43200 s", mint().cert, trust, strict, NOW)
 
 
 def test_stale_crl_used_when_fail_open(session_pki: Pki, mint: Mint) -> None:

@@ -1,0 +1,216 @@
+"""Certificate lifecycle at the sidecar: server cert rotation under load, connection age,
+and CRLs fetched from a source, verified, kept on disk."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from tests.integration.conftest import Pki, channel, write_config
+from tests.integration.echo_upstream import SERVICE, EchoUpstream
+from ztagent.config import load_config
+from ztagent.pki import ca
+from ztagent.pki.crl_fetch import accept_crl_update
+from ztagent.pki.errors import CertError
+from ztagent.sidecar.server import Sidecar
+
+pytestmark = pytest.mark.integration
+
+UNARY = f"/{SERVICE}/Unary"
+
+
+async def test_server_cert_rotates_while_a_client_calls_in_a_loop(
+    pki: Pki, upstream: EchoUpstream
+) -> None:
+    config = write_config(
+        pki,
+        {SERVICE: upstream.address},
+        extra="",
+    )
+    # Short connection age: the client's connection is renewed during the test and the new
+    # handshake must present the rotated certificate.
+    text = config.read_text().replace(
+        "grace_period_s = 5",
+        "grace_period_s = 5\nmax_connection_age_s = 1\nmax_connection_age_grace_s = 1",
+    )
+    config.write_text(text)
+    car = Sidecar(load_config(config))
+    await car.start()
+    first = pki.layout.server_cert.read_bytes()
+    failures: list[str] = []
+    calls = 0
+    stop = asyncio.Event()
+
+    async def client() -> None:
+        nonlocal calls
+        async with channel(pki, car.port, pki.mint("loop")) as ch:
+            while not stop.is_set():
+                try:
+                    await ch.unary_unary(UNARY)(b"x", timeout=5, wait_for_ready=True)
+                    calls += 1
+                except grpc.aio.AioRpcError as err:
+                    failures.append(f"{err.code().name}: {err.details()}")
+                await asyncio.sleep(0.01)
+
+    task = asyncio.create_task(client())
+    try:
+        await asyncio.sleep(0.5)
+        # Rotate: a new server key and certificate from the same CA (key first, then cert:
+        # the sidecar only swaps once the pair matches).
+        pair = ca.build_leaf(
+            pki.issuing,
+            subject_cn="ztagent sidecar (rotated)",
+            uris=[],
+            eku=[ca.ExtendedKeyUsageOID.SERVER_AUTH],
+            not_before=datetime.now(UTC) - timedelta(minutes=1),
+            not_after=datetime.now(UTC) + timedelta(days=30),
+            dns=("localhost",),
+            ips=("127.0.0.1", "::1"),
+        )
+        pki.layout.server_key.write_bytes(ca.key_pem(pair.key))
+        pki.layout.server_cert.write_bytes(ca.cert_pem(pair.cert, pki.issuing.cert))
+        await asyncio.sleep(2.5)  # > reload interval + connection age + grace
+        served = await asyncio.to_thread(_served_certificate, pki, car.port)
+    finally:
+        stop.set()
+        await task
+        await car.stop(0)
+    assert failures == []
+    assert calls > 20
+    assert pki.layout.server_cert.read_bytes() != first
+    assert served == pair.cert.public_bytes(Encoding.DER)  # new handshakes get the new cert
+
+
+def _served_certificate(pki: Pki, port: int) -> bytes:
+    """The certificate the sidecar presents to a new TLS handshake (h2 ALPN, mTLS)."""
+    import socket
+    import ssl
+    import tempfile
+
+    device = pki.mint("probe")
+    with tempfile.TemporaryDirectory() as tmp:
+        cert, key = Path(tmp) / "c.pem", Path(tmp) / "k.pem"
+        cert.write_bytes(ca.cert_pem(device.cert))
+        key.write_bytes(ca.key_pem(device.key))
+        context = ssl.create_default_context(cafile=str(pki.layout.bundle))
+        context.load_cert_chain(cert, key)
+        context.set_alpn_protocols(["h2"])
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=5) as sock,
+            context.wrap_socket(sock, server_hostname="localhost") as tls,
+        ):
+            der = tls.getpeercert(binary_form=True)
+            assert der is not None
+            return der
+
+
+async def test_revoked_device_on_an_open_connection_is_cut_off(
+    pki: Pki, upstream: EchoUpstream
+) -> None:
+    car = Sidecar(load_config(write_config(pki, {SERVICE: upstream.address})))
+    await car.start()
+    cert_path = pki.layout.dir / "cam-open.pem"
+    ca.issue_device_cert(pki.layout.dir, "cam-open", cert_path)
+    from tests.integration.test_sidecar_identity import _load
+
+    pair = ca.KeyPair(*_load(cert_path, cert_path.with_suffix(".key")))
+    try:
+        async with channel(pki, car.port, pair) as ch:
+            call = ch.unary_unary(UNARY)
+            assert await call(b"before", timeout=5) == b"before"
+            ca.revoke(pki.layout.dir, cert_path=cert_path)
+            for _ in range(100):  # the same HTTP/2 connection, still open
+                try:
+                    await call(b"after", timeout=5)
+                except grpc.aio.AioRpcError as err:
+                    assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+                    assert (err.details() or "").startswith("cert_revoked: ")
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                pytest.fail("the revoked device kept calling")
+    finally:
+        await car.stop(0)
+
+
+async def test_crl_fetched_from_source_verified_and_kept_on_disk(
+    pki: Pki, upstream: EchoUpstream, tmp_path: Path
+) -> None:
+    """tls.crl_source = file:<the CA's crl.pem>; the sidecar's own copy is tls.crl."""
+    local_crl = tmp_path / "sidecar-crl.pem"
+    shutil.copy(pki.layout.crl, local_crl)
+    config = write_config(pki, {SERVICE: upstream.address})
+    text = config.read_text().replace(
+        f'crl = "{pki.layout.crl}"',
+        f'crl = "{local_crl}"\ncrl_source = "file:{pki.layout.crl}"\ncrl_refresh_interval_s = 0.1',
+    )
+    config.write_text(text)
+    car = Sidecar(load_config(config))
+    await car.start()
+    cert_path = pki.layout.dir / "cam-crl.pem"
+    ca.issue_device_cert(pki.layout.dir, "cam-crl", cert_path)
+    from tests.integration.test_sidecar_identity import _load
+
+    pair = ca.KeyPair(*_load(cert_path, cert_path.with_suffix(".key")))
+    try:
+        async with channel(pki, car.port, pair) as ch:
+            assert await ch.unary_unary(UNARY)(b"x", timeout=5) == b"x"
+            ca.revoke(pki.layout.dir, cert_path=cert_path)  # the CA publishes a new CRL
+            for _ in range(100):
+                if local_crl.read_bytes() == pki.layout.crl.read_bytes():
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                pytest.fail("the new CRL was not fetched")
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                for _ in range(40):
+                    await ch.unary_unary(UNARY)(b"x", timeout=5)
+                    await asyncio.sleep(0.05)
+            assert (info.value.details() or "").startswith("cert_revoked: ")
+    finally:
+        await car.stop(0)
+
+    # Offline start: the source is gone, the last good CRL on disk is used.
+    pki.layout.crl.unlink()
+    car = Sidecar(load_config(config))
+    await car.start()
+    try:
+        assert car.crl_fetcher is not None and not car.crl_fetcher.health().ok
+        async with channel(pki, car.port, pair) as ch:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await ch.unary_unary(UNARY)(b"x", timeout=5)
+        assert (info.value.details() or "").startswith("cert_revoked: ")
+    finally:
+        await car.stop(0)
+
+
+def test_crl_updates_are_verified_and_never_roll_back(pki: Pki) -> None:
+    now = datetime.now(UTC)
+    bundle = pki.layout.bundle.read_bytes()
+    old = pki.layout.crl.read_bytes()
+    cert_path = pki.layout.dir / "cam-rb.pem"
+    ca.issue_device_cert(pki.layout.dir, "cam-rb", cert_path)
+    ca.revoke(pki.layout.dir, cert_path=cert_path)
+    new = pki.layout.crl.read_bytes()
+    assert accept_crl_update(new, bundle, old, now) == new
+    assert accept_crl_update(new, bundle, new, now) is None  # nothing new
+    with pytest.raises(CertError) as info:
+        accept_crl_update(old, bundle, new, now)  # replaying the old CRL would un-revoke
+    assert info.value.code == "crl_rollback"
+    _root, other_issuing = ca.new_ca("other", now=now)
+    forged = ca.build_crl(
+        ca.KeyPair(pki.issuing.cert, other_issuing.key),
+        {},
+        number=999,
+        this_update=now - timedelta(minutes=1),
+        next_update=now + timedelta(days=7),
+    )
+    with pytest.raises(CertError) as info:
+        accept_crl_update(forged.public_bytes(Encoding.PEM), bundle, new, now)
+    assert info.value.code == "crl_bad_signature"

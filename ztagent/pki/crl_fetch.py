@@ -1,0 +1,160 @@
+"""Revocation reaching the edge: fetch fresh CRLs from the CA, verify them, keep the last good
+one on disk.
+
+``accept_crl_update`` is pure (bytes in, bytes out or CertError); ``CrlFetcher`` does the IO:
+it polls the source (the CA's GetCRL over server-auth TLS, an https URL, or a file), and
+writes each verified update atomically to the sidecar's ``tls.crl`` file, which the file
+watcher then reloads. A failed fetch keeps the previous file: the sidecar starts and runs
+offline on the last good CRL until it passes nextUpdate (+ ``identity.crl_grace_s``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import urllib.request
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from ztagent.errors import TransportError, ZtagentError
+from ztagent.pki._files import write_atomic
+from ztagent.pki.errors import CertError
+from ztagent.pki.trust import TrustMaterial, load_crls
+
+log = logging.getLogger("ztagent.crl")
+
+MAX_CRL_BYTES = 8 * 1024 * 1024
+
+
+def _crl_number(crl: x509.CertificateRevocationList) -> int | None:
+    try:
+        return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except x509.ExtensionNotFound:
+        return None
+
+
+def accept_crl_update(
+    new_data: bytes, bundle_pem: bytes, current_pem: bytes | None, now: datetime
+) -> bytes | None:
+    """The PEM to store, or None when ``new_data`` holds nothing newer than ``current_pem``.
+
+    Every CRL must be signed by a CA in the bundle (``crl_bad_signature``), must not be a
+    step back from the stored one of the same issuer (lower CRL number or older thisUpdate:
+    ``crl_rollback``, a replayed old CRL could un-revoke a device), and must not be issued in
+    the future (``crl_not_yet_valid``).
+    """
+    trust = TrustMaterial.from_pem(bundle_pem, None)
+    cas = [*trust.roots, *trust.intermediates]
+    new = load_crls(new_data)
+    if not new:
+        raise CertError("crl_missing", "the CRL source returned no CRL")
+    current = {c.issuer: c for c in load_crls(current_pem)} if current_pem else {}
+    changed = False
+    for crl in new:
+        issuers = [ca for ca in cas if ca.subject == crl.issuer]
+        if not any(crl.is_signature_valid(ca.public_key()) for ca in issuers):  # type: ignore[arg-type]
+            raise CertError(
+                "crl_bad_signature",
+                f"CRL from {crl.issuer.rfc4514_string()!r} is not signed by a CA in the bundle",
+            )
+        if crl.last_update_utc > now:
+            raise CertError(
+                "crl_not_yet_valid",
+                f"CRL thisUpdate {crl.last_update_utc.isoformat()} is after {now.isoformat()}",
+            )
+        old = current.get(crl.issuer)
+        if old is None:
+            changed = True
+            continue
+        old_n, new_n = _crl_number(old), _crl_number(crl)
+        if (old_n is not None and new_n is not None and new_n < old_n) or (
+            crl.last_update_utc < old.last_update_utc
+        ):
+            raise CertError(
+                "crl_rollback",
+                f"CRL from {crl.issuer.rfc4514_string()!r} number {new_n} / thisUpdate "
+                f"{crl.last_update_utc.isoformat()} is older than the stored number {old_n} / "
+                f"{old.last_update_utc.isoformat()}",
+            )
+        if crl.public_bytes(Encoding.DER) != old.public_bytes(Encoding.DER):
+            changed = True
+    if not changed:
+        return None
+    return b"".join(c.public_bytes(Encoding.PEM) for c in new)
+
+
+@dataclass(frozen=True)
+class CrlFetchHealth:
+    ok: bool
+    last_error: str | None
+    fetched_at: datetime | None
+
+
+class CrlFetcher:
+    """Polls ``source`` and keeps ``crl_path`` current. ``fetch_once`` never raises."""
+
+    def __init__(self, source: str, bundle_path: Path, crl_path: Path, *, timeout_s: float = 10):
+        self.source = source
+        self._bundle_path = bundle_path
+        self._crl_path = crl_path
+        self._timeout_s = timeout_s
+        self._health = CrlFetchHealth(True, None, None)
+
+    def health(self) -> CrlFetchHealth:
+        return self._health
+
+    async def _download(self) -> bytes:
+        source = self.source
+        if source.startswith("file:"):
+            return await asyncio.to_thread(Path(source.removeprefix("file:")).read_bytes)
+        if source.startswith("https://"):
+            context = ssl.create_default_context(cafile=str(self._bundle_path))
+
+            def get() -> bytes:
+                with urllib.request.urlopen(  # noqa: S310 - https only (config checks)
+                    source, timeout=self._timeout_s, context=context
+                ) as reply:
+                    data: bytes = reply.read(MAX_CRL_BYTES + 1)
+                    return data
+
+            return await asyncio.to_thread(get)
+        import grpc
+
+        from ztagent._proto.v1 import enrollment_pb2, enrollment_pb2_grpc
+
+        creds = grpc.ssl_channel_credentials(root_certificates=self._bundle_path.read_bytes())
+        async with grpc.aio.secure_channel(source.removeprefix("ca://"), creds) as channel:
+            stub = enrollment_pb2_grpc.EnrollmentStub(channel)
+            reply = await stub.GetCRL(enrollment_pb2.GetCRLRequest(), timeout=self._timeout_s)
+            crl: bytes = reply.crl
+            return crl
+
+    async def fetch_once(self, now: datetime) -> bool:
+        """True when a newer, verified CRL was written to disk."""
+        try:
+            data = await self._download()
+            if len(data) > MAX_CRL_BYTES:
+                raise CertError("crl_too_large", f"more than {MAX_CRL_BYTES} bytes")
+            current = self._crl_path.read_bytes() if self._crl_path.exists() else None
+            update = accept_crl_update(data, self._bundle_path.read_bytes(), current, now)
+        except ZtagentError as err:
+            self._fail(f"{err.code}: {err.message}", now)
+            return False
+        except Exception as exc:  # the network or the source: keep the last good CRL
+            self._fail(str(TransportError("crl_unavailable", f"{type(exc).__name__}: {exc}")), now)
+            return False
+        self._health = CrlFetchHealth(True, None, now)
+        if update is None:
+            return False
+        write_atomic(self._crl_path, update)
+        log.info("new CRL from %s written to %s", self.source, self._crl_path)
+        return True
+
+    def _fail(self, message: str, now: datetime) -> None:
+        log.warning("CRL fetch from %s failed, keeping the last good CRL: %s", self.source, message)
+        self._health = CrlFetchHealth(False, message, self._health.fetched_at)
