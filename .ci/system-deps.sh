@@ -4,7 +4,8 @@ set -euo pipefail
 need=()
 # swtpm + tpm2-tools: the software TPM the tests and `make run` use; libtss2-dev + pkg-config:
 # to build tpm2-pytss.
-for pkg in python3-venv pkg-config swtpm swtpm-tools tpm2-tools libtss2-dev; do
+# softhsm2: the PKCS#11 HSM the enrollment tests use.
+for pkg in python3-venv pkg-config swtpm swtpm-tools tpm2-tools libtss2-dev softhsm2; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -77,10 +77,79 @@ def _parse_serial(text: str) -> int:
 
 
 def cmd_ca_revoke(args: argparse.Namespace) -> int:
+    from ztagent.enroll.audit import audit_revocation
     from ztagent.pki import ca
 
     serial = ca.revoke(args.dir, serial=args.serial, cert_path=args.cert)
+    audit_revocation(args.dir, serial)
     print(f"revoked serial {ca.serial_hex(serial)}; CRL rewritten at {args.dir / 'crl.pem'}")
+    return EXIT_OK
+
+
+def cmd_ca_token(args: argparse.Namespace) -> int:
+    from ztagent.enroll.bootstrap import issue_bootstrap_token
+
+    print(issue_bootstrap_token(args.dir, args.device_id, ttl_s=args.ttl))
+    return EXIT_OK
+
+
+def cmd_ca_serve(args: argparse.Namespace) -> int:
+    from ztagent.enroll.ca_service import run_ca_server
+
+    asyncio.run(
+        run_ca_server(
+            args.dir,
+            listen=args.listen,
+            renew_listen=args.renew_listen,
+            lifetime_days=args.lifetime_days,
+        )
+    )
+    return EXIT_OK
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    from ztagent.enroll.client import enroll
+    from ztagent.enroll.keystores import resolve_pin
+
+    token = sys.stdin.read().strip() if args.token == "-" else args.token  # noqa: S105
+    pin = resolve_pin(args.pin_file) if args.key_store.startswith("pkcs11:") else None
+    result = asyncio.run(
+        enroll(
+            args.server,
+            token,
+            args.ca_bundle,
+            args.out,
+            args.key_store,
+            pin=pin,
+            force=args.force,
+            renew_server=args.renew_server,
+        )
+    )
+    verb = "re-enrolled (expired certificate recovered)" if result.recovered else "enrolled"
+    print(
+        f"{verb} device {result.device_id} ({result.spiffe_id}): serial {result.serial}, "
+        f"valid until {result.not_after:%Y-%m-%dT%H:%M:%SZ}, key in {result.key_store}"
+    )
+    print(f"  files in {result.dir}: device.pem, ca-bundle.pem, keystore.json, enrollment.json")
+    return EXIT_OK
+
+
+def cmd_renew(args: argparse.Namespace) -> int:
+    from ztagent.enroll.client import renew, renew_watch
+    from ztagent.enroll.keystores import resolve_pin
+
+    pin = resolve_pin(args.pin_file)
+    rotate = not args.keep_key
+    if args.watch:
+        results = asyncio.run(renew_watch(args.dir, pin=pin, rotate_key=rotate, server=args.server))
+        print(f"renew --watch ended after {len(results)} renewal(s)")
+        return EXIT_OK
+    result = asyncio.run(renew(args.dir, pin=pin, rotate_key=rotate, server=args.server))
+    print(
+        f"renewed device {result.device_id}: serial {result.previous_serial} -> {result.serial}, "
+        f"valid until {result.not_after:%Y-%m-%dT%H:%M:%SZ}"
+        + (", new key" if result.key_rotated else "")
+    )
     return EXIT_OK
 
 
@@ -530,6 +599,36 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--serial", type=_parse_serial, help="serial number in hex")
     which.add_argument("--cert", type=Path, help="PEM certificate to revoke")
     p.set_defaults(func=cmd_ca_revoke)
+
+    p = ca.add_parser("token", help="a signed one-time bootstrap token for enrollment")
+    p.add_argument("--dir", type=Path, required=True)
+    p.add_argument("--device-id", required=True)
+    p.add_argument("--ttl", type=_parse_duration, default=900, help="e.g. 15m (default), 1h")
+    p.set_defaults(func=cmd_ca_token)
+    p = ca.add_parser("serve", help="the enrollment service (Enroll, Renew, GetCACerts, GetCRL)")
+    p.add_argument("--dir", type=Path, required=True)
+    p.add_argument("--listen", default="127.0.0.1:8444", help="enrollment port (server-auth TLS)")
+    p.add_argument("--renew-listen", default="127.0.0.1:8445", help="renewal port (mTLS)")
+    p.add_argument("--lifetime-days", type=int, default=30, help="issued lifetime (max 90)")
+    p.set_defaults(func=cmd_ca_serve)
+
+    p = sub.add_parser("enroll", help="device onboarding with a one-time bootstrap token")
+    p.add_argument("--server", required=True, help="CA enrollment address (host:port)")
+    p.add_argument("--token", required=True, help="bootstrap token from `ca token` (- = stdin)")
+    p.add_argument("--ca-bundle", type=Path, required=True, help="CA bundle to trust the CA")
+    p.add_argument("--out", type=Path, required=True, help="device directory")
+    p.add_argument("--key-store", default="file", help="file (default), pkcs11:URI (HSM), or tpm")
+    p.add_argument("--pin-file", type=Path, help="PKCS#11 user PIN (or env ZTAGENT_PKCS11_PIN)")
+    p.add_argument("--renew-server", help="CA renewal address (default: same host, port 8445)")
+    p.add_argument("--force", action="store_true", help="replace a valid enrollment")
+    p.set_defaults(func=cmd_enroll)
+    p = sub.add_parser("renew", help="renew the device certificate over mTLS")
+    p.add_argument("--dir", type=Path, required=True, help="device directory")
+    p.add_argument("--watch", action="store_true", help="keep renewing at 2/3 of the lifetime")
+    p.add_argument("--server", help="CA renewal address (default: from enrollment.json)")
+    p.add_argument("--keep-key", action="store_true", help="renew without rotating the key")
+    p.add_argument("--pin-file", type=Path, help="PKCS#11 user PIN (or env ZTAGENT_PKCS11_PIN)")
+    p.set_defaults(func=cmd_renew)
 
     p = sub.add_parser("serve", help="run the mTLS sidecar")
     p.add_argument("--config", type=Path, required=True)

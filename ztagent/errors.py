@@ -50,6 +50,9 @@ class DeniedError(ZtagentError):
 
 
 def grpc_status_for(err: ZtagentError) -> grpc.StatusCode:
+    own: grpc.StatusCode | None = getattr(err, "grpc_status", None)
+    if own is not None:  # families that carry their own status per code (enrollment)
+        return own
     if isinstance(err, VerificationError):
         return grpc.StatusCode.UNAUTHENTICATED
     if isinstance(err, TransportError):

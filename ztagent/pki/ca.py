@@ -24,6 +24,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
 from ztagent.pki._files import KEY_MODE, PUBLIC_MODE, write_atomic
@@ -190,6 +191,33 @@ def build_leaf(
     Used for the real server and device certs and, by tests, to mint broken ones.
     """
     key = new_key()
+    cert = sign_leaf(
+        issuer,
+        key.public_key(),
+        subject_cn=subject_cn,
+        uris=uris,
+        eku=eku,
+        not_before=not_before,
+        not_after=not_after,
+        dns=dns,
+        ips=ips,
+    )
+    return KeyPair(cert, key)
+
+
+def sign_leaf(
+    issuer: KeyPair,
+    public_key: CertificatePublicKeyTypes,
+    *,
+    subject_cn: str,
+    uris: Sequence[str],
+    eku: Sequence[ObjectIdentifier] | None,
+    not_before: datetime,
+    not_after: datetime,
+    dns: Sequence[str] = (),
+    ips: Sequence[str] = (),
+) -> x509.Certificate:
+    """``build_leaf`` for a public key held elsewhere (a CSR's): returns the certificate only."""
     names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in uris]
     names += [x509.DNSName(d) for d in dns]
     names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
@@ -197,20 +225,20 @@ def build_leaf(
         x509.CertificateBuilder()
         .subject_name(_name(subject_cn))
         .issuer_name(issuer.cert.subject)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(not_before)
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_leaf_key_usage(), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(_aki(issuer), critical=False)
     )
     if names:
         builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
     if eku is not None:
         builder = builder.add_extension(x509.ExtendedKeyUsage(list(eku)), critical=False)
-    return KeyPair(builder.sign(issuer.key, hashes.SHA256()), key)
+    return builder.sign(issuer.key, hashes.SHA256())
 
 
 def build_device(
@@ -524,6 +552,40 @@ def issue_device_cert(
         _write_pair(out, out.with_suffix(".key"), device, issuing.cert)
         write_atomic(layout.state, state.with_issued(device.cert, "device", device_id).to_json())
     return device.cert
+
+
+def issue_device_for_key(
+    ca_dir: Path,
+    device_id: str,
+    public_key: CertificatePublicKeyTypes,
+    *,
+    days: int = DEVICE_DAYS,
+    now: datetime | None = None,
+) -> x509.Certificate:
+    """Sign a device cert (as ``build_device``) for a key the CA never sees; record it in
+    ``ca.json`` under the CA lock, so ``revoke`` knows it. Writes no certificate file.
+
+    The caller (the enrollment service) checks the key type and caps ``days``.
+    """
+    _validated_device_id(device_id)
+    if days < 1:
+        raise CaError("days_invalid", f"days is {days} (expected at least 1)")
+    layout = CaLayout(ca_dir)
+    not_before = _now(now) - BACKDATE
+    with _locked(layout):
+        state = load_state(layout)
+        issuing = load_issuing(layout)
+        cert = sign_leaf(
+            issuing,
+            public_key,
+            subject_cn=device_id,
+            uris=[device_spiffe_id(state.trust_domain, device_id)],
+            eku=[ExtendedKeyUsageOID.CLIENT_AUTH],
+            not_before=not_before,
+            not_after=not_before + timedelta(days=days),
+        )
+        write_atomic(layout.state, state.with_issued(cert, "device", device_id).to_json())
+    return cert
 
 
 def _write_crl(layout: CaLayout, issuing: KeyPair, state: CaState, now: datetime) -> None:

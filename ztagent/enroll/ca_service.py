@@ -1,0 +1,414 @@
+"""The CA's enrollment service (``ztagent ca serve``): Enroll, Renew, GetCACerts, GetCRL.
+
+One ``grpc.aio`` server, two TLS ports, both with the CA's ``server.pem`` (server leaf +
+issuing CA, SANs localhost/127.0.0.1/::1, from ``ca init``):
+
+- the enrollment port (default 8444): server-auth TLS only (``require_client_auth=False``:
+  no client certificate is requested), for devices that have nothing but a bootstrap token;
+- the renewal port (default 8445): mTLS, client certificates must chain to ``ca-bundle.pem``.
+
+Every RPC is served on both ports. ``Renew`` needs the peer certificate from the TLS session,
+which only the renewal port asks for; on the enrollment port it is ``renew_cert_missing``.
+
+Enroll, in this order: verify the token (signature by the issuing CA, typ, alg, exp) →
+check the CSR (DER, key type, self-signature) → check the CSR names no other device
+(``token_device_mismatch``) → consume the token's ``jti`` → issue → audit. So a refused CSR
+(a typo, a weak key) does not burn the token and the device may retry with a good CSR, while
+a token is consumed before anything is issued with it: two concurrent requests with one
+token cannot both get a certificate. If issuing then fails (``ca_unavailable``) the token
+stays used and the operator makes a new one.
+
+Renew: the peer certificate must pass the sidecar's device check against this CA's bundle and
+CRL (chain, validity, clientAuth, SPIFFE ID in this trust domain, lifetime <= 90 days, not in
+the CRL) and must not be revoked in ``ca.json`` either; the device id comes from its SPIFFE
+ID; the CSR may carry a new key; the new certificate gets the same device id.
+
+``GetCRL`` re-signs ``crl.pem`` (``ztagent.pki.ca.write_crl``) when its nextUpdate is less than
+a day away. Refusals are gRPC errors with the ``EnrollError``'s status and details
+``"<code>: <message>"``; anything unexpected is logged here and returned as
+``ca_unavailable`` without a traceback. Every issuance, refusal and revocation is appended to
+``<ca_dir>/audit.jsonl``.
+
+CPU and file work (signing, ``fsync``, the CA lock) runs in a worker thread, never on the
+event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Final, NoReturn, TypeVar
+
+import grpc
+from cryptography import x509
+
+from ztagent._proto.v1 import enrollment_pb2, enrollment_pb2_grpc
+from ztagent.enroll.audit import AuditLog
+from ztagent.enroll.bootstrap import ReplayStore, verify_bootstrap_token
+from ztagent.enroll.errors import EnrollError
+from ztagent.enroll.issuance import (
+    MAX_LIFETIME_DAYS,
+    IssuancePolicy,
+    check_csr,
+    check_csr_names,
+    issue_for,
+)
+from ztagent.errors import ConfigError
+from ztagent.pki import ca
+from ztagent.pki.device_check import DevicePolicy, verify_device_cert
+from ztagent.pki.errors import CaError, CertError
+from ztagent.pki.trust import TrustMaterial
+
+log = logging.getLogger("ztagent.enroll.ca")
+
+DEFAULT_LISTEN: Final = "127.0.0.1:8444"
+DEFAULT_RENEW_LISTEN: Final = "127.0.0.1:8445"
+CRL_REFRESH_BEFORE: Final = timedelta(days=1)
+"""``GetCRL`` and ``Renew`` re-sign the CRL when its nextUpdate is closer than this."""
+STOP_GRACE_S: Final = 5.0
+MAX_MESSAGE_BYTES: Final = 64 * 1024
+
+Clock = Callable[[], datetime]
+_T = TypeVar("_T")
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _ca_call(fn: Callable[[], _T]) -> _T:
+    """Run a CA-file operation; CA and OS errors become ``ca_unavailable``."""
+    try:
+        return fn()
+    except CaError as exc:
+        raise EnrollError("ca_unavailable", f"{exc.code}: {exc.message}") from None
+    except OSError as exc:
+        raise EnrollError("ca_unavailable", f"CA files: {exc}") from None
+
+
+class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
+    """Implements ``ztagent.v1.Enrollment`` over one CA directory."""
+
+    def __init__(
+        self,
+        ca_dir: Path,
+        policy: IssuancePolicy | None = None,
+        *,
+        clock: Clock = _utc_now,
+    ) -> None:
+        self.layout = ca.CaLayout(ca_dir)
+        self.policy = policy or IssuancePolicy()
+        self.replay = ReplayStore.for_ca(ca_dir)
+        self.audit = AuditLog.for_ca(ca_dir)
+        self._clock = clock
+
+    # --- the RPCs ---------------------------------------------------------------------------
+
+    async def Enroll(
+        self, request: enrollment_pb2.EnrollRequest, context: grpc.aio.ServicerContext
+    ) -> enrollment_pb2.EnrollResponse:
+        peer = context.peer()
+        result = await self._run("enroll", peer, lambda: self._enroll(request, peer))
+        if isinstance(result, EnrollError):
+            await _abort(context, result)
+        return result
+
+    async def Renew(
+        self, request: enrollment_pb2.RenewRequest, context: grpc.aio.ServicerContext
+    ) -> enrollment_pb2.EnrollResponse:
+        peer = context.peer()
+        leaf_pem = _peer_cert_pem(context)
+        result = await self._run("renew", peer, lambda: self._renew(request, leaf_pem, peer))
+        if isinstance(result, EnrollError):
+            await _abort(context, result)
+        return result
+
+    async def GetCACerts(
+        self, request: enrollment_pb2.GetCACertsRequest, context: grpc.aio.ServicerContext
+    ) -> enrollment_pb2.GetCACertsResponse:
+        try:
+            bundle = await asyncio.to_thread(_ca_call, self.layout.bundle.read_bytes)
+        except EnrollError as err:
+            await _abort(context, err)
+        return enrollment_pb2.GetCACertsResponse(ca_bundle=bundle)
+
+    async def GetCRL(
+        self, request: enrollment_pb2.GetCRLRequest, context: grpc.aio.ServicerContext
+    ) -> enrollment_pb2.GetCRLResponse:
+        try:
+            crl = await asyncio.to_thread(_ca_call, self.current_crl_pem)
+        except EnrollError as err:
+            await _abort(context, err)
+        return enrollment_pb2.GetCRLResponse(crl=crl)
+
+    # --- the work (in a worker thread) ------------------------------------------------------
+
+    async def _run(
+        self,
+        method: str,
+        peer: str,
+        work: Callable[[], enrollment_pb2.EnrollResponse],
+    ) -> enrollment_pb2.EnrollResponse | EnrollError:
+        try:
+            return await asyncio.to_thread(work)
+        except EnrollError as err:
+            return err
+        except Exception:
+            log.exception("%s from %s failed unexpectedly", method, peer)
+        internal = EnrollError("ca_unavailable", "internal error in the CA (see the CA's log)")
+        await asyncio.to_thread(self._audit_refusal, internal, None, method, peer)
+        return internal
+
+    def _audit_refusal(
+        self, err: EnrollError, device_id: str | None, method: str, peer: str
+    ) -> None:
+        try:
+            self.audit.refused(
+                err.code,
+                device_id,
+                method=method,
+                peer=peer,
+                message=err.message,
+                now=self._clock(),
+            )
+        except OSError:
+            log.exception("cannot write the audit log %s", self.audit.path)
+
+    def _enroll(
+        self, request: enrollment_pb2.EnrollRequest, peer: str
+    ) -> enrollment_pb2.EnrollResponse:
+        now = self._clock()
+        device_id: str | None = None
+        try:
+            state = _ca_call(lambda: ca.load_state(self.layout))
+            issuing = _ca_call(lambda: ca.load_issuing(self.layout))
+            claims = verify_bootstrap_token(
+                request.bootstrap_token, issuing.cert, state.trust_domain, now
+            )
+            device_id = claims.device_id
+            csr = check_csr(request.csr)
+            check_csr_names(csr, device_id, state.trust_domain, "token_device_mismatch")
+            self.replay.consume(claims.jti, claims.expires_at, now)
+            cert = issue_for(self.layout.dir, device_id, csr.public_key(), self.policy, now)
+        except EnrollError as err:
+            self._audit_refusal(err, device_id, "enroll", peer)
+            raise
+        self.audit.issued(
+            cert, device_id, method="enroll", peer=peer, now=now, extra={"jti": claims.jti}
+        )
+        log.info("enrolled %s (serial %x) for %s", device_id, cert.serial_number, peer)
+        return self._response(cert, issuing.cert, device_id, state.trust_domain)
+
+    def _renew(
+        self, request: enrollment_pb2.RenewRequest, leaf_pem: bytes | None, peer: str
+    ) -> enrollment_pb2.EnrollResponse:
+        now = self._clock()
+        device_id: str | None = None
+        try:
+            if leaf_pem is None:
+                raise EnrollError(
+                    "renew_cert_missing",
+                    "no client certificate in the TLS session (expected mTLS with the current "
+                    "device certificate, on the renewal port)",
+                )
+            state = _ca_call(lambda: ca.load_state(self.layout))
+            issuing = _ca_call(lambda: ca.load_issuing(self.layout))
+            leaf, device_id = self._check_peer(leaf_pem, state, now)
+            csr = check_csr(request.csr)
+            check_csr_names(csr, device_id, state.trust_domain, "csr_device_mismatch")
+            cert = issue_for(self.layout.dir, device_id, csr.public_key(), self.policy, now)
+        except EnrollError as err:
+            self._audit_refusal(err, device_id, "renew", peer)
+            raise
+        previous = ca.serial_hex(leaf.serial_number)
+        self.audit.issued(
+            cert,
+            device_id,
+            method="renew",
+            peer=peer,
+            now=now,
+            extra={"previous_serial": previous},
+        )
+        log.info(
+            "renewed %s (serial %s -> %x) for %s", device_id, previous, cert.serial_number, peer
+        )
+        return self._response(cert, issuing.cert, device_id, state.trust_domain)
+
+    def _check_peer(
+        self, leaf_pem: bytes, state: ca.CaState, now: datetime
+    ) -> tuple[x509.Certificate, str]:
+        try:
+            leaf = x509.load_pem_x509_certificate(leaf_pem)
+        except ValueError as exc:
+            raise EnrollError(
+                "renew_cert_invalid", f"client certificate is not PEM: {exc}"
+            ) from None
+        crl_pem = _ca_call(self.current_crl_pem)
+        bundle = _ca_call(self.layout.bundle.read_bytes)
+        try:
+            trust = TrustMaterial.from_pem(bundle, crl_pem)
+        except ConfigError as exc:
+            raise EnrollError("ca_unavailable", f"CA bundle or CRL: {exc.message}") from None
+        policy = DevicePolicy(
+            trust_domain=state.trust_domain, max_lifetime=timedelta(days=MAX_LIFETIME_DAYS)
+        )
+        try:
+            device = verify_device_cert(leaf, trust, policy, now)
+        except CertError as exc:
+            code = "renew_cert_revoked" if exc.code == "cert_revoked" else "renew_cert_invalid"
+            raise EnrollError(code, f"{exc.code}: {exc.message}") from None
+        revoked = next((r for r in state.revoked if r.serial == leaf.serial_number), None)
+        if revoked is not None:
+            raise EnrollError(
+                "renew_cert_revoked",
+                f"certificate serial {ca.serial_hex(leaf.serial_number)} was revoked at "
+                f"{revoked.revoked_at:%Y-%m-%dT%H:%M:%SZ} (in {self.layout.state})",
+            )
+        return leaf, device.device_id
+
+    def current_crl_pem(self) -> bytes:
+        """``crl.pem``, re-signed first when its nextUpdate is less than a day away."""
+        now = self._clock()
+        data = self.layout.crl.read_bytes()
+        try:
+            crl = x509.load_pem_x509_crl(data)
+            stale = crl.next_update_utc is None or crl.next_update_utc - now < CRL_REFRESH_BEFORE
+        except ValueError:
+            stale = True
+        if stale:
+            log.info("re-signing %s (nextUpdate within %s)", self.layout.crl, CRL_REFRESH_BEFORE)
+            ca.write_crl(self.layout.dir, now)
+            data = self.layout.crl.read_bytes()
+        return data
+
+    def _response(
+        self, cert: x509.Certificate, issuing: x509.Certificate, device_id: str, td: str
+    ) -> enrollment_pb2.EnrollResponse:
+        bundle = _ca_call(self.layout.bundle.read_bytes)
+        return enrollment_pb2.EnrollResponse(
+            certificate_chain=ca.cert_pem(cert, issuing),
+            ca_bundle=bundle,
+            device_id=device_id,
+            spiffe_id=f"spiffe://{td}/device/{device_id}",
+            serial=ca.serial_hex(cert.serial_number),
+            not_before=int(cert.not_valid_before_utc.timestamp()),
+            not_after=int(cert.not_valid_after_utc.timestamp()),
+        )
+
+
+def _peer_cert_pem(context: grpc.aio.ServicerContext) -> bytes | None:
+    auth = context.auth_context() or {}
+    certs = auth.get("x509_pem_cert") or []
+    return certs[0] if certs else None
+
+
+async def _abort(context: grpc.aio.ServicerContext, err: EnrollError) -> NoReturn:
+    await context.abort(err.grpc_status, err.details)
+    raise AssertionError("context.abort returned")  # pragma: no cover
+
+
+# --- the server ----------------------------------------------------------------------------
+
+
+@dataclass
+class CaServer:
+    """A started enrollment server."""
+
+    server: grpc.aio.Server
+    service: EnrollmentService
+    enroll_port: int
+    renew_port: int
+
+    async def stop(self, grace: float | None = STOP_GRACE_S) -> None:
+        await self.server.stop(grace)
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise CaError("ca_missing", f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+async def start_ca_server(
+    ca_dir: Path,
+    *,
+    listen: str = DEFAULT_LISTEN,
+    renew_listen: str = DEFAULT_RENEW_LISTEN,
+    lifetime_days: int = 30,
+) -> CaServer:
+    """Check the CA and the settings, bind both ports, start serving.
+
+    ``ConfigError`` for a bad lifetime (``ca.lifetime_days``) or an address that cannot be
+    bound (``ca.listen`` / ``ca.renew_listen``); ``CaError`` if the CA files are missing.
+    """
+    policy = IssuancePolicy(lifetime_days=lifetime_days)
+    layout = ca.CaLayout(ca_dir)
+    ca.load_state(layout)
+    ca.load_issuing(layout)
+    key, chain, bundle = _read(layout.server_key), _read(layout.server_cert), _read(layout.bundle)
+    service = EnrollmentService(ca_dir, policy)
+    server = grpc.aio.server(
+        options=[
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ]
+    )
+    enrollment_pb2_grpc.add_EnrollmentServicer_to_server(service, server)
+    enroll_creds = grpc.ssl_server_credentials([(key, chain)], require_client_auth=False)
+    renew_creds = grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=bundle, require_client_auth=True
+    )
+    ports: list[int] = []
+    for setting, address, creds in (
+        ("ca.listen", listen, enroll_creds),
+        ("ca.renew_listen", renew_listen, renew_creds),
+    ):
+        try:
+            ports.append(server.add_secure_port(address, creds))
+        except RuntimeError as exc:
+            await server.stop(None)
+            raise ConfigError(setting, f"cannot bind {address!r}: {exc}") from None
+    await server.start()
+    log.info("CA enrollment on port %d, renewal (mTLS) on port %d", ports[0], ports[1])
+    return CaServer(server, service, ports[0], ports[1])
+
+
+async def run_ca_server(
+    ca_dir: Path,
+    *,
+    listen: str = DEFAULT_LISTEN,
+    renew_listen: str = DEFAULT_RENEW_LISTEN,
+    lifetime_days: int = 30,
+) -> None:
+    """Serve until SIGTERM or SIGINT, then stop with a 5 s grace."""
+    running = await start_ca_server(
+        ca_dir, listen=listen, renew_listen=renew_listen, lifetime_days=lifetime_days
+    )
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        log.info("CA enrollment service stopping")
+    finally:
+        for sig in signals:
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
+        await running.stop(STOP_GRACE_S)
+
+
+__all__ = [
+    "CaServer",
+    "EnrollmentService",
+    "run_ca_server",
+    "start_ca_server",
+]
