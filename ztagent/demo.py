@@ -13,21 +13,20 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import logging
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
-from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ztagent.config import Config, load_config
+from ztagent.demo_enroll import enroll_device, reuse_token, revoke_and_wait, wait_for_ca
 from ztagent.demo_posture import DemoDevice, attest, booted_devices, ensure_dev_firmware_vendor
-from ztagent.pki import ca
 from ztagent.tokens.dev_issuer import mint_token
 from ztagent.workloads.storage.server import parse_listen
 
@@ -41,17 +40,6 @@ TAMPERED_DEVICE = "demo-tampered"
 class Outcome:
     ok: bool
     line: str
-
-
-def _ensure_device(ca_dir: Path, device_id: str) -> Path:
-    """The device's cert path; (re)issued when missing or expiring within a day."""
-    cert_path = ca_dir / "devices" / f"{device_id}.pem"
-    if cert_path.exists():
-        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-        if cert.not_valid_after_utc - datetime.now(UTC) > timedelta(days=1):
-            return cert_path
-    ca.issue_device_cert(ca_dir, device_id, cert_path)
-    return cert_path
 
 
 def _channel(config: Config, device_cert: Path | None) -> grpc.Channel:
@@ -252,81 +240,131 @@ def _verify_decision_log(config: Config) -> Outcome:
     return Outcome(False, f"(l) decision log {path}: BROKEN: {report.reason}")
 
 
+def _scenario_revocation(config: Config, ca_dir: Path, cert: Path, token: str) -> Outcome:
+    """A connected, working device is revoked at the CA; the sidecar fetches the new CRL
+    (tls.crl_source) and refuses the next call on the same open connection."""
+    with _channel(config, cert) as channel:
+        get = _request("Get")
+
+        def call() -> None:
+            try:
+                _storage_call(channel, "Get", get, token)
+            except grpc.RpcError as err:
+                if err.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
+
+        call()  # connected and allowed
+        elapsed, refusal = revoke_and_wait(ca_dir, cert, call)
+    first_line = refusal.splitlines()[0] if refusal else "NOT refused"
+    return Outcome(
+        refusal.startswith("UNAUTHENTICATED cert_revoked"),
+        f"(e) device {REVOKED_DEVICE!r} connected and reading, then revoked at the CA: its open "
+        f"connection refused {elapsed:.1f} s later: {first_line}",
+    )
+
+
 def run_demo(config_path: Path, ca_dir: Path) -> int:
     config = load_config(config_path)
+    logging.getLogger("ztagent.enroll").setLevel(logging.WARNING)  # the demo prints outcomes
     route = config.route_for(STORAGE)
     if route is None:
         print(f"demo: {config_path} has no [[routes]] entry for {STORAGE}", file=sys.stderr)
         return 2
     root = config_path.resolve().parent
     _ensure_dev_issuer(ca_dir, config.identity.trust_domain)
-    device_cert = _ensure_device(ca_dir, DEMO_DEVICE)
-    revoked_cert = _ensure_device(ca_dir, REVOKED_DEVICE)
-    tampered_cert = _ensure_device(ca_dir, TAMPERED_DEVICE)
     ensure_dev_firmware_vendor(ca_dir)
-    ca.revoke(ca_dir, cert_path=revoked_cert)  # idempotent; also refreshes the CRL's nextUpdate
     logs = root / "var" / "log"
+    devices = root / "var" / "devices"
+    ca_address = "127.0.0.1:8444"
     storage_args = ["workload", "storage", "--listen", parse_listen(route.upstream)]
     storage_args += ["--data", str(root / "var" / "storage")]
-    print(f"starting storage workload on {route.upstream} and sidecar on {config.listen.address}")
-    with (
-        booted_devices(
-            root, ca_dir, (DEMO_DEVICE, device_cert), (TAMPERED_DEVICE, tampered_cert)
-        ) as (good, tampered),
-        _process(storage_args, logs / "storage.log") as storage,
-        _process(["serve", "--config", str(config_path)], logs / "sidecar.log") as sidecar,
-    ):
+    outcomes: list[Outcome] = []
+    with _process(["ca", "serve", "--dir", str(ca_dir)], logs / "ca.log") as ca_proc:
         try:
-            with grpc.insecure_channel(route.upstream) as upstream:
-                _wait_healthy(upstream, "storage workload", storage)
-            with _channel(config, device_cert) as channel:
-                _wait_healthy(channel, "sidecar", sidecar)
+            wait_for_ca(ca_address, ca_dir / "ca-bundle.pem", lambda: ca_proc.poll() is None)
         except RuntimeError as err:
-            print(f"demo: {err}; see {logs}/", file=sys.stderr)
+            print(f"demo: {err}; see {logs}/ca.log", file=sys.stderr)
             return 1
-        alice = mint_token(ca_dir, sub="alice", roles=["writer"], bind_cert=device_cert)
-        bob = mint_token(ca_dir, sub="bob", roles=["reader"])
-        outcomes = [
-            _scenario_allowed(config, device_cert, alice),
-            _scenario_refused(
-                config,
-                device_cert,
-                "(b) user 'bob' (role reader) writing",
-                grpc.StatusCode.PERMISSION_DENIED,
-                method="Put",
-                token=bob,
-            ),
-            _scenario_refused(
-                config,
-                device_cert,
-                "(c) forged token (alice's, payload edited to role admin)",
-                grpc.StatusCode.UNAUTHENTICATED,
-                token=_forge(alice),
-            ),
-            _scenario_refused(
-                config,
-                device_cert,
-                f"(d) device {DEMO_DEVICE!r} with no user token",
-                grpc.StatusCode.PERMISSION_DENIED,
-            ),
-            _scenario_refused(
-                config,
-                revoked_cert,
-                f"(e) revoked device {REVOKED_DEVICE!r}",
-                grpc.StatusCode.UNAUTHENTICATED,
-                token=alice,
-            ),
-            _scenario_refused(
-                config,
-                None,
-                "(f) client without a certificate (TLS handshake)",
-                grpc.StatusCode.UNAVAILABLE,
-            ),
-        ]
-        alice_on_tampered = mint_token(
-            ca_dir, sub="alice", roles=["writer"], bind_cert=tampered_cert
+        print(f"dev CA serving enrollment on {ca_address} (renewal on 127.0.0.1:8445)")
+        enrolled: dict[str, Path] = {}
+        for device_id in (DEMO_DEVICE, REVOKED_DEVICE, TAMPERED_DEVICE):
+            result, token = enroll_device(ca_address, ca_dir, devices / device_id, device_id)
+            enrolled[device_id] = result.dir / "device.pem"
+            if device_id == DEMO_DEVICE:
+                outcomes.append(
+                    Outcome(
+                        True,
+                        f"(0) device {device_id!r} made its own key and enrolled with a one-time "
+                        f"bootstrap token: serial {result.serial[:16]}..., valid until "
+                        f"{result.not_after:%Y-%m-%d}",
+                    )
+                )
+                refusal = reuse_token(ca_address, ca_dir, devices / "replay-attempt", token)
+                outcomes.append(
+                    Outcome(
+                        refusal.startswith("token_reused"),
+                        f"(0) the same bootstrap token used again refused: {refusal or 'ACCEPTED'}",
+                    )
+                )
+        device_cert = enrolled[DEMO_DEVICE]
+        print(
+            f"starting storage workload on {route.upstream} and sidecar on {config.listen.address}"
         )
-        outcomes += _scenario_posture(config, good, tampered, alice, alice_on_tampered)
+        with (
+            booted_devices(
+                root,
+                ca_dir,
+                (DEMO_DEVICE, device_cert),
+                (TAMPERED_DEVICE, enrolled[TAMPERED_DEVICE]),
+            ) as (good, tampered),
+            _process(storage_args, logs / "storage.log") as storage,
+            _process(["serve", "--config", str(config_path)], logs / "sidecar.log") as sidecar,
+        ):
+            try:
+                with grpc.insecure_channel(route.upstream) as upstream:
+                    _wait_healthy(upstream, "storage workload", storage)
+                with _channel(config, device_cert) as channel:
+                    _wait_healthy(channel, "sidecar", sidecar)
+            except RuntimeError as err:
+                print(f"demo: {err}; see {logs}/", file=sys.stderr)
+                return 1
+            alice = mint_token(ca_dir, sub="alice", roles=["writer"], bind_cert=device_cert)
+            bob = mint_token(ca_dir, sub="bob", roles=["reader"])
+            outcomes += [
+                _scenario_allowed(config, device_cert, alice),
+                _scenario_refused(
+                    config,
+                    device_cert,
+                    "(b) user 'bob' (role reader) writing",
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    method="Put",
+                    token=bob,
+                ),
+                _scenario_refused(
+                    config,
+                    device_cert,
+                    "(c) forged token (alice's, payload edited to role admin)",
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    token=_forge(alice),
+                ),
+                _scenario_refused(
+                    config,
+                    device_cert,
+                    f"(d) device {DEMO_DEVICE!r} with no user token",
+                    grpc.StatusCode.PERMISSION_DENIED,
+                ),
+                _scenario_revocation(config, ca_dir, enrolled[REVOKED_DEVICE], bob),
+                _scenario_refused(
+                    config,
+                    None,
+                    "(f) client without a certificate (TLS handshake)",
+                    grpc.StatusCode.UNAVAILABLE,
+                ),
+            ]
+            alice_on_tampered = mint_token(
+                ca_dir, sub="alice", roles=["writer"], bind_cert=enrolled[TAMPERED_DEVICE]
+            )
+            outcomes += _scenario_posture(config, good, tampered, alice, alice_on_tampered)
     outcomes.append(_verify_decision_log(config))
     for outcome in outcomes:
         print(("[ok]   " if outcome.ok else "[FAIL] ") + outcome.line)
