@@ -6,13 +6,13 @@ BIN := $(VENV)/bin
 CONFIG ?= ztagent.toml
 PROTO_FILES := $(shell find proto -name '*.proto')
 
-.PHONY: run test lint proto certs venv deps clean
+.PHONY: run test lint proto certs venv deps clean bench model
 
 $(VENV)/.installed: pyproject.toml
 	@bash .ci/system-deps.sh
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,inference]'
 	# Real OPA (Go rego as a c-shared library) for the tests' OPA-REST stand-in. Its metadata
 	# says Python >= 3.14, but it works on 3.11 (see ../shared/NOTES.md).
 	$(PY) -m pip install -q --no-deps --ignore-requires-python opa-golib-python-bindings==0.4.4
@@ -26,12 +26,21 @@ certs-dev/ca.json: | $(VENV)/.installed
 certs: $(VENV)/.installed
 	$(BIN)/ztagent ca init --dir certs-dev --force
 
-run: $(VENV)/.installed certs-dev/ca.json
+MODEL := var/models/vibration-anomaly.manifest.json
+
+# The shipped anomaly classifier: trained on synthetic sensor data from ztagent's own code.
+$(MODEL): | $(VENV)/.installed
+	$(PY) -m ztagent.workloads.inference.train --out var/models --seed 0
+
+model: $(VENV)/.installed
+	$(PY) -m ztagent.workloads.inference.train --out var/models --seed 0
+
+run: $(VENV)/.installed certs-dev/ca.json $(MODEL)
 	$(BIN)/ztagent demo --config $(CONFIG)
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check ztagent tests
-	$(BIN)/ruff format --check ztagent tests
+	$(BIN)/ruff check ztagent tests bench
+	$(BIN)/ruff format --check ztagent tests bench
 	$(BIN)/mypy
 
 test: lint
@@ -50,3 +59,7 @@ proto: $(VENV)/.installed
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+
+# Benchmarks (not part of `make test`): starts the real stack, writes bench/results.md.
+bench: $(VENV)/.installed certs-dev/ca.json
+	$(PY) -m bench.run

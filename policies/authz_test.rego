@@ -267,6 +267,16 @@ test_posture_not_required_for_other_models if {
 	authz.allow with input as inp
 }
 
+# The shipped model (make model): the float variant is critical, the int8 one is not.
+test_shipped_model_critical if {
+	inp := object.union(critical_call, {"request": {"metadata": {"x-model": "vibration-anomaly"}}})
+	d := authz.decision with input as inp
+	d.reasons == ["posture_required"]
+	authz.allow with input as object.union(inp, {"posture": verified_posture})
+	int8 := {"request": {"metadata": {"x-model": "vibration-anomaly-int8"}}}
+	authz.allow with input as object.union(critical_call, int8)
+}
+
 test_posture_required_by_method_flag if {
 	inp := call(storage, "Put", ["writer"], [])
 	d := authz.decision with input as inp

@@ -560,6 +560,13 @@ def cmd_workload_storage(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_workload_inference(args: argparse.Namespace) -> int:
+    from ztagent.workloads.inference.__main__ import run
+
+    run(args)
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from ztagent.demo import run_demo
 
@@ -766,6 +773,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, default=Path("var/storage"))
     p.add_argument("--max-value-bytes", type=int, default=4 * 1024 * 1024)
     p.set_defaults(func=cmd_workload_storage)
+
+    p = wl.add_parser(
+        "inference", help="TorchScript anomaly classifiers over gRPC (needs ztagent[inference])"
+    )
+    from ztagent.workloads.inference.__main__ import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=cmd_workload_inference)
 
     p = sub.add_parser("demo", help="run the whole stack and show allowed and refused calls")
     p.add_argument("--config", type=Path, default=Path("ztagent.toml"))

@@ -50,6 +50,7 @@ from ztagent.sidecar.policy_input import (
     unverified_posture,
 )
 from ztagent.tokens.verifier import TokenVerifier, anonymous_user_input, extract_bearer
+from ztagent.tokens.verify import VerifiedUser
 
 log = logging.getLogger("ztagent.pipeline")
 
@@ -58,6 +59,7 @@ Metadata = Sequence[tuple[str, str | bytes]]
 # Headers a policy may add for the upstream: lowercase x-*, never our identity headers.
 _POLICY_HEADER_RE = re.compile(r"^x-[a-z0-9][a-z0-9_.-]*$")
 _RESERVED_HEADERS = frozenset({DEVICE_ID_HEADER, SPIFFE_ID_HEADER})
+_MAX_CACHED_DOCS = 10_000
 
 
 def x5t_s256(device: VerifiedDevice) -> str:
@@ -113,6 +115,11 @@ class Pipeline:
             )
             for r in config.routes
         }
+        # Per-certificate and per-token input documents, built once and shared read-only by
+        # every request of that certificate / token (the checkers return the same cached
+        # VerifiedDevice / VerifiedUser object while their answer holds).
+        self._device_docs: dict[str, tuple[VerifiedDevice, dict[str, Any], str]] = {}
+        self._user_docs: dict[int, tuple[VerifiedUser, dict[str, Any]]] = {}
 
     def verify_device(self, auth_context: Mapping[str, Sequence[bytes]]) -> VerifiedDevice:
         return self.checker.check_pem(peer_certificate_pem(auth_context), self._clock())
@@ -131,8 +138,28 @@ class Pipeline:
                 "a bearer token was sent but this sidecar has no [tokens] issuer configured",
             )
         token = extract_bearer(values[0])
-        user = await self.tokens.verify(token, x5t_s256(device))
-        return user.as_input()
+        user = await self.tokens.verify(token, self._device_doc(device)[1])
+        return self._user_doc(user)
+
+    def _device_doc(self, device: VerifiedDevice) -> tuple[dict[str, Any], str]:
+        """``input.device`` and the RFC 8705 thumbprint, computed once per certificate."""
+        entry = self._device_docs.get(device.fingerprint_sha256)
+        if entry is None or entry[0] is not device:
+            if len(self._device_docs) >= _MAX_CACHED_DOCS:
+                self._device_docs.clear()
+            entry = (device, device.as_input(), x5t_s256(device))
+            self._device_docs[device.fingerprint_sha256] = entry
+        return entry[1], entry[2]
+
+    def _user_doc(self, user: VerifiedUser) -> dict[str, Any]:
+        """``input.user`` for a verified token, built once per cached ``VerifiedUser``."""
+        entry = self._user_docs.get(id(user))
+        if entry is None or entry[0] is not user:
+            if len(self._user_docs) >= _MAX_CACHED_DOCS:
+                self._user_docs.clear()
+            entry = (user, user.as_input())
+            self._user_docs[id(user)] = entry
+        return entry[1]
 
     def posture_input(
         self, device: VerifiedDevice, now: datetime
@@ -155,7 +182,7 @@ class Pipeline:
         now = self._clock()
         posture_doc, attestation = self.posture_input(device, now)
         input_doc = build_input(
-            device=device.as_input(),
+            device=self._device_doc(device)[0],
             posture=posture_doc,
             user=user,
             full_method=full_method,

@@ -68,6 +68,7 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
         self._admission = admission
         self._upstreams = upstreams
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+        self._calls: dict[tuple[str, str], grpc.aio.StreamStreamMultiCallable] = {}
 
     def service(
         self, handler_call_details: grpc.HandlerCallDetails
@@ -110,8 +111,11 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
         identity: Metadata,
         context: grpc.aio.ServicerContext,
     ) -> None:
-        channel = self._upstreams.channel(route)
-        multicallable = channel.stream_stream(method)
+        multicallable = self._calls.get((route.upstream, method))
+        if multicallable is None:
+            multicallable = self._upstreams.channel(route).stream_stream(method)
+            if len(self._calls) < 4096:  # bounded: method names come from clients
+                self._calls[(route.upstream, method)] = multicallable
         timeout = context.time_remaining()
         if timeout is None:
             timeout = route.timeout_s

@@ -365,19 +365,19 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
                     value=change.value,
                     revision=change.revision,
                 )
+            # End with a status (not context.abort, which raised inside this generator can
+            # race the last queued write and leave the stream hanging).
+            end: ZtagentError = TransportError("shutting_down", "storage workload is shutting down")
             if watcher.overflowed:
-                await _abort(
-                    context,
-                    WatchOverflowError(
-                        "watch_overflow",
-                        f"watcher fell behind: more than {watcher.max_events} changes or "
-                        f"{watcher.max_bytes} bytes queued; reconnect with include_existing",
-                    ),
+                end = WatchOverflowError(
+                    "watch_overflow",
+                    f"watcher fell behind: more than {watcher.max_events} changes or "
+                    f"{watcher.max_bytes} bytes queued; reconnect with include_existing",
                 )
-            await _abort(
-                context,
-                TransportError("shutting_down", "storage workload is shutting down"),
-            )
+            context.set_trailing_metadata(((ERROR_CODE_HEADER, end.code),))
+            context.set_code(grpc_status_for(end))
+            context.set_details(end.message)
+            return
         finally:
             self._hub.unsubscribe(watcher)
 

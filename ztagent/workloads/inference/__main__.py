@@ -1,0 +1,75 @@
+"""``python -m ztagent.workloads.inference --listen ADDR --models DIR``: the inference workload.
+
+The same entry point ``ztagent workload inference`` uses; handy for running it alone and for
+tests that need a real process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from ztagent.errors import ZtagentError, exit_code_for
+from ztagent.workloads.inference import require_torch
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m ztagent.workloads.inference",
+        description="TorchScript inference workload behind the ztagent sidecar.",
+    )
+    add_arguments(parser)
+    return parser
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The workload's flags; ``ztagent workload inference`` adds the same ones."""
+    parser.add_argument(
+        "--listen", default="127.0.0.1:50062", help="unix:/path or loopback HOST:PORT"
+    )
+    parser.add_argument(
+        "--models", type=Path, default=Path("var/models"), help="directory of *.manifest.json"
+    )
+    parser.add_argument(
+        "--storage", default=None, help="storage workload address for the escalation outbox"
+    )
+    parser.add_argument("--confidence-threshold", type=float, default=0.8)
+    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--max-wait-ms", type=float, default=2.0)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+
+
+def run(args: argparse.Namespace) -> None:
+    """Runs the workload from parsed flags until SIGTERM/SIGINT (raises ZtagentError)."""
+    require_torch()
+    from ztagent.workloads.inference.server import run_inference
+
+    asyncio.run(
+        run_inference(
+            args.listen,
+            args.models,
+            storage_target=args.storage,
+            confidence_threshold=args.confidence_threshold,
+            max_batch=args.max_batch,
+            max_wait_ms=args.max_wait_ms,
+            threads=args.threads,
+        )
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        run(args)
+    except ZtagentError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return exit_code_for(err)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
