@@ -26,6 +26,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ztagent.config import Config, load_config
 from ztagent.demo_enroll import enroll_device, reuse_token, revoke_and_wait, wait_for_ca
+from ztagent.demo_inference import INFERENCE
+from ztagent.demo_inference import scenarios as inference_scenarios
 from ztagent.demo_posture import DemoDevice, attest, booted_devices, ensure_dev_firmware_vendor
 from ztagent.tokens.dev_issuer import mint_token
 from ztagent.workloads.storage.server import parse_listen
@@ -87,6 +89,17 @@ def _process(args: list[str], log_path: Path) -> Iterator[subprocess.Popen[bytes
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@contextlib.contextmanager
+def _optional_process(
+    args: list[str] | None, log_path: Path
+) -> Iterator[subprocess.Popen[bytes] | None]:
+    if args is None:
+        yield None
+        return
+    with _process(args, log_path) as proc:
+        yield proc
 
 
 def _storage_call(
@@ -233,11 +246,11 @@ def _verify_decision_log(config: Config) -> Outcome:
 
     path = config.decision_log.path
     if not config.decision_log.enabled or not path.exists():
-        return Outcome(True, "(l) decision log disabled")
+        return Outcome(True, "(r) decision log disabled")
     report = verify_files(log_files(path))
     if report.ok:
-        return Outcome(True, f"(l) decision log {path}: {report.lines} lines, hash chain intact")
-    return Outcome(False, f"(l) decision log {path}: BROKEN: {report.reason}")
+        return Outcome(True, f"(r) decision log {path}: {report.lines} lines, hash chain intact")
+    return Outcome(False, f"(r) decision log {path}: BROKEN: {report.reason}")
 
 
 def _scenario_revocation(config: Config, ca_dir: Path, cert: Path, token: str) -> Outcome:
@@ -278,6 +291,11 @@ def run_demo(config_path: Path, ca_dir: Path) -> int:
     ca_address = "127.0.0.1:8444"
     storage_args = ["workload", "storage", "--listen", parse_listen(route.upstream)]
     storage_args += ["--data", str(root / "var" / "storage")]
+    inference_route = config.route_for(INFERENCE)
+    models = root / "var" / "models"
+    if inference_route is not None and not (models / "vibration-anomaly.manifest.json").exists():
+        print(f"demo: no model in {models}: run `make model` first", file=sys.stderr)
+        return 2
     outcomes: list[Outcome] = []
     with _process(["ca", "serve", "--dir", str(ca_dir)], logs / "ca.log") as ca_proc:
         try:
@@ -318,11 +336,29 @@ def run_demo(config_path: Path, ca_dir: Path) -> int:
                 (TAMPERED_DEVICE, enrolled[TAMPERED_DEVICE]),
             ) as (good, tampered),
             _process(storage_args, logs / "storage.log") as storage,
+            _optional_process(
+                None
+                if inference_route is None
+                else [
+                    "workload",
+                    "inference",
+                    "--listen",
+                    parse_listen(inference_route.upstream),
+                    "--models",
+                    str(models),
+                    "--storage",
+                    parse_listen(route.upstream),
+                ],
+                logs / "inference.log",
+            ) as inference,
             _process(["serve", "--config", str(config_path)], logs / "sidecar.log") as sidecar,
         ):
             try:
                 with grpc.insecure_channel(route.upstream) as upstream:
                     _wait_healthy(upstream, "storage workload", storage)
+                if inference is not None and inference_route is not None:
+                    with grpc.insecure_channel(inference_route.upstream) as upstream:
+                        _wait_healthy(upstream, "inference workload", inference)
                 with _channel(config, device_cert) as channel:
                     _wait_healthy(channel, "sidecar", sidecar)
             except RuntimeError as err:
@@ -365,6 +401,29 @@ def run_demo(config_path: Path, ca_dir: Path) -> int:
                 ca_dir, sub="alice", roles=["writer"], bind_cert=enrolled[TAMPERED_DEVICE]
             )
             outcomes += _scenario_posture(config, good, tampered, alice, alice_on_tampered)
+            if inference_route is not None:
+                tokens = {
+                    "operator": mint_token(
+                        ca_dir, sub="carol", scope=["inference"], bind_cert=device_cert
+                    ),
+                    "reader": alice,
+                    "no_scope": bob,
+                    "tampered_operator": mint_token(
+                        ca_dir,
+                        sub="carol",
+                        scope=["inference"],
+                        bind_cert=enrolled[TAMPERED_DEVICE],
+                    ),
+                }
+                outcomes += [
+                    Outcome(r.ok, r.line)
+                    for r in inference_scenarios(
+                        lambda cert: _channel(config, cert),  # type: ignore[arg-type]
+                        device_cert,
+                        enrolled[TAMPERED_DEVICE],
+                        tokens,
+                    )
+                ]
     outcomes.append(_verify_decision_log(config))
     for outcome in outcomes:
         print(("[ok]   " if outcome.ok else "[FAIL] ") + outcome.line)

@@ -45,6 +45,7 @@ from tpm2_pytss import (
     TPM2_CAP,
     TPM2_HT,
     TPM2_SE,
+    TPM2_SU,
     TPM2B_DATA,
     TPM2B_ENCRYPTED_SECRET,
     TPM2B_ID_OBJECT,
@@ -386,12 +387,28 @@ class SwtpmProcess:
 
     def stop(self, timeout: float = 5.0) -> None:
         if self.process.poll() is None:
+            # An orderly TPM2_Shutdown first: a TPM restarted without one counts it as a
+            # failed authorization, and after a few demo runs the dictionary-attack lockout
+            # would refuse every use of the AK (TPM_RC_LOCKOUT).
+            self._tpm_call(lambda esapi: esapi.shutdown(TPM2_SU.CLEAR))
             self.process.terminate()
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout)
+
+    def _tpm_call(self, fn: Callable[[Any], object]) -> None:
+        """Best effort: a TPM command on a fresh connection, errors ignored."""
+        try:
+            esapi = ESAPI(self.tcti)
+        except Exception:
+            return
+        try:
+            with contextlib.suppress(Exception):
+                fn(esapi)
+        finally:
+            esapi.close()
 
     def __enter__(self) -> SwtpmProcess:
         return self
@@ -472,6 +489,9 @@ def start_swtpm(
                 last = f"swtpm exited with status {process.returncode} (see {log})"
                 break
             if _accepting(port + 1) and _accepting(port):
+                # A simulator stopped uncleanly earlier (kill -9, a crash) may be in
+                # dictionary-attack lockout: clear it with the (empty) lockout auth.
+                swtpm._tpm_call(lambda esapi: esapi.dictionary_attack_lock_reset(ESYS_TR.LOCKOUT))
                 return swtpm
             time.sleep(0.02)
         else:
