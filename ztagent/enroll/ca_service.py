@@ -36,9 +36,7 @@ event loop.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -64,6 +62,7 @@ from ztagent.pki import ca
 from ztagent.pki.device_check import DevicePolicy, verify_device_cert
 from ztagent.pki.errors import CaError, CertError
 from ztagent.pki.trust import TrustMaterial
+from ztagent.signals import wait_for_stop_signal
 
 log = logging.getLogger("ztagent.enroll.ca")
 
@@ -391,18 +390,10 @@ async def run_ca_server(
     running = await start_ca_server(
         ca_dir, listen=listen, renew_listen=renew_listen, lifetime_days=lifetime_days
     )
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    signals = (signal.SIGTERM, signal.SIGINT)
-    for sig in signals:
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        await wait_for_stop_signal()
         log.info("CA enrollment service stopping")
     finally:
-        for sig in signals:
-            with contextlib.suppress(Exception):
-                loop.remove_signal_handler(sig)
         await running.stop(STOP_GRACE_S)
 
 

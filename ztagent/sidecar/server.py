@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 from pathlib import Path
 
 import grpc
@@ -31,6 +30,7 @@ from ztagent.sidecar.attestation import AttestationService, PostureState
 from ztagent.sidecar.pipeline import Pipeline
 from ztagent.sidecar.proxy import ProxyHandler
 from ztagent.sidecar.upstreams import Upstreams
+from ztagent.signals import wait_for_stop_signal
 from ztagent.tokens.verifier import TokenVerifier
 
 log = logging.getLogger("ztagent.sidecar")
@@ -312,11 +312,7 @@ async def run_sidecar(config: Config) -> None:
     """Runs until SIGTERM or SIGINT, then drains in-flight calls within the grace period."""
     sidecar = Sidecar(config)
     await sidecar.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await wait_for_stop_signal()
     log.info("stopping: draining in-flight calls for up to %.1f s", config.listen.grace_period_s)
     await sidecar.stop()
     log.info("stopped")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ztagent._proto.workloads.v1 import inference_pb2, inference_pb2_grpc
 from ztagent.errors import ConfigError, TransportError, ZtagentError
+from ztagent.signals import wait_for_stop_signal
 from ztagent.workloads.inference.batching import Batcher
 from ztagent.workloads.inference.errors import (
     InvalidInputError,
@@ -455,17 +455,10 @@ async def run_inference(
         max_wait_ms=max_wait_ms,
         threads=threads,
     )
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    signals = (signal.SIGTERM, signal.SIGINT)
-    for sig in signals:
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        await wait_for_stop_signal()
         log.info("inference workload stopping")
     finally:
-        for sig in signals:
-            loop.remove_signal_handler(sig)
         await stop_inference_server(server, STOP_GRACE_S)
 
 

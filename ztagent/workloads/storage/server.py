@@ -14,7 +14,6 @@ import contextlib
 import functools
 import ipaddress
 import logging
-import signal
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ztagent._proto.workloads.v1 import storage_pb2, storage_pb2_grpc
 from ztagent.errors import ConfigError, TransportError, VerificationError, ZtagentError
+from ztagent.signals import wait_for_stop_signal
 from ztagent.workloads.storage.errors import (
     InvalidRequestError,
     WatchOverflowError,
@@ -479,15 +479,8 @@ async def run_storage(
 ) -> None:
     """Serves until SIGTERM or SIGINT, then stops with a 5 s grace and closes the DB."""
     server, _ = await start_storage_server(listen, data_dir, max_value_bytes=max_value_bytes)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    signals = (signal.SIGTERM, signal.SIGINT)
-    for sig in signals:
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        await wait_for_stop_signal()
         log.info("storage workload stopping")
     finally:
-        for sig in signals:
-            loop.remove_signal_handler(sig)
         await stop_storage_server(server, STOP_GRACE_S)
