@@ -214,3 +214,51 @@ def test_crl_updates_are_verified_and_never_roll_back(pki: Pki) -> None:
     with pytest.raises(CertError) as info:
         accept_crl_update(forged.public_bytes(Encoding.PEM), bundle, new, now)
     assert info.value.code == "crl_bad_signature"
+
+
+@pytest.mark.parametrize(
+    ("maximum", "accepted"),
+    [("TLSv1_1", False), ("TLSv1_2", True), ("TLSv1_3", True)],
+)
+async def test_tls_versions(pki: Pki, upstream: EchoUpstream, maximum: str, accepted: bool) -> None:
+    """TLS 1.2 is the minimum the sidecar accepts; a client that allows 1.3 gets 1.3."""
+    import socket
+    import ssl
+    import tempfile
+    import warnings
+
+    car = Sidecar(load_config(write_config(pki, {SERVICE: upstream.address})))
+    await car.start()
+    device = pki.mint("tls-probe")
+
+    def handshake() -> str:
+        with tempfile.TemporaryDirectory() as tmp:
+            cert, key = Path(tmp) / "c.pem", Path(tmp) / "k.pem"
+            cert.write_bytes(ca.cert_pem(device.cert))
+            key.write_bytes(ca.key_pem(device.key))
+            context = ssl.create_default_context(cafile=str(pki.layout.bundle))
+            context.load_cert_chain(cert, key)
+            context.set_alpn_protocols(["h2"])
+            context.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+            with warnings.catch_warnings():  # TLSv1_1 is deprecated: that is the point
+                warnings.simplefilter("ignore", DeprecationWarning)
+                context.maximum_version = getattr(ssl.TLSVersion, maximum)
+            context.set_ciphers("DEFAULT:@SECLEVEL=0")  # let the client offer old versions
+            with (
+                socket.create_connection(("127.0.0.1", car.port), timeout=5) as sock,
+                context.wrap_socket(sock, server_hostname="localhost") as tls,
+            ):
+                return tls.version() or ""
+
+    try:
+        if accepted:
+            version = await asyncio.to_thread(handshake)
+            assert version == ("TLSv1.2" if maximum == "TLSv1_2" else "TLSv1.3")
+        else:
+            with pytest.raises(ssl.SSLError) as info:
+                await asyncio.to_thread(handshake)
+            # Refused by the server (alert or closed connection; gRPC logs UNSUPPORTED_PROTOCOL),
+            # not by the client failing to offer TLS 1.1 at all.
+            assert "no_protocols_available" not in str(info.value).lower(), info.value
+    finally:
+        await car.stop(0)
