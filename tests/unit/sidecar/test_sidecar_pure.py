@@ -1,0 +1,109 @@
+"""The sidecar's pure helpers: what reaches the policy, the upstream and the client."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import jsonschema
+
+from ztagent.policy.types import Decision
+from ztagent.sidecar.pipeline import policy_headers
+from ztagent.sidecar.policy_input import (
+    build_input,
+    request_metadata,
+    split_method,
+    unverified_posture,
+)
+from ztagent.sidecar.proxy import forwardable
+from ztagent.sidecar.upstreams import service_of
+from ztagent.tokens.verify import anonymous_user_input
+
+SCHEMA = json.loads(
+    (Path(__file__).resolve().parents[3] / "policies" / "input.schema.json").read_text()
+)
+
+
+def test_credentials_never_reach_the_policy_input() -> None:
+    md = request_metadata(
+        [
+            ("authorization", "Bearer secret"),
+            ("cookie", "session=1"),
+            ("x-ztagent-device-id", "forged"),
+            (":authority", "localhost"),
+            ("grpc-timeout", "1S"),
+            ("x-app", "a"),
+            ("x-app", "b"),
+            ("trace-bin", b"\x00\x01"),
+        ]
+    )
+    assert md == {"x-app": "a,b", "trace-bin": base64.b64encode(b"\x00\x01").decode()}
+
+
+def test_client_identity_headers_are_not_forwarded() -> None:
+    sent = [
+        ("x-ztagent-device-id", "forged"),
+        ("x-ztagent-anything", "x"),
+        ("user-agent", "ua"),
+        ("grpc-accept-encoding", "gzip"),
+        ("authorization", "Bearer t"),
+        ("x-app", "kept"),
+    ]
+    assert forwardable(sent) == [("authorization", "Bearer t"), ("x-app", "kept")]
+    assert forwardable(None) == []
+
+
+def test_method_names() -> None:
+    assert split_method("/pkg.v1.Svc/Method") == ("pkg.v1.Svc", "Method")
+    assert service_of("/pkg.v1.Svc/Method") == "pkg.v1.Svc"
+    for bad in ("", "/", "pkg.Svc/Method", "/pkg.Svc/", "//M", "/a/b/c"):
+        assert split_method(bad) == ("", "")
+        assert service_of(bad) == ""
+
+
+def test_policy_headers_cannot_override_identity() -> None:
+    decision = Decision(
+        allow=True,
+        headers={
+            "x-ztagent-user": "alice",
+            "x-ztagent-device-id": "forged",
+            "X-Upper": "no",
+            "not-x": "no",
+            "x-newline": "a\nb",
+        },
+    )
+    assert policy_headers(decision) == [("x-ztagent-user", "alice")]
+
+
+def test_built_input_matches_the_published_schema() -> None:
+    doc = build_input(
+        device={
+            "id": "cam-1",
+            "spiffe_id": "spiffe://ztagent.dev/device/cam-1",
+            "serial": "ab",
+            "fingerprint_sha256": hashlib.sha256(b"x").hexdigest(),
+            "issuer": "CN=issuing",
+            "not_before": "2026-11-26T00:00:00Z",
+            "not_after": "2026-12-26T00:00:00Z",
+        },
+        posture=unverified_posture(),
+        user=anonymous_user_input(),
+        full_method="/ztagent.workloads.v1.Storage/Get",
+        metadata={"x-app": "v"},
+        peer="ipv4:127.0.0.1:5000",
+        now=datetime(2026, 11, 26, 19, 0, 0, 123456, tzinfo=UTC),
+        node="edge-01",
+    )
+    jsonschema.validate(doc, SCHEMA)
+    assert doc["request"] == {
+        "service": "ztagent.workloads.v1.Storage",
+        "method": "Get",
+        "full_method": "/ztagent.workloads.v1.Storage/Get",
+        "metadata": {"x-app": "v"},
+        "peer": "ipv4:127.0.0.1:5000",
+    }
+    assert doc["context"]["time"] == "2026-11-26T19:00:00.123Z"
+    assert doc["posture"]["verified"] is False
