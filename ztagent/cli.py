@@ -113,6 +113,11 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
     token = sys.stdin.read().strip() if args.token == "-" else args.token  # noqa: S105
     pin = resolve_pin(args.pin_file) if args.key_store.startswith("pkcs11:") else None
+    tpm = None
+    if args.tpm:
+        from ztagent.posture.tpm import DeviceTpm
+
+        tpm = DeviceTpm(args.tpm)
     result = asyncio.run(
         enroll(
             args.server,
@@ -123,6 +128,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
             pin=pin,
             force=args.force,
             renew_server=args.renew_server,
+            tpm=tpm,
         )
     )
     verb = "re-enrolled (expired certificate recovered)" if result.recovered else "enrolled"
@@ -131,6 +137,8 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         f"valid until {result.not_after:%Y-%m-%dT%H:%M:%SZ}, key in {result.key_store}"
     )
     print(f"  files in {result.dir}: device.pem, ca-bundle.pem, keystore.json, enrollment.json")
+    if tpm is not None:
+        print("  TPM attestation key bound into the certificate (ztagent attest needs no binding)")
     return EXIT_OK
 
 
@@ -628,6 +636,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pin-file", type=Path, help="PKCS#11 user PIN (or env ZTAGENT_PKCS11_PIN)")
     p.add_argument("--renew-server", help="CA renewal address (default: same host, port 8445)")
     p.add_argument("--force", action="store_true", help="replace a valid enrollment")
+    p.add_argument(
+        "--tpm",
+        metavar="TCTI",
+        help="prove the TPM at enrollment and bind its attestation key into the certificate, "
+        "e.g. device:/dev/tpmrm0 or swtpm:host=127.0.0.1,port=2321",
+    )
     p.set_defaults(func=cmd_enroll)
     p = sub.add_parser("renew", help="renew the device certificate over mTLS")
     p.add_argument("--dir", type=Path, required=True, help="device directory")

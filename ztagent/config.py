@@ -299,11 +299,15 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
-def validate_upstream(value: str, name: str) -> str:
-    """An upstream is a unix socket or a loopback host:port (workloads never leave the node)."""
+def validate_upstream(value: str, name: str, base: Path | None = None) -> str:
+    """An upstream is a unix socket or a loopback host:port (workloads never leave the node).
+    A relative ``unix:`` path is resolved against ``base`` (the config file's directory)."""
     if value.startswith("unix:"):
-        if len(value) <= len("unix:"):
+        path = value.removeprefix("unix:").removeprefix("//")
+        if not path:
             raise ConfigError(name, "unix: address needs a path")
+        if base is not None and not path.startswith("/"):
+            return f"unix:{base / path}"
         return value
     host, _ = parse_host_port(value, name)
     if not is_loopback_host(host):
@@ -559,7 +563,7 @@ def _posture(raw: Mapping[str, Any], base: Path) -> PostureConfig:
     )
 
 
-def _routes(raw: object) -> tuple[Route, ...]:
+def _routes(raw: object, base: Path) -> tuple[Route, ...]:
     if not isinstance(raw, list):
         raise ConfigError("routes", f"expected [[routes]] tables, got {_type_name(raw)}")
     routes: list[Route] = []
@@ -577,7 +581,7 @@ def _routes(raw: object) -> tuple[Route, ...]:
             raise ConfigError(f"{name}.service", f"duplicate route for {service!r}")
         seen.add(service)
         upstream = validate_upstream(
-            _str(table, "upstream", f"{name}.upstream"), f"{name}.upstream"
+            _str(table, "upstream", f"{name}.upstream"), f"{name}.upstream", base
         )
         timeout: float | None = None
         if "timeout_s" in table:
@@ -615,7 +619,7 @@ def parse_config(raw: Mapping[str, Any], base: Path, source: Path | None = None)
     identity = _identity(_expect_table(raw.get("identity", {}), "identity"))
     if identity.check_crl and tls.crl is None:
         raise ConfigError("tls.crl", "is required while identity.check_crl = true")
-    routes = _routes(raw.get("routes", []))
+    routes = _routes(raw.get("routes", []), base)
     tokens = _tokens(_expect_table(raw["tokens"], "tokens"), base) if "tokens" in raw else None
     return Config(
         listen=listen,

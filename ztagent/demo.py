@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ztagent.config import Config, load_config
@@ -29,6 +30,7 @@ from ztagent.demo_enroll import enroll_device, reuse_token, revoke_and_wait, wai
 from ztagent.demo_inference import INFERENCE
 from ztagent.demo_inference import scenarios as inference_scenarios
 from ztagent.demo_posture import DemoDevice, attest, booted_devices, ensure_dev_firmware_vendor
+from ztagent.pki.device_check import cert_ak_name
 from ztagent.tokens.dev_issuer import mint_token
 from ztagent.workloads.storage.server import parse_listen
 
@@ -287,6 +289,7 @@ def run_demo(config_path: Path, ca_dir: Path) -> int:
     _ensure_dev_issuer(ca_dir, config.identity.trust_domain)
     ensure_dev_firmware_vendor(ca_dir)
     logs = root / "var" / "log"
+    (root / "var" / "run").mkdir(parents=True, exist_ok=True, mode=0o700)
     devices = root / "var" / "devices"
     ca_address = "127.0.0.1:8444"
     storage_args = ["workload", "storage", "--listen", parse_listen(route.upstream)]
@@ -305,25 +308,10 @@ def run_demo(config_path: Path, ca_dir: Path) -> int:
             return 1
         print(f"dev CA serving enrollment on {ca_address} (renewal on 127.0.0.1:8445)")
         enrolled: dict[str, Path] = {}
-        for device_id in (DEMO_DEVICE, REVOKED_DEVICE, TAMPERED_DEVICE):
-            result, token = enroll_device(ca_address, ca_dir, devices / device_id, device_id)
+        for device_id in (REVOKED_DEVICE, TAMPERED_DEVICE):
+            result, _ = enroll_device(ca_address, ca_dir, devices / device_id, device_id)
             enrolled[device_id] = result.dir / "device.pem"
-            if device_id == DEMO_DEVICE:
-                outcomes.append(
-                    Outcome(
-                        True,
-                        f"(0) device {device_id!r} made its own key and enrolled with a one-time "
-                        f"bootstrap token: serial {result.serial[:16]}..., valid until "
-                        f"{result.not_after:%Y-%m-%d}",
-                    )
-                )
-                refusal = reuse_token(ca_address, ca_dir, devices / "replay-attempt", token)
-                outcomes.append(
-                    Outcome(
-                        refusal.startswith("token_reused"),
-                        f"(0) the same bootstrap token used again refused: {refusal or 'ACCEPTED'}",
-                    )
-                )
+        enrolled[DEMO_DEVICE] = devices / DEMO_DEVICE / "device.pem"
         device_cert = enrolled[DEMO_DEVICE]
         print(
             f"starting storage workload on {route.upstream} and sidecar on {config.listen.address}"
@@ -353,6 +341,30 @@ def run_demo(config_path: Path, ca_dir: Path) -> int:
             ) as inference,
             _process(["serve", "--config", str(config_path)], logs / "sidecar.log") as sidecar,
         ):
+            # The demo device enrolls with its TPM: the CA proves the TPM (MakeCredential /
+            # ActivateCredential) and binds its attestation key into the certificate.
+            result, token = enroll_device(
+                ca_address, ca_dir, devices / DEMO_DEVICE, DEMO_DEVICE, tpm=good.tpm
+            )
+            ak_name = cert_ak_name(
+                x509.load_pem_x509_certificate((result.dir / "device.pem").read_bytes())
+            )
+            outcomes.append(
+                Outcome(
+                    ak_name is not None,
+                    f"(0) device {DEMO_DEVICE!r} made its own key and enrolled with a one-time "
+                    f"bootstrap token; its TPM was proved and its AK {(ak_name or '')[:16]}... "
+                    f"bound into the certificate (serial {result.serial[:16]}..., valid until "
+                    f"{result.not_after:%Y-%m-%d})",
+                )
+            )
+            refusal = reuse_token(ca_address, ca_dir, devices / "replay-attempt", token)
+            outcomes.append(
+                Outcome(
+                    refusal.startswith("token_reused"),
+                    f"(0) the same bootstrap token used again refused: {refusal or 'ACCEPTED'}",
+                )
+            )
             try:
                 with grpc.insecure_channel(route.upstream) as upstream:
                     _wait_healthy(upstream, "storage workload", storage)

@@ -17,6 +17,7 @@ from ztagent.enroll.bootstrap import issue_bootstrap_token
 from ztagent.enroll.client import EnrollResult, enroll
 from ztagent.errors import ZtagentError
 from ztagent.pki import ca
+from ztagent.posture.tpm import DeviceTpm
 
 
 def wait_for_ca(
@@ -38,13 +39,13 @@ def wait_for_ca(
 
 
 def enroll_device(
-    ca_address: str, ca_dir: Path, device_dir: Path, device_id: str
+    ca_address: str, ca_dir: Path, device_dir: Path, device_id: str, *, tpm: DeviceTpm | None = None
 ) -> tuple[EnrollResult, str]:
     """A fresh bootstrap token, then `ztagent enroll` into ``device_dir`` (re-enrolls on every
-    demo run); returns the result and the (now used) token."""
+    demo run; TPM-bound when ``tpm`` is given); returns the result and the (now used) token."""
     token = issue_bootstrap_token(ca_dir, device_id, ttl_s=900)
     result = asyncio.run(
-        enroll(ca_address, token, ca_dir / "ca-bundle.pem", device_dir, "file", force=True)
+        enroll(ca_address, token, ca_dir / "ca-bundle.pem", device_dir, "file", force=True, tpm=tpm)
     )
     return result, token
 

@@ -109,3 +109,11 @@ def test_not_toml_and_missing_file(tmp_path: Path) -> None:
         load_config(write(tmp_path, "[tls\n"))
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config(tmp_path / "absent.toml")
+
+
+def test_relative_unix_upstream_is_resolved_against_the_config_dir(tmp_path: Path) -> None:
+    text = BASE.replace('upstream = "127.0.0.1:50061"', 'upstream = "unix:run/storage.sock"')
+    config = load_config(write(tmp_path, text))
+    assert config.routes[0].upstream == f"unix:{tmp_path / 'run' / 'storage.sock'}"
+    absolute = BASE.replace('upstream = "127.0.0.1:50061"', 'upstream = "unix:/tmp/s.sock"')
+    assert load_config(write(tmp_path, absolute)).routes[0].upstream == "unix:/tmp/s.sock"

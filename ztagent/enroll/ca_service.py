@@ -1,4 +1,5 @@
-"""The CA's enrollment service (``ztagent ca serve``): Enroll, Renew, GetCACerts, GetCRL.
+"""The CA's enrollment service (``ztagent ca serve``): Enroll, BeginTpmEnroll,
+CompleteTpmEnroll, Renew, GetCACerts, GetCRL.
 
 One ``grpc.aio`` server, two TLS ports, both with the CA's ``server.pem`` (server leaf +
 issuing CA, SANs localhost/127.0.0.1/::1, from ``ca init``):
@@ -16,12 +17,29 @@ check the CSR (DER, key type, self-signature) → check the CSR names no other d
 (a typo, a weak key) does not burn the token and the device may retry with a good CSR, while
 a token is consumed before anything is issued with it: two concurrent requests with one
 token cannot both get a certificate. If issuing then fails (``ca_unavailable``) the token
-stays used and the operator makes a new one.
+stays used and the operator makes a new one. ``Enroll`` refuses a request carrying TPM
+fields (``ak_binding_failed``): a TPM is bound only by the two-step exchange below.
+
+TPM-bound enrollment reuses the posture AK binding (``ztagent.posture.ak_binding``):
+``BeginTpmEnroll`` runs Enroll's checks up to, not including, spending the token (and refuses
+an already spent one early, ``token_reused``), checks the EK and AK public areas and answers a
+MakeCredential challenge sealed to the EK for the AK's name. The pending enrollment (token,
+CSR, device id, secret) is kept in memory under a random enrollment id, single use, for
+``TPM_ENROLL_TTL_S``. ``CompleteTpmEnroll`` takes it (unknown or used: ``ak_binding_failed``;
+too late: ``tpm_enroll_expired``), compares the secret in constant time
+(``ak_binding_failed``), verifies the token again, and only then spends it and issues a
+certificate carrying the AK name in the AK-name extension
+(``ztagent.pki.device_check.AK_NAME_OID``); the audit line records ``ak_name``. A wrong secret
+consumes the pending enrollment but not the token: the device may begin again. The EK is
+trusted on first use (swtpm has no EK certificate); what the exchange proves is that the AK
+lives in the TPM holding that EK, and the token proves the device id.
 
 Renew: the peer certificate must pass the sidecar's device check against this CA's bundle and
 CRL (chain, validity, clientAuth, SPIFFE ID in this trust domain, lifetime <= 90 days, not in
 the CRL) and must not be revoked in ``ca.json`` either; the device id comes from its SPIFFE
-ID; the CSR may carry a new key; the new certificate gets the same device id.
+ID; the CSR may carry a new key; the new certificate gets the same device id and, when the
+current certificate carries an AK name, the same AK name (the binding was proven at
+enrollment and the TPM has not changed as far as the CA can tell).
 
 ``GetCRL`` re-signs ``crl.pem`` (``ztagent.pki.ca.write_crl``) when its nextUpdate is less than
 a day away. Refusals are gRPC errors with the ``EnrollError``'s status and details
@@ -37,6 +55,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -48,7 +68,7 @@ from cryptography import x509
 
 from ztagent._proto.v1 import enrollment_pb2, enrollment_pb2_grpc
 from ztagent.enroll.audit import AuditLog
-from ztagent.enroll.bootstrap import ReplayStore, verify_bootstrap_token
+from ztagent.enroll.bootstrap import BootstrapClaims, ReplayStore, verify_bootstrap_token
 from ztagent.enroll.errors import EnrollError
 from ztagent.enroll.issuance import (
     MAX_LIFETIME_DAYS,
@@ -59,9 +79,11 @@ from ztagent.enroll.issuance import (
 )
 from ztagent.errors import ConfigError
 from ztagent.pki import ca
-from ztagent.pki.device_check import DevicePolicy, verify_device_cert
+from ztagent.pki.device_check import DevicePolicy, cert_ak_name, verify_device_cert
 from ztagent.pki.errors import CaError, CertError
 from ztagent.pki.trust import TrustMaterial
+from ztagent.posture.ak_binding import PendingBinding, begin_binding, complete_binding
+from ztagent.posture.errors import PostureError
 from ztagent.signals import wait_for_stop_signal
 
 log = logging.getLogger("ztagent.enroll.ca")
@@ -72,6 +94,9 @@ CRL_REFRESH_BEFORE: Final = timedelta(days=1)
 """``GetCRL`` and ``Renew`` re-sign the CRL when its nextUpdate is closer than this."""
 STOP_GRACE_S: Final = 5.0
 MAX_MESSAGE_BYTES: Final = 64 * 1024
+TPM_ENROLL_TTL_S: Final = 60
+"""A pending TPM-bound enrollment must be completed within this many seconds."""
+MAX_PENDING_TPM_ENROLLMENTS: Final = 1000
 
 Clock = Callable[[], datetime]
 _T = TypeVar("_T")
@@ -91,6 +116,65 @@ def _ca_call(fn: Callable[[], _T]) -> _T:
         raise EnrollError("ca_unavailable", f"CA files: {exc}") from None
 
 
+@dataclass(frozen=True)
+class PendingTpmEnrollment:
+    """A BeginTpmEnroll that passed every check but the TPM's answer."""
+
+    binding: PendingBinding
+    token: str
+    csr: x509.CertificateSigningRequest
+    device_id: str
+    jti: str
+    expires_at: datetime
+
+
+class PendingTpmEnrollments:
+    """enrollment id -> pending TPM-bound enrollment: single use, bounded, expiring.
+
+    When full, the oldest is dropped (its completion then fails; it never succeeds).
+    """
+
+    def __init__(self, max_pending: int = MAX_PENDING_TPM_ENROLLMENTS) -> None:
+        self._max = max_pending
+        self._entries: dict[str, PendingTpmEnrollment] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def add(self, entry: PendingTpmEnrollment, now: datetime) -> str:
+        """Keep ``entry`` until its ``expires_at``; its enrollment id (128 random bits)."""
+        with self._lock:
+            for key in [k for k, e in self._entries.items() if e.expires_at <= now]:
+                del self._entries[key]
+            while len(self._entries) >= self._max:
+                del self._entries[next(iter(self._entries))]
+            enrollment_id = secrets.token_hex(16)
+            self._entries[enrollment_id] = entry
+            return enrollment_id
+
+    def take(self, enrollment_id: str, now: datetime) -> PendingTpmEnrollment:
+        """Remove and return the entry: ``ak_binding_failed`` if unknown or already taken,
+        ``tpm_enroll_expired`` if past its ``expires_at``."""
+        with self._lock:
+            entry = self._entries.pop(enrollment_id, None)
+        if entry is None:
+            raise EnrollError(
+                "ak_binding_failed",
+                f"enrollment id {enrollment_id[:32]!r} is unknown or already completed "
+                "(expected the id BeginTpmEnroll returned, used once)",
+            )
+        if now >= entry.expires_at:
+            raise EnrollError(
+                "tpm_enroll_expired",
+                f"the TPM enrollment of {entry.device_id!r} expired at "
+                f"{entry.expires_at:%Y-%m-%dT%H:%M:%SZ} (now {now:%Y-%m-%dT%H:%M:%SZ}, "
+                f"{TPM_ENROLL_TTL_S} s after BeginTpmEnroll); begin again",
+            )
+        return entry
+
+
 class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
     """Implements ``ztagent.v1.Enrollment`` over one CA directory."""
 
@@ -105,6 +189,7 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         self.policy = policy or IssuancePolicy()
         self.replay = ReplayStore.for_ca(ca_dir)
         self.audit = AuditLog.for_ca(ca_dir)
+        self.pending_tpm = PendingTpmEnrollments()
         self._clock = clock
 
     # --- the RPCs ---------------------------------------------------------------------------
@@ -114,6 +199,28 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
     ) -> enrollment_pb2.EnrollResponse:
         peer = context.peer()
         result = await self._run("enroll", peer, lambda: self._enroll(request, peer))
+        if isinstance(result, EnrollError):
+            await _abort(context, result)
+        return result
+
+    async def BeginTpmEnroll(
+        self, request: enrollment_pb2.EnrollRequest, context: grpc.aio.ServicerContext
+    ) -> enrollment_pb2.BeginTpmEnrollResponse:
+        peer = context.peer()
+        result = await self._run(
+            "begin_tpm_enroll", peer, lambda: self._begin_tpm_enroll(request, peer)
+        )
+        if isinstance(result, EnrollError):
+            await _abort(context, result)
+        return result
+
+    async def CompleteTpmEnroll(
+        self, request: enrollment_pb2.CompleteTpmEnrollRequest, context: grpc.aio.ServicerContext
+    ) -> enrollment_pb2.EnrollResponse:
+        peer = context.peer()
+        result = await self._run(
+            "complete_tpm_enroll", peer, lambda: self._complete_tpm_enroll(request, peer)
+        )
         if isinstance(result, EnrollError):
             await _abort(context, result)
         return result
@@ -152,8 +259,8 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         self,
         method: str,
         peer: str,
-        work: Callable[[], enrollment_pb2.EnrollResponse],
-    ) -> enrollment_pb2.EnrollResponse | EnrollError:
+        work: Callable[[], _T],
+    ) -> _T | EnrollError:
         try:
             return await asyncio.to_thread(work)
         except EnrollError as err:
@@ -185,6 +292,12 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         now = self._clock()
         device_id: str | None = None
         try:
+            if request.ek_public or request.ak_public:
+                raise EnrollError(
+                    "ak_binding_failed",
+                    "Enroll does not bind a TPM (got ek_public/ak_public; expected "
+                    "BeginTpmEnroll then CompleteTpmEnroll for a TPM-bound certificate)",
+                )
             state = _ca_call(lambda: ca.load_state(self.layout))
             issuing = _ca_call(lambda: ca.load_issuing(self.layout))
             claims = verify_bootstrap_token(
@@ -204,6 +317,103 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         log.info("enrolled %s (serial %x) for %s", device_id, cert.serial_number, peer)
         return self._response(cert, issuing.cert, device_id, state.trust_domain)
 
+    def _begin_tpm_enroll(
+        self, request: enrollment_pb2.EnrollRequest, peer: str
+    ) -> enrollment_pb2.BeginTpmEnrollResponse:
+        now = self._clock()
+        device_id: str | None = None
+        try:
+            state = _ca_call(lambda: ca.load_state(self.layout))
+            issuing = _ca_call(lambda: ca.load_issuing(self.layout))
+            claims = verify_bootstrap_token(
+                request.bootstrap_token, issuing.cert, state.trust_domain, now
+            )
+            device_id = claims.device_id
+            csr = check_csr(request.csr)
+            check_csr_names(csr, device_id, state.trust_domain, "token_device_mismatch")
+            if self.replay.is_used(claims.jti):
+                raise EnrollError(
+                    "token_reused",
+                    f"token jti {claims.jti[:8]}… was already used (expected a token never "
+                    "used before; ask the operator for a new one)",
+                )
+            try:
+                binding, blob, encrypted = begin_binding(request.ek_public, request.ak_public)
+            except PostureError as exc:
+                raise EnrollError("ak_binding_failed", f"{exc.code}: {exc.message}") from None
+        except EnrollError as err:
+            self._audit_refusal(err, device_id, "begin_tpm_enroll", peer)
+            raise
+        pending = PendingTpmEnrollment(
+            binding=binding,
+            token=request.bootstrap_token,
+            csr=csr,
+            device_id=device_id,
+            jti=claims.jti,
+            expires_at=now + timedelta(seconds=TPM_ENROLL_TTL_S),
+        )
+        enrollment_id = self.pending_tpm.add(pending, now)
+        log.info(
+            "TPM enrollment of %s begun for %s (AK %s, id %s…)",
+            device_id,
+            peer,
+            binding.ak_name,
+            enrollment_id[:8],
+        )
+        return enrollment_pb2.BeginTpmEnrollResponse(
+            enrollment_id=enrollment_id, credential_blob=blob, encrypted_secret=encrypted
+        )
+
+    def _complete_tpm_enroll(
+        self, request: enrollment_pb2.CompleteTpmEnrollRequest, peer: str
+    ) -> enrollment_pb2.EnrollResponse:
+        now = self._clock()
+        device_id: str | None = None
+        try:
+            pending = self.pending_tpm.take(request.enrollment_id, now)
+            device_id = pending.device_id
+            try:
+                ak_name = complete_binding(pending.binding, request.secret)
+            except PostureError as exc:
+                raise EnrollError("ak_binding_failed", exc.message) from None
+            state = _ca_call(lambda: ca.load_state(self.layout))
+            issuing = _ca_call(lambda: ca.load_issuing(self.layout))
+            claims = self._recheck_token(pending, issuing.cert, state.trust_domain, now)
+            self.replay.consume(claims.jti, claims.expires_at, now)
+            cert = issue_for(
+                self.layout.dir,
+                device_id,
+                pending.csr.public_key(),
+                self.policy,
+                now,
+                ak_name=ak_name,
+            )
+        except EnrollError as err:
+            self._audit_refusal(err, device_id, "complete_tpm_enroll", peer)
+            raise
+        self.audit.issued(
+            cert,
+            device_id,
+            method="enroll",
+            peer=peer,
+            now=now,
+            extra={"jti": claims.jti, "ak_name": ak_name},
+        )
+        log.info(
+            "enrolled %s (serial %x, AK %s) for %s", device_id, cert.serial_number, ak_name, peer
+        )
+        return self._response(cert, issuing.cert, device_id, state.trust_domain)
+
+    @staticmethod
+    def _recheck_token(
+        pending: PendingTpmEnrollment, issuing: x509.Certificate, td: str, now: datetime
+    ) -> BootstrapClaims:
+        """The token again at completion: it may have expired, or the CA changed, since."""
+        claims = verify_bootstrap_token(pending.token, issuing, td, now)
+        if (claims.device_id, claims.jti) != (pending.device_id, pending.jti):
+            raise EnrollError("ca_unavailable", "pending enrollment does not match its token")
+        return claims
+
     def _renew(
         self, request: enrollment_pb2.RenewRequest, leaf_pem: bytes | None, peer: str
     ) -> enrollment_pb2.EnrollResponse:
@@ -218,22 +428,20 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
                 )
             state = _ca_call(lambda: ca.load_state(self.layout))
             issuing = _ca_call(lambda: ca.load_issuing(self.layout))
-            leaf, device_id = self._check_peer(leaf_pem, state, now)
+            leaf, device_id, ak_name = self._check_peer(leaf_pem, state, now)
             csr = check_csr(request.csr)
             check_csr_names(csr, device_id, state.trust_domain, "csr_device_mismatch")
-            cert = issue_for(self.layout.dir, device_id, csr.public_key(), self.policy, now)
+            cert = issue_for(
+                self.layout.dir, device_id, csr.public_key(), self.policy, now, ak_name=ak_name
+            )
         except EnrollError as err:
             self._audit_refusal(err, device_id, "renew", peer)
             raise
         previous = ca.serial_hex(leaf.serial_number)
-        self.audit.issued(
-            cert,
-            device_id,
-            method="renew",
-            peer=peer,
-            now=now,
-            extra={"previous_serial": previous},
-        )
+        extra: dict[str, object] = {"previous_serial": previous}
+        if ak_name is not None:
+            extra["ak_name"] = ak_name
+        self.audit.issued(cert, device_id, method="renew", peer=peer, now=now, extra=extra)
         log.info(
             "renewed %s (serial %s -> %x) for %s", device_id, previous, cert.serial_number, peer
         )
@@ -241,7 +449,8 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
 
     def _check_peer(
         self, leaf_pem: bytes, state: ca.CaState, now: datetime
-    ) -> tuple[x509.Certificate, str]:
+    ) -> tuple[x509.Certificate, str, str | None]:
+        """The peer's leaf, device id and AK name (None without the AK-name extension)."""
         try:
             leaf = x509.load_pem_x509_certificate(leaf_pem)
         except ValueError as exc:
@@ -269,7 +478,7 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
                 f"certificate serial {ca.serial_hex(leaf.serial_number)} was revoked at "
                 f"{revoked.revoked_at:%Y-%m-%dT%H:%M:%SZ} (in {self.layout.state})",
             )
-        return leaf, device.device_id
+        return leaf, device.device_id, device.ak_name
 
     def current_crl_pem(self) -> bytes:
         """``crl.pem``, re-signed first when its nextUpdate is less than a day away."""
@@ -298,6 +507,7 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
             serial=ca.serial_hex(cert.serial_number),
             not_before=int(cert.not_valid_before_utc.timestamp()),
             not_after=int(cert.not_valid_after_utc.timestamp()),
+            ak_name=cert_ak_name(cert) or "",
         )
 
 
@@ -341,18 +551,21 @@ async def start_ca_server(
     listen: str = DEFAULT_LISTEN,
     renew_listen: str = DEFAULT_RENEW_LISTEN,
     lifetime_days: int = 30,
+    clock: Clock = _utc_now,
 ) -> CaServer:
     """Check the CA and the settings, bind both ports, start serving.
 
     ``ConfigError`` for a bad lifetime (``ca.lifetime_days``) or an address that cannot be
     bound (``ca.listen`` / ``ca.renew_listen``); ``CaError`` if the CA files are missing.
+    ``clock`` is the service's time (token checks, issuance, TPM enrollment expiry; tests
+    move it); TLS uses the real time.
     """
     policy = IssuancePolicy(lifetime_days=lifetime_days)
     layout = ca.CaLayout(ca_dir)
     ca.load_state(layout)
     ca.load_issuing(layout)
     key, chain, bundle = _read(layout.server_key), _read(layout.server_cert), _read(layout.bundle)
-    service = EnrollmentService(ca_dir, policy)
+    service = EnrollmentService(ca_dir, policy, clock=clock)
     server = grpc.aio.server(
         options=[
             ("grpc.so_reuseport", 0),
@@ -398,8 +611,11 @@ async def run_ca_server(
 
 
 __all__ = [
+    "TPM_ENROLL_TTL_S",
     "CaServer",
     "EnrollmentService",
+    "PendingTpmEnrollment",
+    "PendingTpmEnrollments",
     "run_ca_server",
     "start_ca_server",
 ]

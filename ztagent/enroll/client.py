@@ -10,18 +10,30 @@ Device directory (``--out`` / ``--dir``)::
                      {"type": "pkcs11", "uri": "pkcs11:token=...;object=...;id=...",
                       "module": "/usr/lib/softhsm/libsofthsm2.so"}
     enrollment.json  {"version", "server", "renew_server", "device_id", "spiffe_id", "serial",
-                      "not_before", "not_after"} (times RFC 3339 UTC, serial lowercase hex)
+                      "not_before", "not_after"} (times RFC 3339 UTC, serial lowercase hex;
+                      plus "ak_name" after TPM-bound enrollment)
+    ak-bound         after TPM-bound enrollment only: the ``ztagent.posture.device`` record
+                     {"ak_name", "binding_id" (the enrollment id), "bound_at"}, so
+                     ``ztagent attest --dir`` does not bind the AK again
 
 Every file is written atomically (temp file, fsync, rename, fsync dir); a new file key is
 generated under a temporary name and renamed into place only after the CA answered, and
 ``enrollment.json`` is written last. The PKCS#11 PIN is a parameter: the CLI reads it from
 ``--pin-file`` or ``ZTAGENT_PKCS11_PIN`` (``keystores.resolve_pin``).
 
-``enroll`` generates the key in the chosen store (``file``, ``pkcs11:URI``; ``tpm`` is not
-implemented yet), builds a CSR for the device id the bootstrap token carries (the CA requires
-``CN`` to match it), and calls ``Enroll`` over server-auth TLS trusting ``ca_bundle``. It
-refuses a directory that already holds a certificate, unless that certificate has expired or
-``force=True``.
+``enroll`` generates the key in the chosen store (``file``, ``pkcs11:URI``; a ``tpm`` key
+store, the TLS key itself in the TPM, is not implemented yet: see TPM-bound enrollment below
+for what a TPM adds today), builds a CSR for the device id the bootstrap token carries (the
+CA requires ``CN`` to match it), and calls ``Enroll`` over server-auth TLS trusting
+``ca_bundle``. It refuses a directory that already holds a certificate, unless that
+certificate has expired or ``force=True``.
+
+**TPM-bound enrollment** (``tpm=DeviceTpm(...)``; the key store is unchanged, the TPM
+contributes its attestation key): ``BeginTpmEnroll`` with the CSR, the token and the TPM's EK
+and AK public areas; the TPM's ActivateCredential opens the CA's challenge; ``CompleteTpmEnroll``
+returns the secret, and the certificate comes back with the AK's TPM name in its AK-name
+extension (checked against this TPM's AK: ``enroll_response_invalid`` otherwise). A sidecar
+then accepts this TPM's quotes for this certificate without an AK binding of its own.
 
 **Expired-certificate recovery.** A device that was offline past its certificate's
 ``notAfter`` cannot ``renew`` (renewal is authenticated by the current certificate). The
@@ -85,6 +97,10 @@ from ztagent.enroll.keystores import (
 )
 from ztagent.errors import ConfigError, TransportError, ZtagentError
 from ztagent.pki._files import write_atomic
+from ztagent.pki.device_check import cert_ak_name
+from ztagent.pki.errors import CertError
+from ztagent.posture.device import record_binding
+from ztagent.posture.tpm import DeviceTpm
 
 log = logging.getLogger(__name__)
 
@@ -415,7 +431,9 @@ def _write_state(
     renew_server: str,
     device_id: str,
     spiffe_id: str,
+    ak_binding: tuple[str, str] | None = None,
 ) -> None:
+    """``ak_binding`` = (AK name, enrollment id) after TPM-bound enrollment."""
     if isinstance(store, FileKeyStore) and store.path.name == _NEW_KEY:
         _promote(store.path, dir / DEVICE_KEY)
         store.path = dir / DEVICE_KEY
@@ -432,6 +450,9 @@ def _write_state(
         "not_before": _rfc3339(leaf.not_valid_before_utc),
         "not_after": _rfc3339(leaf.not_valid_after_utc),
     }
+    if ak_binding is not None:
+        doc["ak_name"] = ak_binding[0]
+        record_binding(dir, *ak_binding)
     write_atomic(dir / ENROLLMENT_FILE, _json_bytes(doc))
 
 
@@ -492,6 +513,39 @@ def _remove_old_key(
 # --- enroll ----------------------------------------------------------------------------------
 
 
+async def _enroll_with_tpm(
+    server: str,
+    credentials: grpc.ChannelCredentials,
+    request: pb.EnrollRequest,
+    tpm: DeviceTpm,
+    rpc_timeout_s: float,
+) -> tuple[pb.EnrollResponse, str, str]:
+    """BeginTpmEnroll -> ActivateCredential -> CompleteTpmEnroll: (answer, AK name, id)."""
+    request.ek_public = await asyncio.to_thread(tpm.ek_public)
+    request.ak_public = await asyncio.to_thread(tpm.ak_public)
+    ak_name = (await asyncio.to_thread(tpm.ak_name)).hex()
+    begin = await _call("BeginTpmEnroll", server, credentials, request, rpc_timeout_s)
+    secret = await asyncio.to_thread(
+        tpm.activate_credential, bytes(begin.credential_blob), bytes(begin.encrypted_secret)
+    )
+    complete = pb.CompleteTpmEnrollRequest(enrollment_id=begin.enrollment_id, secret=secret)
+    response = await _call("CompleteTpmEnroll", server, credentials, complete, rpc_timeout_s)
+    return response, ak_name, str(begin.enrollment_id)
+
+
+def _check_ak_name(leaf: x509.Certificate, response: pb.EnrollResponse, ak_name: str) -> None:
+    try:
+        in_cert = cert_ak_name(leaf)
+    except CertError as err:
+        raise EnrollClientError("enroll_response_invalid", err.message) from None
+    if in_cert != ak_name or response.ak_name.lower() != ak_name:
+        raise EnrollClientError(
+            "enroll_response_invalid",
+            f"the certificate binds AK {in_cert!r} (answer says {response.ak_name!r}), "
+            f"expected this TPM's AK {ak_name!r}",
+        )
+
+
 async def enroll(
     server: str,
     token: str,
@@ -504,8 +558,13 @@ async def enroll(
     renew_server: str | None = None,
     now: datetime | None = None,
     rpc_timeout_s: float = RPC_TIMEOUT_S,
+    tpm: DeviceTpm | None = None,
 ) -> EnrollResult:
-    """Enroll this device with a bootstrap token; write the device directory ``out_dir``."""
+    """Enroll this device with a bootstrap token; write the device directory ``out_dir``.
+
+    With ``tpm`` the enrollment is TPM-bound: the certificate names the TPM's AK and
+    ``out_dir/ak-bound`` records it (``TpmError`` when the TPM fails).
+    """
     spec = KeyStoreSpec.parse(key_store)
     roots = _read_ca_bundle(ca_bundle)
     device_id = token_device_id(token)
@@ -532,16 +591,20 @@ async def enroll(
     if spec.kind == "pkcs11":
         require_pin(pin)
     store = _new_store(spec, out_dir, pin)
+    ak_binding: tuple[str, str] | None = None
     try:
-        csr = build_csr(store, device_id)
-        response = await _call(
-            "Enroll",
-            server,
-            grpc.ssl_channel_credentials(root_certificates=roots),
-            pb.EnrollRequest(csr=csr, bootstrap_token=token),
-            rpc_timeout_s,
-        )
+        request = pb.EnrollRequest(csr=build_csr(store, device_id), bootstrap_token=token)
+        credentials = grpc.ssl_channel_credentials(root_certificates=roots)
+        if tpm is None:
+            response = await _call("Enroll", server, credentials, request, rpc_timeout_s)
+        else:
+            response, ak_name, enrollment_id = await _enroll_with_tpm(
+                server, credentials, request, tpm, rpc_timeout_s
+            )
+            ak_binding = (ak_name, enrollment_id)
         leaf, chain_pem, bundle_pem = _check_response(response, store, device_id)
+        if ak_binding is not None:
+            _check_ak_name(leaf, response, ak_binding[0])
     except BaseException:
         _discard(store)
         raise
@@ -556,6 +619,7 @@ async def enroll(
             renew_server=renew_server or default_renew_server(server),
             device_id=device_id,
             spiffe_id=response.spiffe_id,
+            ak_binding=ak_binding,
         )
         if existing is not None:
             _remove_old_key(out_dir, existing[2], store, pin)

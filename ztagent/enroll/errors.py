@@ -23,6 +23,14 @@ code                        gRPC status          meaning
                                                  the enrollment port)
 ``renew_cert_invalid``      UNAUTHENTICATED      the client certificate fails the device check
 ``renew_cert_revoked``      UNAUTHENTICATED      the client certificate is revoked
+``ak_binding_failed``       PERMISSION_DENIED    TPM-bound enrollment: the AK is not a
+                                                 restricted signing key fixed to its TPM, the
+                                                 EK not a restricted decryption key, the
+                                                 returned secret does not match, or the
+                                                 enrollment id is unknown or already used;
+                                                 also Enroll with TPM fields
+``tpm_enroll_expired``      UNAUTHENTICATED      CompleteTpmEnroll after the pending
+                                                 enrollment's 60 s
 ``ca_unavailable``          UNAVAILABLE          the CA cannot issue now (files, state, lock)
 ==========================  ===================  ==============================================
 
@@ -56,6 +64,8 @@ STATUS_BY_CODE: Final = MappingProxyType(
         "renew_cert_missing": _UNAUTH,
         "renew_cert_invalid": _UNAUTH,
         "renew_cert_revoked": _UNAUTH,
+        "ak_binding_failed": _DENIED,
+        "tpm_enroll_expired": _UNAUTH,
         "ca_unavailable": grpc.StatusCode.UNAVAILABLE,
     }
 )

@@ -3,7 +3,9 @@
 Only a CSR's public key and its self-signature matter. The CA decides everything else:
 subject CN = the device id, exactly one URI SAN ``spiffe://<td>/device/<id>``, EKU clientAuth
 only, keyUsage digitalSignature, a random serial (``x509.random_serial_number``: 159 bits),
-and a lifetime of ``min(policy.lifetime_days, 90)`` days whatever the CSR asks.
+and a lifetime of ``min(policy.lifetime_days, 90)`` days whatever the CSR asks. After a
+TPM-bound enrollment (and on renewal of such a certificate) it also carries the AK's TPM name
+in the non-critical AK-name extension.
 
 Accepted keys: EC P-256 and P-384, Ed25519, RSA 2048 to 8192 bits. Refused as
 ``csr_weak_key``: RSA under 2048 bits (and over 8192: a verification cost, not a strength,
@@ -34,6 +36,7 @@ from cryptography.x509.oid import NameOID
 from ztagent.enroll.errors import EnrollError
 from ztagent.errors import ConfigError
 from ztagent.pki import ca
+from ztagent.pki.device_check import ak_name_extension
 from ztagent.pki.errors import CaError
 from ztagent.pki.spiffe import device_spiffe_id
 
@@ -157,16 +160,26 @@ def issue_for(
     public_key: CertificatePublicKeyTypes,
     policy: IssuancePolicy,
     now: datetime,
+    *,
+    ak_name: str | None = None,
 ) -> x509.Certificate:
     """Issue a device certificate for ``public_key`` and record it in ``ca.json``.
 
-    The key is checked again (``csr_weak_key``); CA problems (missing files, unreadable
-    state) become ``ca_unavailable``.
+    ``ak_name`` (hex TPM name of an AK proven to live in the device's TPM) goes into the
+    non-critical AK-name extension (``ztagent.pki.device_check.AK_NAME_OID``). The key is
+    checked again (``csr_weak_key``); CA problems (missing files, unreadable state) become
+    ``ca_unavailable``.
     """
     check_public_key(public_key)
+    extensions = [ak_name_extension(ak_name)] if ak_name is not None else []
     try:
         return ca.issue_device_for_key(
-            ca_dir, device_id, public_key, days=lifetime_days(policy), now=now
+            ca_dir,
+            device_id,
+            public_key,
+            days=lifetime_days(policy),
+            now=now,
+            extensions=extensions,
         )
     except CaError as exc:
         raise EnrollError("ca_unavailable", f"cannot issue: {exc.code}: {exc.message}") from None

@@ -216,8 +216,12 @@ def sign_leaf(
     not_after: datetime,
     dns: Sequence[str] = (),
     ips: Sequence[str] = (),
+    extensions: Sequence[x509.ExtensionType] = (),
 ) -> x509.Certificate:
-    """``build_leaf`` for a public key held elsewhere (a CSR's): returns the certificate only."""
+    """``build_leaf`` for a public key held elsewhere (a CSR's): returns the certificate only.
+
+    ``extensions`` are added as non-critical extensions (the AK-name extension).
+    """
     names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in uris]
     names += [x509.DNSName(d) for d in dns]
     names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
@@ -238,6 +242,8 @@ def sign_leaf(
         builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
     if eku is not None:
         builder = builder.add_extension(x509.ExtendedKeyUsage(list(eku)), critical=False)
+    for extension in extensions:
+        builder = builder.add_extension(extension, critical=False)
     return builder.sign(issuer.key, hashes.SHA256())
 
 
@@ -561,9 +567,11 @@ def issue_device_for_key(
     *,
     days: int = DEVICE_DAYS,
     now: datetime | None = None,
+    extensions: Sequence[x509.ExtensionType] = (),
 ) -> x509.Certificate:
     """Sign a device cert (as ``build_device``) for a key the CA never sees; record it in
     ``ca.json`` under the CA lock, so ``revoke`` knows it. Writes no certificate file.
+    ``extensions`` are added non-critical (the AK-name extension of TPM-bound enrollment).
 
     The caller (the enrollment service) checks the key type and caps ``days``.
     """
@@ -583,6 +591,7 @@ def issue_device_for_key(
             eku=[ExtendedKeyUsageOID.CLIENT_AUTH],
             not_before=not_before,
             not_after=not_before + timedelta(days=days),
+            extensions=extensions,
         )
         write_atomic(layout.state, state.with_issued(cert, "device", device_id).to_json())
     return cert

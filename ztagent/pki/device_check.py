@@ -7,6 +7,15 @@ revocation checking, so CRLs are checked here. What that verifier demands, found
 experiment (cryptography 50): a subjectAltName on the leaf (critical if the subject is
 empty), an authorityKeyIdentifier on the leaf, keyUsage on every CA, and clientAuth in the
 leaf's EKU *if* the EKU is present; a leaf with no EKU passes it, so the EKU is checked here.
+
+**TPM-bound certificates.** A certificate issued by TPM-bound enrollment carries the TPM name
+of the device's attestation key (AK) in a non-critical extension, ``AK_NAME_OID``
+(``1.3.6.1.4.1.57264.9999.1``), whose value is a DER OCTET STRING holding the name
+(``nameAlg`` u16 big-endian || digest). The arc is a **placeholder**: it is not registered to
+ztagent and must be replaced by an OID under the operator's own Private Enterprise Number
+before production use. ``VerifiedDevice.ak_name`` is that name (lowercase hex) or None; the
+sidecar's posture check treats it as the device's bound AK. A malformed value fails the check
+(``cert_malformed``): only this CA writes the extension, so a bad one is never ignored.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ from datetime import UTC, datetime, timedelta
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
 from cryptography.x509.verification import PolicyBuilder
 from cryptography.x509.verification import VerificationError as X509VerificationError
 
@@ -42,6 +51,56 @@ _EKU_NAMES = {
     ExtendedKeyUsageOID.OCSP_SIGNING: "OCSPSigning",
     ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE: "anyExtendedKeyUsage",
 }
+
+
+AK_NAME_OID = ObjectIdentifier("1.3.6.1.4.1.57264.9999.1")
+"""The AK-name extension (placeholder arc: replace with an OID under your own PEN)."""
+_AK_NAME_DIGEST_SIZES = {0x000B: 32, 0x000C: 48, 0x000D: 64}
+"""TPM nameAlg -> digest size: SHA-256, SHA-384, SHA-512 (names of SHA-1 keys are refused)."""
+
+
+def ak_name_extension(ak_name_hex: str) -> x509.UnrecognizedExtension:
+    """The non-critical AK-name extension for a certificate (value: DER OCTET STRING)."""
+    name = bytes.fromhex(ak_name_hex)
+    _check_ak_name(name)
+    return x509.UnrecognizedExtension(AK_NAME_OID, b"\x04" + bytes([len(name)]) + name)
+
+
+def _check_ak_name(name: bytes) -> None:
+    alg = int.from_bytes(name[:2], "big") if len(name) >= 2 else -1
+    size = _AK_NAME_DIGEST_SIZES.get(alg)
+    if size is None or len(name) != 2 + size:
+        raise ValueError(
+            f"AK name {name.hex()[:24]!r} ({len(name)} bytes) is not a TPM name "
+            "(expected nameAlg SHA-256/384/512 followed by its digest)"
+        )
+
+
+def cert_ak_name(cert: x509.Certificate) -> str | None:
+    """The AK name (lowercase hex) in ``cert``'s AK-name extension, None without one.
+
+    ``CertError("cert_malformed")`` when the extension is critical or its value is not a
+    DER OCTET STRING holding a TPM name.
+    """
+    try:
+        ext = cert.extensions.get_extension_for_oid(AK_NAME_OID)
+    except x509.ExtensionNotFound:
+        return None
+    value = ext.value
+    raw = value.value if isinstance(value, x509.UnrecognizedExtension) else b""
+    # short-form length only: a TPM name is at most 66 bytes
+    if ext.critical or len(raw) < 2 or raw[0] != 0x04 or raw[1] != len(raw) - 2:
+        raise CertError(
+            "cert_malformed",
+            f"AK-name extension {AK_NAME_OID.dotted_string} is "
+            f"{'critical' if ext.critical else raw[:8].hex() + '...'} (expected a non-critical "
+            "DER OCTET STRING holding a TPM name)",
+        )
+    try:
+        _check_ak_name(raw[2:])
+    except ValueError as exc:
+        raise CertError("cert_malformed", f"AK-name extension: {exc}") from None
+    return raw[2:].hex()
 
 
 def rfc3339(when: datetime) -> str:
@@ -94,6 +153,9 @@ class VerifiedDevice:
     """RFC 4514 string of the leaf's issuer."""
     not_before: datetime
     not_after: datetime
+    ak_name: str | None = None
+    """Hex TPM name of the AK the certificate binds (TPM-bound enrollment), else None. Not
+    part of the policy input."""
 
     def as_input(self) -> dict[str, object]:
         """The policy input's ``device`` document."""
@@ -152,6 +214,7 @@ def _verify(
         issuer=leaf.issuer.rfc4514_string(),
         not_before=leaf.not_valid_before_utc,
         not_after=leaf.not_valid_after_utc,
+        ak_name=cert_ak_name(leaf),
     )
     return device, valid_until
 

@@ -3,11 +3,13 @@
 ``attest_once`` runs one round over an mTLS channel to the sidecar (built by the CLI with the
 device certificate): AK binding first when this device directory has no record of it
 (BeginAkBinding -> TPM ActivateCredential -> CompleteAkBinding, recorded in
-``<state_dir>/ak-bound``), then Challenge -> TPM quote over the nonce -> PCR read -> Attest
-with the full ``Evidence``. If the sidecar answers ``ak_not_bound`` although the record says
-bound (its state was reset, or this is another sidecar), the record is dropped, the AK is
-bound again and the round is retried once. ``attest_loop`` repeats rounds: at 2/3 of the
-posture lifetime after a success, with jittered exponential backoff after a failure.
+``<state_dir>/ak-bound``; TPM-bound enrollment writes the same record, since its certificate
+already names the AK and the sidecar needs no binding of its own), then Challenge -> TPM
+quote over the nonce -> PCR read -> Attest with the full ``Evidence``. If the sidecar answers
+``ak_not_bound`` although the record says bound (its state was reset, or this is another
+sidecar), the record is dropped, the AK is bound again and the round is retried once.
+``attest_loop`` repeats rounds: at 2/3 of the posture lifetime after a success, with
+jittered exponential backoff after a failure.
 
 Errors: ``AttestRpcError`` (code ``attestation_unavailable``, a ``TransportError``) when an
 RPC fails; ``TpmError`` from the TPM; ``PostureError("ak_binding_failed")`` when the sidecar
@@ -135,7 +137,9 @@ def read_binding(state_dir: Path) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) and isinstance(doc.get("ak_name"), str) else None
 
 
-def _write_binding(state_dir: Path, ak_name: str, binding_id: str) -> None:
+def record_binding(state_dir: Path, ak_name: str, binding_id: str) -> None:
+    """Write the ``ak-bound`` record: this device's AK (hex name) is bound, by ``binding_id``
+    (a sidecar's binding id, or the CA's enrollment id after TPM-bound enrollment)."""
     state_dir.mkdir(parents=True, exist_ok=True)
     doc = {
         "ak_name": ak_name,
@@ -187,7 +191,7 @@ async def bind_ak(stub: Any, tpm: DeviceTpm, state_dir: Path) -> str:
             "ak_binding_failed",
             f"the sidecar bound AK {done.ak_name}, expected this TPM's AK {local_name}",
         )
-    _write_binding(state_dir, local_name, begin.binding_id)
+    record_binding(state_dir, local_name, begin.binding_id)
     return local_name
 
 

@@ -7,7 +7,10 @@ first failure raises its ``PostureError``:
 1. parse everything (``evidence_malformed`` / ``eventlog_malformed``): quote, signature, AK
    public, PCR values (exactly the quote's selection, right sizes), event log, firmware
    manifest and signature envelope, host facts (a JSON object);
-2. the AK is the one bound to this device (``ak_not_bound``);
+2. the AK is the one bound to this device (``ak_not_bound``): the AK named by the device
+   certificate's AK-name extension (``ctx.cert_ak_name``, from TPM-bound enrollment) when
+   it has one, and then only that AK, whatever the registry says; otherwise the AK the
+   registry bound to the device id (BeginAkBinding/CompleteAkBinding);
 3. the quote signature verifies with it (``quote_bad_signature``);
 4. the quote's ``extraData`` is a nonce issued to this certificate, unused, unexpired
    (``nonce_mismatch`` / ``nonce_reused`` / ``nonce_expired``); it is consumed either way;
@@ -96,6 +99,9 @@ class AttestationContext:
     trusted_firmware_keys: Mapping[str, FirmwarePublicKey]
     max_age_s: float
     now: datetime
+    cert_ak_name: str | None = None
+    """Hex TPM name of the AK the device certificate binds (its AK-name extension), or
+    None; when set it is authoritative and the registry is not consulted."""
 
     def __post_init__(self) -> None:
         if self.now.tzinfo is None:
@@ -180,8 +186,17 @@ def verify_evidence(
     FirmwareSignature.parse(evidence.firmware_signature)
     host = _host_facts(evidence.host_facts)
 
-    # 2. the bound AK
-    bound = registry.bound_ak(ctx.device_id)
+    # 2. the bound AK: the certificate's, else the registry's
+    if ctx.cert_ak_name is not None:
+        if ctx.cert_ak_name.lower() != name:
+            raise PostureError(
+                "ak_not_bound",
+                f"quote AK {short_hex(name)}, the device certificate of {ctx.device_id} binds "
+                f"AK {short_hex(ctx.cert_ak_name.lower())}",
+            )
+        bound: str | None = name
+    else:
+        bound = registry.bound_ak(ctx.device_id)
     if bound is None:
         raise PostureError(
             "ak_not_bound", f"device {ctx.device_id} has no bound AK; expected AK binding first"

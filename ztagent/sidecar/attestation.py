@@ -1,8 +1,11 @@
 """The ztagent.v1.Attestation service the sidecar serves on its mTLS port.
 
 The caller is identified by its device certificate (the same check as every proxied call);
-nonces and AK bindings are bound to that certificate's fingerprint. The verification itself
-is pure (``ztagent.posture.verifier``); this module owns the stores and the cache.
+nonces and AK bindings are bound to that certificate's fingerprint. A certificate from
+TPM-bound enrollment names its AK itself (``VerifiedDevice.ak_name``): that AK is accepted
+without a binding here, no other AK is, and BeginAkBinding refuses to bind another AK for it
+(``ak_binding_failed``). The verification itself is pure (``ztagent.posture.verifier``); this
+module owns the stores and the cache.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from ztagent.config import PostureConfig
 from ztagent.errors import ZtagentError, grpc_status_for
 from ztagent.pki.verify import VerifiedDevice
 from ztagent.posture.ak_binding import PendingBindings, begin_binding, complete_binding
-from ztagent.posture.errors import PostureError
+from ztagent.posture.errors import PostureError, short_hex
 from ztagent.posture.firmware import FirmwarePublicKey, load_trusted_keys
 from ztagent.posture.nonces import NonceStore
 from ztagent.posture.reference import ReferenceValues
@@ -96,6 +99,7 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
             trusted_firmware_keys=state.trusted_keys,
             max_age_s=state.config.max_age_s,
             now=self._clock(),
+            cert_ak_name=device.ak_name,
         )
         try:
             posture = verify_evidence(
@@ -137,6 +141,12 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
             pending, blob, secret = begin_binding(
                 request.ek_public, request.ak_public, rng=secrets.token_bytes
             )
+            if device.ak_name is not None and device.ak_name != pending.ak_name:
+                raise PostureError(
+                    "ak_binding_failed",
+                    f"the device certificate binds AK {short_hex(device.ak_name)}; AK "
+                    f"{short_hex(pending.ak_name)} cannot be bound for it",
+                )
         except PostureError as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{err.code}: {err.message}")
             raise AssertionError("unreachable") from err

@@ -6,6 +6,16 @@ Two listeners: the enrollment port (server-auth TLS; default 8444) takes Enroll,
 and GetCRL from devices that have no certificate yet; the renewal port (mTLS; default 8445)
 takes Renew from devices presenting their current certificate (and GetCACerts, GetCRL).
 Refusals are gRPC errors whose details start with a stable code ("token_reused: ...").
+
+TPM-bound enrollment (a device with a TPM): BeginTpmEnroll checks the token and the CSR
+exactly as Enroll does, without spending the token, and answers a TPM2 MakeCredential
+challenge sealed to the device's EK for its AK's name; CompleteTpmEnroll returns the secret
+the TPM's ActivateCredential recovered. Only when it matches is the token spent and the
+certificate issued, carrying the AK's TPM name in a non-critical extension (OID
+1.3.6.1.4.1.57264.9999.1, value an OCTET STRING; a placeholder arc, see
+ztagent/pki/device_check.py). A sidecar then accepts quotes by that AK from that
+certificate without a separate AK binding. A pending enrollment is single use, known only by
+its enrollment_id, and expires 60 s after BeginTpmEnroll.
 """
 
 from google.protobuf import descriptor as _descriptor
@@ -27,25 +37,82 @@ class EnrollRequest(_message.Message):
 
     CSR_FIELD_NUMBER: _builtins.int
     BOOTSTRAP_TOKEN_FIELD_NUMBER: _builtins.int
+    EK_PUBLIC_FIELD_NUMBER: _builtins.int
+    AK_PUBLIC_FIELD_NUMBER: _builtins.int
     csr: _builtins.bytes
     """DER-encoded PKCS#10 certification request. Only its public key (and signature) matter:
     the CA decides subject, SAN, EKU, key usage, lifetime and serial.
     """
     bootstrap_token: _builtins.str
     """From `ztagent ca token`: signed, single use, for one device id, short-lived."""
+    ek_public: _builtins.bytes
+    """BeginTpmEnroll only: marshalled TPM2B_PUBLIC of the endorsement key (a restricted
+    decryption key) and of the attestation key (a restricted signing key fixed to the TPM).
+    """
+    ak_public: _builtins.bytes
     def __init__(
         self,
         *,
         csr: _builtins.bytes = ...,
         bootstrap_token: _builtins.str = ...,
+        ek_public: _builtins.bytes = ...,
+        ak_public: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bootstrap_token", b"bootstrap_token", "csr", b"csr"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ak_public", b"ak_public", "bootstrap_token", b"bootstrap_token", "csr", b"csr", "ek_public", b"ek_public"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EnrollRequest: _TypeAlias = EnrollRequest  # noqa: Y015
+
+@_typing.final
+class BeginTpmEnrollResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENROLLMENT_ID_FIELD_NUMBER: _builtins.int
+    CREDENTIAL_BLOB_FIELD_NUMBER: _builtins.int
+    ENCRYPTED_SECRET_FIELD_NUMBER: _builtins.int
+    enrollment_id: _builtins.str
+    credential_blob: _builtins.bytes
+    """TPM2B_ID_OBJECT and TPM2B_ENCRYPTED_SECRET from MakeCredential, marshalled."""
+    encrypted_secret: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        enrollment_id: _builtins.str = ...,
+        credential_blob: _builtins.bytes = ...,
+        encrypted_secret: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credential_blob", b"credential_blob", "encrypted_secret", b"encrypted_secret", "enrollment_id", b"enrollment_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BeginTpmEnrollResponse: _TypeAlias = BeginTpmEnrollResponse  # noqa: Y015
+
+@_typing.final
+class CompleteTpmEnrollRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENROLLMENT_ID_FIELD_NUMBER: _builtins.int
+    SECRET_FIELD_NUMBER: _builtins.int
+    enrollment_id: _builtins.str
+    secret: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        enrollment_id: _builtins.str = ...,
+        secret: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enrollment_id", b"enrollment_id", "secret", b"secret"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompleteTpmEnrollRequest: _TypeAlias = CompleteTpmEnrollRequest  # noqa: Y015
 
 @_typing.final
 class EnrollResponse(_message.Message):
@@ -58,6 +125,7 @@ class EnrollResponse(_message.Message):
     SERIAL_FIELD_NUMBER: _builtins.int
     NOT_BEFORE_FIELD_NUMBER: _builtins.int
     NOT_AFTER_FIELD_NUMBER: _builtins.int
+    AK_NAME_FIELD_NUMBER: _builtins.int
     certificate_chain: _builtins.bytes
     """PEM: the new device certificate, then the issuing CA."""
     ca_bundle: _builtins.bytes
@@ -69,6 +137,8 @@ class EnrollResponse(_message.Message):
     not_before: _builtins.int
     """Unix seconds."""
     not_after: _builtins.int
+    ak_name: _builtins.str
+    """Hex TPM name of the AK the certificate is bound to; empty when it carries none."""
     def __init__(
         self,
         *,
@@ -79,10 +149,11 @@ class EnrollResponse(_message.Message):
         serial: _builtins.str = ...,
         not_before: _builtins.int = ...,
         not_after: _builtins.int = ...,
+        ak_name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_bundle", b"ca_bundle", "certificate_chain", b"certificate_chain", "device_id", b"device_id", "not_after", b"not_after", "not_before", b"not_before", "serial", b"serial", "spiffe_id", b"spiffe_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ak_name", b"ak_name", "ca_bundle", b"ca_bundle", "certificate_chain", b"certificate_chain", "device_id", b"device_id", "not_after", b"not_after", "not_before", b"not_before", "serial", b"serial", "spiffe_id", b"spiffe_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -39,6 +39,16 @@ class EnrollmentStub:
                 request_serializer=v1_dot_enrollment__pb2.EnrollRequest.SerializeToString,
                 response_deserializer=v1_dot_enrollment__pb2.EnrollResponse.FromString,
                 _registered_method=True)
+        self.BeginTpmEnroll = channel.unary_unary(
+                '/ztagent.v1.Enrollment/BeginTpmEnroll',
+                request_serializer=v1_dot_enrollment__pb2.EnrollRequest.SerializeToString,
+                response_deserializer=v1_dot_enrollment__pb2.BeginTpmEnrollResponse.FromString,
+                _registered_method=True)
+        self.CompleteTpmEnroll = channel.unary_unary(
+                '/ztagent.v1.Enrollment/CompleteTpmEnroll',
+                request_serializer=v1_dot_enrollment__pb2.CompleteTpmEnrollRequest.SerializeToString,
+                response_deserializer=v1_dot_enrollment__pb2.EnrollResponse.FromString,
+                _registered_method=True)
         self.Renew = channel.unary_unary(
                 '/ztagent.v1.Enrollment/Renew',
                 request_serializer=v1_dot_enrollment__pb2.RenewRequest.SerializeToString,
@@ -61,6 +71,23 @@ class EnrollmentServicer:
 
     def Enroll(self, request, context):
         """First enrollment: a PKCS#10 CSR and a one-time bootstrap token for the device id.
+        Refuses a request carrying ek_public/ak_public (ak_binding_failed): use BeginTpmEnroll.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BeginTpmEnroll(self, request, context):
+        """TPM-bound enrollment, step 1: an EnrollRequest with csr, bootstrap_token, ek_public and
+        ak_public. The token is verified but not spent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompleteTpmEnroll(self, request, context):
+        """TPM-bound enrollment, step 2: the secret ActivateCredential recovered. Refusals:
+        ak_binding_failed (wrong secret, unknown or used enrollment_id), tpm_enroll_expired.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -92,6 +119,16 @@ def add_EnrollmentServicer_to_server(servicer, server):
             'Enroll': grpc.unary_unary_rpc_method_handler(
                     servicer.Enroll,
                     request_deserializer=v1_dot_enrollment__pb2.EnrollRequest.FromString,
+                    response_serializer=v1_dot_enrollment__pb2.EnrollResponse.SerializeToString,
+            ),
+            'BeginTpmEnroll': grpc.unary_unary_rpc_method_handler(
+                    servicer.BeginTpmEnroll,
+                    request_deserializer=v1_dot_enrollment__pb2.EnrollRequest.FromString,
+                    response_serializer=v1_dot_enrollment__pb2.BeginTpmEnrollResponse.SerializeToString,
+            ),
+            'CompleteTpmEnroll': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompleteTpmEnroll,
+                    request_deserializer=v1_dot_enrollment__pb2.CompleteTpmEnrollRequest.FromString,
                     response_serializer=v1_dot_enrollment__pb2.EnrollResponse.SerializeToString,
             ),
             'Renew': grpc.unary_unary_rpc_method_handler(
@@ -136,6 +173,60 @@ class Enrollment:
             target,
             '/ztagent.v1.Enrollment/Enroll',
             v1_dot_enrollment__pb2.EnrollRequest.SerializeToString,
+            v1_dot_enrollment__pb2.EnrollResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BeginTpmEnroll(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ztagent.v1.Enrollment/BeginTpmEnroll',
+            v1_dot_enrollment__pb2.EnrollRequest.SerializeToString,
+            v1_dot_enrollment__pb2.BeginTpmEnrollResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompleteTpmEnroll(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ztagent.v1.Enrollment/CompleteTpmEnroll',
+            v1_dot_enrollment__pb2.CompleteTpmEnrollRequest.SerializeToString,
             v1_dot_enrollment__pb2.EnrollResponse.FromString,
             options,
             channel_credentials,

@@ -6,6 +6,16 @@ Two listeners: the enrollment port (server-auth TLS; default 8444) takes Enroll,
 and GetCRL from devices that have no certificate yet; the renewal port (mTLS; default 8445)
 takes Renew from devices presenting their current certificate (and GetCACerts, GetCRL).
 Refusals are gRPC errors whose details start with a stable code ("token_reused: ...").
+
+TPM-bound enrollment (a device with a TPM): BeginTpmEnroll checks the token and the CSR
+exactly as Enroll does, without spending the token, and answers a TPM2 MakeCredential
+challenge sealed to the device's EK for its AK's name; CompleteTpmEnroll returns the secret
+the TPM's ActivateCredential recovered. Only when it matches is the token spent and the
+certificate issued, carrying the AK's TPM name in a non-critical extension (OID
+1.3.6.1.4.1.57264.9999.1, value an OCTET STRING; a placeholder arc, see
+ztagent/pki/device_check.py). A sidecar then accepts quotes by that AK from that
+certificate without a separate AK binding. A pending enrollment is single use, known only by
+its enrollment_id, and expires 60 s after BeginTpmEnroll.
 """
 
 from collections import abc as _abc
@@ -37,7 +47,17 @@ class EnrollmentStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> EnrollmentAsyncStub: ...
     Enroll: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.EnrollRequest, _enrollment_pb2.EnrollResponse]
-    """First enrollment: a PKCS#10 CSR and a one-time bootstrap token for the device id."""
+    """First enrollment: a PKCS#10 CSR and a one-time bootstrap token for the device id.
+    Refuses a request carrying ek_public/ak_public (ak_binding_failed): use BeginTpmEnroll.
+    """
+    BeginTpmEnroll: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.EnrollRequest, _enrollment_pb2.BeginTpmEnrollResponse]
+    """TPM-bound enrollment, step 1: an EnrollRequest with csr, bootstrap_token, ek_public and
+    ak_public. The token is verified but not spent.
+    """
+    CompleteTpmEnroll: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.CompleteTpmEnrollRequest, _enrollment_pb2.EnrollResponse]
+    """TPM-bound enrollment, step 2: the secret ActivateCredential recovered. Refusals:
+    ak_binding_failed (wrong secret, unknown or used enrollment_id), tpm_enroll_expired.
+    """
     Renew: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.RenewRequest, _enrollment_pb2.EnrollResponse]
     """Renewal over mTLS with the current (valid, unrevoked) certificate: same device id,
     possibly a new key.
@@ -49,7 +69,17 @@ class EnrollmentStub:
 class EnrollmentAsyncStub(EnrollmentStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Enroll: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.EnrollRequest, _enrollment_pb2.EnrollResponse]  # type: ignore[assignment]
-    """First enrollment: a PKCS#10 CSR and a one-time bootstrap token for the device id."""
+    """First enrollment: a PKCS#10 CSR and a one-time bootstrap token for the device id.
+    Refuses a request carrying ek_public/ak_public (ak_binding_failed): use BeginTpmEnroll.
+    """
+    BeginTpmEnroll: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.EnrollRequest, _enrollment_pb2.BeginTpmEnrollResponse]  # type: ignore[assignment]
+    """TPM-bound enrollment, step 1: an EnrollRequest with csr, bootstrap_token, ek_public and
+    ak_public. The token is verified but not spent.
+    """
+    CompleteTpmEnroll: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.CompleteTpmEnrollRequest, _enrollment_pb2.EnrollResponse]  # type: ignore[assignment]
+    """TPM-bound enrollment, step 2: the secret ActivateCredential recovered. Refusals:
+    ak_binding_failed (wrong secret, unknown or used enrollment_id), tpm_enroll_expired.
+    """
     Renew: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.RenewRequest, _enrollment_pb2.EnrollResponse]  # type: ignore[assignment]
     """Renewal over mTLS with the current (valid, unrevoked) certificate: same device id,
     possibly a new key.
@@ -64,7 +94,29 @@ class EnrollmentServicer(metaclass=_abc_1.ABCMeta):
         request: _enrollment_pb2.EnrollRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_enrollment_pb2.EnrollResponse, _abc.Awaitable[_enrollment_pb2.EnrollResponse]]:
-        """First enrollment: a PKCS#10 CSR and a one-time bootstrap token for the device id."""
+        """First enrollment: a PKCS#10 CSR and a one-time bootstrap token for the device id.
+        Refuses a request carrying ek_public/ak_public (ak_binding_failed): use BeginTpmEnroll.
+        """
+
+    @_abc_1.abstractmethod
+    def BeginTpmEnroll(
+        self,
+        request: _enrollment_pb2.EnrollRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_enrollment_pb2.BeginTpmEnrollResponse, _abc.Awaitable[_enrollment_pb2.BeginTpmEnrollResponse]]:
+        """TPM-bound enrollment, step 1: an EnrollRequest with csr, bootstrap_token, ek_public and
+        ak_public. The token is verified but not spent.
+        """
+
+    @_abc_1.abstractmethod
+    def CompleteTpmEnroll(
+        self,
+        request: _enrollment_pb2.CompleteTpmEnrollRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_enrollment_pb2.EnrollResponse, _abc.Awaitable[_enrollment_pb2.EnrollResponse]]:
+        """TPM-bound enrollment, step 2: the secret ActivateCredential recovered. Refusals:
+        ak_binding_failed (wrong secret, unknown or used enrollment_id), tpm_enroll_expired.
+        """
 
     @_abc_1.abstractmethod
     def Renew(
