@@ -27,7 +27,9 @@ async def test_enrolled_device_is_accepted_and_revocation_reaches_the_sidecar(
     ca_server = await start_ca_server(
         pki.layout.dir, listen="127.0.0.1:0", renew_listen="127.0.0.1:0"
     )
-    local_crl = tmp_path / "sidecar-crl.pem"  # absent: the first fetch creates it
+    local_crl = (
+        tmp_path / "state" / "crl.pem"
+    )  # absent, in a directory not made yet: the first fetch creates both
     config = write_config(pki, {SERVICE: upstream.address})
     config.write_text(
         config.read_text().replace(

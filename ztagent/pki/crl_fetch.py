@@ -148,10 +148,16 @@ class CrlFetcher:
         except Exception as exc:  # the network or the source: keep the last good CRL
             self._fail(str(TransportError("crl_unavailable", f"{type(exc).__name__}: {exc}")), now)
             return False
-        self._health = CrlFetchHealth(True, None, now)
         if update is None:
+            self._health = CrlFetchHealth(True, None, now)
             return False
-        write_atomic(self._crl_path, update)
+        try:
+            self._crl_path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(self._crl_path, update)
+        except OSError as exc:
+            self._fail(f"crl_unwritable: {self._crl_path}: {exc.strerror}", now)
+            return False
+        self._health = CrlFetchHealth(True, None, now)
         log.info("new CRL from %s written to %s", self.source, self._crl_path)
         return True
 
