@@ -481,40 +481,7 @@ def decision_log_rows(real_input: dict[str, Any], tmp: Path) -> list[Row]:
             measure(lambda: line_sha256(rec.to_json_bytes(GENESIS_PREV))),
         ),
     ]
-    encoder = json.JSONEncoder(
-        ensure_ascii=False, separators=(",", ":"), sort_keys=True, allow_nan=False
-    )
 
-    def reused_encoder_line() -> bytes:
-        fields = (
-            ("decision_id", rec.decision_id),
-            ("time", "2026-01-01T00:00:00.000Z"),
-            ("device_id", rec.device_id),
-            ("user_sub", rec.user_sub),
-            ("service", rec.service),
-            ("method", rec.method),
-            ("allow", rec.allow),
-            ("enforced", rec.enforced),
-            ("dry_run", rec.dry_run),
-            ("reasons", list(rec.reasons)),
-            ("failure", rec.failure),
-            ("policy_revision", rec.policy_revision),
-            ("latency_us", rec.latency_us),
-            ("attestation", rec.attestation),
-            ("input", rec.input),
-            ("prev_sha256", GENESIS_PREV),
-        )
-        body = ",".join(f"{encoder.encode(k)}:{encoder.encode(v)}" for k, v in fields)
-        line = ("{" + body + "}").encode("utf-8", "backslashreplace")
-        line_sha256(line)
-        return line
-
-    rows.append(
-        row(
-            "decision log: same line with one reused JSONEncoder (proposed)",
-            measure(reused_encoder_line),
-        )
-    )
     log = DecisionLog(tmp / "decisions.jsonl", queue_size=100_000)
     log.start()
     n = 20_000
