@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
 
-from tests.integration.echo_upstream import SERVICE, EchoUpstream
+from tests.integration.echo_upstream import RAW_SERVICE, SERVICE, EchoUpstream
 from ztagent.config import load_config
 from ztagent.pki import ca
 from ztagent.sidecar.server import Sidecar
@@ -141,8 +141,10 @@ StartSidecar = Callable[..., "AsyncIterator[Sidecar]"]
 
 @pytest.fixture
 async def sidecar(pki: Pki, upstream: EchoUpstream) -> AsyncIterator[Sidecar]:
-    """The sidecar with one route, test.v1.Echo -> the echo upstream."""
-    car = Sidecar(load_config(write_config(pki, {SERVICE: upstream.address})))
+    """The sidecar routing test.v1.Echo (unary fast path for its unary methods) and
+    test.v1.EchoRaw (always the stream-stream path) to the echo upstream."""
+    routes = {SERVICE: upstream.address, RAW_SERVICE: upstream.address}
+    car = Sidecar(load_config(write_config(pki, routes)))
     await car.start()
     yield car
     await car.stop(0)

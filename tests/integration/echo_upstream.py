@@ -13,6 +13,49 @@ from dataclasses import dataclass, field
 import grpc
 
 SERVICE = "test.v1.Echo"
+"""Registered in protobuf's descriptor pool below: the sidecar knows its method kinds and
+takes the unary fast path for its unary methods."""
+RAW_SERVICE = "test.v1.EchoRaw"
+"""The same methods under a name no descriptor describes: every call takes the generic
+stream-stream path."""
+
+_KINDS = {  # method -> (client streaming, server streaming)
+    "Unary": (False, False),
+    "ServerStream": (False, True),
+    "ClientStream": (True, False),
+    "Bidi": (True, True),
+    "Fail": (False, False),
+    "Slow": (False, False),
+    "Sleep": (False, False),
+}
+
+
+def _register_descriptor() -> None:
+    from google.protobuf import descriptor_pb2, descriptor_pool
+
+    pool = descriptor_pool.Default()
+    try:
+        pool.FindServiceByName(SERVICE)
+        return
+    except KeyError:
+        pass
+    proto = descriptor_pb2.FileDescriptorProto(
+        name="tests/echo.proto", package="test.v1", syntax="proto3"
+    )
+    proto.message_type.add(name="Bytes")
+    service = proto.service.add(name="Echo")
+    for name, (client_streaming, server_streaming) in _KINDS.items():
+        service.method.add(
+            name=name,
+            input_type=".test.v1.Bytes",
+            output_type=".test.v1.Bytes",
+            client_streaming=client_streaming,
+            server_streaming=server_streaming,
+        )
+    pool.Add(proto)
+
+
+_register_descriptor()
 
 
 @dataclass
@@ -108,7 +151,10 @@ class EchoUpstream:
             ]
         )
         self.server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(SERVICE, handlers),)
+            (
+                grpc.method_handlers_generic_handler(SERVICE, handlers),
+                grpc.method_handlers_generic_handler(RAW_SERVICE, handlers),
+            )
         )
         port = self.server.add_insecure_port(address)
         await self.server.start()

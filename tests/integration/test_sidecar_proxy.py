@@ -13,7 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.integration.conftest import Pki, channel, write_config
-from tests.integration.echo_upstream import SERVICE, EchoUpstream
+from tests.integration.echo_upstream import RAW_SERVICE, SERVICE, EchoUpstream
 from ztagent.config import load_config
 from ztagent.sidecar.server import Sidecar
 
@@ -23,8 +23,20 @@ MiB = 1024 * 1024
 PAYLOADS = [b"", b"\x00\xff" * 3, os.urandom(MiB), os.urandom(3 * MiB + 7)]
 
 
+_service = [SERVICE]
+
+
+@pytest.fixture(autouse=True, params=[SERVICE, RAW_SERVICE], ids=["fast-path", "stream-path"])
+def service(request: pytest.FixtureRequest) -> str:
+    """Every test runs twice: on test.v1.Echo, whose descriptor is known (unary methods take
+    the proxy's unary fast path), and on test.v1.EchoRaw (everything takes the generic
+    stream-stream path)."""
+    _service[0] = request.param
+    return str(request.param)
+
+
 def m(name: str) -> str:
-    return f"/{SERVICE}/{name}"
+    return f"/{_service[0]}/{name}"
 
 
 @pytest.fixture
@@ -165,7 +177,7 @@ async def test_upstream_down_is_unavailable(pki: Pki, tmp_path: Path, device) ->
     dead = EchoUpstream()
     address = await dead.start()
     await dead.stop()
-    car = Sidecar(load_config(write_config(pki, {SERVICE: address})))
+    car = Sidecar(load_config(write_config(pki, {SERVICE: address, RAW_SERVICE: address})))
     await car.start()
     try:
         async with channel(pki, car.port, device) as ch:
@@ -179,7 +191,7 @@ async def test_upstream_down_is_unavailable(pki: Pki, tmp_path: Path, device) ->
 async def test_unix_socket_upstream(pki: Pki, tmp_path: Path, device) -> None:  # type: ignore[no-untyped-def]
     echo = EchoUpstream()
     address = await echo.start(f"unix:{tmp_path}/echo.sock")
-    car = Sidecar(load_config(write_config(pki, {SERVICE: address})))
+    car = Sidecar(load_config(write_config(pki, {SERVICE: address, RAW_SERVICE: address})))
     await car.start()
     try:
         async with channel(pki, car.port, device) as ch:
@@ -192,7 +204,9 @@ async def test_unix_socket_upstream(pki: Pki, tmp_path: Path, device) -> None:  
 async def test_health_serving_then_not_serving_on_stop(
     pki: Pki, upstream: EchoUpstream, device
 ) -> None:  # type: ignore[no-untyped-def]
-    car = Sidecar(load_config(write_config(pki, {SERVICE: upstream.address})))
+    car = Sidecar(
+        load_config(write_config(pki, {SERVICE: upstream.address, RAW_SERVICE: upstream.address}))
+    )
     await car.start()
     async with channel(pki, car.port, device) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
@@ -210,7 +224,9 @@ async def test_health_serving_then_not_serving_on_stop(
 async def test_graceful_stop_lets_in_flight_calls_finish(
     pki: Pki, upstream: EchoUpstream, device
 ) -> None:  # type: ignore[no-untyped-def]
-    car = Sidecar(load_config(write_config(pki, {SERVICE: upstream.address})))
+    car = Sidecar(
+        load_config(write_config(pki, {SERVICE: upstream.address, RAW_SERVICE: upstream.address}))
+    )
     await car.start()
     async with channel(pki, car.port, device) as ch:
         call = ch.stream_stream(m("Bidi"))(timeout=30)

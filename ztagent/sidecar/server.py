@@ -18,6 +18,10 @@ from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ztagent._proto.v1 import attestation_pb2_grpc
+
+# Importing the workloads' stubs registers their method kinds in protobuf's descriptor pool,
+# which lets the proxy take its unary fast path for their unary methods.
+from ztagent._proto.workloads.v1 import inference_pb2, storage_pb2  # noqa: F401
 from ztagent.config import Config, check_files
 from ztagent.errors import ConfigError, ZtagentError
 from ztagent.pki.crl_fetch import CrlFetcher
