@@ -198,42 +198,32 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         self, request: enrollment_pb2.EnrollRequest, context: grpc.aio.ServicerContext
     ) -> enrollment_pb2.EnrollResponse:
         peer = context.peer()
-        result = await self._run("enroll", peer, lambda: self._enroll(request, peer))
-        if isinstance(result, EnrollError):
-            await _abort(context, result)
-        return result
+        return await self._answer(context, "enroll", peer, lambda: self._enroll(request, peer))
 
     async def BeginTpmEnroll(
         self, request: enrollment_pb2.EnrollRequest, context: grpc.aio.ServicerContext
     ) -> enrollment_pb2.BeginTpmEnrollResponse:
         peer = context.peer()
-        result = await self._run(
-            "begin_tpm_enroll", peer, lambda: self._begin_tpm_enroll(request, peer)
+        return await self._answer(
+            context, "begin_tpm_enroll", peer, lambda: self._begin_tpm_enroll(request, peer)
         )
-        if isinstance(result, EnrollError):
-            await _abort(context, result)
-        return result
 
     async def CompleteTpmEnroll(
         self, request: enrollment_pb2.CompleteTpmEnrollRequest, context: grpc.aio.ServicerContext
     ) -> enrollment_pb2.EnrollResponse:
         peer = context.peer()
-        result = await self._run(
-            "complete_tpm_enroll", peer, lambda: self._complete_tpm_enroll(request, peer)
+        return await self._answer(
+            context, "complete_tpm_enroll", peer, lambda: self._complete_tpm_enroll(request, peer)
         )
-        if isinstance(result, EnrollError):
-            await _abort(context, result)
-        return result
 
     async def Renew(
         self, request: enrollment_pb2.RenewRequest, context: grpc.aio.ServicerContext
     ) -> enrollment_pb2.EnrollResponse:
         peer = context.peer()
         leaf_pem = _peer_cert_pem(context)
-        result = await self._run("renew", peer, lambda: self._renew(request, leaf_pem, peer))
-        if isinstance(result, EnrollError):
-            await _abort(context, result)
-        return result
+        return await self._answer(
+            context, "renew", peer, lambda: self._renew(request, leaf_pem, peer)
+        )
 
     async def GetCACerts(
         self, request: enrollment_pb2.GetCACertsRequest, context: grpc.aio.ServicerContext
@@ -255,21 +245,24 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
 
     # --- the work (in a worker thread) ------------------------------------------------------
 
-    async def _run(
+    async def _answer(
         self,
+        context: grpc.aio.ServicerContext,
         method: str,
         peer: str,
         work: Callable[[], _T],
-    ) -> _T | EnrollError:
+    ) -> _T:
+        """Runs ``work`` in a worker thread; a refusal aborts the call with its status, and
+        anything unexpected is logged and answered as ``ca_unavailable`` (no traceback)."""
         try:
             return await asyncio.to_thread(work)
         except EnrollError as err:
-            return err
+            await _abort(context, err)
         except Exception:
             log.exception("%s from %s failed unexpectedly", method, peer)
         internal = EnrollError("ca_unavailable", "internal error in the CA (see the CA's log)")
         await asyncio.to_thread(self._audit_refusal, internal, None, method, peer)
-        return internal
+        await _abort(context, internal)
 
     def _audit_refusal(
         self, err: EnrollError, device_id: str | None, method: str, peer: str
