@@ -22,7 +22,7 @@ import base64
 import binascii
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,12 +57,7 @@ class FirmwareManifest:
         def bad(message: str) -> PostureError:
             return PostureError("evidence_malformed", f"firmware manifest: {message}")
 
-        if not raw or len(raw) > MAX_MANIFEST_BYTES:
-            raise bad(f"{len(raw)} bytes, expected 1..{MAX_MANIFEST_BYTES}")
-        try:
-            doc = json.loads(raw)
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise bad(f"not JSON ({exc})") from exc
+        doc = _load_json(raw, bad)
         if not isinstance(doc, dict) or set(doc) != _MANIFEST_KEYS:
             got = sorted(doc) if isinstance(doc, dict) else type(doc).__name__
             raise bad(f"keys {got}, expected {sorted(_MANIFEST_KEYS)}")
@@ -85,6 +80,16 @@ class FirmwareManifest:
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
 
+def _load_json(raw: bytes, bad: Callable[[str], PostureError]) -> Any:
+    """A size-checked JSON document (manifest or signature envelope)."""
+    if not raw or len(raw) > MAX_MANIFEST_BYTES:
+        raise bad(f"{len(raw)} bytes, expected 1..{MAX_MANIFEST_BYTES}")
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise bad(f"not JSON ({exc})") from exc
+
+
 def _is_sha256_hex(value: Any) -> bool:
     return (
         isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
@@ -104,12 +109,7 @@ class FirmwareSignature:
         def bad(message: str) -> PostureError:
             return PostureError("evidence_malformed", f"firmware signature: {message}")
 
-        if not raw or len(raw) > MAX_MANIFEST_BYTES:
-            raise bad(f"{len(raw)} bytes, expected 1..{MAX_MANIFEST_BYTES}")
-        try:
-            doc = json.loads(raw)
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise bad(f"not JSON ({exc})") from exc
+        doc = _load_json(raw, bad)
         if not isinstance(doc, dict) or set(doc) != {"key_id", "alg", "sig"}:
             raise bad("expected exactly key_id, alg, sig")
         key_id, alg, sig = doc["key_id"], doc["alg"], doc["sig"]
