@@ -29,6 +29,8 @@ import regorus
 from ztagent.policy.errors import PolicyError, PolicyLoadError
 from ztagent.policy.sources import PolicySources, load_sources, sources_signature
 from ztagent.policy.types import DEFAULT_DECISION_PATH, Decision, EngineHealth
+from ztagent.posture import unverified_posture
+from ztagent.tokens.verify import anonymous_user_input
 
 logger = logging.getLogger("ztagent.policy")
 
@@ -42,23 +44,8 @@ SAMPLE_INPUT: Mapping[str, Any] = {
         "not_before": "2026-01-01T00:00:00Z",
         "not_after": "2026-01-02T00:00:00Z",
     },
-    "posture": {
-        "verified": False,
-        "age_s": None,
-        "firmware": {"name": None, "version": None, "signed": False, "signer": None},
-        "boot": {"verified": False, "pcrs": {}},
-        "host": {},
-    },
-    "user": {
-        "authenticated": False,
-        "sub": None,
-        "iss": None,
-        "aud": [],
-        "scope": [],
-        "roles": [],
-        "cert_bound": False,
-        "claims": {},
-    },
+    "posture": unverified_posture(),
+    "user": anonymous_user_input(),
     "request": {
         "service": "ztagent.sample.v1.Sample",
         "method": "Get",

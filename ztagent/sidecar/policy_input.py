@@ -11,21 +11,13 @@ from datetime import datetime
 from typing import Any
 
 from ztagent import __version__
+from ztagent.posture import unverified_posture
+
+__all__ = ["build_input", "request_metadata", "rfc3339", "split_method", "unverified_posture"]
 
 # Never copied into the input (or the decision log): credentials and our own identity headers.
 _SECRET_KEYS = frozenset({"authorization", "cookie", "proxy-authorization", "x-api-key"})
 _SKIP_PREFIXES = (":", "grpc-", "x-ztagent-")
-
-
-def unverified_posture() -> dict[str, Any]:
-    """The posture of a device with no (or no fresh) attestation."""
-    return {
-        "verified": False,
-        "age_s": None,
-        "firmware": {"name": None, "version": None, "signed": False, "signer": None},
-        "boot": {"verified": False, "pcrs": {}},
-        "host": {},
-    }
 
 
 def request_metadata(metadata: Sequence[tuple[str, str | bytes]] | None) -> dict[str, str]:
