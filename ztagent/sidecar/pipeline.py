@@ -12,7 +12,6 @@ PERMISSION_DENIED, a policy engine failure in closed mode -> UNAVAILABLE.
 
 from __future__ import annotations
 
-import base64
 import logging
 import re
 import socket
@@ -50,7 +49,7 @@ from ztagent.sidecar.policy_input import (
     unverified_posture,
 )
 from ztagent.tokens.verifier import TokenVerifier, anonymous_user_input, extract_bearer
-from ztagent.tokens.verify import VerifiedUser
+from ztagent.tokens.verify import VerifiedUser, thumbprint_of_digest
 
 log = logging.getLogger("ztagent.pipeline")
 
@@ -64,8 +63,7 @@ _MAX_CACHED_DOCS = 10_000
 
 def x5t_s256(device: VerifiedDevice) -> str:
     """RFC 8705 thumbprint of the client certificate: base64url(SHA-256(DER)), no padding."""
-    digest = bytes.fromhex(device.fingerprint_sha256)
-    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+    return thumbprint_of_digest(bytes.fromhex(device.fingerprint_sha256))
 
 
 def policy_headers(decision: Decision) -> list[tuple[str, str]]:

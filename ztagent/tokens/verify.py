@@ -86,8 +86,12 @@ def _norm_typ(typ: str) -> str:
 
 def cert_thumbprint(der: bytes) -> str:
     """RFC 8705 ``x5t#S256``: base64url (no padding) of SHA-256 over the certificate DER."""
-    digest = hashlib.sha256(der).digest()
-    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+    return thumbprint_of_digest(hashlib.sha256(der).digest())
+
+
+def thumbprint_of_digest(sha256_digest: bytes) -> str:
+    """``x5t#S256`` from a certificate's SHA-256 fingerprint already computed elsewhere."""
+    return base64.urlsafe_b64encode(sha256_digest).rstrip(b"=").decode("ascii")
 
 
 @dataclass(frozen=True)
