@@ -80,6 +80,19 @@ async def stub(target: str) -> AsyncIterator[storage_pb2_grpc.StorageAsyncStub]:
         yield storage_pb2_grpc.StorageStub(channel)  # type: ignore[misc]
 
 
+@pytest.fixture
+async def narrow_stub(target: str) -> AsyncIterator[storage_pb2_grpc.StorageAsyncStub]:
+    """A client whose HTTP/2 receive window stays at 64 KiB.
+
+    By default gRPC grows the window by BDP probing, and its core then reads megabytes from
+    the socket that the application never asked for; a watcher behind such a client may never
+    fall behind. With probing off, what a client does not read stays in the server's queue.
+    """
+    options = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 65535)]
+    async with grpc.aio.insecure_channel(target, options=options) as channel:
+        yield storage_pb2_grpc.StorageStub(channel)  # type: ignore[misc]
+
+
 async def _error(call: object) -> grpc.aio.AioRpcError:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await call  # type: ignore[misc]
@@ -229,14 +242,15 @@ async def test_watch_streams_changes_and_ends_on_cancel(
 
 
 async def test_slow_watcher_is_dropped_and_writers_do_not_wait(
-    stub: storage_pb2_grpc.StorageAsyncStub,
+    narrow_stub: storage_pb2_grpc.StorageAsyncStub,
 ) -> None:
+    stub = narrow_stub
     watch = stub.Watch(storage_pb2.WatchRequest(prefix="s/"), metadata=DEV_A)
     await watch.initial_metadata()
     value = b"x" * (MAX_VALUE - 1024)
 
     async def requests() -> AsyncIterator[storage_pb2.PutRequest]:
-        for i in range(40):  # ~2.5 MB, beyond the watcher's queue and the transport's buffers
+        for i in range(40):  # ~2.5 MB: twice the watcher's queue, 40x the client's window
             yield storage_pb2.PutRequest(key=f"s/{i:02d}", value=value)
 
     # the watcher reads nothing meanwhile; the writer must still finish (30 s: a hang guard for
