@@ -166,9 +166,17 @@ def cmd_renew(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from ztagent.config import load_config
-    from ztagent.sidecar.server import run_sidecar
+    from ztagent.sidecar.server import WorkerSlot, run_sidecar
 
     config = load_config(args.config, listen_address=args.listen)
+    if args.worker_index is not None:  # one worker of a supervisor
+        worker = WorkerSlot(args.worker_index, args.worker_count or config.listen.workers)
+        asyncio.run(run_sidecar(config, worker=worker, ready_fd=args.ready_fd))
+        return EXIT_OK
+    if config.listen.workers > 1:
+        from ztagent.sidecar.workers import supervise
+
+        return supervise(args.config, config)
     asyncio.run(run_sidecar(config))
     return EXIT_OK
 
@@ -654,6 +662,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the mTLS sidecar")
     p.add_argument("--config", type=Path, required=True)
     p.add_argument("--listen", help="override listen.address")
+    # Set by the supervisor when listen.workers > 1 (ztagent/sidecar/workers.py).
+    p.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--worker-count", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_serve)
 
     cert = sub.add_parser("cert", help="certificate checks").add_subparsers(

@@ -36,6 +36,10 @@ class ListenConfig:
     a rotated server cert or a revoked device takes effect at the TLS layer too."""
     max_connection_age_grace_s: float = 30.0
     """Calls still running on an aged connection get this long before it is closed."""
+    workers: int = 1
+    """Sidecar processes sharing ``address`` (SO_REUSEPORT); the kernel spreads connections
+    over them. Above 1, a supervisor process starts, watches and restarts the workers; attested
+    posture is shared between them through ``posture.state_dir``."""
 
 
 @dataclass(frozen=True)
@@ -327,7 +331,7 @@ def _listen(raw: Mapping[str, Any]) -> ListenConfig:
         "listen",
         {
             "address", "grace_period_s", "max_message_bytes", "max_connection_age_s",
-            "max_connection_age_grace_s",
+            "max_connection_age_grace_s", "workers",
         },
     )  # fmt: skip
     d = ListenConfig()
@@ -347,7 +351,18 @@ def _listen(raw: Mapping[str, Any]) -> ListenConfig:
         max_connection_age_grace_s=_number(
             raw, "max_connection_age_grace_s", "listen.max_connection_age_grace_s", 30.0, minimum=0
         ),
+        workers=_workers(raw),
     )
+
+
+MAX_WORKERS = 64
+
+
+def _workers(raw: Mapping[str, Any]) -> int:
+    workers = _int(raw, "workers", "listen.workers", ListenConfig.workers, minimum=1)
+    if workers > MAX_WORKERS:
+        raise ConfigError("listen.workers", f"expected <= {MAX_WORKERS}, got {workers}")
+    return workers
 
 
 def _tls(raw: Mapping[str, Any], base: Path) -> TlsConfig:

@@ -1,22 +1,32 @@
 """Small persisted stores of the verifier: firmware SVN high-water marks and bound AKs.
 
-Each store is one JSON file, read once when opened and rewritten atomically (temp file,
-fsync, rename) on every change. Single writer: one sidecar process owns a state file; the
-in-process lock serialises threads. A missing file is an empty store; an unreadable or
-malformed one is a ``ConfigError`` naming the store, never silently reset (that would forget
-rollback high-water marks or AK bindings).
+Each store is one JSON file, rewritten atomically (temp file, fsync, rename) on every change.
+Several sidecar worker processes may share a file (``listen.workers``): a change takes an
+exclusive ``flock`` on ``<file>.lock``, re-reads the file and then writes it, and every read
+first re-reads the file when its (mtime, size, inode) changed, so a high-water mark one worker
+recorded holds in all of them. The in-process lock serialises threads. A missing file is an
+empty store; an unreadable or malformed one is a ``ConfigError`` naming the store when opened,
+never silently reset (that would forget rollback high-water marks or AK bindings); one that
+turns bad later is logged and the last good contents stay in force.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import logging
+import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from ztagent.errors import ConfigError
 from ztagent.pki._files import write_atomic
 from ztagent.posture.errors import PostureError
+
+log = logging.getLogger("ztagent.posture")
 
 FORMAT_VERSION = 1
 ROLLBACK_KEY = "posture.rollback_store"
@@ -27,8 +37,35 @@ class _JsonStore:
     def __init__(self, path: Path, key: str) -> None:
         self._path = Path(path)
         self._key = key
+        self._lock_path = self._path.with_name(self._path.name + ".lock")
         self._lock = threading.Lock()
+        self._signature = _signature(self._path)
         self._devices: dict[str, Any] = self._read()
+
+    def _refresh(self) -> None:
+        """Re-reads the file if another process changed it (call with ``_lock`` held)."""
+        signature = _signature(self._path)
+        if signature == self._signature:
+            return
+        try:
+            devices = self._read()
+        except ConfigError as err:
+            log.error("keeping the last good %s: %s", self._key, err.message)
+            return
+        self._signature, self._devices = signature, devices
+
+    @contextlib.contextmanager
+    def _changing(self) -> Iterator[None]:
+        """Thread lock, then the cross-process file lock, then fresh contents."""
+        with self._lock:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                self._refresh()
+                yield
+            finally:
+                os.close(fd)  # releases the flock
 
     def _read(self) -> dict[str, Any]:
         try:
@@ -60,8 +97,16 @@ class _JsonStore:
 
     def _write(self) -> None:
         doc = {"version": FORMAT_VERSION, "devices": self._devices}
-        self._path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(self._path, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
+        self._signature = _signature(self._path)
+
+
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
 class RollbackStore(_JsonStore):
@@ -75,12 +120,14 @@ class RollbackStore(_JsonStore):
 
     def highest(self, device_id: str) -> int | None:
         with self._lock:
+            self._refresh()
             value = self._devices.get(device_id)
             return None if value is None else int(value)
 
     def check(self, device_id: str, svn: int) -> None:
         """``firmware_rollback`` if ``svn`` is below the highest seen (equal is fine)."""
         with self._lock:
+            self._refresh()
             self._check(device_id, svn)
 
     def _check(self, device_id: str, svn: int) -> None:
@@ -93,7 +140,7 @@ class RollbackStore(_JsonStore):
 
     def check_and_record(self, device_id: str, svn: int) -> None:
         """Check, then persist ``svn`` as the new highest when it is higher."""
-        with self._lock:
+        with self._changing():
             self._check(device_id, svn)
             if self._devices.get(device_id) != svn:
                 self._devices[device_id] = svn
@@ -119,12 +166,13 @@ class AkRegistry(_JsonStore):
         """Record (or replace) the AK of ``device_id``; only after a completed AK binding."""
         if not device_id or not self._valid(ak_name_hex):
             raise ValueError(f"device id and hex AK name expected, got {device_id!r}")
-        with self._lock:
+        with self._changing():
             if self._devices.get(device_id) != ak_name_hex.lower():
                 self._devices[device_id] = ak_name_hex.lower()
                 self._write()
 
     def bound_ak(self, device_id: str) -> str | None:
         with self._lock:
+            self._refresh()
             value = self._devices.get(device_id)
             return None if value is None else str(value)

@@ -33,7 +33,7 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from ztagent._proto.v1 import attestation_pb2
 from ztagent.errors import ConfigError
@@ -265,6 +265,17 @@ def verify_evidence(
         quote_clock=quote.clock,
         quote_reset_count=quote.reset_count,
     )
+
+
+class PostureStore(Protocol):
+    """Where verified postures are kept: ``PostureCache`` in one process,
+    ``ztagent.posture.shared_cache.SharedPostureCache`` across sidecar workers."""
+
+    def put(self, posture: AttestedPosture) -> None: ...
+
+    def get(self, cert_fingerprint: str, now: datetime) -> AttestedPosture | None: ...
+
+    def drop(self, cert_fingerprint: str) -> None: ...
 
 
 @dataclass

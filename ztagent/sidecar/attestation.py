@@ -26,8 +26,14 @@ from ztagent.posture.errors import PostureError, short_hex
 from ztagent.posture.firmware import FirmwarePublicKey, load_trusted_keys
 from ztagent.posture.nonces import NonceStore
 from ztagent.posture.reference import ReferenceValues
+from ztagent.posture.shared_cache import SharedPostureCache
 from ztagent.posture.state import AkRegistry, RollbackStore
-from ztagent.posture.verifier import AttestationContext, PostureCache, verify_evidence
+from ztagent.posture.verifier import (
+    AttestationContext,
+    PostureCache,
+    PostureStore,
+    verify_evidence,
+)
 from ztagent.sidecar.admission import Clock
 from ztagent.sidecar.pipeline import Pipeline
 
@@ -45,10 +51,12 @@ class PostureState:
     pending: PendingBindings
     registry: AkRegistry
     rollback: RollbackStore
-    cache: PostureCache
+    cache: PostureStore
 
     @classmethod
-    def load(cls, config: PostureConfig) -> PostureState:
+    def load(cls, config: PostureConfig, *, shared: bool = False) -> PostureState:
+        """``shared``: postures go through ``state_dir`` so that sidecar workers see each
+        other's attestations (``listen.workers > 1``)."""
         assert config.reference_values is not None
         state_dir: Path = config.state_dir
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -60,7 +68,7 @@ class PostureState:
             pending=PendingBindings(),
             registry=AkRegistry(state_dir / "ak-bindings.json"),
             rollback=RollbackStore(state_dir / "firmware-svn.json"),
-            cache=PostureCache(),
+            cache=SharedPostureCache(state_dir) if shared else PostureCache(),
         )
 
 

@@ -34,7 +34,7 @@ from ztagent.policy.decision_log import (
 )
 from ztagent.policy.errors import PolicyError
 from ztagent.policy.types import Decision, PolicyEngine
-from ztagent.posture.verifier import PostureCache
+from ztagent.posture.verifier import PostureStore
 from ztagent.sidecar.admission import (
     DEVICE_ID_HEADER,
     SPIFFE_ID_HEADER,
@@ -94,7 +94,7 @@ class Pipeline:
         decision_log: DecisionLog | NullDecisionLog,
         clock: Clock = utc_now,
         *,
-        posture_cache: PostureCache | None = None,
+        posture_cache: PostureStore | None = None,
     ) -> None:
         self.checker = checker
         self.engine = engine

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -117,12 +118,27 @@ def build_tokens(config: Config) -> TokenVerifier | None:
     return verifier_from_config(config.tokens)
 
 
-def build_decision_log(config: Config) -> DecisionLog | NullDecisionLog:
+@dataclass(frozen=True)
+class WorkerSlot:
+    """This process is worker ``index`` of ``count`` sharing the listen port (SO_REUSEPORT)."""
+
+    index: int
+    count: int
+
+
+def worker_log_path(path: Path, index: int) -> Path:
+    """Each worker keeps its own hash chain: decisions.jsonl -> decisions.worker1.jsonl."""
+    return path.with_name(f"{path.stem}.worker{index}{path.suffix}")
+
+
+def build_decision_log(
+    config: Config, worker: WorkerSlot | None = None
+) -> DecisionLog | NullDecisionLog:
     dl = config.decision_log
     if not dl.enabled:
         return NullDecisionLog()
     return DecisionLog(
-        dl.path,
+        dl.path if worker is None else worker_log_path(dl.path, worker.index),
         max_bytes=dl.max_bytes,
         backups=dl.backups,
         queue_size=dl.queue_size,
@@ -134,9 +150,12 @@ def build_decision_log(config: Config) -> DecisionLog | NullDecisionLog:
 class Sidecar:
     """One sidecar server. ``start()`` validates everything, binds, and reports SERVING."""
 
-    def __init__(self, config: Config, clock: Clock = utc_now) -> None:
+    def __init__(
+        self, config: Config, clock: Clock = utc_now, *, worker: WorkerSlot | None = None
+    ) -> None:
         self.config = config
         self._clock = clock
+        self.worker = worker
         self.port = 0
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
@@ -148,9 +167,11 @@ class Sidecar:
         self._pending_tls: object | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._crl_task: asyncio.Task[None] | None = None
+        # Among workers only the first fetches CRLs; the others reload the file it writes.
+        fetches = worker is None or worker.index == 0
         self.crl_fetcher = (
             CrlFetcher(config.tls.crl_source, config.tls.client_ca, config.tls.crl)
-            if config.tls.crl_source is not None and config.tls.crl is not None
+            if fetches and config.tls.crl_source is not None and config.tls.crl is not None
             else None
         )
 
@@ -169,8 +190,12 @@ class Sidecar:
         tokens = build_tokens(config)
         if tokens is not None:
             await tokens.prime()
-        decision_log = build_decision_log(config)
-        posture = PostureState.load(config.posture) if config.posture.enabled else None
+        decision_log = build_decision_log(config, self.worker)
+        posture = (
+            PostureState.load(config.posture, shared=self.worker is not None)
+            if config.posture.enabled
+            else None
+        )
         decision_log.start()
         self.pipeline = Pipeline(
             config,
@@ -186,7 +211,7 @@ class Sidecar:
         limit = config.listen.max_message_bytes
         server = grpc.aio.server(
             options=[
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", 0 if self.worker is None else 1),
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
                 ("grpc.max_connection_age_ms", int(config.listen.max_connection_age_s * 1000)),
@@ -219,7 +244,8 @@ class Sidecar:
         await self._report_health()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         log.info(
-            "sidecar listening on %s (port %d), routes: %s",
+            "sidecar%s listening on %s (port %d), routes: %s",
+            "" if self.worker is None else f" worker {self.worker.index}/{self.worker.count}",
             config.listen.address,
             self.port,
             ", ".join(f"{r.service} -> {r.upstream}" for r in config.routes) or "none",
@@ -312,10 +338,18 @@ class Sidecar:
             await asyncio.to_thread(self.pipeline.decision_log.close)
 
 
-async def run_sidecar(config: Config) -> None:
-    """Runs until SIGTERM or SIGINT, then drains in-flight calls within the grace period."""
-    sidecar = Sidecar(config)
+async def run_sidecar(
+    config: Config, *, worker: WorkerSlot | None = None, ready_fd: int | None = None
+) -> None:
+    """Runs until SIGTERM or SIGINT, then drains in-flight calls within the grace period.
+
+    ``ready_fd``: a pipe to the supervisor; one line is written to it once the sidecar serves.
+    """
+    sidecar = Sidecar(config, worker=worker)
     await sidecar.start()
+    if ready_fd is not None:
+        os.write(ready_fd, f"ready {os.getpid()} {sidecar.port}\n".encode())
+        os.close(ready_fd)
     await wait_for_stop_signal()
     log.info("stopping: draining in-flight calls for up to %.1f s", config.listen.grace_period_s)
     await sidecar.stop()
