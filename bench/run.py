@@ -33,6 +33,7 @@ from bench.loadgen import LoadResult, Target, run_load
 from bench.stack import DEVICE_ID, REPO, STORAGE, Stack, running_stack
 from ztagent._proto.workloads.v1 import storage_pb2
 from ztagent.sidecar.admission import DEVICE_ID_HEADER
+from ztagent.sidecar.server import worker_log_path
 
 NOTES_MARKER = "<!-- hand-written notes below this line are kept by bench/run.py -->"
 
@@ -240,7 +241,12 @@ def main(argv: list[str] | None = None) -> int:
             f"p50 {hs.p50_ms:.2f} ms",
             flush=True,
         )
-        last = st.decision_log.read_text().splitlines()[-1]
+        logs = (
+            [st.decision_log]
+            if args.workers == 1
+            else [worker_log_path(st.decision_log, i) for i in range(args.workers)]
+        )
+        last = max((p.read_text().splitlines()[-1] for p in logs if p.exists()), key=len)
         real_input = json.loads(last)["input"]
         print("micro-benchmarks ...", flush=True)
         rows: list[micro.Row] = []
