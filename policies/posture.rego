@@ -7,11 +7,7 @@
 # conditions to `posture_ok`; keep its name, authz depends on it.
 package ztagent.posture
 
-config := data.ztagent.config
-
-service_config := object.get(config, ["services", input.request.service], {})
-
-method_config := object.get(service_config, ["methods", input.request.method], {})
+service_config := object.get(data.ztagent.config, ["services", input.request.service], {})
 
 # --- is posture required for this route? ---------------------------------------------
 
@@ -21,7 +17,9 @@ default required := false
 required if service_config.require_posture == true
 
 # One method: services[S].methods[M].require_posture = true
-required if method_config.require_posture == true
+required if {
+	object.get(service_config, ["methods", input.request.method, "require_posture"], null) == true
+}
 
 # Named models of a service: services[S].require_posture_for_critical = true, the model
 # named in request metadata services[S].model_metadata_key is in services[S].critical_models.
@@ -34,7 +32,7 @@ required if {
 # --- does the device posture satisfy it? ----------------------------------------------
 
 # max_age_s: null (or absent) means no age limit beyond the sidecar's own posture.max_age.
-max_age_s := object.get(config, ["posture", "max_age_s"], null)
+max_age_s := object.get(data.ztagent.config, ["posture", "max_age_s"], null)
 
 default fresh := false
 
