@@ -140,6 +140,15 @@ class DecisionLogConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool = False
+    """Serve Prometheus metrics over plain HTTP at ``address`` (``/metrics``)."""
+    address: str = "127.0.0.1:9464"
+    """host:port of the metrics endpoint; it has no authentication, so keep it on loopback or
+    a management network."""
+
+
+@dataclass(frozen=True)
 class PostureConfig:
     enabled: bool = True
     """Serve the ztagent.v1.Attestation service and fill input.posture from attestations."""
@@ -181,6 +190,7 @@ class Config:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     decision_log: DecisionLogConfig = field(default_factory=DecisionLogConfig)
     posture: PostureConfig = field(default_factory=PostureConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: Path | None = None
 
     def route_for(self, service: str) -> Route | None:
@@ -543,6 +553,13 @@ def _decision_log(raw: Mapping[str, Any], base: Path) -> DecisionLogConfig:
     )
 
 
+def _metrics(raw: Mapping[str, Any]) -> MetricsConfig:
+    _check_keys(raw, "metrics", {"enabled", "address"})
+    address = _str(raw, "address", "metrics.address", MetricsConfig.address)
+    parse_host_port(address, "metrics.address")
+    return MetricsConfig(enabled=_bool(raw, "enabled", "metrics.enabled", False), address=address)
+
+
 def _posture(raw: Mapping[str, Any], base: Path) -> PostureConfig:
     keys = {
         "enabled", "max_age_s", "reference_values", "firmware_keys", "pcrs", "state_dir",
@@ -621,6 +638,7 @@ def parse_config(raw: Mapping[str, Any], base: Path, source: Path | None = None)
     """Builds a validated Config from an already-decoded TOML document."""
     allowed = {
         "listen", "tls", "identity", "routes", "tokens", "policy", "decision_log", "posture",
+        "metrics",
     }  # fmt: skip
     for key in raw:
         if key not in allowed:
@@ -647,6 +665,7 @@ def parse_config(raw: Mapping[str, Any], base: Path, source: Path | None = None)
             _expect_table(raw.get("decision_log", {}), "decision_log"), base
         ),
         posture=_posture(_expect_table(raw.get("posture", {}), "posture"), base),
+        metrics=_metrics(_expect_table(raw.get("metrics", {}), "metrics")),
         source=source,
     )
 

@@ -255,6 +255,38 @@ def _verify_decision_log(config: Config) -> Outcome:
     return Outcome(False, f"(r) decision log {path}: BROKEN: {report.reason}")
 
 
+def _metrics_outcome(config: Config) -> Outcome:
+    """What the sidecar's Prometheus endpoint counted during the demo."""
+    if not config.metrics.enabled:
+        return Outcome(True, "(s) metrics disabled")
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = f"http://{config.metrics.address}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+    except OSError as exc:
+        return Outcome(False, f"(s) metrics at {url} unreachable: {exc}")
+    outcomes: dict[str, float] = {}
+    refused: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "ztagent_decisions_total":
+                key = sample.labels["outcome"]
+                outcomes[key] = outcomes.get(key, 0) + sample.value
+            elif sample.name == "ztagent_refused_total":
+                refused[sample.labels["code"]] = sample.value
+    total = sum(outcomes.values())
+    by_outcome = ", ".join(f"{k} {v:.0f}" for k, v in sorted(outcomes.items()))
+    by_code = ", ".join(f"{k} {v:.0f}" for k, v in sorted(refused.items(), key=lambda i: -i[1]))
+    return Outcome(
+        outcomes.get("allow", 0) > 0 and outcomes.get("deny", 0) > 0,
+        f"(s) metrics at {url}: {total:.0f} decisions ({by_outcome}); refused by code: {by_code}",
+    )
+
+
 def _scenario_revocation(config: Config, ca_dir: Path, cert: Path, token: str) -> Outcome:
     """A connected, working device is revoked at the CA; the sidecar fetches the new CRL
     (tls.crl_source) and refuses the next call on the same open connection."""
@@ -436,6 +468,7 @@ def run_demo(config_path: Path, ca_dir: Path) -> int:
                         tokens,
                     )
                 ]
+            outcomes.append(_metrics_outcome(config))
     outcomes.append(_verify_decision_log(config))
     for outcome in outcomes:
         print(("[ok]   " if outcome.ok else "[FAIL] ") + outcome.line)

@@ -122,11 +122,15 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
             # this certificate no longer stands.
             state.cache.drop(device.fingerprint_sha256)
             log.warning("attestation of %s refused: %s", device.device_id, err)
+            if self._pipeline.metrics is not None:
+                self._pipeline.metrics.attestation(False, err.code)
             return attestation_pb2.AttestResponse(
                 verified=False,
                 failures=[attestation_pb2.Failure(code=err.code, message=err.message)],
             )
         state.cache.put(posture)
+        if self._pipeline.metrics is not None:
+            self._pipeline.metrics.attestation(True)
         log.info(
             "device %s attested (%s): firmware %s %s, posture valid until %s",
             device.device_id,

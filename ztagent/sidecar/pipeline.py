@@ -42,6 +42,7 @@ from ztagent.sidecar.admission import (
     peer_certificate_pem,
     utc_now,
 )
+from ztagent.sidecar.metrics import Metrics
 from ztagent.sidecar.policy_input import (
     build_input,
     request_metadata,
@@ -95,12 +96,14 @@ class Pipeline:
         clock: Clock = utc_now,
         *,
         posture_cache: PostureStore | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.checker = checker
         self.engine = engine
         self.tokens = tokens
         self.decision_log = decision_log
         self.posture_cache = posture_cache
+        self.metrics = metrics
         self._clock = clock
         self._node = socket.gethostname()
         self._block_on_full_log = config.decision_log.on_full == "block"
@@ -172,6 +175,28 @@ class Pipeline:
         doc = posture.as_input(now)
         return doc, {"attestation_id": posture.attestation_id, "quote_age_s": doc["age_s"]}
 
+    def _count(
+        self,
+        service: str,
+        decision: Decision,
+        failure: PolicyError | None,
+        modes: RouteModes,
+        policy_s: float,
+        latency_us: int,
+        logged: bool,
+    ) -> None:
+        assert self.metrics is not None
+        if failure is not None:
+            outcome = "failure_open" if decision.allow else "failure_closed"
+        elif decision.allow:
+            outcome = "allow"
+        else:
+            outcome = "dry_run" if modes.dry_run else "deny"
+        self.metrics.decision(service, outcome, decision.reasons, policy_s)
+        self.metrics.admission_seconds.observe(latency_us / 1e6)
+        if not logged:
+            self.metrics.log_dropped.inc()
+
     async def admit(self, context: grpc.aio.ServicerContext, full_method: str) -> Metadata:
         started = time.perf_counter()
         device = self.verify_device(context.auth_context())
@@ -192,6 +217,7 @@ class Pipeline:
         service, method = split_method(full_method)
         modes = self._modes.get(service, self._default)
         failure: PolicyError | None = None
+        policy_started = time.perf_counter()
         try:
             decision = await self.engine.evaluate(input_doc)
         except PolicyError as err:
@@ -210,6 +236,7 @@ class Pipeline:
                 modes.failure_mode,
                 "allow" if allow else "deny",
             )
+        policy_s = time.perf_counter() - policy_started
         enforced = decision.allow or modes.dry_run
         record = DecisionRecord(
             decision_id=new_decision_id(now),
@@ -229,9 +256,11 @@ class Pipeline:
             input=input_doc,
         )
         if self._block_on_full_log:
-            await self.decision_log.asubmit(record)
+            logged = await self.decision_log.asubmit(record)
         else:
-            self.decision_log.submit(record)
+            logged = self.decision_log.submit(record)
+        if self.metrics is not None:
+            self._count(service, decision, failure, modes, policy_s, record.latency_us, logged)
         if not enforced:
             if failure is not None:
                 raise TransportError(

@@ -18,6 +18,7 @@ from google.protobuf import descriptor_pool
 
 from ztagent.config import Route
 from ztagent.errors import ZtagentError, grpc_status_for
+from ztagent.sidecar.metrics import Metrics
 from ztagent.sidecar.upstreams import Upstreams, service_of
 
 log = logging.getLogger("ztagent.proxy")
@@ -84,8 +85,11 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
     stream-stream call, which carries all four kinds byte for byte.
     """
 
-    def __init__(self, admission: Admission, upstreams: Upstreams) -> None:
+    def __init__(
+        self, admission: Admission, upstreams: Upstreams, metrics: Metrics | None = None
+    ) -> None:
         self._admission = admission
+        self._metrics = metrics
         self._upstreams = upstreams
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
         self._calls: dict[tuple[str, str], grpc.aio.StreamStreamMultiCallable] = {}
@@ -125,10 +129,14 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
             identity = await self._admission.admit(context, method)
         except ZtagentError as err:
             log.info("refused %s: %s", method, err)
+            if self._metrics is not None:
+                self._metrics.refusal(err.code)
             await context.abort(grpc_status_for(err), f"{err.code}: {err.message}")
             raise AssertionError("unreachable") from err
         route = self._upstreams.route(service_of(method))
         if route is None:
+            if self._metrics is not None:
+                self._metrics.refusal("no_route")
             known = ", ".join(self._upstreams.services) or "none"
             await context.abort(
                 grpc.StatusCode.UNIMPLEMENTED,
@@ -160,6 +168,8 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
         try:
             response: bytes = await call
         except grpc.aio.AioRpcError as err:
+            if self._metrics is not None:
+                self._metrics.upstream_error(route.service, err.code().name)
             await context.abort(
                 err.code(), err.details() or "", tuple(_returnable(err.trailing_metadata()))
             )
@@ -217,6 +227,8 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
         if trailing:
             context.set_trailing_metadata(_returnable(trailing))
         if code != grpc.StatusCode.OK:
+            if self._metrics is not None:
+                self._metrics.upstream_error(route.service, code.name)
             context.set_code(code)
             context.set_details(details or "")
 

@@ -17,6 +17,7 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry
 
 from ztagent._proto.v1 import attestation_pb2_grpc
 
@@ -32,6 +33,7 @@ from ztagent.policy.decision_log import DecisionLog, NullDecisionLog
 from ztagent.policy.types import PolicyEngine
 from ztagent.sidecar.admission import Clock, utc_now
 from ztagent.sidecar.attestation import AttestationService, PostureState
+from ztagent.sidecar.metrics import Metrics, MetricsEndpoint
 from ztagent.sidecar.pipeline import Pipeline
 from ztagent.sidecar.proxy import ProxyHandler
 from ztagent.sidecar.upstreams import Upstreams
@@ -165,6 +167,8 @@ class Sidecar:
         self._tls_paths = (config.tls.server_cert, config.tls.server_key, config.tls.client_ca)
         self._tls_signature: FileSignature = ()
         self._pending_tls: object | None = None
+        self.metrics: Metrics | None = None
+        self.metrics_endpoint: MetricsEndpoint | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._crl_task: asyncio.Task[None] | None = None
         # Among workers only the first fetches CRLs; the others reload the file it writes.
@@ -197,6 +201,7 @@ class Sidecar:
             else None
         )
         decision_log.start()
+        self.metrics = self._build_metrics()
         self.pipeline = Pipeline(
             config,
             checker,
@@ -205,6 +210,7 @@ class Sidecar:
             decision_log,
             self._clock,
             posture_cache=posture.cache if posture is not None else None,
+            metrics=self.metrics,
         )
         self._upstreams = Upstreams(config.routes, config.listen.max_message_bytes)
 
@@ -226,7 +232,9 @@ class Sidecar:
             attestation_pb2_grpc.add_AttestationServicer_to_server(
                 AttestationService(self.pipeline, posture, self._clock), server
             )
-        server.add_generic_rpc_handlers((ProxyHandler(self.pipeline, self._upstreams),))
+        server.add_generic_rpc_handlers(
+            (ProxyHandler(self.pipeline, self._upstreams, self.metrics),)
+        )
         credentials = grpc.dynamic_ssl_server_credentials(
             initial, self._fetch_tls, require_client_authentication=True
         )
@@ -236,6 +244,8 @@ class Sidecar:
             raise ConfigError(
                 "listen.address", f"cannot bind {config.listen.address}: {exc}"
             ) from exc
+        if self.metrics is not None and self.metrics.registry is not None:
+            self.metrics_endpoint = MetricsEndpoint(config.metrics.address, self.metrics.registry)
         await server.start()
         self._server = server
         self._watcher = asyncio.create_task(self._watch_files())
@@ -251,6 +261,14 @@ class Sidecar:
             ", ".join(f"{r.service} -> {r.upstream}" for r in config.routes) or "none",
         )
         return self.port
+
+    def _build_metrics(self) -> Metrics | None:
+        """One registry and endpoint per sidecar; a worker only records (its supervisor sets
+        PROMETHEUS_MULTIPROC_DIR and serves the sum of all workers)."""
+        if not self.config.metrics.enabled:
+            return None
+        routed = [r.service for r in self.config.routes]
+        return Metrics(CollectorRegistry() if self.worker is None else None, routed)
 
     # -- hot reload -------------------------------------------------------------------------
 
@@ -333,6 +351,9 @@ class Sidecar:
             await self._server.stop(grace)
         if self._upstreams is not None:
             await self._upstreams.close()
+        if self.metrics_endpoint is not None:
+            await asyncio.to_thread(self.metrics_endpoint.close)
+            self.metrics_endpoint = None
         if self.pipeline is not None:
             await self.pipeline.engine.close()
             await asyncio.to_thread(self.pipeline.decision_log.close)

@@ -15,7 +15,8 @@ them. The supervisor (this module, the process ``ztagent serve`` starts as):
    kills what is left after the grace period.
 
 Workers share attested posture and the posture state files through ``posture.state_dir``;
-each writes its own decision log (``decisions.worker<i>.jsonl``, its own hash chain). Only
+each writes its own decision log (``decisions.worker<i>.jsonl``, its own hash chain) and its
+metrics into a directory from which the supervisor serves their sum at ``metrics.address``. Only
 worker 0 fetches CRLs; the others pick the written file up by their file watch. Attestation
 nonces stay in the worker that issued them: a device answers a challenge on the connection
 that asked for it (``ztagent attest`` does).
@@ -28,10 +29,12 @@ import ctypes
 import logging
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,6 +129,8 @@ class Supervisor:
     workers: list[_Worker] = field(default_factory=list)
     address: str = ""
     stopping: bool = False
+    env: dict[str, str] | None = None
+    """The workers' environment (None: inherited)."""
 
     def command(self, worker: _Worker, ready_w: int) -> list[str]:
         return [
@@ -138,7 +143,10 @@ class Supervisor:
         ready_r, ready_w = os.pipe()
         try:
             worker.proc = subprocess.Popen(
-                self.command(worker, ready_w), pass_fds=(ready_w,), preexec_fn=_die_with_parent
+                self.command(worker, ready_w),
+                pass_fds=(ready_w,),
+                preexec_fn=_die_with_parent,
+                env=self.env,
             )
         finally:
             os.close(ready_w)
@@ -236,6 +244,37 @@ class Supervisor:
                 worker.ready_fd = None
 
 
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+class _SharedMetrics:
+    """The workers' metrics summed and served at ``metrics.address`` by the supervisor.
+
+    Each worker writes its values to files in a fresh directory (prometheus_client's
+    multiprocess mode, chosen by ``PROMETHEUS_MULTIPROC_DIR`` in the workers' environment);
+    counters of a worker that died stay in the sum, so they never go backwards.
+    """
+
+    def __init__(self, address: str) -> None:
+        from prometheus_client import CollectorRegistry
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        from ztagent.sidecar.metrics import MetricsEndpoint
+
+        self.directory = Path(tempfile.mkdtemp(prefix="ztagent-metrics-"))
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=str(self.directory))  # type: ignore[no-untyped-call]
+        try:
+            self.endpoint = MetricsEndpoint(address, registry)
+        except BaseException:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            raise
+
+    def close(self) -> None:
+        self.endpoint.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
 def _pid(worker: _Worker) -> int:
     return worker.proc.pid if worker.proc is not None else -1
 
@@ -251,7 +290,11 @@ def supervise(config_path: Path, config: Config) -> int:
         supervisor.stopping = True
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    metrics: _SharedMetrics | None = None
     try:
+        if config.metrics.enabled:
+            metrics = _SharedMetrics(config.metrics.address)
+            supervisor.env = {**os.environ, MULTIPROC_ENV: str(metrics.directory)}
         if config.posture.enabled:
             from ztagent.posture.shared_cache import clear_shared_cache
 
@@ -272,6 +315,8 @@ def supervise(config_path: Path, config: Config) -> int:
         return 0
     finally:
         supervisor.stop_all()
+        if metrics is not None:
+            metrics.close()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         log.info("stopped")

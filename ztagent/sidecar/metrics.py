@@ -1,0 +1,142 @@
+"""Prometheus metrics of the sidecar (``[metrics]``, default port 9464, path ``/metrics``).
+
+What is counted, per call and per attestation:
+
+- ``ztagent_decisions_total{service, outcome}``: every policy decision. ``outcome`` is
+  ``allow``, ``deny``, ``dry_run`` (a deny let through by shadow mode), ``failure_open`` or
+  ``failure_closed`` (the engine failed and the failure mode decided). ``service`` is a routed
+  service or ``unrouted``.
+- ``ztagent_denial_reasons_total{reason}``: the policy's reasons on denied calls.
+- ``ztagent_refused_total{code}``: calls refused, by stable error code (``cert_revoked``,
+  ``token_expired``, ``policy_denied``, ``no_route``...).
+- ``ztagent_upstream_errors_total{service, code}``: gRPC status of failed upstream calls.
+- ``ztagent_attestations_total{result, code}``: ``verified`` or ``refused`` with its code.
+- ``ztagent_decision_log_dropped_total``: decision-log lines dropped (queue full).
+- ``ztagent_admission_seconds`` and ``ztagent_policy_evaluation_seconds``: histograms.
+
+Labels never carry device ids, users or other per-caller values, and label sets that come
+from outside (reasons written by policy authors, method names) are capped: past
+``MAX_LABEL_VALUES`` distinct values, new ones are counted as ``other``.
+
+One process: each ``Sidecar`` has its own registry and endpoint. With ``listen.workers > 1``
+the supervisor sets ``PROMETHEUS_MULTIPROC_DIR`` for the workers, which write their values
+there, and serves the sum at ``metrics.address`` itself.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Sequence
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+
+from ztagent.config import parse_host_port
+from ztagent.errors import ConfigError
+
+MAX_LABEL_VALUES = 200
+UNROUTED = "unrouted"
+OTHER = "other"
+
+_LATENCY_BUCKETS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5,
+)  # fmt: skip
+
+
+class _Capped:
+    """Label values seen so far; past the cap, new ones become ``other``."""
+
+    def __init__(self, cap: int = MAX_LABEL_VALUES) -> None:
+        self._seen: set[str] = set()
+        self._cap = cap
+        self._lock = threading.Lock()
+
+    def __call__(self, value: str) -> str:
+        if value in self._seen:
+            return value
+        with self._lock:
+            if len(self._seen) >= self._cap:
+                return OTHER
+            self._seen.add(value)
+            return value
+
+
+class Metrics:
+    """The sidecar's counters and histograms, registered in ``registry`` (None: not
+    registered anywhere, as in a worker whose supervisor collects the values)."""
+
+    def __init__(
+        self, registry: CollectorRegistry | None, routed_services: Iterable[str] = ()
+    ) -> None:
+        self.registry = registry
+        self._routed = frozenset(routed_services)
+        self._reason = _Capped()
+        self._code = _Capped()
+        r = registry
+        self.decisions = Counter(
+            "ztagent_decisions", "Policy decisions", ["service", "outcome"], registry=r
+        )
+        self.denial_reasons = Counter(
+            "ztagent_denial_reasons", "Reasons of denied calls", ["reason"], registry=r
+        )
+        self.refused = Counter("ztagent_refused", "Calls refused, by code", ["code"], registry=r)
+        self.upstream_errors = Counter(
+            "ztagent_upstream_errors", "Failed upstream calls", ["service", "code"], registry=r
+        )
+        self.attestations = Counter(
+            "ztagent_attestations", "Attestation results", ["result", "code"], registry=r
+        )
+        self.log_dropped = Counter(
+            "ztagent_decision_log_dropped", "Decision-log lines dropped", registry=r
+        )
+        self.admission_seconds = Histogram(
+            "ztagent_admission_seconds",
+            "Identity, token, posture and policy checks of one call",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.policy_seconds = Histogram(
+            "ztagent_policy_evaluation_seconds",
+            "One policy evaluation",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+
+    def service(self, service: str) -> str:
+        return service if service in self._routed else UNROUTED
+
+    def decision(self, service: str, outcome: str, reasons: Sequence[str], policy_s: float) -> None:
+        self.decisions.labels(self.service(service), outcome).inc()
+        self.policy_seconds.observe(policy_s)
+        if outcome in ("deny", "dry_run"):
+            for reason in reasons:
+                self.denial_reasons.labels(self._reason(reason)).inc()
+
+    def refusal(self, code: str) -> None:
+        self.refused.labels(self._code(code)).inc()
+
+    def upstream_error(self, service: str, code: str) -> None:
+        self.upstream_errors.labels(self.service(service), code).inc()
+
+    def attestation(self, verified: bool, code: str = "") -> None:
+        result = "verified" if verified else "refused"
+        self.attestations.labels(result, self._code(code) if code else "").inc()
+
+
+class MetricsEndpoint:
+    """``/metrics`` over HTTP on a daemon thread; ``close()`` stops it."""
+
+    def __init__(self, address: str, registry: CollectorRegistry) -> None:
+        host, port = parse_host_port(address, "metrics.address")
+        try:
+            server, thread = start_http_server(port, addr=host, registry=registry)
+        except OSError as exc:
+            raise ConfigError("metrics.address", f"cannot bind {address}: {exc.strerror}") from exc
+        self._server: WSGIServer = server
+        self._thread = thread
+        self.port = int(server.server_address[1])
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
