@@ -10,10 +10,10 @@ leaf's EKU *if* the EKU is present; a leaf with no EKU passes it, so the EKU is 
 
 **TPM-bound certificates.** A certificate issued by TPM-bound enrollment carries the TPM name
 of the device's attestation key (AK) in a non-critical extension, ``AK_NAME_OID``
-(``1.3.6.1.4.1.57264.9999.1``), whose value is a DER OCTET STRING holding the name
-(``nameAlg`` u16 big-endian || digest). The arc is a **placeholder**: it is not registered to
-ztagent and must be replaced by an OID under the operator's own Private Enterprise Number
-before production use. ``VerifiedDevice.ak_name`` is that name (lowercase hex) or None; the
+(``2.25.212853220384175939582526127345612545943``), whose value is a DER OCTET STRING
+holding the name (``nameAlg`` u16 big-endian || digest). The OID is derived from a UUID
+generated for ztagent (ITU-T X.667 ``2.25`` arc: unique without registration), so it collides
+with no one's extension. ``VerifiedDevice.ak_name`` is that name (lowercase hex) or None; the
 sidecar's posture check treats it as the device's bound AK. A malformed value fails the check
 (``cert_malformed``): only this CA writes the extension, so a bad one is never ignored.
 """
@@ -53,8 +53,8 @@ _EKU_NAMES = {
 }
 
 
-AK_NAME_OID = ObjectIdentifier("1.3.6.1.4.1.57264.9999.1")
-"""The AK-name extension (placeholder arc: replace with an OID under your own PEN)."""
+AK_NAME_OID = ObjectIdentifier("2.25.212853220384175939582526127345612545943")
+"""The AK-name extension: 2.25 + UUID a0220a01-c893-4018-bd6b-e7ecb712df97 (ITU-T X.667)."""
 _AK_NAME_DIGEST_SIZES = {0x000B: 32, 0x000C: 48, 0x000D: 64}
 """TPM nameAlg -> digest size: SHA-256, SHA-384, SHA-512 (names of SHA-1 keys are refused)."""
 

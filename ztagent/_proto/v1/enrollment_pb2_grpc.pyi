@@ -12,7 +12,7 @@ exactly as Enroll does, without spending the token, and answers a TPM2 MakeCrede
 challenge sealed to the device's EK for its AK's name; CompleteTpmEnroll returns the secret
 the TPM's ActivateCredential recovered. Only when it matches is the token spent and the
 certificate issued, carrying the AK's TPM name in a non-critical extension (OID
-1.3.6.1.4.1.57264.9999.1, value an OCTET STRING; a placeholder arc, see
+2.25.212853220384175939582526127345612545943, value an OCTET STRING; see
 ztagent/pki/device_check.py). A sidecar then accepts quotes by that AK from that
 certificate without a separate AK binding. A pending enrollment is single use, known only by
 its enrollment_id, and expires 60 s after BeginTpmEnroll.
