@@ -35,12 +35,27 @@ def cmd_ca_init(args: argparse.Namespace) -> int:
     layout = ca.init_ca(args.dir, args.trust_domain, force=args.force)
     issuer = init_dev_issuer(args.dir, args.trust_domain, force=True)
     vendor_key = dev_firmware_vendor(args.dir)
+    ek_ca = dev_tpm_manufacturer(args.dir, fresh=True)
     print(f"dev PKI created in {args.dir} (trust domain {args.trust_domain})")
     for name, path in sorted(vars(layout).items()):
         print(f"  {name:<18} {path}")
     print(f"  {'token_issuer':<18} {issuer.jwks_path} (DEVELOPMENT ONLY: {issuer.issuer})")
     print(f"  {'firmware_vendor':<18} {vendor_key} (DEVELOPMENT ONLY firmware signing key)")
+    print(f"  {'tpm_manufacturer':<18} {ek_ca} (DEVELOPMENT ONLY EK certificate CA for swtpm)")
     return EXIT_OK
+
+
+def dev_tpm_manufacturer(ca_dir: Path, *, fresh: bool = False) -> Path:
+    """DEVELOPMENT ONLY: the CA that certifies swtpm EKs in <ca_dir>/tpm-manufacturer/ (the
+    example config's posture.ek_ca_bundle); returns its certificate's path."""
+    import shutil
+
+    from ztagent.posture import dev_manufacturer
+
+    out = ca_dir / "tpm-manufacturer"
+    if fresh:
+        shutil.rmtree(out, ignore_errors=True)
+    return dev_manufacturer.init(out)
 
 
 def dev_firmware_vendor(ca_dir: Path) -> Path:
@@ -102,6 +117,7 @@ def cmd_ca_serve(args: argparse.Namespace) -> int:
             listen=args.listen,
             renew_listen=args.renew_listen,
             lifetime_days=args.lifetime_days,
+            ek_ca_bundle=args.ek_ca_bundle,
         )
     )
     return EXIT_OK
@@ -633,6 +649,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", default="127.0.0.1:8444", help="enrollment port (server-auth TLS)")
     p.add_argument("--renew-listen", default="127.0.0.1:8445", help="renewal port (mTLS)")
     p.add_argument("--lifetime-days", type=int, default=30, help="issued lifetime (max 90)")
+    p.add_argument(
+        "--ek-ca-bundle",
+        type=Path,
+        help="TPM-manufacturer CA certificates (PEM): TPM enrollment then needs an EK certificate",
+    )
     p.set_defaults(func=cmd_ca_serve)
 
     p = sub.add_parser("enroll", help="device onboarding with a one-time bootstrap token")

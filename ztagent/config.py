@@ -164,6 +164,9 @@ class PostureConfig:
     """AK bindings and the highest firmware security version seen per device (persisted)."""
     nonce_ttl_s: float = 60.0
     """A challenge nonce expires after this long (at most 60 s)."""
+    ek_ca_bundle: Path | None = None
+    """TPM-manufacturer CA certificates (PEM). When set, AK binding requires the device's EK
+    certificate to chain to them; when unset, the EK is trusted on first use."""
 
 
 @dataclass(frozen=True)
@@ -563,7 +566,7 @@ def _metrics(raw: Mapping[str, Any]) -> MetricsConfig:
 def _posture(raw: Mapping[str, Any], base: Path) -> PostureConfig:
     keys = {
         "enabled", "max_age_s", "reference_values", "firmware_keys", "pcrs", "state_dir",
-        "nonce_ttl_s",
+        "nonce_ttl_s", "ek_ca_bundle",
     }  # fmt: skip
     _check_keys(raw, "posture", keys)
     d = PostureConfig()
@@ -592,6 +595,7 @@ def _posture(raw: Mapping[str, Any], base: Path) -> PostureConfig:
         pcrs=tuple(sorted(pcrs)),
         state_dir=state_dir or base / d.state_dir,
         nonce_ttl_s=nonce_ttl,
+        ek_ca_bundle=_path(raw, "ek_ca_bundle", "posture.ek_ca_bundle", base, required=False),
     )
 
 
@@ -709,6 +713,8 @@ def check_files(config: Config) -> None:
         named_posture = {"posture.reference_values": config.posture.reference_values}
         for i, key_path in enumerate(config.posture.firmware_keys):
             named_posture[f"posture.firmware_keys[{i}]"] = key_path
+        if config.posture.ek_ca_bundle is not None:
+            named_posture["posture.ek_ca_bundle"] = config.posture.ek_ca_bundle
         for key, path in named_posture.items():
             if not path.is_file():
                 raise ConfigError(key, f"file not found: {path}")

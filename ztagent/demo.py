@@ -29,7 +29,13 @@ from ztagent.config import Config, load_config
 from ztagent.demo_enroll import enroll_device, reuse_token, revoke_and_wait, wait_for_ca
 from ztagent.demo_inference import INFERENCE
 from ztagent.demo_inference import scenarios as inference_scenarios
-from ztagent.demo_posture import DemoDevice, attest, booted_devices, ensure_dev_firmware_vendor
+from ztagent.demo_posture import (
+    DemoDevice,
+    attest,
+    booted_devices,
+    ensure_dev_firmware_vendor,
+    ensure_dev_tpm_manufacturer,
+)
 from ztagent.pki.device_check import cert_ak_name
 from ztagent.tokens.dev_issuer import mint_token
 from ztagent.workloads.storage.server import parse_listen
@@ -320,6 +326,7 @@ def run_demo(config_path: Path, ca_dir: Path) -> int:
     root = config_path.resolve().parent
     _ensure_dev_issuer(ca_dir, config.identity.trust_domain)
     ensure_dev_firmware_vendor(ca_dir)
+    ek_ca = ensure_dev_tpm_manufacturer(ca_dir)
     logs = root / "var" / "log"
     (root / "var" / "run").mkdir(parents=True, exist_ok=True, mode=0o700)
     devices = root / "var" / "devices"
@@ -332,7 +339,8 @@ def run_demo(config_path: Path, ca_dir: Path) -> int:
         print(f"demo: no model in {models}: run `make model` first", file=sys.stderr)
         return 2
     outcomes: list[Outcome] = []
-    with _process(["ca", "serve", "--dir", str(ca_dir)], logs / "ca.log") as ca_proc:
+    ca_args = ["ca", "serve", "--dir", str(ca_dir), "--ek-ca-bundle", str(ek_ca)]
+    with _process(ca_args, logs / "ca.log") as ca_proc:
         try:
             wait_for_ca(ca_address, ca_dir / "ca-bundle.pem", lambda: ca_proc.poll() is None)
         except RuntimeError as err:
@@ -385,7 +393,8 @@ def run_demo(config_path: Path, ca_dir: Path) -> int:
                 Outcome(
                     ak_name is not None,
                     f"(0) device {DEMO_DEVICE!r} made its own key and enrolled with a one-time "
-                    f"bootstrap token; its TPM was proved and its AK {(ak_name or '')[:16]}... "
+                    f"bootstrap token; its TPM's EK certificate (dev TPM manufacturer) was "
+                    f"checked, the TPM proved and its AK {(ak_name or '')[:16]}... "
                     f"bound into the certificate (serial {result.serial[:16]}..., valid until "
                     f"{result.not_after:%Y-%m-%d})",
                 )

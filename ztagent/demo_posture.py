@@ -15,6 +15,7 @@ import grpc
 
 from ztagent.config import Config
 from ztagent.pki._files import write_atomic
+from ztagent.posture import dev_manufacturer
 from ztagent.posture.boot_sim import demo_components, simulate_boot
 from ztagent.posture.device import attest_once
 from ztagent.posture.firmware import sign_manifest
@@ -42,13 +43,28 @@ def ensure_dev_firmware_vendor(ca_dir: Path) -> Path:
     return key if key.exists() else dev_firmware_vendor(ca_dir)
 
 
+def ensure_dev_tpm_manufacturer(ca_dir: Path) -> Path:
+    """The dev TPM manufacturer CA's certificate, created when missing (older dev PKIs)."""
+    from ztagent.cli import dev_tpm_manufacturer
+
+    return dev_tpm_manufacturer(ca_dir)
+
+
 def _boot(
-    name: str, cert: Path, device_dir: Path, vendor_key: Path, *, tamper_kernel: bool
+    name: str,
+    cert: Path,
+    device_dir: Path,
+    vendor_key: Path,
+    manufacturer: Path,
+    *,
+    tamper_kernel: bool,
 ) -> tuple[DemoDevice, SwtpmProcess]:
-    """A fresh swtpm (a fresh boot: PCRs start at zero), measured boot, signed firmware."""
+    """A fresh swtpm (a fresh boot: PCRs start at zero) with an EK certificate from the dev
+    TPM manufacturer, measured boot, signed firmware."""
     proc = start_swtpm(device_dir / "tpm")
     try:
         tpm = DeviceTpm(proc.tcti)
+        dev_manufacturer.provision(tpm, manufacturer)
         components = demo_components()
         if tamper_kernel:
             kernel = components[2]
@@ -71,12 +87,17 @@ def booted_devices(
     root: Path, ca_dir: Path, good: tuple[str, Path], tampered: tuple[str, Path]
 ) -> Iterator[tuple[DemoDevice, DemoDevice]]:
     vendor_key = ensure_dev_firmware_vendor(ca_dir)
+    manufacturer = ensure_dev_tpm_manufacturer(ca_dir).parent
     devices = root / "var" / "devices"
     procs: list[SwtpmProcess] = []
     try:
-        dev_good, proc = _boot(*good, devices / good[0], vendor_key, tamper_kernel=False)
+        dev_good, proc = _boot(
+            *good, devices / good[0], vendor_key, manufacturer, tamper_kernel=False
+        )
         procs.append(proc)
-        dev_bad, proc = _boot(*tampered, devices / tampered[0], vendor_key, tamper_kernel=True)
+        dev_bad, proc = _boot(
+            *tampered, devices / tampered[0], vendor_key, manufacturer, tamper_kernel=True
+        )
         procs.append(proc)
         yield dev_good, dev_bad
     finally:

@@ -83,6 +83,7 @@ from ztagent.pki.device_check import DevicePolicy, cert_ak_name, verify_device_c
 from ztagent.pki.errors import CaError, CertError
 from ztagent.pki.trust import TrustMaterial
 from ztagent.posture.ak_binding import PendingBinding, begin_binding, complete_binding
+from ztagent.posture.ek_cert import EkTrust, check_ek_certificate
 from ztagent.posture.errors import PostureError
 from ztagent.signals import wait_for_stop_signal
 
@@ -184,9 +185,12 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         policy: IssuancePolicy | None = None,
         *,
         clock: Clock = _utc_now,
+        ek_trust: EkTrust | None = None,
     ) -> None:
         self.layout = ca.CaLayout(ca_dir)
         self.policy = policy or IssuancePolicy()
+        self.ek_trust = ek_trust
+        """TPM-manufacturer CAs: when set, TPM-bound enrollment requires an EK certificate."""
         self.replay = ReplayStore.for_ca(ca_dir)
         self.audit = AuditLog.for_ca(ca_dir)
         self.pending_tpm = PendingTpmEnrollments()
@@ -330,6 +334,13 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
                     f"token jti {claims.jti[:8]}… was already used (expected a token never "
                     "used before; ask the operator for a new one)",
                 )
+            if self.ek_trust is not None:
+                try:
+                    check_ek_certificate(
+                        request.ek_public, request.ek_certificate, self.ek_trust, now
+                    )
+                except PostureError as exc:
+                    raise EnrollError(exc.code, exc.message) from None
             try:
                 binding, blob, encrypted = begin_binding(request.ek_public, request.ak_public)
             except PostureError as exc:
@@ -545,6 +556,7 @@ async def start_ca_server(
     renew_listen: str = DEFAULT_RENEW_LISTEN,
     lifetime_days: int = 30,
     clock: Clock = _utc_now,
+    ek_ca_bundle: Path | None = None,
 ) -> CaServer:
     """Check the CA and the settings, bind both ports, start serving.
 
@@ -558,7 +570,8 @@ async def start_ca_server(
     ca.load_state(layout)
     ca.load_issuing(layout)
     key, chain, bundle = _read(layout.server_key), _read(layout.server_cert), _read(layout.bundle)
-    service = EnrollmentService(ca_dir, policy, clock=clock)
+    ek_trust = EkTrust.load(ek_ca_bundle, "ca.ek_ca_bundle") if ek_ca_bundle else None
+    service = EnrollmentService(ca_dir, policy, clock=clock, ek_trust=ek_trust)
     server = grpc.aio.server(
         options=[
             ("grpc.so_reuseport", 0),
@@ -591,10 +604,15 @@ async def run_ca_server(
     listen: str = DEFAULT_LISTEN,
     renew_listen: str = DEFAULT_RENEW_LISTEN,
     lifetime_days: int = 30,
+    ek_ca_bundle: Path | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then stop with a 5 s grace."""
     running = await start_ca_server(
-        ca_dir, listen=listen, renew_listen=renew_listen, lifetime_days=lifetime_days
+        ca_dir,
+        listen=listen,
+        renew_listen=renew_listen,
+        lifetime_days=lifetime_days,
+        ek_ca_bundle=ek_ca_bundle,
     )
     try:
         await wait_for_stop_signal()

@@ -522,6 +522,8 @@ async def _enroll_with_tpm(
 ) -> tuple[pb.EnrollResponse, str, str]:
     """BeginTpmEnroll -> ActivateCredential -> CompleteTpmEnroll: (answer, AK name, id)."""
     request.ek_public = await asyncio.to_thread(tpm.ek_public)
+    ek_certificate: bytes | None = await asyncio.to_thread(tpm.ek_certificate)
+    request.ek_certificate = ek_certificate or b""
     request.ak_public = await asyncio.to_thread(tpm.ak_public)
     ak_name = (await asyncio.to_thread(tpm.ak_name)).hex()
     begin = await _call("BeginTpmEnroll", server, credentials, request, rpc_timeout_s)

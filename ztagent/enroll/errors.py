@@ -29,6 +29,13 @@ code                        gRPC status          meaning
                                                  returned secret does not match, or the
                                                  enrollment id is unknown or already used;
                                                  also Enroll with TPM fields
+``ek_cert_untrusted``       PERMISSION_DENIED    TPM-bound enrollment at a CA run with
+                                                 ``--ek-ca-bundle``: the EK certificate is
+                                                 missing (``ek_cert_missing``), malformed
+                                                 (``ek_cert_malformed``), not from a trusted
+                                                 TPM manufacturer, expired
+                                                 (``ek_cert_expired``) or for another key
+                                                 (``ek_cert_mismatch``)
 ``tpm_enroll_expired``      UNAUTHENTICATED      CompleteTpmEnroll after the pending
                                                  enrollment's 60 s
 ``ca_unavailable``          UNAVAILABLE          the CA cannot issue now (files, state, lock)
@@ -65,6 +72,11 @@ STATUS_BY_CODE: Final = MappingProxyType(
         "renew_cert_invalid": _UNAUTH,
         "renew_cert_revoked": _UNAUTH,
         "ak_binding_failed": _DENIED,
+        "ek_cert_missing": _DENIED,
+        "ek_cert_malformed": _INVALID,
+        "ek_cert_untrusted": _DENIED,
+        "ek_cert_expired": _DENIED,
+        "ek_cert_mismatch": _DENIED,
         "tpm_enroll_expired": _UNAUTH,
         "ca_unavailable": grpc.StatusCode.UNAVAILABLE,
     }

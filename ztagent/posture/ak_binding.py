@@ -6,8 +6,9 @@ restricted decryption key, then encrypts a random secret to the EK with the AK's
 has that AK loaded can recover it with ActivateCredential, so a matching answer proves the
 AK lives in the same TPM as the EK. ``complete_binding`` compares in constant time.
 
-Not done here: the EK itself is not checked against a manufacturer EK certificate (swtpm
-has none); the EK is trusted on first use for the device certificate that asked.
+Not done here: whether the EK belongs to a genuine TPM. That is ``ztagent.posture.ek_cert``
+(the EK certificate against the manufacturer CAs), which callers run first when configured;
+otherwise the EK is trusted on first use for the device certificate that asked.
 ``PendingBindings`` keeps outstanding bindings (single use, bound to the caller's
 certificate fingerprint, expiring ``ttl_s`` after they are added) and names them.
 """

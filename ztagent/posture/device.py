@@ -171,12 +171,15 @@ async def _tpm(fn: Callable[..., _T], *args: Any) -> _T:
 async def bind_ak(stub: Any, tpm: DeviceTpm, state_dir: Path) -> str:
     """Run the AK binding exchange and record it; return the AK name (hex)."""
     ek_public = await _tpm(tpm.ek_public)
+    ek_certificate = await _tpm(tpm.ek_certificate) or b""
     ak_public = await _tpm(tpm.ak_public)
     local_name = (await _tpm(tpm.ak_name)).hex()
     begin = await _rpc(
         "BeginAkBinding",
         stub.BeginAkBinding,
-        pb.BeginAkBindingRequest(ek_public=ek_public, ak_public=ak_public),
+        pb.BeginAkBindingRequest(
+            ek_public=ek_public, ak_public=ak_public, ek_certificate=ek_certificate
+        ),
     )
     secret = await _tpm(tpm.activate_credential, begin.credential_blob, begin.encrypted_secret)
     done = await _rpc(

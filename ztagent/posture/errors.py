@@ -7,7 +7,9 @@ service, by logs and by scripts):
 ``nonce_reused``, ``nonce_expired``, ``pcr_selection_mismatch``, ``pcr_digest_mismatch``,
 ``eventlog_malformed``, ``eventlog_replay_mismatch``, ``boot_not_reference``,
 ``firmware_bad_signature``, ``firmware_untrusted_key``, ``firmware_digest_mismatch``,
-``firmware_rollback``, ``ak_binding_failed``.
+``firmware_rollback``, ``ak_binding_failed``; EK certificates (``ztagent.posture.ek_cert``):
+``ek_cert_missing``, ``ek_cert_malformed``, ``ek_cert_untrusted``, ``ek_cert_expired``,
+``ek_cert_mismatch``.
 """
 
 from __future__ import annotations
@@ -32,6 +34,11 @@ POSTURE_CODES = frozenset(
         "firmware_digest_mismatch",
         "firmware_rollback",
         "ak_binding_failed",
+        "ek_cert_missing",
+        "ek_cert_malformed",
+        "ek_cert_untrusted",
+        "ek_cert_expired",
+        "ek_cert_mismatch",
     }
 )
 

@@ -49,9 +49,12 @@ from tpm2_pytss import (
     TPM2B_DATA,
     TPM2B_ENCRYPTED_SECRET,
     TPM2B_ID_OBJECT,
+    TPM2B_NV_PUBLIC,
     TPM2B_PUBLIC,
+    TPMA_NV,
     TPML_DIGEST_VALUES,
     TPML_PCR_SELECTION,
+    TPMS_NV_PUBLIC,
     TPMT_HA,
     TPMT_SIG_SCHEME,
     TPMT_SYM_DEF,
@@ -67,6 +70,10 @@ from ztagent.errors import TransportError
 
 AK_PERSISTENT_HANDLE = 0x81000A4B
 """Where the AK lives (owner persistent range; see the module docstring)."""
+
+EK_CERT_NV_INDEX = 0x01C0000A
+"""TCG EK Credential Profile: where the certificate of the ECC NIST P-256 EK is stored."""
+NV_WRITE_CHUNK = 512
 
 AK_TEMPLATE = "ecc256:ecdsa-sha256:null"
 AK_ATTRIBUTES = "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|restricted|sign"
@@ -141,6 +148,47 @@ class DeviceTpm:
         with self._op("create EK") as op:
             _, public = _create_ek(op)
             return bytes(public.marshal())
+
+    def ek_certificate(self) -> bytes | None:
+        """The EK certificate its manufacturer stored in NV (``EK_CERT_NV_INDEX``), DER; None
+        when the TPM has none (swtpm unless provisioned)."""
+        with self._op("read EK certificate") as op:
+            try:
+                return _nv_reader(op.esapi)(EK_CERT_NV_INDEX)
+            except NoSuchIndex:
+                return None
+
+    def provision_ek_certificate(self, der: bytes) -> None:
+        """Store ``der`` as the EK certificate, as a TPM manufacturer does at the factory:
+        a platform-created NV index, written with platform authorization, readable by anyone.
+        For swtpm in tests and the demo; a real TPM ships with its certificate."""
+        if not der:
+            raise ValueError("empty EK certificate")
+        attributes = (
+            TPMA_NV.PPWRITE
+            | TPMA_NV.PPREAD
+            | TPMA_NV.OWNERREAD
+            | TPMA_NV.AUTHREAD
+            | TPMA_NV.NO_DA
+            | TPMA_NV.PLATFORMCREATE
+        )
+        public = TPM2B_NV_PUBLIC(
+            nvPublic=TPMS_NV_PUBLIC(
+                nvIndex=EK_CERT_NV_INDEX,
+                nameAlg=TPM2_ALG.SHA256,
+                attributes=attributes,
+                dataSize=len(der),
+            )
+        )
+        with self._op("provision EK certificate") as op:
+            if EK_CERT_NV_INDEX in _handles(op.esapi, TPM2_HT.NV_INDEX << 24):
+                old = op.esapi.tr_from_tpmpublic(EK_CERT_NV_INDEX)
+                op.esapi.nv_undefine_space(old, auth_handle=ESYS_TR.RH_PLATFORM)
+            index = op.esapi.nv_define_space(None, public, auth_handle=ESYS_TR.RH_PLATFORM)
+            op.close.append(index)
+            for offset in range(0, len(der), NV_WRITE_CHUNK):
+                chunk = der[offset : offset + NV_WRITE_CHUNK]
+                op.esapi.nv_write(index, chunk, offset, auth_handle=ESYS_TR.RH_PLATFORM)
 
     def ak_public(self) -> bytes:
         """Marshalled TPM2B_PUBLIC of the AK; creates and persists it on first use."""

@@ -22,6 +22,7 @@ from ztagent.config import PostureConfig
 from ztagent.errors import ZtagentError, grpc_status_for
 from ztagent.pki.verify import VerifiedDevice
 from ztagent.posture.ak_binding import PendingBindings, begin_binding, complete_binding
+from ztagent.posture.ek_cert import EkTrust, check_ek_certificate
 from ztagent.posture.errors import PostureError, short_hex
 from ztagent.posture.firmware import FirmwarePublicKey, load_trusted_keys
 from ztagent.posture.nonces import NonceStore
@@ -52,6 +53,8 @@ class PostureState:
     registry: AkRegistry
     rollback: RollbackStore
     cache: PostureStore
+    ek_trust: EkTrust | None = None
+    """TPM-manufacturer CAs; when set, AK binding requires a trusted EK certificate."""
 
     @classmethod
     def load(cls, config: PostureConfig, *, shared: bool = False) -> PostureState:
@@ -69,6 +72,7 @@ class PostureState:
             registry=AkRegistry(state_dir / "ak-bindings.json"),
             rollback=RollbackStore(state_dir / "firmware-svn.json"),
             cache=SharedPostureCache(state_dir) if shared else PostureCache(),
+            ek_trust=EkTrust.load(config.ek_ca_bundle) if config.ek_ca_bundle else None,
         )
 
 
@@ -149,6 +153,24 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
         self, request: attestation_pb2.BeginAkBindingRequest, context: grpc.aio.ServicerContext
     ) -> attestation_pb2.BeginAkBindingResponse:
         device = await self._device(context)
+        if self._state.ek_trust is not None:
+            try:
+                ek = check_ek_certificate(
+                    request.ek_public, request.ek_certificate, self._state.ek_trust, self._clock()
+                )
+            except PostureError as err:
+                log.warning("AK binding of %s refused: %s", device.device_id, err)
+                status = (
+                    grpc.StatusCode.INVALID_ARGUMENT
+                    if err.code in ("ek_cert_malformed", "evidence_malformed")
+                    else grpc.StatusCode.PERMISSION_DENIED
+                )
+                await context.abort(status, f"{err.code}: {err.message}")
+                raise AssertionError("unreachable") from err
+            log.info(
+                "device %s: EK certificate serial %s from %s trusted",
+                device.device_id, ek.serial, ek.issuer,
+            )  # fmt: skip
         try:
             pending, blob, secret = begin_binding(
                 request.ek_public, request.ak_public, rng=secrets.token_bytes

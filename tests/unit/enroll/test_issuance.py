@@ -207,6 +207,8 @@ def test_every_code_has_a_status_and_unknown_codes_are_refused() -> None:
     assert EnrollError("csr_weak_key", "x").grpc_status.name == "INVALID_ARGUMENT"
     assert EnrollError("token_device_mismatch", "x").grpc_status.name == "PERMISSION_DENIED"
     assert EnrollError("ca_unavailable", "x").details == "ca_unavailable: x"
-    assert len(STATUS_BY_CODE) == 15
+    assert EnrollError("ek_cert_untrusted", "x").grpc_status.name == "PERMISSION_DENIED"
+    assert EnrollError("ek_cert_malformed", "x").grpc_status.name == "INVALID_ARGUMENT"
+    assert len(STATUS_BY_CODE) == 20
     with pytest.raises(ValueError, match="unknown EnrollError code 'nope'"):
         EnrollError("nope", "x")

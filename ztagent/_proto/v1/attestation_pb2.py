@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14v1/attestation.proto\x12\nztagent.v1\"\x12\n\x10\x43hallengeRequest\"6\n\x11\x43hallengeResponse\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x12\n\nexpires_at\x18\x02 \x01(\x03\"\xa0\x02\n\x08\x45vidence\x12\r\n\x05quote\x18\x01 \x01(\x0c\x12\x17\n\x0fquote_signature\x18\x02 \x01(\x0c\x12\x10\n\x08pcr_bank\x18\x03 \x01(\t\x12\x37\n\npcr_values\x18\x04 \x03(\x0b\x32#.ztagent.v1.Evidence.PcrValuesEntry\x12\x11\n\tevent_log\x18\x05 \x01(\x0c\x12\x11\n\tak_public\x18\x06 \x01(\x0c\x12\x19\n\x11\x66irmware_manifest\x18\x07 \x01(\x0c\x12\x1a\n\x12\x66irmware_signature\x18\x08 \x01(\x0c\x12\x12\n\nhost_facts\x18\t \x01(\x0c\x1a\x30\n\x0ePcrValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"7\n\rAttestRequest\x12&\n\x08\x65vidence\x18\x01 \x01(\x0b\x32\x14.ztagent.v1.Evidence\"(\n\x07\x46\x61ilure\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"}\n\x0e\x41ttestResponse\x12\x10\n\x08verified\x18\x01 \x01(\x08\x12%\n\x08\x66\x61ilures\x18\x02 \x03(\x0b\x32\x13.ztagent.v1.Failure\x12\x1a\n\x12posture_expires_at\x18\x03 \x01(\x03\x12\x16\n\x0e\x61ttestation_id\x18\x04 \x01(\t\"=\n\x15\x42\x65ginAkBindingRequest\x12\x11\n\tek_public\x18\x01 \x01(\x0c\x12\x11\n\tak_public\x18\x02 \x01(\x0c\"_\n\x16\x42\x65ginAkBindingResponse\x12\x12\n\nbinding_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63redential_blob\x18\x02 \x01(\x0c\x12\x18\n\x10\x65ncrypted_secret\x18\x03 \x01(\x0c\">\n\x18\x43ompleteAkBindingRequest\x12\x12\n\nbinding_id\x18\x01 \x01(\t\x12\x0e\n\x06secret\x18\x02 \x01(\x0c\";\n\x19\x43ompleteAkBindingResponse\x12\r\n\x05\x62ound\x18\x01 \x01(\x08\x12\x0f\n\x07\x61k_name\x18\x02 \x01(\t2\xd3\x02\n\x0b\x41ttestation\x12H\n\tChallenge\x12\x1c.ztagent.v1.ChallengeRequest\x1a\x1d.ztagent.v1.ChallengeResponse\x12?\n\x06\x41ttest\x12\x19.ztagent.v1.AttestRequest\x1a\x1a.ztagent.v1.AttestResponse\x12W\n\x0e\x42\x65ginAkBinding\x12!.ztagent.v1.BeginAkBindingRequest\x1a\".ztagent.v1.BeginAkBindingResponse\x12`\n\x11\x43ompleteAkBinding\x12$.ztagent.v1.CompleteAkBindingRequest\x1a%.ztagent.v1.CompleteAkBindingResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14v1/attestation.proto\x12\nztagent.v1\"\x12\n\x10\x43hallengeRequest\"6\n\x11\x43hallengeResponse\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x12\n\nexpires_at\x18\x02 \x01(\x03\"\xa0\x02\n\x08\x45vidence\x12\r\n\x05quote\x18\x01 \x01(\x0c\x12\x17\n\x0fquote_signature\x18\x02 \x01(\x0c\x12\x10\n\x08pcr_bank\x18\x03 \x01(\t\x12\x37\n\npcr_values\x18\x04 \x03(\x0b\x32#.ztagent.v1.Evidence.PcrValuesEntry\x12\x11\n\tevent_log\x18\x05 \x01(\x0c\x12\x11\n\tak_public\x18\x06 \x01(\x0c\x12\x19\n\x11\x66irmware_manifest\x18\x07 \x01(\x0c\x12\x1a\n\x12\x66irmware_signature\x18\x08 \x01(\x0c\x12\x12\n\nhost_facts\x18\t \x01(\x0c\x1a\x30\n\x0ePcrValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"7\n\rAttestRequest\x12&\n\x08\x65vidence\x18\x01 \x01(\x0b\x32\x14.ztagent.v1.Evidence\"(\n\x07\x46\x61ilure\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"}\n\x0e\x41ttestResponse\x12\x10\n\x08verified\x18\x01 \x01(\x08\x12%\n\x08\x66\x61ilures\x18\x02 \x03(\x0b\x32\x13.ztagent.v1.Failure\x12\x1a\n\x12posture_expires_at\x18\x03 \x01(\x03\x12\x16\n\x0e\x61ttestation_id\x18\x04 \x01(\t\"U\n\x15\x42\x65ginAkBindingRequest\x12\x11\n\tek_public\x18\x01 \x01(\x0c\x12\x11\n\tak_public\x18\x02 \x01(\x0c\x12\x16\n\x0e\x65k_certificate\x18\x03 \x01(\x0c\"_\n\x16\x42\x65ginAkBindingResponse\x12\x12\n\nbinding_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63redential_blob\x18\x02 \x01(\x0c\x12\x18\n\x10\x65ncrypted_secret\x18\x03 \x01(\x0c\">\n\x18\x43ompleteAkBindingRequest\x12\x12\n\nbinding_id\x18\x01 \x01(\t\x12\x0e\n\x06secret\x18\x02 \x01(\x0c\";\n\x19\x43ompleteAkBindingResponse\x12\r\n\x05\x62ound\x18\x01 \x01(\x08\x12\x0f\n\x07\x61k_name\x18\x02 \x01(\t2\xd3\x02\n\x0b\x41ttestation\x12H\n\tChallenge\x12\x1c.ztagent.v1.ChallengeRequest\x1a\x1d.ztagent.v1.ChallengeResponse\x12?\n\x06\x41ttest\x12\x19.ztagent.v1.AttestRequest\x1a\x1a.ztagent.v1.AttestResponse\x12W\n\x0e\x42\x65ginAkBinding\x12!.ztagent.v1.BeginAkBindingRequest\x1a\".ztagent.v1.BeginAkBindingResponse\x12`\n\x11\x43ompleteAkBinding\x12$.ztagent.v1.CompleteAkBindingRequest\x1a%.ztagent.v1.CompleteAkBindingResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,13 +48,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ATTESTRESPONSE']._serialized_start=502
   _globals['_ATTESTRESPONSE']._serialized_end=627
   _globals['_BEGINAKBINDINGREQUEST']._serialized_start=629
-  _globals['_BEGINAKBINDINGREQUEST']._serialized_end=690
-  _globals['_BEGINAKBINDINGRESPONSE']._serialized_start=692
-  _globals['_BEGINAKBINDINGRESPONSE']._serialized_end=787
-  _globals['_COMPLETEAKBINDINGREQUEST']._serialized_start=789
-  _globals['_COMPLETEAKBINDINGREQUEST']._serialized_end=851
-  _globals['_COMPLETEAKBINDINGRESPONSE']._serialized_start=853
-  _globals['_COMPLETEAKBINDINGRESPONSE']._serialized_end=912
-  _globals['_ATTESTATION']._serialized_start=915
-  _globals['_ATTESTATION']._serialized_end=1254
+  _globals['_BEGINAKBINDINGREQUEST']._serialized_end=714
+  _globals['_BEGINAKBINDINGRESPONSE']._serialized_start=716
+  _globals['_BEGINAKBINDINGRESPONSE']._serialized_end=811
+  _globals['_COMPLETEAKBINDINGREQUEST']._serialized_start=813
+  _globals['_COMPLETEAKBINDINGREQUEST']._serialized_end=875
+  _globals['_COMPLETEAKBINDINGRESPONSE']._serialized_start=877
+  _globals['_COMPLETEAKBINDINGRESPONSE']._serialized_end=936
+  _globals['_ATTESTATION']._serialized_start=939
+  _globals['_ATTESTATION']._serialized_end=1278
 # @@protoc_insertion_point(module_scope)

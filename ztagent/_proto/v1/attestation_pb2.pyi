@@ -215,18 +215,24 @@ class BeginAkBindingRequest(_message.Message):
 
     EK_PUBLIC_FIELD_NUMBER: _builtins.int
     AK_PUBLIC_FIELD_NUMBER: _builtins.int
+    EK_CERTIFICATE_FIELD_NUMBER: _builtins.int
     ek_public: _builtins.bytes
     """Marshalled TPM2B_PUBLIC of the endorsement key and of the attestation key."""
     ak_public: _builtins.bytes
+    ek_certificate: _builtins.bytes
+    """DER certificate of that EK from its manufacturer (TPM NV index 0x01C0000A); required
+    when the sidecar sets posture.ek_ca_bundle, else ignored.
+    """
     def __init__(
         self,
         *,
         ek_public: _builtins.bytes = ...,
         ak_public: _builtins.bytes = ...,
+        ek_certificate: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ak_public", b"ak_public", "ek_public", b"ek_public"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ak_public", b"ak_public", "ek_certificate", b"ek_certificate", "ek_public", b"ek_public"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

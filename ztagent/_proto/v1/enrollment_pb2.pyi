@@ -39,6 +39,7 @@ class EnrollRequest(_message.Message):
     BOOTSTRAP_TOKEN_FIELD_NUMBER: _builtins.int
     EK_PUBLIC_FIELD_NUMBER: _builtins.int
     AK_PUBLIC_FIELD_NUMBER: _builtins.int
+    EK_CERTIFICATE_FIELD_NUMBER: _builtins.int
     csr: _builtins.bytes
     """DER-encoded PKCS#10 certification request. Only its public key (and signature) matter:
     the CA decides subject, SAN, EKU, key usage, lifetime and serial.
@@ -50,6 +51,10 @@ class EnrollRequest(_message.Message):
     decryption key) and of the attestation key (a restricted signing key fixed to the TPM).
     """
     ak_public: _builtins.bytes
+    ek_certificate: _builtins.bytes
+    """BeginTpmEnroll only: DER certificate of that EK from its manufacturer (TPM NV index
+    0x01C0000A); required when the CA runs with --ek-ca-bundle, else ignored.
+    """
     def __init__(
         self,
         *,
@@ -57,10 +62,11 @@ class EnrollRequest(_message.Message):
         bootstrap_token: _builtins.str = ...,
         ek_public: _builtins.bytes = ...,
         ak_public: _builtins.bytes = ...,
+        ek_certificate: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ak_public", b"ak_public", "bootstrap_token", b"bootstrap_token", "csr", b"csr", "ek_public", b"ek_public"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ak_public", b"ak_public", "bootstrap_token", b"bootstrap_token", "csr", b"csr", "ek_certificate", b"ek_certificate", "ek_public", b"ek_public"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
