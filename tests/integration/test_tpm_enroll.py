@@ -35,9 +35,10 @@ from ztagent.config import load_config
 from ztagent.enroll.audit import audit_path
 from ztagent.enroll.bootstrap import ReplayStore, issue_bootstrap_token
 from ztagent.enroll.ca_service import CaServer, start_ca_server
-from ztagent.enroll.client import enroll, renew, token_device_id
+from ztagent.enroll.client import channel_credentials, enroll, renew, token_device_id
 from ztagent.enroll.csr import build_csr
-from ztagent.enroll.keystores import FileKeyStore
+from ztagent.enroll.keystores import FileKeyStore, KeyStoreError, open_key_store
+from ztagent.errors import ConfigError
 from ztagent.pki import ca
 from ztagent.pki.device_check import AK_NAME_OID, cert_ak_name
 from ztagent.posture.boot_sim import demo_components, simulate_boot
@@ -432,3 +433,68 @@ async def test_bad_tpm_inputs_are_refused_without_spending_the_token(stack: Stac
             "token_device_mismatch",
         )
     assert not ReplayStore.for_ca(stack.pki.layout.dir).is_used(_jti(token))
+
+
+async def _health_over(st: Stack, credentials: grpc.ChannelCredentials) -> str:
+    """A call to the sidecar over mTLS with the given client credentials; the status name."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async with grpc.aio.secure_channel(f"127.0.0.1:{st.sidecar.port}", credentials) as ch:
+        try:
+            reply = await health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(), timeout=10
+            )
+        except grpc.aio.AioRpcError as err:
+            return err.code().name
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+async def test_tpm_key_store_keeps_the_tls_key_in_the_tpm(stack: Stack) -> None:
+    dev = stack.boot("dev")
+    device_dir = stack.tmp / "device"
+    await enroll(
+        stack.ca_address,
+        issue_bootstrap_token(stack.pki.layout.dir, DEVICE),
+        stack.pki.layout.bundle,
+        device_dir,
+        "tpm",
+        renew_server=f"127.0.0.1:{stack.ca.renew_port}",
+        tpm=dev.tpm,
+    )
+    # no key file: keystore.json names the TPM and the persistent handle
+    assert not (device_dir / "device.key").exists()
+    record = json.loads((device_dir / "keystore.json").read_text())
+    assert record == {"type": "tpm", "tcti": dev.tpm.tcti, "handle": "0x81000a4c"}
+    store = open_key_store(record, device_dir / "device.key", None)
+    cert = x509.load_pem_x509_certificates((device_dir / "device.pem").read_bytes())[0]
+    assert cert.public_key() == store.public_key()
+    assert cert_ak_name(cert) == dev.tpm.ak_name().hex()  # and its AK is bound as well
+
+    # mTLS to the sidecar: the handshake is signed by the TPM
+    chain, bundle = (device_dir / "device.pem").read_bytes(), stack.pki.layout.bundle.read_bytes()
+    assert await _health_over(stack, channel_credentials(store, chain, bundle)) == "SERVING"
+
+    # renewal rotates the key inside the TPM (the other slot) and evicts the old one
+    await renew(device_dir)
+    rotated = json.loads((device_dir / "keystore.json").read_text())
+    assert rotated["handle"] == "0x81000a4d"
+    renewed = x509.load_pem_x509_certificates((device_dir / "device.pem").read_bytes())[0]
+    new_store = open_key_store(rotated, device_dir / "device.key", None)
+    assert renewed.public_key() == new_store.public_key() != store.public_key()
+    with pytest.raises(KeyStoreError, match="keystore_key_missing"):
+        open_key_store(record, device_dir / "device.key", None)
+    chain = (device_dir / "device.pem").read_bytes()
+    assert await _health_over(stack, channel_credentials(new_store, chain, bundle)) == "SERVING"
+    await renew(device_dir)  # and back to the first slot
+    assert json.loads((device_dir / "keystore.json").read_text())["handle"] == "0x81000a4c"
+
+
+async def test_tpm_key_store_needs_a_tpm(stack: Stack) -> None:
+    with pytest.raises(ConfigError, match="--tpm: the tpm key store needs the TPM"):
+        await enroll(
+            stack.ca_address,
+            issue_bootstrap_token(stack.pki.layout.dir, DEVICE),
+            stack.pki.layout.bundle,
+            stack.tmp / "device",
+            "tpm",
+        )

@@ -21,15 +21,14 @@ generated under a temporary name and renamed into place only after the CA answer
 ``enrollment.json`` is written last. The PKCS#11 PIN is a parameter: the CLI reads it from
 ``--pin-file`` or ``ZTAGENT_PKCS11_PIN`` (``keystores.resolve_pin``).
 
-``enroll`` generates the key in the chosen store (``file``, ``pkcs11:URI``; a ``tpm`` key
-store, the TLS key itself in the TPM, is not implemented yet: see TPM-bound enrollment below
-for what a TPM adds today), builds a CSR for the device id the bootstrap token carries (the
-CA requires ``CN`` to match it), and calls ``Enroll`` over server-auth TLS trusting
-``ca_bundle``. It refuses a directory that already holds a certificate, unless that
-certificate has expired or ``force=True``.
+``enroll`` generates the key in the chosen store (``file``, ``pkcs11:URI``, or ``tpm``: the
+TLS key made inside the TPM given as ``tpm``, which then also binds its AK as below), builds
+a CSR for the device id the bootstrap token carries (the CA requires ``CN`` to match it), and
+calls ``Enroll`` over server-auth TLS trusting ``ca_bundle``. It refuses a directory that
+already holds a certificate, unless that certificate has expired or ``force=True``.
 
-**TPM-bound enrollment** (``tpm=DeviceTpm(...)``; the key store is unchanged, the TPM
-contributes its attestation key): ``BeginTpmEnroll`` with the CSR, the token and the TPM's EK
+**TPM-bound enrollment** (``tpm=DeviceTpm(...)``; with the file or pkcs11 key store the TPM
+contributes its attestation key only): ``BeginTpmEnroll`` with the CSR, the token and the TPM's EK
 and AK public areas; the TPM's ActivateCredential opens the CA's challenge; ``CompleteTpmEnroll``
 returns the secret, and the certificate comes back with the AK's TPM name in its AK-name
 extension (checked against this TPM's AK: ``enroll_response_invalid`` otherwise). A sidecar
@@ -69,7 +68,7 @@ import logging
 import os
 import random
 import warnings
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -92,6 +91,7 @@ from ztagent.enroll.keystores import (
     KeyStore,
     KeyStoreSpec,
     Pkcs11KeyStore,
+    TpmKeyStore,
     open_key_store,
     require_pin,
 )
@@ -461,7 +461,7 @@ def _discard(store: KeyStore) -> None:
     with contextlib.suppress(OSError, ZtagentError):
         if isinstance(store, FileKeyStore) and store.path.name == _NEW_KEY:
             store.path.unlink()
-        elif isinstance(store, Pkcs11KeyStore):
+        elif isinstance(store, Pkcs11KeyStore | TpmKeyStore):
             store.destroy()
     store.close()
 
@@ -473,10 +473,20 @@ def _read_ca_bundle(path: Path) -> bytes:
         raise ConfigError("--ca-bundle", f"cannot read {path}: {exc.strerror}") from None
 
 
-def _new_store(spec: KeyStoreSpec, dir: Path, pin: str | None) -> KeyStore:
+def _new_store(
+    spec: KeyStoreSpec,
+    dir: Path,
+    pin: str | None,
+    tpm: DeviceTpm | None,
+    previous: Mapping[str, Any] | None,
+) -> KeyStore:
     dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     if spec.kind == "file":
         return FileKeyStore.create(dir / _NEW_KEY)
+    if spec.kind == "tpm":
+        if tpm is None:
+            raise ConfigError("--tpm", "the tpm key store needs the TPM: give --tpm TCTI")
+        return TpmKeyStore.create(tpm, avoid=_tpm_handle(previous, tpm))
     uri = spec.uri
     assert uri is not None
     if uri.token is None:
@@ -490,6 +500,16 @@ def _new_store(spec: KeyStoreSpec, dir: Path, pin: str | None) -> KeyStore:
     )
 
 
+def _tpm_handle(record: Mapping[str, Any] | None, tpm: DeviceTpm) -> int | None:
+    """The identity slot a previous enrollment's key uses in this TPM (kept until replaced)."""
+    if record is None or record.get("type") != "tpm" or record.get("tcti") != tpm.tcti:
+        return None
+    try:
+        return int(str(record.get("handle")), 16)
+    except ValueError:
+        return None
+
+
 def _remove_old_key(
     dir: Path, record: dict[str, Any] | None, new: KeyStore, pin: str | None
 ) -> None:
@@ -497,10 +517,10 @@ def _remove_old_key(
     if record is None or record == new.record():
         return
     try:
-        if record.get("type") == "pkcs11":
+        if record.get("type") in ("pkcs11", "tpm"):
             old = open_key_store(record, dir / DEVICE_KEY, pin)
             try:
-                if isinstance(old, Pkcs11KeyStore) and old.record() != new.record():
+                if isinstance(old, Pkcs11KeyStore | TpmKeyStore) and old.record() != new.record():
                     old.destroy()
             finally:
                 old.close()
@@ -592,7 +612,7 @@ async def enroll(
         log.info("recovering expired device %s in %s with a fresh token", device_id, out_dir)
     if spec.kind == "pkcs11":
         require_pin(pin)
-    store = _new_store(spec, out_dir, pin)
+    store = _new_store(spec, out_dir, pin, tpm, existing[2] if existing else None)
     ak_binding: tuple[str, str] | None = None
     try:
         request = pb.EnrollRequest(csr=build_csr(store, device_id), bootstrap_token=token)
@@ -656,6 +676,8 @@ def _rotated_store(current: KeyStore, dir: Path, pin: str | None) -> KeyStore:
             require_pin(pin),
             current.uri.object or DEFAULT_KEY_LABEL,
         )
+    if isinstance(current, TpmKeyStore):
+        return TpmKeyStore.create(current.tpm, avoid=current.handle)
     raise ConfigError("keystore.json", f"cannot rotate a key in {current.description()}")
 
 
@@ -711,11 +733,13 @@ async def renew(
                 device_id=state.device_id,
                 spiffe_id=response.spiffe_id or str(state.enrollment.get("spiffe_id") or ""),
             )
-            if new is not current and isinstance(current, Pkcs11KeyStore):
+            if new is not current and isinstance(current, Pkcs11KeyStore | TpmKeyStore):
                 try:
                     current.destroy()
                 except ZtagentError as err:
-                    log.warning("could not delete the rotated-out key %s: %s", current.uri, err)
+                    log.warning(
+                        "could not delete the rotated-out key %s: %s", current.description(), err
+                    )
         finally:
             if new is not current:
                 new.close()

@@ -1,19 +1,21 @@
-"""Where a device's private key lives: a PKCS#8 file, or a PKCS#11 token (an HSM).
+"""Where a device's private key lives: a PKCS#8 file, a PKCS#11 token (an HSM) or the TPM.
 
 A ``KeyStore`` holds one EC P-256 key and signs SHA-256 digests with it; the private key of a
 ``Pkcs11KeyStore`` never leaves the token (``CKA_EXTRACTABLE`` false, ``CKA_SENSITIVE``
 true), so everything that needs the key (the CSR, the mTLS handshake) asks the store to sign.
 
 Key store specs (``--key-store``): ``file``; ``pkcs11:<RFC 7512 URI>``, for example
-``pkcs11:token=edge;object=device?module-path=/usr/lib/softhsm/libsofthsm2.so``; ``tpm`` (not
-implemented yet: refused with a ``ConfigError``). The URI may name ``token`` (label),
-``serial``, ``object`` (key label), ``id`` (percent-encoded bytes), ``type=private`` and, as a
-path or query attribute, ``module-path``; anything else is refused, ``pin-value`` included:
+``pkcs11:token=edge;object=device?module-path=/usr/lib/softhsm/libsofthsm2.so``; ``tpm`` (a
+key made inside the device's TPM, ``TpmKeyStore``, with the TCTI of ``--tpm``). The URI may
+name ``token`` (label), ``serial``, ``object`` (key label), ``id`` (percent-encoded bytes),
+``type=private`` and, as a path or query attribute, ``module-path``; anything else is refused,
+``pin-value`` included:
 the PIN never goes into a URI or a file of the device directory. It comes from ``--pin-file``
 or ``ZTAGENT_PKCS11_PIN``, read by the CLI with ``resolve_pin``.
 
 ``record()`` is what ``keystore.json`` holds: ``{"type": "file"}`` or ``{"type": "pkcs11",
-"uri": "pkcs11:token=...;object=...;id=...", "module": "/usr/lib/softhsm/libsofthsm2.so"}``.
+"uri": "pkcs11:token=...;object=...;id=...", "module": "/usr/lib/softhsm/libsofthsm2.so"}``
+or ``{"type": "tpm", "tcti": "device:/dev/tpmrm0", "handle": "0x81000a4c"}``.
 
 Errors: ``ConfigError`` for a bad spec, URI or missing PIN (exit 2); ``KeyStoreError`` (codes
 ``keystore_unavailable``, ``keystore_key_missing``, ``keystore_pin_incorrect``,
@@ -44,6 +46,7 @@ from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 
 from ztagent.errors import ConfigError, ZtagentError
 from ztagent.pki._files import KEY_MODE, write_atomic
+from ztagent.posture.tpm import IDENTITY_KEY_HANDLES, DeviceTpm, TpmError
 
 DEFAULT_PKCS11_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 DEFAULT_KEY_LABEL = "ztagent-device"
@@ -494,6 +497,58 @@ class Pkcs11KeyStore:
 # --- specs, records, PINs (the edge) ---------------------------------------------------------
 
 
+class TpmKeyStore:
+    """The device key in its TPM: an ECC P-256 signing key at a persistent handle
+    (``IDENTITY_KEY_HANDLES``), created inside the TPM, never exported. Each signature is one
+    TPM2_Sign; a renewal with key rotation makes the new key in the other handle."""
+
+    def __init__(self, tpm: DeviceTpm, handle: int, public: ec.EllipticCurvePublicKey) -> None:
+        self.tpm = tpm
+        self.handle = handle
+        self._public = public
+
+    @classmethod
+    def create(cls, tpm: DeviceTpm, *, avoid: int | None = None) -> TpmKeyStore:
+        """A new key in the first identity slot other than ``avoid`` (the key in use)."""
+        handle = next(h for h in IDENTITY_KEY_HANDLES if h != avoid)
+        public = tpm.create_identity_key(handle)
+        return cls(tpm, handle, _p256_public(public))
+
+    @classmethod
+    def load(cls, tcti: str, handle: int) -> TpmKeyStore:
+        tpm = DeviceTpm(tcti)
+        return cls(tpm, handle, _p256_public(tpm.identity_public(handle)))
+
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        return self._public
+
+    def sign_digest_ecdsa(self, digest: bytes) -> bytes:
+        _check_digest(digest)
+        r, s = self.tpm.sign_digest(self.handle, digest)
+        return encode_dss_signature(r, s)
+
+    def description(self) -> str:
+        return f"TPM key 0x{self.handle:08x} ({self.tpm.tcti})"
+
+    def record(self) -> dict[str, str]:
+        return {"type": "tpm", "tcti": self.tpm.tcti, "handle": f"0x{self.handle:08x}"}
+
+    def destroy(self) -> None:
+        self.tpm.delete_identity_key(self.handle)
+
+    def close(self) -> None:
+        return None
+
+
+def _p256_public(tpm2b_public: bytes) -> ec.EllipticCurvePublicKey:
+    from ztagent.posture.quote import parse_public
+
+    area = parse_public(tpm2b_public, "identity key public").publicArea
+    x = int.from_bytes(bytes(area.unique.ecc.x.buffer), "big")
+    y = int.from_bytes(bytes(area.unique.ecc.y.buffer), "big")
+    return ec.EllipticCurvePublicNumbers(x, y, ec.SECP256R1()).public_key()
+
+
 @dataclass(frozen=True)
 class KeyStoreSpec:
     """A parsed ``--key-store`` value: ``kind`` is ``file``, ``pkcs11`` or ``tpm``."""
@@ -508,9 +563,7 @@ class KeyStoreSpec:
         if spec.startswith("pkcs11:"):
             return cls("pkcs11", Pkcs11Uri.parse(spec))
         if spec == "tpm":
-            raise ConfigError(
-                "--key-store", "tpm key store is not implemented yet: use file or pkcs11"
-            )
+            return cls("tpm")
         raise ConfigError("--key-store", f"got {spec!r}, expected file, pkcs11:URI or tpm")
 
 
@@ -546,4 +599,25 @@ def open_key_store(record: Mapping[str, Any], key_path: Path, pin: str | None) -
         if not isinstance(uri, str) or not isinstance(module, str):
             raise KeyStoreError("keystore_failed", "keystore.json: pkcs11 needs uri and module")
         return Pkcs11KeyStore.load(uri, module, require_pin(pin))
-    raise KeyStoreError("keystore_failed", f"keystore.json: type {kind!r} (expected file/pkcs11)")
+    if kind == "tpm":
+        tcti, handle = record.get("tcti"), record.get("handle")
+        if not isinstance(tcti, str) or not isinstance(handle, str):
+            raise KeyStoreError("keystore_failed", "keystore.json: tpm needs tcti and handle")
+        try:
+            number = int(handle, 16)
+        except ValueError:
+            number = -1
+        if number not in IDENTITY_KEY_HANDLES:
+            raise KeyStoreError(
+                "keystore_failed", f"keystore.json: tpm handle {handle!r} is not an identity slot"
+            )
+        try:
+            return TpmKeyStore.load(tcti, number)
+        except TpmError as err:
+            raise KeyStoreError(
+                "keystore_key_missing" if err.code == "tpm_key_missing" else "keystore_unavailable",
+                err.message,
+            ) from None
+    raise KeyStoreError(
+        "keystore_failed", f"keystore.json: type {kind!r} (expected file, pkcs11 or tpm)"
+    )

@@ -20,7 +20,8 @@ AK template is refused, never overwritten.
 
 ``start_swtpm`` runs a software TPM for tests and the demo (``make run``).
 
-``TpmError`` codes: ``tpm_unavailable`` (no TPM or swtpm reachable, TCTI failure),
+``TpmError`` codes: ``tpm_key_missing`` (no identity key at its handle), ``tpm_unavailable``
+(no TPM or swtpm reachable, TCTI failure),
 ``tpm_error`` (the TPM or the TSS refused an operation; the message carries the TSS text).
 """
 
@@ -44,9 +45,12 @@ from tpm2_pytss import (
     TPM2_ALG,
     TPM2_CAP,
     TPM2_HT,
+    TPM2_RH,
     TPM2_SE,
+    TPM2_ST,
     TPM2_SU,
     TPM2B_DATA,
+    TPM2B_DIGEST,
     TPM2B_ENCRYPTED_SECRET,
     TPM2B_ID_OBJECT,
     TPM2B_NV_PUBLIC,
@@ -58,6 +62,7 @@ from tpm2_pytss import (
     TPMT_HA,
     TPMT_SIG_SCHEME,
     TPMT_SYM_DEF,
+    TPMT_TK_HASHCHECK,
     TSS2_Exception,
 )
 from tpm2_pytss.utils import (
@@ -74,6 +79,14 @@ AK_PERSISTENT_HANDLE = 0x81000A4B
 EK_CERT_NV_INDEX = 0x01C0000A
 """TCG EK Credential Profile: where the certificate of the ECC NIST P-256 EK is stored."""
 NV_WRITE_CHUNK = 512
+
+IDENTITY_KEY_HANDLES = (0x81000A4C, 0x81000A4D)
+"""Persistent handles of the device identity key (``tpm`` key store): the current key and
+the slot a rotated key is made in (renewal alternates between them)."""
+IDENTITY_TEMPLATE = "ecc256:ecdsa-sha256"
+IDENTITY_ATTRIBUTES = "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|sign"
+SRK_TEMPLATE = "ecc256:aes128cfb"
+SRK_ATTRIBUTES = "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|noda|restricted|decrypt"
 
 AK_TEMPLATE = "ecc256:ecdsa-sha256:null"
 AK_ATTRIBUTES = "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|restricted|sign"
@@ -189,6 +202,70 @@ class DeviceTpm:
             for offset in range(0, len(der), NV_WRITE_CHUNK):
                 chunk = der[offset : offset + NV_WRITE_CHUNK]
                 op.esapi.nv_write(index, chunk, offset, auth_handle=ESYS_TR.RH_PLATFORM)
+
+    # --- the device identity key (the ``tpm`` key store) -----------------------------------
+
+    def create_identity_key(self, handle: int) -> bytes:
+        """A new ECC P-256 signing key (unrestricted: it signs TLS handshakes and CSRs) under
+        the owner storage key, persisted at ``handle`` (replacing a key there); its marshalled
+        TPM2B_PUBLIC. The private part never leaves the TPM."""
+        _check_identity_handle(handle)
+        with self._op("create identity key") as op:
+            if handle in _persistent_handles(op.esapi):
+                old = op.esapi.tr_from_tpmpublic(handle)
+                op.esapi.evict_control(ESYS_TR.OWNER, old, handle)
+            srk = _create_srk(op)
+            template = TPM2B_PUBLIC.parse(IDENTITY_TEMPLATE, objectAttributes=IDENTITY_ATTRIBUTES)
+            private, public, _, _, _ = op.esapi.create(srk, None, template)
+            transient = op.esapi.load(srk, private, public)
+            op.flush.append(transient)
+            persistent = op.esapi.evict_control(ESYS_TR.OWNER, transient, handle)
+            op.close.append(persistent)
+            return bytes(public.marshal())
+
+    def identity_public(self, handle: int) -> bytes:
+        """Marshalled TPM2B_PUBLIC of the identity key at ``handle`` (``TpmError``
+        ``tpm_key_missing`` when there is none)."""
+        _check_identity_handle(handle)
+        with self._op("read identity key") as op:
+            key = self._identity(op, handle)
+            public, _, _ = op.esapi.read_public(key)
+            return bytes(public.marshal())
+
+    def sign_digest(self, handle: int, digest: bytes) -> tuple[int, int]:
+        """ECDSA (r, s) over a SHA-256 ``digest`` with the identity key at ``handle``."""
+        _check_identity_handle(handle)
+        if len(digest) != 32:
+            raise ValueError(f"expected a 32-byte SHA-256 digest, got {len(digest)} bytes")
+        scheme = TPMT_SIG_SCHEME(scheme=TPM2_ALG.ECDSA)
+        scheme.details.ecdsa.hashAlg = TPM2_ALG.SHA256
+        ticket = TPMT_TK_HASHCHECK(tag=TPM2_ST.HASHCHECK, hierarchy=TPM2_RH.NULL)
+        with self._op("sign with identity key") as op:
+            key = self._identity(op, handle)
+            signature = op.esapi.sign(key, TPM2B_DIGEST(digest), scheme, ticket)
+            ecdsa = signature.signature.ecdsa
+            r = int.from_bytes(bytes(ecdsa.signatureR.buffer), "big")
+            s = int.from_bytes(bytes(ecdsa.signatureS.buffer), "big")
+            return r, s
+
+    def delete_identity_key(self, handle: int) -> None:
+        """Evicts the identity key at ``handle``; nothing to do when there is none."""
+        _check_identity_handle(handle)
+        with self._op("delete identity key") as op:
+            if handle in _persistent_handles(op.esapi):
+                key = op.esapi.tr_from_tpmpublic(handle)
+                op.esapi.evict_control(ESYS_TR.OWNER, key, handle)
+
+    def _identity(self, op: _Op, handle: int) -> Any:
+        if handle not in _persistent_handles(op.esapi):
+            raise TpmError(
+                "tpm_key_missing",
+                f"no key at persistent handle 0x{handle:08x} in the TPM at {self.tcti!r} "
+                f"(expected the device identity key made by `ztagent enroll --key-store tpm`)",
+            )
+        key = op.esapi.tr_from_tpmpublic(handle)
+        op.close.append(key)
+        return key
 
     def ak_public(self) -> bytes:
         """Marshalled TPM2B_PUBLIC of the AK; creates and persists it on first use."""
@@ -374,6 +451,22 @@ def _nv_reader(esapi: Any) -> Callable[[int], bytes]:
         return bytes(inner(index))
 
     return read
+
+
+def _check_identity_handle(handle: int) -> None:
+    if handle not in IDENTITY_KEY_HANDLES:
+        raise ValueError(
+            f"identity key handle 0x{handle:x} is not one of "
+            f"{', '.join(f'0x{h:08x}' for h in IDENTITY_KEY_HANDLES)}"
+        )
+
+
+def _create_srk(op: _Op) -> Any:
+    """The owner hierarchy's storage primary key (deterministic from the owner seed)."""
+    template = TPM2B_PUBLIC.parse(SRK_TEMPLATE, objectAttributes=SRK_ATTRIBUTES)
+    handle, _, _, _, _ = op.esapi.create_primary(None, template, ESYS_TR.OWNER)
+    op.flush.append(handle)
+    return handle
 
 
 def _create_ek(op: _Op) -> tuple[Any, Any]:

@@ -115,8 +115,7 @@ def test_key_store_spec() -> None:
     spec = KeyStoreSpec.parse("pkcs11:token=t;object=k")
     assert spec.kind == "pkcs11"
     assert spec.uri == Pkcs11Uri(token="t", object="k")
-    with pytest.raises(ConfigError, match="tpm key store is not implemented yet"):
-        KeyStoreSpec.parse("tpm")
+    assert KeyStoreSpec.parse("tpm").kind == "tpm"
     with pytest.raises(ConfigError, match="expected file, pkcs11:URI or tpm"):
         KeyStoreSpec.parse("yubikey")
 
