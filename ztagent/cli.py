@@ -36,13 +36,27 @@ def cmd_ca_init(args: argparse.Namespace) -> int:
     issuer = init_dev_issuer(args.dir, args.trust_domain, force=True)
     vendor_key = dev_firmware_vendor(args.dir)
     ek_ca = dev_tpm_manufacturer(args.dir, fresh=True)
+    model_key = dev_model_publisher(args.dir)
     print(f"dev PKI created in {args.dir} (trust domain {args.trust_domain})")
     for name, path in sorted(vars(layout).items()):
         print(f"  {name:<18} {path}")
     print(f"  {'token_issuer':<18} {issuer.jwks_path} (DEVELOPMENT ONLY: {issuer.issuer})")
     print(f"  {'firmware_vendor':<18} {vendor_key} (DEVELOPMENT ONLY firmware signing key)")
     print(f"  {'tpm_manufacturer':<18} {ek_ca} (DEVELOPMENT ONLY EK certificate CA for swtpm)")
+    print(f"  {'model_publisher':<18} {model_key} (DEVELOPMENT ONLY model signing key)")
     return EXIT_OK
+
+
+def dev_model_publisher(ca_dir: Path) -> Path:
+    """DEVELOPMENT ONLY: a fresh model-signing key pair in <ca_dir>/models/publisher.{key,pub}
+    (``make run`` signs the trained manifests with it); returns the private key's path."""
+    from ztagent.posture.firmware import generate_firmware_key
+
+    out = ca_dir / "models"
+    for stale in (out / "publisher.key", out / "publisher.pub"):
+        stale.unlink(missing_ok=True)
+    private, _ = generate_firmware_key(out, "publisher")
+    return private
 
 
 def dev_tpm_manufacturer(ca_dir: Path, *, fresh: bool = False) -> Path:
@@ -582,6 +596,31 @@ def cmd_firmware_sign(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_model_sign(args: argparse.Namespace) -> int:
+    """Signs model manifests as they are (bytes unchanged) after checking they parse and that
+    the model file they name has the digest they state."""
+    from ztagent.pki._files import write_atomic
+    from ztagent.posture.firmware import sign_bytes
+    from ztagent.workloads.inference.manifest import parse_manifest
+    from ztagent.workloads.inference.models import check_digest, signature_path
+
+    for path in args.manifests:
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError("manifest", f"cannot read {path}: {exc.strerror}") from exc
+        manifest = parse_manifest(raw, path)
+        model_path = path.parent / manifest.file
+        try:
+            check_digest(model_path.read_bytes(), manifest, model_path)
+        except OSError as exc:
+            raise ConfigError("manifest", f"cannot read {model_path}: {exc.strerror}") from exc
+        out = signature_path(path)
+        write_atomic(out, sign_bytes(args.key, raw, "--key"))
+        print(f"signed {path} -> {out}")
+    return EXIT_OK
+
+
 # -- workloads / demo -------------------------------------------------------------------------
 
 
@@ -811,6 +850,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--svn", type=int, required=True, help="security version number")
     p.add_argument("--out", type=Path, help="manifest path (signature next to it, .sig)")
     p.set_defaults(func=cmd_firmware_sign)
+
+    mdl = sub.add_parser("model", help="model manifests (publisher side)").add_subparsers(
+        dest="model_command", required=True, metavar="SUBCOMMAND"
+    )
+    p = mdl.add_parser("sign", help="sign inference model manifests (<name>.manifest.sig)")
+    p.add_argument("manifests", type=Path, nargs="+", help="*.manifest.json files")
+    p.add_argument("--key", type=Path, required=True, help="PEM private key (Ed25519 or P-256)")
+    p.set_defaults(func=cmd_model_sign)
 
     wl = sub.add_parser("workload", help="reference local services").add_subparsers(
         dest="workload", required=True, metavar="WORKLOAD"

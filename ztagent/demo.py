@@ -261,6 +261,31 @@ def _verify_decision_log(config: Config) -> Outcome:
     return Outcome(False, f"(r) decision log {path}: BROKEN: {report.reason}")
 
 
+def _sign_models(ca_dir: Path, models: Path) -> Path:
+    """The publisher signs the trained manifests (``make model`` output) whose signature is
+    missing or not its own; the workload then serves only manifests it signed. Returns the
+    publisher's public key."""
+    from ztagent.cli import dev_model_publisher
+    from ztagent.pki._files import write_atomic
+    from ztagent.posture.firmware import load_trusted_keys, sign_bytes
+    from ztagent.workloads.inference.errors import ModelLoadError
+    from ztagent.workloads.inference.manifest import MANIFEST_SUFFIX
+    from ztagent.workloads.inference.models import check_signature, signature_path
+
+    key = ca_dir / "models" / "publisher.key"
+    if not key.exists():
+        key = dev_model_publisher(ca_dir)
+    public = key.with_suffix(".pub")
+    trusted = load_trusted_keys([public], "model_keys")
+    for manifest in sorted(models.glob(f"*{MANIFEST_SUFFIX}")):
+        raw = manifest.read_bytes()
+        try:
+            check_signature(raw, manifest, trusted)
+        except ModelLoadError:
+            write_atomic(signature_path(manifest), sign_bytes(key, raw, "model publisher key"))
+    return public
+
+
 def _metrics_outcome(config: Config) -> Outcome:
     """What the sidecar's Prometheus endpoint counted during the demo."""
     if not config.metrics.enabled:
@@ -338,6 +363,7 @@ def run_demo(config_path: Path, ca_dir: Path) -> int:
     if inference_route is not None and not (models / "vibration-anomaly.manifest.json").exists():
         print(f"demo: no model in {models}: run `make model` first", file=sys.stderr)
         return 2
+    model_pub = _sign_models(ca_dir, models) if inference_route is not None else None
     outcomes: list[Outcome] = []
     ca_args = ["ca", "serve", "--dir", str(ca_dir), "--ek-ca-bundle", str(ek_ca)]
     with _process(ca_args, logs / "ca.log") as ca_proc:
@@ -376,6 +402,8 @@ def run_demo(config_path: Path, ca_dir: Path) -> int:
                     str(models),
                     "--storage",
                     parse_listen(route.upstream),
+                    "--model-keys",
+                    str(model_pub),
                 ],
                 logs / "inference.log",
             ) as inference,

@@ -105,9 +105,9 @@ class FirmwareSignature:
     sig: bytes
 
     @classmethod
-    def parse(cls, raw: bytes) -> FirmwareSignature:
+    def parse(cls, raw: bytes, label: str = "firmware signature") -> FirmwareSignature:
         def bad(message: str) -> PostureError:
-            return PostureError("evidence_malformed", f"firmware signature: {message}")
+            return PostureError("evidence_malformed", f"{label}: {message}")
 
         doc = _load_json(raw, bad)
         if not isinstance(doc, dict) or set(doc) != {"key_id", "alg", "sig"}:
@@ -138,28 +138,36 @@ def key_id(public_key: FirmwarePublicKey) -> str:
     return hashlib.sha256(der).hexdigest()[:16]
 
 
-def verify_manifest(
-    manifest_bytes: bytes, signature: bytes, trusted_keys: Mapping[str, FirmwarePublicKey]
-) -> tuple[FirmwareManifest, str]:
-    """The manifest and the id of the trusted key whose signature over it verifies."""
-    manifest = FirmwareManifest.parse(manifest_bytes)
-    envelope = FirmwareSignature.parse(signature)
+def verify_signature(
+    data: bytes,
+    signature: bytes,
+    trusted_keys: Mapping[str, FirmwarePublicKey],
+    what: str,
+    *,
+    label: str = "firmware signature",
+) -> str:
+    """The id of the trusted key whose signature envelope over ``data`` verifies.
+
+    ``what`` names the signed document in messages; ``label`` the envelope. Codes:
+    ``evidence_malformed`` (envelope), ``firmware_untrusted_key``, ``firmware_bad_signature``.
+    """
+    envelope = FirmwareSignature.parse(signature, label)
     key = trusted_keys.get(envelope.key_id)
     if key is None:
         raise PostureError(
             "firmware_untrusted_key",
-            f"manifest {manifest.name} {manifest.version} is signed by key {envelope.key_id}, "
+            f"{what} is signed by key {envelope.key_id}, "
             f"expected one of {sorted(trusted_keys) or 'no trusted keys'}",
         )
     try:
         if envelope.alg == "Ed25519" and isinstance(key, ed25519.Ed25519PublicKey):
-            key.verify(envelope.sig, manifest_bytes)
+            key.verify(envelope.sig, data)
         elif (
             envelope.alg == "ES256"
             and isinstance(key, ec.EllipticCurvePublicKey)
             and isinstance(key.curve, ec.SECP256R1)
         ):
-            key.verify(envelope.sig, manifest_bytes, ec.ECDSA(hashes.SHA256()))
+            key.verify(envelope.sig, data, ec.ECDSA(hashes.SHA256()))
         else:
             raise PostureError(
                 "firmware_bad_signature",
@@ -169,10 +177,18 @@ def verify_manifest(
     except (InvalidSignature, ValueError) as exc:
         raise PostureError(
             "firmware_bad_signature",
-            f"manifest {manifest.name} {manifest.version} signature does not verify with "
-            f"trusted key {envelope.key_id}",
+            f"{what} signature does not verify with trusted key {envelope.key_id}",
         ) from exc
-    return manifest, envelope.key_id
+    return envelope.key_id
+
+
+def verify_manifest(
+    manifest_bytes: bytes, signature: bytes, trusted_keys: Mapping[str, FirmwarePublicKey]
+) -> tuple[FirmwareManifest, str]:
+    """The manifest and the id of the trusted key whose signature over it verifies."""
+    manifest = FirmwareManifest.parse(manifest_bytes)
+    what = f"manifest {manifest.name} {manifest.version}"
+    return manifest, verify_signature(manifest_bytes, signature, trusted_keys, what)
 
 
 def check_firmware_digest(manifest: FirmwareManifest, measured_sha256_hex: str) -> None:
@@ -186,24 +202,25 @@ def check_firmware_digest(manifest: FirmwareManifest, measured_sha256_hex: str) 
         )
 
 
-def load_trusted_keys(paths: Iterable[Path]) -> dict[str, FirmwarePublicKey]:
-    """PEM public keys (Ed25519 or EC P-256) by key id; ``ConfigError`` on a bad file."""
+def load_trusted_keys(
+    paths: Iterable[Path], setting: str = TRUSTED_KEYS_CONFIG_KEY
+) -> dict[str, FirmwarePublicKey]:
+    """PEM public keys (Ed25519 or EC P-256) by key id; ``ConfigError`` naming ``setting`` on
+    a bad file."""
     keys: dict[str, FirmwarePublicKey] = {}
     for path in paths:
         try:
             key = serialization.load_pem_public_key(Path(path).read_bytes())
         except OSError as exc:
-            raise ConfigError(
-                TRUSTED_KEYS_CONFIG_KEY, f"cannot read {path}: {exc.strerror}"
-            ) from exc
+            raise ConfigError(setting, f"cannot read {path}: {exc.strerror}") from exc
         except ValueError as exc:
-            raise ConfigError(TRUSTED_KEYS_CONFIG_KEY, f"{path} is not a PEM public key") from exc
+            raise ConfigError(setting, f"{path} is not a PEM public key") from exc
         if not (
             isinstance(key, ed25519.Ed25519PublicKey)
             or (isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1))
         ):
             raise ConfigError(
-                TRUSTED_KEYS_CONFIG_KEY,
+                setting,
                 f"{path} holds a {type(key).__name__}, expected Ed25519 or EC P-256",
             )
         keys[key_id(key)] = key
@@ -261,13 +278,24 @@ def sign_manifest(
         FirmwareManifest.parse(raw)  # refuse to sign what a verifier would refuse to read
     except PostureError as exc:
         raise ConfigError("firmware.manifest", exc.message) from exc
+    return raw, _envelope(key, raw, "firmware.signing_key")
+
+
+def sign_bytes(private_key_path: Path, data: bytes, setting: str) -> bytes:
+    """The signature envelope over ``data`` with the PEM key at ``private_key_path``;
+    ``ConfigError`` naming ``setting`` when the key cannot be used."""
+    try:
+        key = serialization.load_pem_private_key(Path(private_key_path).read_bytes(), None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(setting, f"cannot load signing key {private_key_path}: {exc}") from exc
+    return _envelope(key, data, setting)
+
+
+def _envelope(key: Any, data: bytes, setting: str) -> bytes:
     if isinstance(key, ed25519.Ed25519PrivateKey):
-        alg, sig = "Ed25519", key.sign(raw)
+        alg, sig = "Ed25519", key.sign(data)
     elif isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP256R1):
-        alg, sig = "ES256", key.sign(raw, ec.ECDSA(hashes.SHA256()))
+        alg, sig = "ES256", key.sign(data, ec.ECDSA(hashes.SHA256()))
     else:
-        raise ConfigError(
-            "firmware.signing_key", f"{type(key).__name__}, expected Ed25519 or EC P-256"
-        )
-    envelope = FirmwareSignature(key_id=key_id(key.public_key()), alg=alg, sig=sig)
-    return raw, envelope.to_bytes()
+        raise ConfigError(setting, f"{type(key).__name__}, expected Ed25519 or EC P-256")
+    return FirmwareSignature(key_id=key_id(key.public_key()), alg=alg, sig=sig).to_bytes()

@@ -16,7 +16,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from ztagent.cli import main as cli_main  # noqa: E402
 from ztagent.errors import ConfigError  # noqa: E402
+from ztagent.posture.firmware import (  # noqa: E402
+    FirmwarePublicKey,
+    generate_firmware_key,
+    load_trusted_keys,
+)
 from ztagent.workloads.inference.errors import (  # noqa: E402
     InvalidInputError,
     ModelHeaderRequiredError,
@@ -29,6 +35,7 @@ from ztagent.workloads.inference.models import (  # noqa: E402
     load_model,
     load_models,
     sha256_hex,
+    signature_path,
 )
 from ztagent.workloads.inference.sensors import (  # noqa: E402
     EXAMPLE_KINDS,
@@ -292,3 +299,54 @@ def test_options_refused(options: InferenceOptions, key: str) -> None:
     with pytest.raises(ConfigError, match=f"^config_invalid: {key}: got ") as info:
         options.check()
     assert info.value.key == key
+
+
+# -- signed manifests ------------------------------------------------------------------------
+
+
+def _publisher(tmp_path: Path, name: str) -> tuple[Path, dict[str, FirmwarePublicKey]]:
+    private, public = generate_firmware_key(tmp_path / "keys", name)
+    return private, load_trusted_keys([public], "model_keys")
+
+
+def test_signed_manifests_load_with_their_signer(models_dir: Path, tmp_path: Path) -> None:
+    key, trusted = _publisher(tmp_path, "publisher")
+    manifests = [manifest_path(models_dir, n) for n in (FLOAT_NAME, INT8_NAME)]
+    assert cli_main(["model", "sign", *map(str, manifests), "--key", str(key)]) == 0
+    loaded = load_models(models_dir, trusted)
+    assert sorted(loaded.models) == sorted([FLOAT_NAME, INT8_NAME]) and not loaded.refused
+    assert {m.signer for m in loaded.models.values()} == set(trusted)
+
+
+def test_unsigned_resigned_or_edited_manifests_are_refused(
+    models_dir: Path, tmp_path: Path
+) -> None:
+    key, trusted = _publisher(tmp_path, "publisher")
+    rogue, _ = _publisher(tmp_path, "rogue")
+    path = manifest_path(models_dir, FLOAT_NAME)
+    with pytest.raises(ModelLoadError, match=r"^model_signature_missing: .*manifest.sig"):
+        load_model(path, trusted)
+
+    # signed by a key the workload does not trust
+    assert cli_main(["model", "sign", str(path), "--key", str(rogue)]) == 0
+    with pytest.raises(ModelLoadError, match=r"^model_bad_signature: .*signed by key"):
+        load_model(path, trusted)
+
+    # the attack the signature stops: model and manifest swapped together after signing
+    assert cli_main(["model", "sign", str(path), "--key", str(key)]) == 0
+    assert load_model(path, trusted).signer in trusted
+    shutil.copy(models_dir / f"{INT8_NAME}.pt", models_dir / f"{FLOAT_NAME}.pt")
+    rewrite_manifest(
+        models_dir, FLOAT_NAME, sha256=sha256_hex((models_dir / f"{INT8_NAME}.pt").read_bytes())
+    )
+    with pytest.raises(ModelLoadError, match=r"^model_bad_signature: .*does not verify"):
+        load_model(path, trusted)
+    assert load_model(path).name == FLOAT_NAME  # without keys only the digest is checked
+
+
+def test_model_sign_refuses_a_manifest_that_does_not_match_its_model(models_dir: Path) -> None:
+    tamper(models_dir / f"{INT8_NAME}.pt")
+    key, _ = generate_firmware_key(models_dir.parent / "k", "publisher")
+    path = manifest_path(models_dir, INT8_NAME)
+    assert cli_main(["model", "sign", str(path), "--key", str(key)]) == 1
+    assert not signature_path(path).exists()

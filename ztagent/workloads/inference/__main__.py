@@ -40,6 +40,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--max-wait-ms", type=float, default=2.0)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument(
+        "--model-keys",
+        type=Path,
+        nargs="+",
+        default=[],
+        help="PEM public keys of trusted model signers: serve only signed manifests",
+    )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -56,6 +63,7 @@ def run(args: argparse.Namespace) -> None:
             max_batch=args.max_batch,
             max_wait_ms=args.max_wait_ms,
             threads=args.threads,
+            model_keys=args.model_keys,
         )
     )
 

@@ -47,7 +47,8 @@ class ModelLoadError(InferenceError):
     """A model or its manifest cannot be served.
 
     Codes: ``manifest_invalid``, ``model_digest_mismatch``, ``model_file_missing``,
-    ``model_invalid``, ``duplicate_model``.
+    ``model_invalid``, ``duplicate_model``, ``model_signature_missing``,
+    ``model_bad_signature`` (also a key that is not trusted).
     """
 
 

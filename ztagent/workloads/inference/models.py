@@ -1,5 +1,10 @@
 """Loading TorchScript models whose digest matches their manifest, and running them.
 
+With trusted model-signing keys (``--model-keys``), the manifest's bytes must first verify
+against its detached signature ``<name>.manifest.sig`` (the same envelope as firmware
+manifests: ``{"key_id", "alg": "Ed25519" | "ES256", "sig"}``), so a model and its manifest
+cannot be swapped together by whoever can write the models directory.
+
 The model file is read once into memory; its SHA-256 is compared with the manifest and the
 TorchScript module is deserialised from those same bytes, so the file cannot change between
 the check and the load. A loaded model is smoke-tested with a zero input: its output must be
@@ -18,13 +23,15 @@ import struct
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ztagent.errors import ConfigError
+from ztagent.posture.errors import PostureError
+from ztagent.posture.firmware import FirmwarePublicKey, verify_signature
 from ztagent.workloads.inference.errors import InvalidInputError, ModelLoadError
 from ztagent.workloads.inference.manifest import MANIFEST_SUFFIX, ModelManifest, parse_manifest
 
@@ -60,6 +67,8 @@ class LoadedModel:
         self.manifest = manifest
         self._module = module
         self.row_by_row = row_by_row
+        self.signer: str | None = None
+        """Key id of the trusted key that signed the manifest (None: signatures not required)."""
 
     @property
     def name(self) -> str:
@@ -109,9 +118,41 @@ def check_digest(data: bytes, manifest: ModelManifest, path: Path) -> None:
         )
 
 
-def load_model(manifest_path: Path) -> LoadedModel:
-    """Reads a manifest and its model file, checks the digest, loads and smoke-tests it."""
-    manifest = parse_manifest(_read_limited(manifest_path, MAX_MANIFEST_BYTES), manifest_path)
+def signature_path(manifest_path: Path) -> Path:
+    """``x.manifest.json`` -> ``x.manifest.sig`` (the detached signature envelope)."""
+    return manifest_path.with_name(manifest_path.name.removesuffix(".json") + ".sig")
+
+
+def check_signature(
+    raw: bytes, manifest_path: Path, trusted_keys: Mapping[str, FirmwarePublicKey]
+) -> str:
+    """The id of the trusted model-signing key whose signature over the manifest bytes
+    verifies; ``ModelLoadError`` (``model_signature_missing``, ``model_bad_signature``)."""
+    sig_path = signature_path(manifest_path)
+    try:
+        signature = _read_limited(sig_path, MAX_MANIFEST_BYTES)
+    except ModelLoadError as err:
+        raise ModelLoadError(
+            "model_signature_missing",
+            f"{sig_path}: {err.message}; models must be signed by a trusted key "
+            f"({', '.join(sorted(trusted_keys))}): `ztagent model sign`",
+        ) from None
+    try:
+        return verify_signature(
+            raw, signature, trusted_keys, f"{manifest_path.name}", label="model signature"
+        )
+    except PostureError as err:
+        raise ModelLoadError("model_bad_signature", f"{sig_path}: {err.message}") from None
+
+
+def load_model(
+    manifest_path: Path, trusted_keys: Mapping[str, FirmwarePublicKey] | None = None
+) -> LoadedModel:
+    """Reads a manifest and its model file, checks the signature (when ``trusted_keys`` are
+    given) and the digest, loads and smoke-tests it."""
+    raw = _read_limited(manifest_path, MAX_MANIFEST_BYTES)
+    signer = check_signature(raw, manifest_path, trusted_keys) if trusted_keys else None
+    manifest = parse_manifest(raw, manifest_path)
     model_path = manifest_path.parent / manifest.file
     data = _read_limited(model_path, MAX_MODEL_BYTES)
     check_digest(data, manifest, model_path)
@@ -140,6 +181,7 @@ def load_model(manifest_path: Path) -> LoadedModel:
             "model_invalid", f"{model_path}: output for a zero input is not finite"
         )
     model = LoadedModel(manifest, module)
+    model.signer = signer
     model.row_by_row = not _batch_invariant(model)
     return model
 
@@ -160,15 +202,18 @@ def _batch_invariant(model: LoadedModel) -> bool:
     return float((alone - beside).abs().max()) <= BATCH_INVARIANCE_TOLERANCE * scale
 
 
-def load_models(models_dir: Path) -> LoadedModels:
-    """Every ``*.manifest.json`` in ``models_dir`` (sorted); refusals are logged and kept."""
+def load_models(
+    models_dir: Path, trusted_keys: Mapping[str, FirmwarePublicKey] | None = None
+) -> LoadedModels:
+    """Every ``*.manifest.json`` in ``models_dir`` (sorted); refusals are logged and kept.
+    With ``trusted_keys`` every manifest must carry a signature by one of them."""
     if not models_dir.is_dir():
         raise ConfigError("models", f"{models_dir} is not a directory (run `make model`)")
     models: dict[str, LoadedModel] = {}
     refused: list[Refusal] = []
     for manifest_path in sorted(models_dir.glob(f"*{MANIFEST_SUFFIX}")):
         try:
-            model = load_model(manifest_path)
+            model = load_model(manifest_path, trusted_keys)
             if model.name in models:
                 raise ModelLoadError(
                     "duplicate_model",
@@ -180,10 +225,11 @@ def load_models(models_dir: Path) -> LoadedModels:
             refused.append(Refusal(manifest_path, err))
             continue
         log.info(
-            "model %s %s loaded (sha256 %s, critical=%s, %s)",
+            "model %s %s loaded (sha256 %s, signed by %s, critical=%s, %s)",
             model.name,
             model.manifest.version,
             model.manifest.sha256,
+            model.signer or "nobody (no --model-keys)",
             model.manifest.critical,
             "row by row: not batch-invariant" if model.row_by_row else "batched",
         )

@@ -30,6 +30,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ztagent._proto.workloads.v1 import inference_pb2, inference_pb2_grpc
 from ztagent.errors import ConfigError, TransportError, ZtagentError
+from ztagent.posture.firmware import load_trusted_keys
 from ztagent.signals import wait_for_stop_signal
 from ztagent.workloads.inference.batching import Batcher
 from ztagent.workloads.inference.errors import (
@@ -327,14 +328,18 @@ async def start_inference_server(
     max_batch: int = 16,
     max_wait_ms: float = 2.0,
     threads: int = 1,
+    model_keys: Sequence[Path] = (),
 ) -> tuple[grpc.aio.Server, int]:
     """Loads the models in ``models_dir`` and starts serving on ``listen``.
 
     ``storage_target`` is the storage workload's loopback or unix address for the escalation
     outbox (None: escalated results are only returned). Returns the started server and its
     bound port (0 for a unix socket). Stop it with :func:`stop_inference_server`.
+    ``model_keys``: PEM public keys of trusted model signers; when given, only models whose
+    manifest carries a valid signature by one of them are served.
     """
     address = parse_listen(listen)
+    trusted = load_trusted_keys(model_keys, "model_keys") if model_keys else None
     options = InferenceOptions(confidence_threshold, max_batch, max_wait_ms, threads)
     options.check()
     outbox_target = None
@@ -353,7 +358,7 @@ async def start_inference_server(
         initargs=(threads,),
     )
     try:
-        loaded = await loop.run_in_executor(executor, load_models, models_dir)
+        loaded = await loop.run_in_executor(executor, load_models, models_dir, trusted)
     except BaseException:
         executor.shutdown(wait=False)
         raise
@@ -444,6 +449,7 @@ async def run_inference(
     max_batch: int = 16,
     max_wait_ms: float = 2.0,
     threads: int = 1,
+    model_keys: Sequence[Path] = (),
 ) -> None:
     """Serves until SIGTERM or SIGINT, then stops with a 5 s grace."""
     server, _ = await start_inference_server(
@@ -454,6 +460,7 @@ async def run_inference(
         max_batch=max_batch,
         max_wait_ms=max_wait_ms,
         threads=threads,
+        model_keys=model_keys,
     )
     try:
         await wait_for_stop_signal()
