@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,6 +18,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
 from tests.integration.echo_upstream import RAW_SERVICE, SERVICE, EchoUpstream
 from ztagent.config import load_config
 from ztagent.pki import ca
+from ztagent.posture.tpm import SwtpmProcess
 from ztagent.sidecar.server import Sidecar
 
 TRUST_DOMAIN = "ztagent.dev"
@@ -164,3 +165,12 @@ def channel(
             certificate_chain=ca.cert_pem(pair.cert, *extra_chain),
         )
     return grpc.aio.secure_channel(f"127.0.0.1:{port}", creds)
+
+
+@pytest.fixture
+def swtpms() -> Iterator[list[SwtpmProcess]]:
+    """Software TPMs a test starts (``swtpms.append(start_swtpm(...))``); stopped after it."""
+    started: list[SwtpmProcess] = []
+    yield started
+    for proc in started:
+        proc.stop()

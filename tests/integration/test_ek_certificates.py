@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,14 +49,6 @@ class World:
         if certified_by is not None:
             dev_manufacturer.provision(tpm, certified_by)
         return tpm
-
-
-@pytest.fixture
-def swtpms() -> Iterator[list[SwtpmProcess]]:
-    started: list[SwtpmProcess] = []
-    yield started
-    for proc in started:
-        proc.stop()
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ code, and expiry brings `posture_required` back.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -92,17 +92,9 @@ class Device:
     signature: bytes
 
 
-@pytest.fixture
-def tpms(tmp_path: Path) -> Iterator[list[SwtpmProcess]]:
-    started: list[SwtpmProcess] = []
-    yield started
-    for proc in started:
-        proc.stop()
-
-
 def boot(
     st: Stack,
-    tpms: list[SwtpmProcess],
+    swtpms: list[SwtpmProcess],
     name: str,
     *,
     components: list[BootComponent] | None = None,
@@ -114,7 +106,7 @@ def boot(
     """A fresh swtpm, a measured boot, a signed firmware manifest."""
     device_dir = st.tmp / "devices" / name
     proc = start_swtpm(device_dir / "tpm")
-    tpms.append(proc)
+    swtpms.append(proc)
     tpm = DeviceTpm(proc.tcti)
     comps = components or demo_components(firmware_version)
     log = simulate_boot(tpm, comps)
@@ -156,9 +148,9 @@ def codes(response: pb.AttestResponse) -> list[str]:
 
 
 async def test_good_device_attests_and_posture_routes_open(
-    stack: Stack, tpms: list[SwtpmProcess]
+    stack: Stack, swtpms: list[SwtpmProcess]
 ) -> None:
-    dev = boot(stack, tpms, "cam-good")
+    dev = boot(stack, swtpms, "cam-good")
     assert await delete(stack, dev) == "PERMISSION_DENIED: policy_denied: posture_required"
     response = await attest(stack, dev)
     assert response.verified, codes(response)
@@ -178,9 +170,9 @@ async def test_good_device_attests_and_posture_routes_open(
 
 
 async def test_posture_expiry_brings_posture_required_back(
-    stack: Stack, tpms: list[SwtpmProcess]
+    stack: Stack, swtpms: list[SwtpmProcess]
 ) -> None:
-    dev = boot(stack, tpms, "cam-exp")
+    dev = boot(stack, swtpms, "cam-exp")
     assert (await attest(stack, dev)).verified
     assert await delete(stack, dev) == "OK"
     stack.clock.offset = timedelta(seconds=601)
@@ -188,28 +180,28 @@ async def test_posture_expiry_brings_posture_required_back(
 
 
 async def test_both_allowed_firmware_versions_attest(
-    stack: Stack, tpms: list[SwtpmProcess]
+    stack: Stack, swtpms: list[SwtpmProcess]
 ) -> None:
     for version in ("1.2.0", "1.3.0"):
-        dev = boot(stack, tpms, f"cam-{version.replace('.', '')}", firmware_version=version)
+        dev = boot(stack, swtpms, f"cam-{version.replace('.', '')}", firmware_version=version)
         assert (await attest(stack, dev)).verified, version
 
 
-async def test_tampered_kernel_is_not_reference(stack: Stack, tpms: list[SwtpmProcess]) -> None:
+async def test_tampered_kernel_is_not_reference(stack: Stack, swtpms: list[SwtpmProcess]) -> None:
     comps = demo_components()
     comps[2] = replace(comps[2], image=comps[2].image + b"rootkit")
-    dev = boot(stack, tpms, "cam-tampered", components=comps)
+    dev = boot(stack, swtpms, "cam-tampered", components=comps)
     response = await attest(stack, dev)
     assert codes(response) == ["boot_not_reference"]
     assert "kernel" in response.failures[0].message
     assert await delete(stack, dev) == "PERMISSION_DENIED: policy_denied: posture_required"
 
 
-async def test_edited_event_log_does_not_replay(stack: Stack, tpms: list[SwtpmProcess]) -> None:
+async def test_edited_event_log_does_not_replay(stack: Stack, swtpms: list[SwtpmProcess]) -> None:
     """The log claims the reference kernel while the TPM measured a modified one."""
     comps = demo_components()
     tampered = replace(comps[2], image=comps[2].image + b"rootkit")
-    dev = boot(stack, tpms, "cam-liar", components=[comps[0], comps[1], tampered])
+    dev = boot(stack, swtpms, "cam-liar", components=[comps[0], comps[1], tampered])
     from ztagent.posture.boot_sim import boot_events
     from ztagent.posture.eventlog import encode_event_log
 
@@ -217,18 +209,18 @@ async def test_edited_event_log_does_not_replay(stack: Stack, tpms: list[SwtpmPr
     assert codes(await attest(stack, dev, event_log=honest_looking)) == ["eventlog_replay_mismatch"]
 
 
-async def test_firmware_checks(stack: Stack, tpms: list[SwtpmProcess]) -> None:
+async def test_firmware_checks(stack: Stack, swtpms: list[SwtpmProcess]) -> None:
     rogue_key, _ = generate_firmware_key(stack.tmp / "rogue", "rogue")
-    dev = boot(stack, tpms, "cam-rogue-fw", sign_with=rogue_key)
+    dev = boot(stack, swtpms, "cam-rogue-fw", sign_with=rogue_key)
     assert codes(await attest(stack, dev)) == ["firmware_untrusted_key"]
 
-    dev = boot(stack, tpms, "cam-fw-mismatch", manifest_image=demo_image("edge-fw", "9.9.9"))
+    dev = boot(stack, swtpms, "cam-fw-mismatch", manifest_image=demo_image("edge-fw", "9.9.9"))
     assert codes(await attest(stack, dev)) == ["firmware_digest_mismatch"]
 
-    dev = boot(stack, tpms, "cam-rollback", svn=5)
+    dev = boot(stack, swtpms, "cam-rollback", svn=5)
     assert (await attest(stack, dev)).verified
     # Same device (same certificate, new boot) with an older security version.
-    older = boot(stack, tpms, "cam-rollback-2", svn=4)
+    older = boot(stack, swtpms, "cam-rollback-2", svn=4)
     older.pair = dev.pair
     assert codes(await attest(stack, older)) == ["firmware_rollback"]
 
@@ -248,9 +240,9 @@ async def _evidence(st: Stack, dev: Device, nonce: bytes) -> pb.Evidence:
     )
 
 
-async def test_nonce_and_ak_attacks(stack: Stack, tpms: list[SwtpmProcess]) -> None:
-    dev = boot(stack, tpms, "cam-a")
-    other = boot(stack, tpms, "cam-b")
+async def test_nonce_and_ak_attacks(stack: Stack, swtpms: list[SwtpmProcess]) -> None:
+    dev = boot(stack, swtpms, "cam-a")
+    other = boot(stack, swtpms, "cam-b")
     assert (await attest(stack, dev)).verified  # binds cam-a's AK
     assert (await attest(stack, other)).verified  # binds cam-b's AK
 
@@ -295,7 +287,7 @@ async def test_nonce_and_ak_attacks(stack: Stack, tpms: list[SwtpmProcess]) -> N
 
 
 async def test_attestation_requires_a_valid_device_certificate(
-    stack: Stack, tpms: list[SwtpmProcess]
+    stack: Stack, swtpms: list[SwtpmProcess]
 ) -> None:
     bad = stack.pki.mint(uris=["spiffe://evil.example/device/x"])
     async with channel(stack.pki, stack.sidecar.port, bad) as ch:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -100,14 +100,6 @@ class Stack:
             self.vendor_key, components[0].image, name="edge-fw", version="1.3.0", svn=3
         )
         return Tpm(tpm, log, manifest, signature)
-
-
-@pytest.fixture
-def swtpms() -> Iterator[list[SwtpmProcess]]:
-    started: list[SwtpmProcess] = []
-    yield started
-    for proc in started:
-        proc.stop()
 
 
 @pytest.fixture

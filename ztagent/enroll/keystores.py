@@ -46,6 +46,8 @@ from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 
 from ztagent.errors import ConfigError, ZtagentError
 from ztagent.pki._files import KEY_MODE, write_atomic
+from ztagent.posture.errors import PostureError
+from ztagent.posture.quote import p256_public_key
 from ztagent.posture.tpm import IDENTITY_KEY_HANDLES, DeviceTpm, TpmError
 
 DEFAULT_PKCS11_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
@@ -541,12 +543,10 @@ class TpmKeyStore:
 
 
 def _p256_public(tpm2b_public: bytes) -> ec.EllipticCurvePublicKey:
-    from ztagent.posture.quote import parse_public
-
-    area = parse_public(tpm2b_public, "identity key public").publicArea
-    x = int.from_bytes(bytes(area.unique.ecc.x.buffer), "big")
-    y = int.from_bytes(bytes(area.unique.ecc.y.buffer), "big")
-    return ec.EllipticCurvePublicNumbers(x, y, ec.SECP256R1()).public_key()
+    try:
+        return p256_public_key(tpm2b_public, "TPM identity key")
+    except PostureError as err:
+        raise KeyStoreError("keystore_failed", err.message) from None
 
 
 @dataclass(frozen=True)

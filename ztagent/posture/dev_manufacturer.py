@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID, ObjectIdentifier
 
 from ztagent.pki._files import KEY_MODE, write_atomic
-from ztagent.posture.quote import parse_public
+from ztagent.posture.quote import p256_public_key
 from ztagent.posture.tpm import DeviceTpm
 
 CA_CERT = "ek-ca.pem"
@@ -70,14 +70,6 @@ def init(directory: Path, *, name: str = "ztagent dev TPM manufacturer CA") -> P
     return cert_path
 
 
-def ek_public_key(ek_public: bytes) -> ec.EllipticCurvePublicKey:
-    """The P-256 public key of a marshalled ECC EK TPM2B_PUBLIC."""
-    area = parse_public(ek_public, "EK public").publicArea
-    x = int.from_bytes(bytes(area.unique.ecc.x.buffer), "big")
-    y = int.from_bytes(bytes(area.unique.ecc.y.buffer), "big")
-    return ec.EllipticCurvePublicNumbers(x, y, ec.SECP256R1()).public_key()
-
-
 def issue_ek_certificate(
     directory: Path, ek_public: bytes, *, days: int = 3650, now: datetime | None = None
 ) -> bytes:
@@ -101,7 +93,7 @@ def issue_ek_certificate(
         x509.CertificateBuilder()
         .subject_name(x509.Name([]))
         .issuer_name(ca_cert.subject)
-        .public_key(ek_public_key(ek_public))
+        .public_key(p256_public_key(ek_public, "EK public"))
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - timedelta(minutes=5))
         .not_valid_after(now + timedelta(days=days))

@@ -165,11 +165,22 @@ def check_ak_attributes(ak_public: bytes) -> None:
         )
 
 
-def _public_key(public: Any) -> Any:
+def _public_key(public: Any, what: str = "AK public") -> Any:
     try:
         return serialization.load_der_public_key(public.to_der())
     except Exception as exc:
-        raise PostureError("evidence_malformed", f"AK public is not a usable key: {exc}") from exc
+        raise PostureError("evidence_malformed", f"{what} is not a usable key: {exc}") from exc
+
+
+def p256_public_key(public: bytes, what: str) -> ec.EllipticCurvePublicKey:
+    """The ECC P-256 key of a marshalled ``TPM2B_PUBLIC`` (``evidence_malformed`` if it is
+    not one)."""
+    key = _public_key(parse_public(public, what), what)
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise PostureError(
+            "evidence_malformed", f"{what} is a {type(key).__name__}, expected ECC NIST P-256"
+        )
+    return key
 
 
 def verify_quote_signature(attest: bytes, signature: bytes, ak_public: bytes) -> None:
