@@ -26,7 +26,13 @@ from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ztagent.config import Config, load_config
-from ztagent.demo_enroll import enroll_device, reuse_token, revoke_and_wait, wait_for_ca
+from ztagent.demo_enroll import (
+    device_credentials,
+    enroll_device,
+    reuse_token,
+    revoke_and_wait,
+    wait_for_ca,
+)
 from ztagent.demo_inference import INFERENCE
 from ztagent.demo_inference import scenarios as inference_scenarios
 from ztagent.demo_posture import (
@@ -57,11 +63,7 @@ def _channel(config: Config, device_cert: Path | None) -> grpc.Channel:
     if device_cert is None:
         creds = grpc.ssl_channel_credentials(root_certificates=roots)
     else:
-        creds = grpc.ssl_channel_credentials(
-            root_certificates=roots,
-            private_key=device_cert.with_suffix(".key").read_bytes(),
-            certificate_chain=device_cert.read_bytes(),
-        )
+        creds = device_credentials(roots, device_cert)
     return grpc.secure_channel(config.listen.address, creds)
 
 
@@ -412,7 +414,12 @@ def run_demo(config_path: Path, ca_dir: Path) -> int:
             # The demo device enrolls with its TPM: the CA proves the TPM (MakeCredential /
             # ActivateCredential) and binds its attestation key into the certificate.
             result, token = enroll_device(
-                ca_address, ca_dir, devices / DEMO_DEVICE, DEMO_DEVICE, tpm=good.tpm
+                ca_address,
+                ca_dir,
+                devices / DEMO_DEVICE,
+                DEMO_DEVICE,
+                tpm=good.tpm,
+                key_store="tpm",
             )
             ak_name = cert_ak_name(
                 x509.load_pem_x509_certificate((result.dir / "device.pem").read_bytes())
@@ -420,9 +427,9 @@ def run_demo(config_path: Path, ca_dir: Path) -> int:
             outcomes.append(
                 Outcome(
                     ak_name is not None,
-                    f"(0) device {DEMO_DEVICE!r} made its own key and enrolled with a one-time "
-                    f"bootstrap token; its TPM's EK certificate (dev TPM manufacturer) was "
-                    f"checked, the TPM proved and its AK {(ak_name or '')[:16]}... "
+                    f"(0) device {DEMO_DEVICE!r} made its key inside its TPM and enrolled with a "
+                    f"one-time bootstrap token; its TPM's EK certificate (dev TPM manufacturer) "
+                    f"was checked, the TPM proved and its AK {(ak_name or '')[:16]}... "
                     f"bound into the certificate (serial {result.serial[:16]}..., valid until "
                     f"{result.not_after:%Y-%m-%d})",
                 )

@@ -5,6 +5,7 @@ DEVELOPMENT ONLY (dev CA)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +15,8 @@ import grpc
 from ztagent._proto.v1 import enrollment_pb2, enrollment_pb2_grpc
 from ztagent.enroll.audit import audit_revocation
 from ztagent.enroll.bootstrap import issue_bootstrap_token
-from ztagent.enroll.client import EnrollResult, enroll
+from ztagent.enroll.client import KEYSTORE_FILE, EnrollResult, channel_credentials, enroll
+from ztagent.enroll.keystores import open_key_store
 from ztagent.errors import ZtagentError
 from ztagent.pki import ca
 from ztagent.posture.tpm import DeviceTpm
@@ -39,15 +41,31 @@ def wait_for_ca(
 
 
 def enroll_device(
-    ca_address: str, ca_dir: Path, device_dir: Path, device_id: str, *, tpm: DeviceTpm | None = None
+    ca_address: str,
+    ca_dir: Path,
+    device_dir: Path,
+    device_id: str,
+    *,
+    tpm: DeviceTpm | None = None,
+    key_store: str = "file",
 ) -> tuple[EnrollResult, str]:
     """A fresh bootstrap token, then `ztagent enroll` into ``device_dir`` (re-enrolls on every
     demo run; TPM-bound when ``tpm`` is given); returns the result and the (now used) token."""
     token = issue_bootstrap_token(ca_dir, device_id, ttl_s=900)
+    bundle = ca_dir / "ca-bundle.pem"
     result = asyncio.run(
-        enroll(ca_address, token, ca_dir / "ca-bundle.pem", device_dir, "file", force=True, tpm=tpm)
+        enroll(ca_address, token, bundle, device_dir, key_store, force=True, tpm=tpm)
     )
     return result, token
+
+
+def device_credentials(roots: bytes, device_cert: Path) -> grpc.ChannelCredentials:
+    """mTLS client credentials for a device directory's certificate, with its key wherever
+    ``keystore.json`` says it lives (a file, or the TPM: then the TPM signs the handshake)."""
+    record_path = device_cert.parent / KEYSTORE_FILE
+    record = json.loads(record_path.read_text()) if record_path.exists() else {"type": "file"}
+    store = open_key_store(record, device_cert.with_suffix(".key"), None)
+    return channel_credentials(store, device_cert.read_bytes(), roots)
 
 
 def reuse_token(ca_address: str, ca_dir: Path, device_dir: Path, token: str) -> str:
