@@ -30,9 +30,11 @@ too late: ``tpm_enroll_expired``), compares the secret in constant time
 (``ak_binding_failed``), verifies the token again, and only then spends it and issues a
 certificate carrying the AK name in the AK-name extension
 (``ztagent.pki.device_check.AK_NAME_OID``); the audit line records ``ak_name``. A wrong secret
-consumes the pending enrollment but not the token: the device may begin again. The EK is
-trusted on first use (swtpm has no EK certificate); what the exchange proves is that the AK
-lives in the TPM holding that EK, and the token proves the device id.
+consumes the pending enrollment but not the token: the device may begin again. The exchange
+proves that the AK lives in the TPM holding that EK, and the token proves the device id. With
+``ek_trust`` (``ca serve --ek-ca-bundle``) the EK certificate must also chain to a trusted TPM
+manufacturer and certify that EK (``ztagent.posture.ek_cert``); without it the EK is trusted
+on first use.
 
 Renew: the peer certificate must pass the sidecar's device check against this CA's bundle and
 CRL (chain, validity, clientAuth, SPIFFE ID in this trust domain, lifetime <= 90 days, not in
