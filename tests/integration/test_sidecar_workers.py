@@ -106,10 +106,14 @@ def served(pki: Pki, upstream: EchoUpstream) -> Iterator[Served]:
 
 
 async def _calls_on_fresh_connections(pki: Pki, port: int, n: int, method: str = "Unary") -> None:
+    """``n`` calls, each on a new connection. wait_for_ready: a connection that lands on a
+    worker in the instant it dies or starts is reset, and a client reconnects, as real ones do
+    (the kernel then hashes the new connection again)."""
     pair = pki.mint("dev-workers")
     for i in range(n):
         async with channel(pki, port, pair) as ch:
-            reply = await ch.unary_unary(f"/{SERVICE}/{method}")(f"{i}".encode(), timeout=10)
+            call = ch.unary_unary(f"/{SERVICE}/{method}")
+            reply = await call(f"{i}".encode(), timeout=20, wait_for_ready=True)
             assert reply == f"{i}".encode()
 
 

@@ -17,10 +17,20 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Protocol
 
 from ztagent.posture.errors import PostureError, short_hex
 
 MIN_NONCE_BYTES = 16
+
+
+class Nonces(Protocol):
+    """What attestation needs of a nonce store: ``NonceStore`` in one process,
+    ``ztagent.posture.shared_nonces.SharedNonceStore`` across sidecar workers."""
+
+    def issue(self, cert_fingerprint: str, now: datetime) -> tuple[bytes, datetime]: ...
+
+    def consume(self, cert_fingerprint: str, nonce: bytes, now: datetime) -> None: ...
 
 
 @dataclass

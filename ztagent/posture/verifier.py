@@ -46,7 +46,7 @@ from ztagent.posture.firmware import (
     check_firmware_digest,
     verify_manifest,
 )
-from ztagent.posture.nonces import NonceStore
+from ztagent.posture.nonces import Nonces
 from ztagent.posture.quote import (
     ak_name,
     parse_quote,
@@ -171,7 +171,7 @@ def verify_evidence(
     evidence: attestation_pb2.Evidence,
     ctx: AttestationContext,
     *,
-    nonces: NonceStore,
+    nonces: Nonces,
     registry: AkRegistry,
     rollback: RollbackStore,
 ) -> AttestedPosture:

@@ -25,9 +25,10 @@ from ztagent.posture.ak_binding import PendingBindings, begin_binding, complete_
 from ztagent.posture.ek_cert import EkTrust, check_ek_certificate
 from ztagent.posture.errors import PostureError, short_hex
 from ztagent.posture.firmware import FirmwarePublicKey, load_trusted_keys
-from ztagent.posture.nonces import NonceStore
+from ztagent.posture.nonces import Nonces, NonceStore
 from ztagent.posture.reference import ReferenceValues
 from ztagent.posture.shared_cache import SharedPostureCache
+from ztagent.posture.shared_nonces import SharedNonceStore
 from ztagent.posture.state import AkRegistry, RollbackStore
 from ztagent.posture.verifier import (
     AttestationContext,
@@ -48,7 +49,7 @@ class PostureState:
     config: PostureConfig
     references: ReferenceValues
     trusted_keys: dict[str, FirmwarePublicKey]
-    nonces: NonceStore
+    nonces: Nonces
     pending: PendingBindings
     registry: AkRegistry
     rollback: RollbackStore
@@ -58,8 +59,8 @@ class PostureState:
 
     @classmethod
     def load(cls, config: PostureConfig, *, shared: bool = False) -> PostureState:
-        """``shared``: postures go through ``state_dir`` so that sidecar workers see each
-        other's attestations (``listen.workers > 1``)."""
+        """``shared``: postures and challenge nonces go through ``state_dir`` so that sidecar
+        workers see each other's (``listen.workers > 1``)."""
         assert config.reference_values is not None
         state_dir: Path = config.state_dir
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -67,7 +68,11 @@ class PostureState:
             config=config,
             references=ReferenceValues.load(config.reference_values),
             trusted_keys=dict(load_trusted_keys(config.firmware_keys)),
-            nonces=NonceStore(ttl_s=config.nonce_ttl_s),
+            nonces=(
+                SharedNonceStore(state_dir, ttl_s=config.nonce_ttl_s)
+                if shared
+                else NonceStore(ttl_s=config.nonce_ttl_s)
+            ),
             pending=PendingBindings(),
             registry=AkRegistry(state_dir / "ak-bindings.json"),
             rollback=RollbackStore(state_dir / "firmware-svn.json"),

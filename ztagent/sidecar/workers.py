@@ -7,7 +7,8 @@ them. The supervisor (this module, the process ``ztagent serve`` starts as):
 1. refuses an address someone already listens on (grpc would otherwise silently share the
    port with a stale server that also set SO_REUSEPORT), and resolves port 0 to one port that
    it holds until every worker has bound it;
-2. empties the shared posture cache (postures never outlive the run that verified them);
+2. empties the shared posture cache and nonces (postures never outlive the run that verified
+   them);
 3. starts the workers (``ztagent serve --worker-index i``) and waits until each reports that it
    serves; a worker that fails at start stops the whole sidecar with its exit code;
 4. restarts a worker that dies later (1 s backoff, doubling to 30 s while it keeps dying);
@@ -17,9 +18,9 @@ them. The supervisor (this module, the process ``ztagent serve`` starts as):
 Workers share attested posture and the posture state files through ``posture.state_dir``;
 each writes its own decision log (``decisions.worker<i>.jsonl``, its own hash chain) and its
 metrics into a directory from which the supervisor serves their sum at ``metrics.address``. Only
-worker 0 fetches CRLs; the others pick the written file up by their file watch. Attestation
-nonces stay in the worker that issued them: a device answers a challenge on the connection
-that asked for it (``ztagent attest`` does).
+worker 0 fetches CRLs; the others pick the written file up by their file watch. Challenge
+nonces are shared too (``ztagent.posture.shared_nonces``), so a device may answer a challenge
+on another connection than the one that asked for it.
 """
 
 from __future__ import annotations
@@ -297,8 +298,10 @@ def supervise(config_path: Path, config: Config) -> int:
             supervisor.env = {**os.environ, MULTIPROC_ENV: str(metrics.directory)}
         if config.posture.enabled:
             from ztagent.posture.shared_cache import clear_shared_cache
+            from ztagent.posture.shared_nonces import clear_shared_nonces
 
             clear_shared_cache(config.posture.state_dir)
+            clear_shared_nonces(config.posture.state_dir)
         try:
             code = supervisor.start_all()
         finally:
