@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 from pathlib import Path
 
 KEY_MODE = 0o600
@@ -34,3 +35,9 @@ def write_atomic(path: Path, data: bytes, mode: int = PUBLIC_MODE) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def empty_private_dir(directory: Path) -> None:
+    """Removes ``directory`` with everything in it and creates it again, empty, mode 0700."""
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)

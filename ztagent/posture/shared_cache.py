@@ -20,13 +20,12 @@ import json
 import logging
 import os
 import re
-import shutil
 import threading
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ztagent.pki._files import KEY_MODE, write_atomic
+from ztagent.pki._files import KEY_MODE, empty_private_dir, write_atomic
 from ztagent.posture.verifier import AttestedPosture
 
 log = logging.getLogger("ztagent.posture")
@@ -44,9 +43,7 @@ def cache_dir(state_dir: Path) -> Path:
 
 def clear_shared_cache(state_dir: Path) -> None:
     """Forget every shared posture (at supervisor start); leaves an empty directory."""
-    directory = cache_dir(state_dir)
-    shutil.rmtree(directory, ignore_errors=True)
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    empty_private_dir(cache_dir(state_dir))
 
 
 def posture_to_json(posture: AttestedPosture) -> bytes:

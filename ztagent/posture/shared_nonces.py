@@ -17,12 +17,12 @@ import contextlib
 import json
 import os
 import secrets
-import shutil
 import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from ztagent.pki._files import empty_private_dir
 from ztagent.posture.errors import PostureError, short_hex
 from ztagent.posture.nonces import MIN_NONCE_BYTES
 
@@ -37,9 +37,7 @@ def nonce_dir(state_dir: Path) -> Path:
 
 def clear_shared_nonces(state_dir: Path) -> None:
     """Forget every outstanding nonce (at supervisor start); leaves an empty directory."""
-    directory = nonce_dir(state_dir)
-    shutil.rmtree(directory, ignore_errors=True)
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    empty_private_dir(nonce_dir(state_dir))
 
 
 class SharedNonceStore:
