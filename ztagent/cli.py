@@ -200,6 +200,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, listen_address=args.listen)
     if args.worker_index is not None:  # one worker of a supervisor
+        from ztagent.sidecar.workers import die_with_supervisor
+
+        die_with_supervisor()
         worker = WorkerSlot(args.worker_index, args.worker_count or config.listen.workers)
         asyncio.run(run_sidecar(config, worker=worker, ready_fd=args.ready_fd))
         return EXIT_OK

@@ -160,8 +160,8 @@ async def test_a_killed_worker_is_restarted_and_the_others_keep_serving(
     )
 
 
-def _wait_gone(pid: int) -> None:
-    deadline = time.monotonic() + 10
+def _wait_gone(pid: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
@@ -289,3 +289,13 @@ async def test_posture_attested_through_one_worker_holds_in_all(
 
 def test_worker_log_path() -> None:
     assert worker_log_path(Path("/v/decisions.jsonl"), 1) == Path("/v/decisions.worker1.jsonl")
+
+
+async def test_workers_do_not_outlive_a_killed_supervisor(served: Served) -> None:
+    await asyncio.to_thread(served.port)
+    workers = served.worker_pids()
+    assert len(workers) == 2
+    served.proc.kill()  # SIGKILL: the supervisor cannot forward anything
+    await asyncio.to_thread(served.proc.wait, 10)
+    for pid in workers:  # PR_SET_PDEATHSIG: each gets SIGTERM and drains (grace 5 s)
+        await asyncio.to_thread(_wait_gone, pid, 20)

@@ -103,11 +103,21 @@ def _join(host: str, port: int) -> str:
 # -- the workers ------------------------------------------------------------------------------
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Linux: the worker gets SIGTERM if the supervisor dies, so none is left orphaned."""
+SUPERVISOR_PID_ENV = "ZTAGENT_SUPERVISOR_PID"
+
+
+def die_with_supervisor() -> None:
+    """Called first thing in a worker: SIGTERM when the supervisor dies (Linux
+    PR_SET_PDEATHSIG), and exit at once if it already died before that was set. Done in the
+    worker rather than between fork and exec, which is unsafe in the supervisor (it has a
+    metrics thread)."""
+    expected = os.environ.get(SUPERVISOR_PID_ENV)
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if expected is not None and os.getppid() != int(expected):
+        log.error("supervisor %s is gone; worker exits", expected)
+        raise SystemExit(1)
 
 
 @dataclass
@@ -146,8 +156,7 @@ class Supervisor:
             worker.proc = subprocess.Popen(
                 self.command(worker, ready_w),
                 pass_fds=(ready_w,),
-                preexec_fn=_die_with_parent,
-                env=self.env,
+                env={**(self.env or os.environ), SUPERVISOR_PID_ENV: str(os.getpid())},
             )
         finally:
             os.close(ready_w)
