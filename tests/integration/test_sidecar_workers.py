@@ -21,9 +21,11 @@ import pytest
 
 from tests.integration.conftest import SHIPPED_POLICIES, Pki, _load_pair, channel, write_config
 from tests.integration.echo_upstream import SERVICE, EchoUpstream
+from ztagent._proto.v1 import attestation_pb2 as apb
+from ztagent._proto.v1 import attestation_pb2_grpc as apb_grpc
 from ztagent.cli import main
 from ztagent.pki import ca
-from ztagent.posture.tpm import start_swtpm
+from ztagent.posture.tpm import DeviceTpm, start_swtpm
 from ztagent.sidecar.server import worker_log_path
 
 pytestmark = pytest.mark.integration
@@ -273,6 +275,29 @@ async def test_posture_attested_through_one_worker_holds_in_all(
             # 16 fresh connections land on both workers; every one sees the posture
             assert await allowed_on_fresh_connections(16) == [True] * 16
             assert len(list(shared.glob("*.json"))) == 1
+
+            # Challenge on one connection, Attest on another: with two workers most of these
+            # pairs cross workers, and the nonce is still accepted once (shared nonces).
+            device_tpm = DeviceTpm(tpm.tcti)
+            evidence_files = (
+                log.read_bytes(),
+                (tmp_path / "edge-fw.manifest.json").read_bytes(),
+                (tmp_path / "edge-fw.manifest.sig").read_bytes(),
+            )
+            for _ in range(6):
+                async with channel(pki, port, pair) as ch:
+                    challenge = await apb_grpc.AttestationStub(ch).Challenge(
+                        apb.ChallengeRequest(), timeout=10
+                    )
+                evidence = _evidence(device_tpm, challenge.nonce, *evidence_files)
+                for expected in (True, False):  # the second use of the nonce is a replay
+                    async with channel(pki, port, pair) as ch:
+                        reply = await apb_grpc.AttestationStub(ch).Attest(
+                            apb.AttestRequest(evidence=evidence), timeout=10
+                        )
+                    assert reply.verified is expected, [f.code for f in reply.failures]
+                    if not expected:
+                        assert [f.code for f in reply.failures] == ["nonce_reused"]
         finally:
             assert await asyncio.to_thread(run.stop) == 0
     finally:
@@ -285,6 +310,24 @@ async def test_posture_attested_through_one_worker_holds_in_all(
         assert list(shared.glob("*.json")) == []
     finally:
         assert await asyncio.to_thread(again.stop) == 0
+
+
+def _evidence(
+    tpm: DeviceTpm, nonce: bytes, event_log: bytes, manifest: bytes, signature: bytes
+) -> apb.Evidence:
+    pcrs = [0, 4, 7]
+    quote = tpm.quote(nonce, pcrs)
+    return apb.Evidence(
+        quote=quote.attest,
+        quote_signature=quote.signature,
+        pcr_bank="sha256",
+        pcr_values=tpm.read_pcrs(pcrs),
+        event_log=event_log,
+        ak_public=tpm.ak_public(),
+        firmware_manifest=manifest,
+        firmware_signature=signature,
+        host_facts=b"{}",
+    )
 
 
 def test_worker_log_path() -> None:
