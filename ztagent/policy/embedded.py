@@ -125,8 +125,19 @@ def new_engine(path: Path, sources: PolicySources) -> Any:
     return engine
 
 
+_SCALARS = (str, bool, int, float, type(None))
+
+
 def to_plain(value: Any) -> Any:
-    """Turns Regorus results into JSON-shaped values: sets become sorted lists."""
+    """Turns Regorus results into JSON-shaped values: sets become sorted lists. (Exact type
+    checks first: this runs on every decision, and strings are most of what it sees.)"""
+    kind = type(value)
+    if kind in _SCALARS:
+        return value
+    if kind is dict:
+        return {k: v if type(v) is str else to_plain(v) for k, v in value.items()}
+    if kind is list:
+        return [v if type(v) is str else to_plain(v) for v in value]
     if isinstance(value, dict):
         return {k: to_plain(v) for k, v in value.items()}
     if isinstance(value, list):

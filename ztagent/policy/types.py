@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ztagent.policy.errors import PolicyError
+
 DEFAULT_DECISION_PATH = "data.ztagent.authz.decision"
 
 
@@ -22,31 +24,39 @@ class Decision:
     @classmethod
     def from_result(cls, result: object, revision: str) -> Decision:
         """Validates the shape of a raw engine result; raises PolicyError(policy_bad_decision
-        or policy_undefined)."""
-        from ztagent.policy.errors import PolicyError
-
+        or policy_undefined). Runs on every call: plain loops, no comprehension frames."""
         if result is None:
             raise PolicyError("policy_undefined", "the decision path produced no value")
-        if not isinstance(result, dict):
+        if type(result) is not dict:
             raise PolicyError(
                 "policy_bad_decision", f"expected an object, got {type(result).__name__}"
             )
         allow = result.get("allow")
-        if not isinstance(allow, bool):
+        if type(allow) is not bool:
             raise PolicyError("policy_bad_decision", f"'allow' must be a boolean, got {allow!r}")
         reasons = result.get("reasons", [])
-        if not isinstance(reasons, list) or not all(isinstance(r, str) for r in reasons):
+        if type(reasons) is not list:
             raise PolicyError(
                 "policy_bad_decision", f"'reasons' must be a list of strings, got {reasons!r}"
             )
+        for reason in reasons:
+            if type(reason) is not str:
+                raise PolicyError(
+                    "policy_bad_decision", f"'reasons' must be a list of strings, got {reasons!r}"
+                )
         headers = result.get("headers", {})
-        if not isinstance(headers, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
-        ):
+        if type(headers) is not dict:
             raise PolicyError(
                 "policy_bad_decision", f"'headers' must map strings to strings, got {headers!r}"
             )
-        return cls(allow=allow, reasons=tuple(sorted(reasons)), headers=headers, revision=revision)
+        for key, value in headers.items():
+            if type(key) is not str or type(value) is not str:
+                raise PolicyError(
+                    "policy_bad_decision",
+                    f"'headers' must map strings to strings, got {headers!r}",
+                )
+        reasons.sort()
+        return cls(allow, tuple(reasons), headers, revision)
 
 
 @dataclass(frozen=True)
