@@ -463,17 +463,38 @@ def cmd_log_verify(args: argparse.Namespace) -> int:
 # -- posture ------------------------------------------------------------------------------------
 
 
-def _device_channel(server: str, cert: Path, key: Path, ca_bundle: Path) -> Any:
+def _device_channel(
+    server: str,
+    cert: Path,
+    key: Path | None,
+    ca_bundle: Path,
+    device_dir: Path,
+    pin_file: Path | None,
+) -> Any:
+    """mTLS to the sidecar as the device. Without ``--key``/``--cert``, the key is wherever
+    ``DIR/keystore.json`` says (a file, a PKCS#11 token, the TPM: then it signs the handshake)."""
     import grpc
 
+    from ztagent.enroll.client import KEYSTORE_FILE, channel_credentials
+    from ztagent.enroll.keystores import open_key_store, resolve_pin
+
+    record_path = device_dir / KEYSTORE_FILE
     try:
-        creds = grpc.ssl_channel_credentials(
-            root_certificates=ca_bundle.read_bytes(),
-            private_key=key.read_bytes(),
-            certificate_chain=cert.read_bytes(),
-        )
+        if key is None and record_path.exists():
+            record = json.loads(record_path.read_text())
+            pin = resolve_pin(pin_file) if record.get("type") == "pkcs11" else None
+            store = open_key_store(record, cert.with_suffix(".key"), pin)
+            creds = channel_credentials(store, cert.read_bytes(), ca_bundle.read_bytes())
+        else:
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=ca_bundle.read_bytes(),
+                private_key=(key or cert.with_suffix(".key")).read_bytes(),
+                certificate_chain=cert.read_bytes(),
+            )
     except OSError as exc:
         raise ConfigError(str(exc.filename), f"cannot read: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise ConfigError(str(record_path), f"not a key store record: {exc}") from exc
     return grpc.aio.secure_channel(server, creds)
 
 
@@ -483,7 +504,7 @@ def cmd_attest(args: argparse.Namespace) -> int:
     from ztagent.posture.tpm import DeviceTpm
 
     cert = args.cert or args.dir / "device.pem"
-    key = args.key or cert.with_suffix(".key")
+    key = args.key or (cert.with_suffix(".key") if args.cert else None)
     ca_bundle = args.ca_bundle or args.dir / "ca-bundle.pem"
     inputs = load_evidence_inputs(
         args.dir,
@@ -495,7 +516,7 @@ def cmd_attest(args: argparse.Namespace) -> int:
     pcrs = tuple(args.pcrs)
 
     async def once() -> object:
-        channel = _device_channel(args.server, cert, key, ca_bundle)
+        channel = _device_channel(args.server, cert, key, ca_bundle, args.dir, args.pin_file)
         async with channel:
             return await attest_once(
                 channel,
@@ -808,7 +829,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--tpm", default="device:/dev/tpmrm0", help="TCTI, e.g. swtpm:host=127.0.0.1,port=2321"
     )
     p.add_argument("--cert", type=Path, help="device certificate (default DIR/device.pem)")
-    p.add_argument("--key", type=Path, help="device key (default: next to the cert, .key)")
+    p.add_argument(
+        "--key",
+        type=Path,
+        help="device key file (default: where DIR/keystore.json says, else next to the cert)",
+    )
+    p.add_argument("--pin-file", type=Path, help="PKCS#11 PIN for a pkcs11 key store")
     p.add_argument("--ca-bundle", type=Path, help="sidecar CA bundle (default DIR/ca-bundle.pem)")
     p.add_argument("--event-log", type=Path, help="measured-boot log (default DIR/event-log.bin)")
     p.add_argument("--firmware", type=Path, help="signed firmware manifest (JSON)")

@@ -12,6 +12,7 @@ device id), and TPM fields sent to plain ``Enroll``.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from collections.abc import AsyncIterator
@@ -31,6 +32,7 @@ from ztagent._proto.v1 import attestation_pb2_grpc as apb_grpc
 from ztagent._proto.v1 import enrollment_pb2 as epb
 from ztagent._proto.v1 import enrollment_pb2_grpc as epb_grpc
 from ztagent._proto.workloads.v1 import storage_pb2
+from ztagent.cli import main as cli_main
 from ztagent.config import load_config
 from ztagent.enroll.audit import audit_path
 from ztagent.enroll.bootstrap import ReplayStore, issue_bootstrap_token
@@ -479,6 +481,17 @@ async def test_tpm_key_store_keeps_the_tls_key_in_the_tpm(stack: Stack) -> None:
     assert await _health_over(stack, channel_credentials(new_store, chain, bundle)) == "SERVING"
     await renew(device_dir)  # and back to the first slot
     assert json.loads((device_dir / "keystore.json").read_text())["handle"] == "0x81000a4c"
+
+    # `ztagent attest --dir` finds the key through keystore.json: the TPM signs the handshake
+    (device_dir / "event-log.bin").write_bytes(dev.event_log)
+    (stack.tmp / "fw.manifest.json").write_bytes(dev.manifest)
+    (stack.tmp / "fw.manifest.sig").write_bytes(dev.signature)
+    attest_cli = [
+        "attest", "--server", f"127.0.0.1:{stack.sidecar.port}", "--dir", str(device_dir),
+        "--tpm", dev.tpm.tcti, "--firmware", str(stack.tmp / "fw.manifest.json"),
+        "--firmware-sig", str(stack.tmp / "fw.manifest.sig"),
+    ]  # fmt: skip
+    assert await asyncio.to_thread(cli_main, attest_cli) == 0
 
 
 async def test_tpm_key_store_needs_a_tpm(stack: Stack) -> None:
