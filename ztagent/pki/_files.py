@@ -11,6 +11,18 @@ from pathlib import Path
 KEY_MODE = 0o600
 PUBLIC_MODE = 0o644
 
+FileStamp = tuple[int, int, int]
+"""(mtime_ns, size, inode): changes when a file is rewritten or replaced."""
+
+
+def file_stamp(path: Path) -> FileStamp | None:
+    """The file's ``FileStamp``; None when it does not exist."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
 
 def write_atomic(path: Path, data: bytes, mode: int = PUBLIC_MODE) -> None:
     """Replace ``path`` with ``data``; the file is created with ``mode`` (never wider)."""

@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from ztagent.errors import ConfigError
+from ztagent.pki._files import FileStamp, file_stamp
 from ztagent.pki.trust import TrustMaterial
 
-_Stamp = tuple[int, int, int] | None  # (mtime_ns, size, inode); None: file missing
-
-
-def _stamp(path: Path) -> _Stamp:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return (st.st_mtime_ns, st.st_size, st.st_ino)
+_Stamp = FileStamp | None  # None: file missing
 
 
 class TrustFiles:
@@ -33,8 +25,8 @@ class TrustFiles:
         self._loaded: tuple[_Stamp, _Stamp] | None = None
 
     def _stamps(self) -> tuple[_Stamp, _Stamp]:
-        crl = _stamp(self.crl_path) if self.crl_path is not None else None
-        return (_stamp(self.bundle_path), crl)
+        crl = file_stamp(self.crl_path) if self.crl_path is not None else None
+        return (file_stamp(self.bundle_path), crl)
 
     def changed(self) -> bool:
         """True if a file's (mtime_ns, size, inode) differs from the last ``load()``."""

@@ -18,14 +18,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import re
 import threading
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ztagent.pki._files import KEY_MODE, empty_private_dir, write_atomic
+from ztagent.pki._files import KEY_MODE, FileStamp, empty_private_dir, file_stamp, write_atomic
 from ztagent.posture.verifier import AttestedPosture
 
 log = logging.getLogger("ztagent.posture")
@@ -33,8 +32,6 @@ log = logging.getLogger("ztagent.posture")
 CACHE_DIR = "posture-cache"
 FORMAT_VERSION = 1
 _FINGERPRINT = re.compile(r"^[0-9a-f]{64}$")
-
-_Signature = tuple[int, int, int]
 
 
 def cache_dir(state_dir: Path) -> Path:
@@ -99,7 +96,7 @@ class SharedPostureCache:
         self._dir = cache_dir(state_dir)
         self._dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.max_entries = max_entries
-        self._entries: dict[str, tuple[_Signature, AttestedPosture]] = {}
+        self._entries: dict[str, tuple[FileStamp, AttestedPosture]] = {}
         self._lock = threading.Lock()
 
     def _path(self, cert_fingerprint: str) -> Path:
@@ -112,11 +109,11 @@ class SharedPostureCache:
         write_atomic(path, posture_to_json(posture), KEY_MODE)
         with self._lock:
             self._entries.pop(posture.cert_fingerprint, None)
-            self._remember(posture.cert_fingerprint, _signature(path), posture)
+            self._remember(posture.cert_fingerprint, file_stamp(path), posture)
 
     def get(self, cert_fingerprint: str, now: datetime) -> AttestedPosture | None:
         path = self._path(cert_fingerprint)
-        signature = _signature(path)
+        signature = file_stamp(path)
         with self._lock:
             known = self._entries.get(cert_fingerprint)
             if signature is None:
@@ -142,7 +139,7 @@ class SharedPostureCache:
     def __len__(self) -> int:
         return sum(1 for _ in self._dir.glob("*.json"))
 
-    def _remember(self, key: str, signature: _Signature | None, posture: AttestedPosture) -> None:
+    def _remember(self, key: str, signature: FileStamp | None, posture: AttestedPosture) -> None:
         if signature is None:
             return
         while len(self._entries) >= self.max_entries:
@@ -161,11 +158,3 @@ class SharedPostureCache:
             log.error("ignoring shared posture %s: it names another certificate", path)
             return None
         return posture
-
-
-def _signature(path: Path) -> _Signature | None:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return (st.st_mtime_ns, st.st_size, st.st_ino)

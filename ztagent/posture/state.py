@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ztagent.errors import ConfigError
-from ztagent.pki._files import write_atomic
+from ztagent.pki._files import file_stamp, write_atomic
 from ztagent.posture.errors import PostureError
 
 log = logging.getLogger("ztagent.posture")
@@ -39,12 +39,12 @@ class _JsonStore:
         self._key = key
         self._lock_path = self._path.with_name(self._path.name + ".lock")
         self._lock = threading.Lock()
-        self._signature = _signature(self._path)
+        self._signature = file_stamp(self._path)
         self._devices: dict[str, Any] = self._read()
 
     def _refresh(self) -> None:
         """Re-reads the file if another process changed it (call with ``_lock`` held)."""
-        signature = _signature(self._path)
+        signature = file_stamp(self._path)
         if signature == self._signature:
             return
         try:
@@ -98,15 +98,7 @@ class _JsonStore:
     def _write(self) -> None:
         doc = {"version": FORMAT_VERSION, "devices": self._devices}
         write_atomic(self._path, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
-        self._signature = _signature(self._path)
-
-
-def _signature(path: Path) -> tuple[int, int, int] | None:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return (st.st_mtime_ns, st.st_size, st.st_ino)
+        self._signature = file_stamp(self._path)
 
 
 class RollbackStore(_JsonStore):

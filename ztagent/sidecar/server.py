@@ -26,6 +26,7 @@ from ztagent._proto.v1 import attestation_pb2_grpc
 from ztagent._proto.workloads.v1 import inference_pb2, storage_pb2  # noqa: F401
 from ztagent.config import Config, check_files
 from ztagent.errors import ConfigError, ZtagentError
+from ztagent.pki._files import FileStamp, file_stamp
 from ztagent.pki.crl_fetch import CrlFetcher
 from ztagent.pki.trust_files import TrustFiles
 from ztagent.pki.verify import DeviceChecker, DevicePolicy
@@ -42,19 +43,17 @@ from ztagent.tokens.verifier import TokenVerifier
 
 log = logging.getLogger("ztagent.sidecar")
 
-FileSignature = tuple[tuple[int, int, int], ...]
+FileSignature = tuple[FileStamp | None, ...]
 
 
 def file_signature(paths: tuple[Path, ...]) -> FileSignature:
-    """(mtime_ns, size, inode) per file: changes when a file is rewritten or replaced."""
-    out = []
+    """One ``file_stamp`` per file (None: missing or unreadable)."""
+    out: list[FileStamp | None] = []
     for path in paths:
         try:
-            st = os.stat(path)
+            out.append(file_stamp(path))
         except OSError:
-            out.append((-1, -1, -1))
-        else:
-            out.append((st.st_mtime_ns, st.st_size, st.st_ino))
+            out.append(None)
     return tuple(out)
 
 
