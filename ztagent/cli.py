@@ -475,16 +475,12 @@ def _device_channel(
     ``DIR/keystore.json`` says (a file, a PKCS#11 token, the TPM: then it signs the handshake)."""
     import grpc
 
-    from ztagent.enroll.client import KEYSTORE_FILE, channel_credentials
-    from ztagent.enroll.keystores import open_key_store, resolve_pin
+    from ztagent.enroll.client import KEYSTORE_FILE, device_credentials
+    from ztagent.enroll.keystores import resolve_pin
 
-    record_path = device_dir / KEYSTORE_FILE
     try:
-        if key is None and record_path.exists():
-            record = json.loads(record_path.read_text())
-            pin = resolve_pin(pin_file) if record.get("type") == "pkcs11" else None
-            store = open_key_store(record, cert.with_suffix(".key"), pin)
-            creds = channel_credentials(store, cert.read_bytes(), ca_bundle.read_bytes())
+        if key is None and (device_dir / KEYSTORE_FILE).exists():
+            creds = device_credentials(cert, ca_bundle.read_bytes(), resolve_pin(pin_file))
         else:
             creds = grpc.ssl_channel_credentials(
                 root_certificates=ca_bundle.read_bytes(),
@@ -493,8 +489,6 @@ def _device_channel(
             )
     except OSError as exc:
         raise ConfigError(str(exc.filename), f"cannot read: {exc.strerror}") from exc
-    except ValueError as exc:
-        raise ConfigError(str(record_path), f"not a key store record: {exc}") from exc
     return grpc.aio.secure_channel(server, creds)
 
 

@@ -27,7 +27,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ztagent.config import Config, load_config
 from ztagent.demo_enroll import (
-    device_credentials,
     enroll_device,
     reuse_token,
     revoke_and_wait,
@@ -42,6 +41,7 @@ from ztagent.demo_posture import (
     ensure_dev_firmware_vendor,
     ensure_dev_tpm_manufacturer,
 )
+from ztagent.enroll.client import device_credentials
 from ztagent.pki.device_check import cert_ak_name
 from ztagent.tokens.dev_issuer import mint_token
 from ztagent.workloads.storage.server import parse_listen
@@ -63,7 +63,7 @@ def _channel(config: Config, device_cert: Path | None) -> grpc.Channel:
     if device_cert is None:
         creds = grpc.ssl_channel_credentials(root_certificates=roots)
     else:
-        creds = device_credentials(roots, device_cert)
+        creds = device_credentials(device_cert, roots)
     return grpc.secure_channel(config.listen.address, creds)
 
 

@@ -5,7 +5,6 @@ DEVELOPMENT ONLY (dev CA)."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,8 +14,7 @@ import grpc
 from ztagent._proto.v1 import enrollment_pb2, enrollment_pb2_grpc
 from ztagent.enroll.audit import audit_revocation
 from ztagent.enroll.bootstrap import issue_bootstrap_token
-from ztagent.enroll.client import KEYSTORE_FILE, EnrollResult, channel_credentials, enroll
-from ztagent.enroll.keystores import open_key_store
+from ztagent.enroll.client import EnrollResult, enroll
 from ztagent.errors import ZtagentError
 from ztagent.pki import ca
 from ztagent.posture.tpm import DeviceTpm
@@ -57,15 +55,6 @@ def enroll_device(
         enroll(ca_address, token, bundle, device_dir, key_store, force=True, tpm=tpm)
     )
     return result, token
-
-
-def device_credentials(roots: bytes, device_cert: Path) -> grpc.ChannelCredentials:
-    """mTLS client credentials for a device directory's certificate, with its key wherever
-    ``keystore.json`` says it lives (a file, or the TPM: then the TPM signs the handshake)."""
-    record_path = device_cert.parent / KEYSTORE_FILE
-    record = json.loads(record_path.read_text()) if record_path.exists() else {"type": "file"}
-    store = open_key_store(record, device_cert.with_suffix(".key"), None)
-    return channel_credentials(store, device_cert.read_bytes(), roots)
 
 
 def reuse_token(ca_address: str, ca_dir: Path, device_dir: Path, token: str) -> str:

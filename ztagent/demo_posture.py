@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 
 from ztagent.config import Config
-from ztagent.demo_enroll import device_credentials
+from ztagent.enroll.client import device_credentials
 from ztagent.pki._files import write_atomic
 from ztagent.posture import dev_manufacturer
 from ztagent.posture.boot_sim import demo_components, simulate_boot
@@ -110,7 +110,7 @@ def attest(config: Config, device: DemoDevice) -> Any:
     """One attestation round over the sidecar's mTLS port; the AttestResponse."""
 
     async def run() -> Any:
-        creds = device_credentials(config.tls.client_ca.read_bytes(), device.cert)
+        creds = device_credentials(device.cert, config.tls.client_ca.read_bytes())
         async with grpc.aio.secure_channel(config.listen.address, creds) as channel:
             return await attest_once(
                 channel,

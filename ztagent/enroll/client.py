@@ -299,6 +299,20 @@ def _rpc_error(method: str, exc: grpc.aio.AioRpcError) -> ZtagentError:
     return EnrollClientError("enroll_refused", f"{method}: {exc.code().name}: {details}")
 
 
+def device_credentials(
+    cert: Path, ca_bundle_pem: bytes, pin: str | None = None
+) -> grpc.ChannelCredentials:
+    """Client credentials for ``cert`` of a device directory, with the key wherever that
+    directory's ``keystore.json`` says (a file next to the cert when there is none)."""
+    record_path = cert.parent / KEYSTORE_FILE
+    record = _read_json(record_path) if record_path.exists() else {"type": "file"}
+    store = open_key_store(record, cert.with_suffix(".key"), pin)
+    try:
+        return channel_credentials(store, cert.read_bytes(), ca_bundle_pem)
+    except OSError as exc:
+        raise EnrollClientError("device_dir_invalid", f"cannot read {cert}: {exc}") from None
+
+
 # --- the device directory --------------------------------------------------------------------
 
 
