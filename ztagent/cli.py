@@ -50,12 +50,16 @@ def cmd_ca_init(args: argparse.Namespace) -> int:
 def dev_model_publisher(ca_dir: Path) -> Path:
     """DEVELOPMENT ONLY: a fresh model-signing key pair in <ca_dir>/models/publisher.{key,pub}
     (``make run`` signs the trained manifests with it); returns the private key's path."""
+    return _fresh_signing_key(ca_dir / "models", "publisher")
+
+
+def _fresh_signing_key(out: Path, name: str) -> Path:
+    """A new Ed25519 pair ``<out>/<name>.key`` / ``.pub``, replacing any; the private key."""
     from ztagent.posture.firmware import generate_firmware_key
 
-    out = ca_dir / "models"
-    for stale in (out / "publisher.key", out / "publisher.pub"):
+    for stale in (out / f"{name}.key", out / f"{name}.pub"):
         stale.unlink(missing_ok=True)
-    private, _ = generate_firmware_key(out, "publisher")
+    private, _ = generate_firmware_key(out, name)
     return private
 
 
@@ -75,13 +79,7 @@ def dev_tpm_manufacturer(ca_dir: Path, *, fresh: bool = False) -> Path:
 def dev_firmware_vendor(ca_dir: Path) -> Path:
     """DEVELOPMENT ONLY: a fresh firmware vendor key pair in <ca_dir>/firmware/ (the example
     config trusts vendor.pub); returns the private key's path."""
-    from ztagent.posture.firmware import generate_firmware_key
-
-    out = ca_dir / "firmware"
-    for stale in (out / "vendor.key", out / "vendor.pub"):
-        stale.unlink(missing_ok=True)
-    private, _ = generate_firmware_key(out, "vendor")
-    return private
+    return _fresh_signing_key(ca_dir / "firmware", "vendor")
 
 
 def cmd_ca_issue(args: argparse.Namespace) -> int:
@@ -615,26 +613,16 @@ def cmd_firmware_sign(args: argparse.Namespace) -> int:
 
 
 def cmd_model_sign(args: argparse.Namespace) -> int:
-    """Signs model manifests as they are (bytes unchanged) after checking they parse and that
-    the model file they name has the digest they state."""
-    from ztagent.pki._files import write_atomic
-    from ztagent.posture.firmware import sign_bytes
-    from ztagent.workloads.inference.manifest import parse_manifest
-    from ztagent.workloads.inference.models import check_digest, signature_path
+    from ztagent.workloads.inference.errors import ModelLoadError
+    from ztagent.workloads.inference.models import sign_manifest_file
 
     for path in args.manifests:
         try:
-            raw = path.read_bytes()
-        except OSError as exc:
-            raise ConfigError("manifest", f"cannot read {path}: {exc.strerror}") from exc
-        manifest = parse_manifest(raw, path)
-        model_path = path.parent / manifest.file
-        try:
-            check_digest(model_path.read_bytes(), manifest, model_path)
-        except OSError as exc:
-            raise ConfigError("manifest", f"cannot read {model_path}: {exc.strerror}") from exc
-        out = signature_path(path)
-        write_atomic(out, sign_bytes(args.key, raw, "--key"))
+            out = sign_manifest_file(path, args.key)
+        except ModelLoadError as err:
+            if err.code == "model_file_missing":  # an unreadable input: a usage error (exit 2)
+                raise ConfigError("manifest", err.message) from None
+            raise
         print(f"signed {path} -> {out}")
     return EXIT_OK
 

@@ -268,11 +268,10 @@ def _sign_models(ca_dir: Path, models: Path) -> Path:
     missing or not its own; the workload then serves only manifests it signed. Returns the
     publisher's public key."""
     from ztagent.cli import dev_model_publisher
-    from ztagent.pki._files import write_atomic
-    from ztagent.posture.firmware import load_trusted_keys, sign_bytes
+    from ztagent.posture.firmware import load_trusted_keys
     from ztagent.workloads.inference.errors import ModelLoadError
     from ztagent.workloads.inference.manifest import MANIFEST_SUFFIX
-    from ztagent.workloads.inference.models import check_signature, signature_path
+    from ztagent.workloads.inference.models import check_signature, sign_manifest_file
 
     key = ca_dir / "models" / "publisher.key"
     if not key.exists():
@@ -280,11 +279,10 @@ def _sign_models(ca_dir: Path, models: Path) -> Path:
     public = key.with_suffix(".pub")
     trusted = load_trusted_keys([public], "model_keys")
     for manifest in sorted(models.glob(f"*{MANIFEST_SUFFIX}")):
-        raw = manifest.read_bytes()
         try:
-            check_signature(raw, manifest, trusted)
+            check_signature(manifest.read_bytes(), manifest, trusted)
         except ModelLoadError:
-            write_atomic(signature_path(manifest), sign_bytes(key, raw, "model publisher key"))
+            sign_manifest_file(manifest, key)
     return public
 
 

@@ -30,8 +30,9 @@ from pathlib import Path
 import torch
 
 from ztagent.errors import ConfigError
+from ztagent.pki._files import write_atomic
 from ztagent.posture.errors import PostureError
-from ztagent.posture.firmware import FirmwarePublicKey, verify_signature
+from ztagent.posture.firmware import FirmwarePublicKey, sign_bytes, verify_signature
 from ztagent.workloads.inference.errors import InvalidInputError, ModelLoadError
 from ztagent.workloads.inference.manifest import MANIFEST_SUFFIX, ModelManifest, parse_manifest
 
@@ -143,6 +144,18 @@ def check_signature(
         )
     except PostureError as err:
         raise ModelLoadError("model_bad_signature", f"{sig_path}: {err.message}") from None
+
+
+def sign_manifest_file(manifest_path: Path, key_path: Path) -> Path:
+    """Signs a manifest as it is (bytes unchanged) after checking that it parses and that the
+    model file it names has the digest it states; returns the ``.manifest.sig`` written."""
+    raw = _read_limited(manifest_path, MAX_MANIFEST_BYTES)
+    manifest = parse_manifest(raw, manifest_path)
+    model_path = manifest_path.parent / manifest.file
+    check_digest(_read_limited(model_path, MAX_MODEL_BYTES), manifest, model_path)
+    out = signature_path(manifest_path)
+    write_atomic(out, sign_bytes(key_path, raw, "model signing key"))
+    return out
 
 
 def load_model(
