@@ -130,6 +130,12 @@ class _Worker:
     backoff: float = RESTART_BACKOFF_S[0]
     buffer: bytes = field(default=b"")
 
+    def close_ready(self) -> None:
+        """Closes the readiness pipe, if still open."""
+        if self.ready_fd is not None:
+            os.close(self.ready_fd)
+            self.ready_fd = None
+
 
 @dataclass
 class Supervisor:
@@ -168,8 +174,7 @@ class Supervisor:
         chunk = os.read(worker.ready_fd, 256)
         worker.buffer += chunk
         if b"\n" in worker.buffer or not chunk:
-            os.close(worker.ready_fd)
-            worker.ready_fd = None
+            worker.close_ready()
             if worker.buffer.startswith(b"ready "):
                 worker.ready_at = time.monotonic()
                 log.info("worker %d (pid %d) serving", worker.index, _pid(worker))
@@ -223,9 +228,7 @@ class Supervisor:
                     if worker.ready_at is not None and now - worker.ready_at > STABLE_AFTER_S:
                         worker.backoff = low
                     continue
-                if worker.ready_fd is not None:
-                    os.close(worker.ready_fd)
-                    worker.ready_fd = None
+                worker.close_ready()
                 log.error(
                     "worker %d (pid %d) exited with code %d; restarting in %.0f s",
                     worker.index, worker.proc.pid, code, worker.backoff,
@@ -249,9 +252,7 @@ class Supervisor:
                 proc.kill()
                 proc.wait()
         for worker in self.workers:
-            if worker.ready_fd is not None:
-                os.close(worker.ready_fd)
-                worker.ready_fd = None
+            worker.close_ready()
 
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
