@@ -211,9 +211,7 @@ class DeviceTpm:
         TPM2B_PUBLIC. The private part never leaves the TPM."""
         _check_identity_handle(handle)
         with self._op("create identity key") as op:
-            if handle in _persistent_handles(op.esapi):
-                old = op.esapi.tr_from_tpmpublic(handle)
-                op.esapi.evict_control(ESYS_TR.OWNER, old, handle)
+            _evict(op, handle)
             srk = _create_srk(op)
             template = TPM2B_PUBLIC.parse(IDENTITY_TEMPLATE, objectAttributes=IDENTITY_ATTRIBUTES)
             private, public, _, _, _ = op.esapi.create(srk, None, template)
@@ -252,9 +250,7 @@ class DeviceTpm:
         """Evicts the identity key at ``handle``; nothing to do when there is none."""
         _check_identity_handle(handle)
         with self._op("delete identity key") as op:
-            if handle in _persistent_handles(op.esapi):
-                key = op.esapi.tr_from_tpmpublic(handle)
-                op.esapi.evict_control(ESYS_TR.OWNER, key, handle)
+            _evict(op, handle)
 
     def _identity(self, op: _Op, handle: int) -> Any:
         if handle not in _persistent_handles(op.esapi):
@@ -459,6 +455,13 @@ def _check_identity_handle(handle: int) -> None:
             f"identity key handle 0x{handle:x} is not one of "
             f"{', '.join(f'0x{h:08x}' for h in IDENTITY_KEY_HANDLES)}"
         )
+
+
+def _evict(op: _Op, handle: int) -> None:
+    """Removes the persistent object at ``handle``; nothing to do when there is none."""
+    if handle in _persistent_handles(op.esapi):
+        key = op.esapi.tr_from_tpmpublic(handle)
+        op.esapi.evict_control(ESYS_TR.OWNER, key, handle)
 
 
 def _create_srk(op: _Op) -> Any:
