@@ -32,7 +32,7 @@ from ztagent.demo_enroll import (
     revoke_and_wait,
     wait_for_ca,
 )
-from ztagent.demo_inference import INFERENCE
+from ztagent.demo_inference import CONFIDENCE_THRESHOLD, INFERENCE
 from ztagent.demo_inference import scenarios as inference_scenarios
 from ztagent.demo_posture import (
     DemoDevice,
@@ -404,6 +404,8 @@ def run_demo(config_path: Path, ca_dir: Path) -> int:
                     parse_listen(route.upstream),
                     "--model-keys",
                     str(model_pub),
+                    "--confidence-threshold",
+                    str(CONFIDENCE_THRESHOLD),
                 ],
                 logs / "inference.log",
             ) as inference,

@@ -216,6 +216,23 @@ def test_crl_updates_are_verified_and_never_roll_back(pki: Pki) -> None:
     assert info.value.code == "crl_bad_signature"
 
 
+def test_a_recreated_ca_replaces_a_stored_crl_it_does_not_vouch_for(pki: Pki) -> None:
+    """After `make certs` the issuing CA has the same name and a new key: the stored CRL (higher
+    number, signed by the old key) no longer verifies, so it is no floor for the new CA's first
+    CRL. Without this, every device was refused crl_bad_signature until var/ was wiped."""
+    now = datetime.now(UTC)
+    _root, old_issuing = ca.new_ca("ztagent dev", now=now)
+    stale = ca.build_crl(
+        ca.KeyPair(pki.issuing.cert, old_issuing.key),
+        {},
+        number=999,
+        this_update=now - timedelta(minutes=1),
+        next_update=now + timedelta(days=7),
+    ).public_bytes(Encoding.PEM)
+    fresh = pki.layout.crl.read_bytes()
+    assert accept_crl_update(fresh, pki.layout.bundle.read_bytes(), stale, now) == fresh
+
+
 @pytest.mark.parametrize(
     ("maximum", "accepted"),
     [("TLSv1_1", False), ("TLSv1_2", True), ("TLSv1_3", True)],

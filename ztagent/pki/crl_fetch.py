@@ -38,6 +38,14 @@ def _crl_number(crl: x509.CertificateRevocationList) -> int | None:
         return None
 
 
+def _signed_by_one_of(crl: x509.CertificateRevocationList, cas: list[x509.Certificate]) -> bool:
+    return any(
+        crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
+        for ca in cas
+        if ca.subject == crl.issuer
+    )
+
+
 def accept_crl_update(
     new_data: bytes, bundle_pem: bytes, current_pem: bytes | None, now: datetime
 ) -> bytes | None:
@@ -53,11 +61,17 @@ def accept_crl_update(
     new = load_crls(new_data)
     if not new:
         raise CertError("crl_missing", "the CRL source returned no CRL")
-    current = {c.issuer: c for c in load_crls(current_pem)} if current_pem else {}
+    # Only a stored CRL that the current bundle still vouches for is a floor: after the CA's
+    # key changes (a re-created PKI, a rotated issuing CA under the same name), the stored one
+    # no longer verifies and must not block the new CA's first CRL as a "rollback".
+    current = (
+        {c.issuer: c for c in load_crls(current_pem) if _signed_by_one_of(c, cas)}
+        if current_pem
+        else {}
+    )
     changed = False
     for crl in new:
-        issuers = [ca for ca in cas if ca.subject == crl.issuer]
-        if not any(crl.is_signature_valid(ca.public_key()) for ca in issuers):  # type: ignore[arg-type]
+        if not _signed_by_one_of(crl, cas):
             raise CertError(
                 "crl_bad_signature",
                 f"CRL from {crl.issuer.rfc4514_string()!r} is not signed by a CA in the bundle",
