@@ -22,15 +22,16 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ztagent.enroll.bootstrap import issue_bootstrap_token
-from ztagent.enroll.ca_service import start_ca_server
-from ztagent.enroll.client import enroll
-from ztagent.pki import ca
-from ztagent.posture.boot_sim import demo_components, simulate_boot
-from ztagent.posture.device import attest_once
+from ztagent.ca import store as ca_store
+from ztagent.ca.bootstrap import issue_bootstrap_token
+from ztagent.ca.service import start_ca_server
+from ztagent.dev.boot_sim import demo_components, simulate_boot
+from ztagent.dev.issuer import DevIssuer, init_dev_issuer, mint_token
+from ztagent.dev.swtpm import SwtpmProcess, start_swtpm
+from ztagent.device.attest import attest_once
+from ztagent.device.enroll import enroll
+from ztagent.device.tpm import DeviceTpm
 from ztagent.posture.firmware import generate_firmware_key, sign_manifest
-from ztagent.posture.tpm import DeviceTpm, SwtpmProcess, start_swtpm
-from ztagent.tokens.dev_issuer import DevIssuer, init_dev_issuer, mint_token
 
 REPO = Path(__file__).resolve().parents[1]
 POLICIES = REPO / "policies"
@@ -225,7 +226,7 @@ def _attest(st: Stack, vendor_key: Path) -> None:
 
 @contextlib.contextmanager
 def running_stack(root: Path, *, enroll_count: int = 20, workers: int = 1) -> Iterator[Stack]:
-    ca_dir = ca.init_ca(root / "ca", TRUST_DOMAIN).dir
+    ca_dir = ca_store.init_ca(root / "ca", TRUST_DOMAIN).dir
     issuer = init_dev_issuer(ca_dir, TRUST_DOMAIN, force=True)
     vendor_key, vendor_pub = generate_firmware_key(root / "firmware", "vendor")
     device_cert, enrollment = asyncio.run(_enroll_devices(ca_dir, root / "devices", enroll_count))

@@ -1,3 +1,33 @@
-"""ztagent: a zero-trust security agent for edge nodes."""
+"""ztagent: a zero-trust security agent for edge nodes.
+
+Architecture: five layers, and an import only ever points down (``tests/unit/test_layers.py``
+enforces it, deferred imports included).
+
+========  ===========================================================================
+face      ``cli`` (parse, call, print: no logic of its own) and the demo (``dev/demo*``)
+servers   ``sidecar/`` (the gRPC adapter around the admission pipeline, proxy, reloaders,
+          the attestation service, cross-worker caches), ``workloads/`` (storage,
+          inference), and the CA's gRPC service (``ca/service.py``)
+sides     ``ca/`` issuing (X.509 builders, the CA store, bootstrap tokens, issuance policy,
+          audit log); ``device/`` the device side (enroll / renew client, CSR, key stores,
+          TPM driver, attest client, CRL fetcher); ``dev/`` DEVELOPMENT ONLY tooling (dev
+          PKI, dev token issuer, dev TPM manufacturer, boot simulator, swtpm launcher)
+checks    ``pki/`` (device certificate verification, CRL update rules), ``tokens/``,
+          ``posture/`` (evidence verification), ``policy/`` (engines, sources, decision
+          records, authoring): values in, a typed result or a typed error out; no grpc,
+          no sockets of their own, an injected clock
+base      ``config`` (one validated object), ``errors`` (the root error and its families,
+          each naming its gRPC status as data), ``enrollment`` (the codes CA and device
+          share), ``files`` (atomic writes, file stamps); gRPC-facing base:
+          ``rpc_status`` (the one error-to-status mapping), ``signals``, ``_proto``
+========  ===========================================================================
+
+``ca/`` and ``device/`` never import each other; only the face and ``dev/`` import ``dev/``.
+
+Where things go: a new check is a module in its check package with its own error codes in
+that package's ``errors.py`` and a unit test that feeds it every bad case; a new workload is a
+folder in ``workloads/`` whose errors set ``status_name``; a new CLI command is a ``cmd_*``
+function in ``cli.py`` that calls one library function and prints its result.
+"""
 
 __version__ = "0.1.0"

@@ -29,73 +29,43 @@ def _print_json(obj: object) -> None:
 
 
 def cmd_ca_init(args: argparse.Namespace) -> int:
-    from ztagent.pki import ca
-    from ztagent.tokens.dev_issuer import init_dev_issuer
+    from ztagent.dev.pki import init_dev_pki
 
-    layout = ca.init_ca(args.dir, args.trust_domain, force=args.force)
-    issuer = init_dev_issuer(args.dir, args.trust_domain, force=True)
-    vendor_key = dev_firmware_vendor(args.dir)
-    ek_ca = dev_tpm_manufacturer(args.dir, fresh=True)
-    model_key = dev_model_publisher(args.dir)
+    made = init_dev_pki(args.dir, args.trust_domain, force=args.force)
     print(f"dev PKI created in {args.dir} (trust domain {args.trust_domain})")
-    for name, path in sorted(vars(layout).items()):
+    for name, path in sorted(vars(made.layout).items()):
         print(f"  {name:<18} {path}")
+    issuer = made.issuer
     print(f"  {'token_issuer':<18} {issuer.jwks_path} (DEVELOPMENT ONLY: {issuer.issuer})")
-    print(f"  {'firmware_vendor':<18} {vendor_key} (DEVELOPMENT ONLY firmware signing key)")
-    print(f"  {'tpm_manufacturer':<18} {ek_ca} (DEVELOPMENT ONLY EK certificate CA for swtpm)")
-    print(f"  {'model_publisher':<18} {model_key} (DEVELOPMENT ONLY model signing key)")
+    print(
+        f"  {'firmware_vendor':<18} {made.firmware_vendor_key} "
+        "(DEVELOPMENT ONLY firmware signing key)"
+    )
+    print(
+        f"  {'tpm_manufacturer':<18} {made.tpm_manufacturer_cert} "
+        "(DEVELOPMENT ONLY EK certificate CA for swtpm)"
+    )
+    print(
+        f"  {'model_publisher':<18} {made.model_publisher_key} (DEVELOPMENT ONLY model signing key)"
+    )
     return EXIT_OK
 
 
-def dev_model_publisher(ca_dir: Path) -> Path:
-    """DEVELOPMENT ONLY: a fresh model-signing key pair in <ca_dir>/models/publisher.{key,pub}
-    (``make run`` signs the trained manifests with it); returns the private key's path."""
-    return _fresh_signing_key(ca_dir / "models", "publisher")
-
-
-def _fresh_signing_key(out: Path, name: str) -> Path:
-    """A new Ed25519 pair ``<out>/<name>.key`` / ``.pub``, replacing any; the private key."""
-    from ztagent.posture.firmware import generate_firmware_key
-
-    for stale in (out / f"{name}.key", out / f"{name}.pub"):
-        stale.unlink(missing_ok=True)
-    private, _ = generate_firmware_key(out, name)
-    return private
-
-
-def dev_tpm_manufacturer(ca_dir: Path, *, fresh: bool = False) -> Path:
-    """DEVELOPMENT ONLY: the CA that certifies swtpm EKs in <ca_dir>/tpm-manufacturer/ (the
-    example config's posture.ek_ca_bundle); returns its certificate's path."""
-    import shutil
-
-    from ztagent.posture import dev_manufacturer
-
-    out = ca_dir / "tpm-manufacturer"
-    if fresh:
-        shutil.rmtree(out, ignore_errors=True)
-    return dev_manufacturer.init(out)
-
-
-def dev_firmware_vendor(ca_dir: Path) -> Path:
-    """DEVELOPMENT ONLY: a fresh firmware vendor key pair in <ca_dir>/firmware/ (the example
-    config trusts vendor.pub); returns the private key's path."""
-    return _fresh_signing_key(ca_dir / "firmware", "vendor")
-
-
 def cmd_ca_issue(args: argparse.Namespace) -> int:
-    from ztagent.pki import ca
+    from ztagent.ca import builders
+    from ztagent.ca import store as ca_store
 
-    cert = ca.issue_device_cert(args.dir, args.device_id, args.out, days=args.days)
+    cert = ca_store.issue_device_cert(args.dir, args.device_id, args.out, days=args.days)
     until = cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
     print(
         f"issued {args.out} for device {args.device_id} "
-        f"(serial {ca.serial_hex(cert.serial_number)}, valid until {until})"
+        f"(serial {builders.serial_hex(cert.serial_number)}, valid until {until})"
     )
     return EXIT_OK
 
 
 def _parse_serial(text: str) -> int:
-    from ztagent.pki.ca import parse_serial
+    from ztagent.ca.builders import parse_serial
 
     try:
         return parse_serial(text)
@@ -104,24 +74,25 @@ def _parse_serial(text: str) -> int:
 
 
 def cmd_ca_revoke(args: argparse.Namespace) -> int:
-    from ztagent.enroll.audit import audit_revocation
-    from ztagent.pki import ca
+    from ztagent.ca import builders
+    from ztagent.ca import store as ca_store
+    from ztagent.ca.audit import audit_revocation
 
-    serial = ca.revoke(args.dir, serial=args.serial, cert_path=args.cert)
+    serial = ca_store.revoke(args.dir, serial=args.serial, cert_path=args.cert)
     audit_revocation(args.dir, serial)
-    print(f"revoked serial {ca.serial_hex(serial)}; CRL rewritten at {args.dir / 'crl.pem'}")
+    print(f"revoked serial {builders.serial_hex(serial)}; CRL rewritten at {args.dir / 'crl.pem'}")
     return EXIT_OK
 
 
 def cmd_ca_token(args: argparse.Namespace) -> int:
-    from ztagent.enroll.bootstrap import issue_bootstrap_token
+    from ztagent.ca.bootstrap import issue_bootstrap_token
 
     print(issue_bootstrap_token(args.dir, args.device_id, ttl_s=args.ttl))
     return EXIT_OK
 
 
 def cmd_ca_serve(args: argparse.Namespace) -> int:
-    from ztagent.enroll.ca_service import run_ca_server
+    from ztagent.ca.service import run_ca_server
 
     asyncio.run(
         run_ca_server(
@@ -136,14 +107,14 @@ def cmd_ca_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
-    from ztagent.enroll.client import enroll
-    from ztagent.enroll.keystores import resolve_pin
+    from ztagent.device.enroll import enroll
+    from ztagent.device.keystores import resolve_pin
 
     token = sys.stdin.read().strip() if args.token == "-" else args.token  # noqa: S105
     pin = resolve_pin(args.pin_file) if args.key_store.startswith("pkcs11:") else None
     tpm = None
     if args.tpm:
-        from ztagent.posture.tpm import DeviceTpm
+        from ztagent.device.tpm import DeviceTpm
 
         tpm = DeviceTpm(args.tpm)
     result = asyncio.run(
@@ -171,8 +142,8 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
 
 def cmd_renew(args: argparse.Namespace) -> int:
-    from ztagent.enroll.client import renew, renew_watch
-    from ztagent.enroll.keystores import resolve_pin
+    from ztagent.device.enroll import renew, renew_watch
+    from ztagent.device.keystores import resolve_pin
 
     pin = resolve_pin(args.pin_file)
     rotate = not args.keep_key
@@ -264,7 +235,7 @@ def _parse_duration(text: str) -> int:
 
 
 def cmd_token_mint(args: argparse.Namespace) -> int:
-    from ztagent.tokens.dev_issuer import mint_token
+    from ztagent.dev.issuer import mint_token
 
     print(
         mint_token(
@@ -461,39 +432,31 @@ def cmd_log_verify(args: argparse.Namespace) -> int:
 # -- posture ------------------------------------------------------------------------------------
 
 
-def _device_channel(
-    server: str,
-    cert: Path,
-    key: Path | None,
-    ca_bundle: Path,
-    device_dir: Path,
-    pin_file: Path | None,
-) -> Any:
-    """mTLS to the sidecar as the device. Without ``--key``/``--cert``, the key is wherever
-    ``DIR/keystore.json`` says (a file, a PKCS#11 token, the TPM: then it signs the handshake)."""
-    import grpc
+def _print_attestation(outcome: object) -> None:
+    import time
 
-    from ztagent.enroll.client import KEYSTORE_FILE, device_credentials
-    from ztagent.enroll.keystores import resolve_pin
-
-    try:
-        if key is None and (device_dir / KEYSTORE_FILE).exists():
-            creds = device_credentials(cert, ca_bundle.read_bytes(), resolve_pin(pin_file))
-        else:
-            creds = grpc.ssl_channel_credentials(
-                root_certificates=ca_bundle.read_bytes(),
-                private_key=(key or cert.with_suffix(".key")).read_bytes(),
-                certificate_chain=cert.read_bytes(),
-            )
-    except OSError as exc:
-        raise ConfigError(str(exc.filename), f"cannot read: {exc.strerror}") from exc
-    return grpc.aio.secure_channel(server, creds)
+    if isinstance(outcome, ZtagentError):
+        print(f"FAILED {outcome.code}: {outcome.message}")
+        return
+    response: Any = outcome
+    if response.verified:
+        until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(response.posture_expires_at))
+        print(f"VERIFIED attestation {response.attestation_id}; posture valid until {until}")
+    else:
+        for failure in response.failures:
+            print(f"REFUSED {failure.code}: {failure.message}")
 
 
 def cmd_attest(args: argparse.Namespace) -> int:
-    from ztagent.posture.device import attest_once, load_evidence_inputs
+    from ztagent.device.attest import (
+        attest_loop,
+        attest_once,
+        load_evidence_inputs,
+        open_sidecar_channel,
+    )
+    from ztagent.device.keystores import resolve_pin
+    from ztagent.device.tpm import DeviceTpm
     from ztagent.posture.host import collect_host_facts
-    from ztagent.posture.tpm import DeviceTpm
 
     cert = args.cert or args.dir / "device.pem"
     key = args.key or (cert.with_suffix(".key") if args.cert else None)
@@ -506,11 +469,27 @@ def cmd_attest(args: argparse.Namespace) -> int:
     )
     tpm = DeviceTpm(args.tpm)
     pcrs = tuple(args.pcrs)
+    pin = resolve_pin(args.pin_file)
 
-    async def once() -> object:
-        channel = _device_channel(args.server, cert, key, ca_bundle, args.dir, args.pin_file)
-        async with channel:
-            return await attest_once(
+    def host_facts() -> dict[str, Any]:
+        return collect_host_facts(args.require_process, args.forbid_process)
+
+    async def run() -> int:
+        async with open_sidecar_channel(
+            args.server, cert, key, ca_bundle, args.dir, pin
+        ) as channel:
+            if args.every is not None:
+                await attest_loop(
+                    channel,
+                    tpm,
+                    state_dir=args.dir,
+                    pcrs=pcrs,
+                    inputs=inputs,
+                    host_facts=host_facts,
+                    on_result=_print_attestation,
+                    every_s=float(args.every),
+                )
+            response = await attest_once(
                 channel,
                 tpm,
                 state_dir=args.dir,
@@ -518,30 +497,10 @@ def cmd_attest(args: argparse.Namespace) -> int:
                 event_log=inputs.event_log,
                 firmware_manifest=inputs.firmware_manifest,
                 firmware_signature=inputs.firmware_signature,
-                host_facts=collect_host_facts(args.require_process, args.forbid_process),
+                host_facts=host_facts(),
             )
-
-    async def run() -> int:
-        import time
-
-        while True:
-            response: Any = await once()
-            if response.verified:
-                until = time.strftime(
-                    "%Y-%m-%dT%H:%M:%SZ", time.gmtime(response.posture_expires_at)
-                )
-                print(
-                    f"VERIFIED attestation {response.attestation_id}; posture valid until {until}"
-                )
-            else:
-                for failure in response.failures:
-                    print(f"REFUSED {failure.code}: {failure.message}")
-            if args.every is None:
-                return EXIT_OK if response.verified else EXIT_REJECTED
-            wait = float(args.every)
-            if response.verified:  # never let the posture lapse: at most 2/3 of its lifetime
-                wait = min(wait, max(1.0, (response.posture_expires_at - time.time()) * 2 / 3))
-            await asyncio.sleep(wait)
+        _print_attestation(response)
+        return EXIT_OK if response.verified else EXIT_REJECTED
 
     return asyncio.run(run())
 
@@ -571,16 +530,13 @@ def cmd_posture_reference(args: argparse.Namespace) -> int:
 def cmd_posture_simulate_boot(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from ztagent.pki._files import write_atomic
-    from ztagent.posture.boot_sim import demo_components, simulate_boot
-    from ztagent.posture.tpm import DeviceTpm
+    from ztagent.dev.boot_sim import demo_components, simulate_boot
+    from ztagent.device.tpm import DeviceTpm
+    from ztagent.files import write_atomic
 
-    components = demo_components(args.firmware_version)
+    components = demo_components(args.firmware_version, tamper_kernel=args.tamper_kernel)
     if args.firmware_image is not None:
         components[0] = replace(components[0], image=args.firmware_image.read_bytes())
-    if args.tamper_kernel:
-        kernel = components[2]
-        components[2] = replace(kernel, image=kernel.image + b"\x00rootkit")
     log = simulate_boot(DeviceTpm(args.tpm), components)
     write_atomic(args.out, log)
     for c in components:
@@ -599,7 +555,7 @@ def cmd_firmware_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_firmware_sign(args: argparse.Namespace) -> int:
-    from ztagent.pki._files import write_atomic
+    from ztagent.files import write_atomic
     from ztagent.posture.firmware import sign_manifest
 
     manifest, signature = sign_manifest(
@@ -645,7 +601,7 @@ def cmd_workload_inference(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ztagent.demo import run_demo
+    from ztagent.dev.demo import run_demo
 
     return run_demo(args.config, args.ca_dir)
 

@@ -1,14 +1,16 @@
-"""The root error type, its families, and the one place that maps errors to statuses.
+"""The root error type and its families.
 
 Every error ztagent raises on purpose is a ``ZtagentError`` with a stable short ``code``
 (``cert_expired``, ``config_invalid``...) and a message that says what was received and what
-was expected. Domain modules define their own subclasses in their own ``errors.py``; this
-module maps the families to gRPC status codes and CLI exit codes.
+was expected. Domain modules define their own subclasses in their own ``errors.py``; each
+family names the gRPC status it stands for as data (``status_name``, e.g.
+``"UNAUTHENTICATED"``), so the checks never import grpc: ``ztagent.rpc_status`` is the one
+place that turns it into a ``grpc.StatusCode``. ``exit_code_for`` is the CLI's mapping.
 """
 
 from __future__ import annotations
 
-import grpc
+from typing import ClassVar
 
 EXIT_OK = 0
 EXIT_REJECTED = 1
@@ -19,6 +21,8 @@ class ZtagentError(Exception):
     """Root of every ztagent error: a stable code plus a human message."""
 
     default_code = "error"
+    status_name: ClassVar[str] = "INTERNAL"
+    """The gRPC status (``grpc.StatusCode`` member name) a server answers this family with."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")
@@ -28,9 +32,15 @@ class ZtagentError(Exception):
     def as_dict(self) -> dict[str, str]:
         return {"code": self.code, "message": self.message}
 
+    def rpc_status(self) -> str:
+        """The gRPC status name for this error (a family may decide per code)."""
+        return self.status_name
+
 
 class ConfigError(ZtagentError):
     """Configuration that cannot be used: bad key, bad value, missing file. Exit 2."""
+
+    status_name = "FAILED_PRECONDITION"
 
     def __init__(self, key: str, message: str) -> None:
         super().__init__("config_invalid", f"{key}: {message}")
@@ -40,28 +50,19 @@ class ConfigError(ZtagentError):
 class VerificationError(ZtagentError):
     """A credential was checked and refused (certificate, token, attestation)."""
 
+    status_name = "UNAUTHENTICATED"
+
 
 class TransportError(ZtagentError):
     """A dependency could not be reached or answered badly (upstream, engine, issuer)."""
+
+    status_name = "UNAVAILABLE"
 
 
 class DeniedError(ZtagentError):
     """The policy decided no. Maps to PERMISSION_DENIED with the policy's reasons."""
 
-
-def grpc_status_for(err: ZtagentError) -> grpc.StatusCode:
-    own: grpc.StatusCode | None = getattr(err, "grpc_status", None)
-    if own is not None:  # families that carry their own status per code (enrollment)
-        return own
-    if isinstance(err, VerificationError):
-        return grpc.StatusCode.UNAUTHENTICATED
-    if isinstance(err, TransportError):
-        return grpc.StatusCode.UNAVAILABLE
-    if isinstance(err, DeniedError):
-        return grpc.StatusCode.PERMISSION_DENIED
-    if isinstance(err, ConfigError):
-        return grpc.StatusCode.FAILED_PRECONDITION
-    return grpc.StatusCode.INTERNAL
+    status_name = "PERMISSION_DENIED"
 
 
 def exit_code_for(err: ZtagentError) -> int:

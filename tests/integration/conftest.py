@@ -16,40 +16,41 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
 
 from tests.integration.echo_upstream import RAW_SERVICE, SERVICE, EchoUpstream
+from ztagent.ca import builders
+from ztagent.ca import store as ca_store
 from ztagent.config import load_config
-from ztagent.pki import ca
-from ztagent.posture.tpm import SwtpmProcess
+from ztagent.dev.swtpm import SwtpmProcess
 from ztagent.sidecar.server import Sidecar
 
 TRUST_DOMAIN = "ztagent.dev"
 CLIENT_AUTH = [ExtendedKeyUsageOID.CLIENT_AUTH]
 
 
-def _load_pair(cert: Path, key: Path) -> ca.KeyPair:
+def _load_pair(cert: Path, key: Path) -> builders.KeyPair:
     k = serialization.load_pem_private_key(key.read_bytes(), None)
     assert isinstance(k, ec.EllipticCurvePrivateKey)
-    return ca.KeyPair(x509.load_pem_x509_certificate(cert.read_bytes()), k)
+    return builders.KeyPair(x509.load_pem_x509_certificate(cert.read_bytes()), k)
 
 
 @dataclass(frozen=True)
 class Pki:
-    layout: ca.CaLayout
-    root: ca.KeyPair
-    issuing: ca.KeyPair
+    layout: ca_store.CaLayout
+    root: builders.KeyPair
+    issuing: builders.KeyPair
 
     def mint(
         self,
         device_id: str = "dev-1",
         *,
-        issuer: ca.KeyPair | None = None,
+        issuer: builders.KeyPair | None = None,
         uris: Sequence[str] | None = None,
         eku: Sequence[ObjectIdentifier] | None = CLIENT_AUTH,
         not_before: timedelta = timedelta(hours=-1),
         not_after: timedelta = timedelta(days=29),
-    ) -> ca.KeyPair:
+    ) -> builders.KeyPair:
         """A device leaf, valid now by default; offsets are relative to the current time."""
         now = datetime.now(UTC)
-        return ca.build_leaf(
+        return builders.build_leaf(
             issuer or self.issuing,
             subject_cn=device_id,
             uris=list(uris)
@@ -63,7 +64,7 @@ class Pki:
 
 @pytest.fixture(scope="session")
 def session_ca(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ca.init_ca(tmp_path_factory.mktemp("pki") / "ca", TRUST_DOMAIN).dir
+    return ca_store.init_ca(tmp_path_factory.mktemp("pki") / "ca", TRUST_DOMAIN).dir
 
 
 @pytest.fixture
@@ -71,7 +72,7 @@ def pki(session_ca: Path, tmp_path: Path) -> Pki:
     """A private copy of the session CA, so a test may revoke and rewrite the CRL."""
     target = tmp_path / "ca"
     shutil.copytree(session_ca, target)
-    layout = ca.CaLayout(target)
+    layout = ca_store.CaLayout(target)
     return Pki(
         layout,
         _load_pair(layout.root_cert, layout.root_key),
@@ -152,7 +153,11 @@ async def sidecar(pki: Pki, upstream: EchoUpstream) -> AsyncIterator[Sidecar]:
 
 
 def channel(
-    pki: Pki, port: int, pair: ca.KeyPair | None, *, extra_chain: Sequence[x509.Certificate] = ()
+    pki: Pki,
+    port: int,
+    pair: builders.KeyPair | None,
+    *,
+    extra_chain: Sequence[x509.Certificate] = (),
 ) -> grpc.aio.Channel:
     """An mTLS client channel presenting ``pair`` (None: no client certificate)."""
     roots = pki.layout.bundle.read_bytes()
@@ -161,8 +166,8 @@ def channel(
     else:
         creds = grpc.ssl_channel_credentials(
             root_certificates=roots,
-            private_key=ca.key_pem(pair.key),
-            certificate_chain=ca.cert_pem(pair.cert, *extra_chain),
+            private_key=builders.key_pem(pair.key),
+            certificate_chain=builders.cert_pem(pair.cert, *extra_chain),
         )
     return grpc.aio.secure_channel(f"127.0.0.1:{port}", creds)
 

@@ -21,11 +21,12 @@ from cryptography.x509.oid import NameOID
 
 from tests.integration.conftest import TRUST_DOMAIN, Pki
 from ztagent._proto.v1 import enrollment_pb2, enrollment_pb2_grpc
-from ztagent.enroll.audit import audit_path, audit_revocation, verify_audit_log
-from ztagent.enroll.bootstrap import issue_bootstrap_token
-from ztagent.enroll.ca_service import CaServer, start_ca_server
+from ztagent.ca import builders
+from ztagent.ca import store as ca_store
+from ztagent.ca.audit import audit_path, audit_revocation, verify_audit_log
+from ztagent.ca.bootstrap import issue_bootstrap_token
+from ztagent.ca.service import CaServer, start_ca_server
 from ztagent.errors import ConfigError
-from ztagent.pki import ca
 from ztagent.pki.device_check import DevicePolicy, verify_device_cert
 from ztagent.pki.trust import TrustMaterial
 
@@ -55,7 +56,7 @@ class Device:
         return x509.load_pem_x509_certificates(self.chain_pem)[0]
 
     def key_pem(self) -> bytes:
-        return ca.key_pem(self.key)
+        return builders.key_pem(self.key)
 
 
 def _csr(key: ec.EllipticCurvePrivateKey, cn: str | None = DEVICE) -> bytes:
@@ -173,7 +174,7 @@ async def test_enroll_renew_revoke_and_crl(pki: Pki, server: CaServer) -> None:
 
     # revoke the current cert (as `ztagent ca revoke` does): renewal with it is refused
     current = Device(rotated, renewed.certificate_chain)
-    serial = ca.revoke(ca_dir, serial=new_leaf.serial_number)
+    serial = ca_store.revoke(ca_dir, serial=new_leaf.serial_number)
     audit_revocation(ca_dir, serial)
     await _refused(
         _renew(pki, server.renew_port, current, ec.generate_private_key(ec.SECP256R1())),
@@ -215,7 +216,7 @@ async def test_renew_refuses_a_cert_from_another_ca(
     pki: Pki, server: CaServer, tmp_path: Path
 ) -> None:
     """The TLS layer already refuses a client cert that does not chain to the bundle."""
-    other = ca.init_ca(tmp_path / "other", TRUST_DOMAIN)
+    other = ca_store.init_ca(tmp_path / "other", TRUST_DOMAIN)
     device_pem = other.device_cert("demo-device").read_bytes()
     key = serialization.load_pem_private_key(other.device_key("demo-device").read_bytes(), None)
     assert isinstance(key, ec.EllipticCurvePrivateKey)
@@ -226,7 +227,7 @@ async def test_renew_refuses_a_cert_from_another_ca(
 
 async def test_get_crl_re_signs_a_crl_close_to_next_update(pki: Pki) -> None:
     ca_dir = pki.layout.dir
-    ca.write_crl(ca_dir, now=datetime.now(UTC) - timedelta(days=6, hours=12))  # 12 h left
+    ca_store.write_crl(ca_dir, now=datetime.now(UTC) - timedelta(days=6, hours=12))  # 12 h left
     before = x509.load_pem_x509_crl(pki.layout.crl.read_bytes())
     running = await start_ca_server(ca_dir, listen="127.0.0.1:0", renew_listen="127.0.0.1:0")
     try:

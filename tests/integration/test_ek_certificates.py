@@ -18,15 +18,16 @@ from tests.integration.conftest import Pki, channel, write_config
 from ztagent._proto.v1 import attestation_pb2_grpc as apb_grpc
 from ztagent._proto.v1 import enrollment_pb2 as epb
 from ztagent._proto.v1 import enrollment_pb2_grpc as epb_grpc
+from ztagent.ca.bootstrap import ReplayStore, issue_bootstrap_token
+from ztagent.ca.service import CaServer, start_ca_server
 from ztagent.config import load_config
-from ztagent.enroll.bootstrap import ReplayStore, issue_bootstrap_token
-from ztagent.enroll.ca_service import CaServer, start_ca_server
-from ztagent.enroll.client import enroll
-from ztagent.enroll.csr import build_csr
-from ztagent.enroll.keystores import FileKeyStore
-from ztagent.posture import dev_manufacturer
-from ztagent.posture.device import AttestRpcError, bind_ak
-from ztagent.posture.tpm import DeviceTpm, SwtpmProcess, start_swtpm
+from ztagent.dev import tpm_manufacturer as dev_manufacturer
+from ztagent.dev.swtpm import SwtpmProcess, start_swtpm
+from ztagent.device.attest import AttestRpcError, bind_ak
+from ztagent.device.csr import build_csr
+from ztagent.device.enroll import enroll
+from ztagent.device.keystores import FileKeyStore
+from ztagent.device.tpm import DeviceTpm
 from ztagent.sidecar.server import Sidecar
 
 pytestmark = pytest.mark.integration

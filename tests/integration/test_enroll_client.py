@@ -1,6 +1,6 @@
 """``enroll`` / ``renew`` / ``renew_watch`` against the real CA service on loopback.
 
-The CA is ``ztagent.enroll.ca_service.start_ca_server`` over a fresh ``ca init`` directory,
+The CA is ``ztagent.ca.service.start_ca_server`` over a fresh ``ca init`` directory,
 on ephemeral ports, stopped after each test. PKCS#11 runs on a private SoftHSM2 token per
 test: the device key is generated on the token, is never extractable, and signs both the CSR
 and the mTLS handshake of ``Renew`` (gRPC's custom-signer hook).
@@ -22,9 +22,10 @@ from cryptography.hazmat.primitives import serialization
 from pkcs11 import Attribute, ObjectClass
 
 from tests.fixtures.softhsm import SoftHsm, softhsm_fixture  # noqa: F401 (the fixture)
-from ztagent.enroll.bootstrap import issue_bootstrap_token
-from ztagent.enroll.ca_service import CaServer, start_ca_server
-from ztagent.enroll.client import (
+from ztagent.ca import store as ca_store
+from ztagent.ca.bootstrap import issue_bootstrap_token
+from ztagent.ca.service import CaServer, start_ca_server
+from ztagent.device.enroll import (
     CaUnreachable,
     EnrollClientError,
     EnrollResult,
@@ -33,9 +34,8 @@ from ztagent.enroll.client import (
     renew_at,
     renew_watch,
 )
-from ztagent.enroll.errors import EnrollError
-from ztagent.enroll.keystores import KeyStoreError, Pkcs11KeyStore
-from ztagent.pki import ca
+from ztagent.device.keystores import KeyStoreError, Pkcs11KeyStore
+from ztagent.enrollment import EnrollError
 
 pytestmark = pytest.mark.integration
 
@@ -45,7 +45,7 @@ DEVICE = "edge-7"
 class Ca:
     def __init__(self, ca_dir: Path) -> None:
         self.dir = ca_dir
-        self.layout = ca.CaLayout(ca_dir)
+        self.layout = ca_store.CaLayout(ca_dir)
         self.server: CaServer | None = None
         self.enroll_port = 0
         self.renew_port = 0
@@ -98,7 +98,7 @@ class Ca:
 
 @pytest.fixture
 async def authority(tmp_path: Path) -> AsyncIterator[Ca]:
-    ca.init_ca(tmp_path / "ca")
+    ca_store.init_ca(tmp_path / "ca")
     running = Ca(tmp_path / "ca")
     await running.start()
     try:
@@ -107,7 +107,7 @@ async def authority(tmp_path: Path) -> AsyncIterator[Ca]:
         await running.stop()
 
 
-def _chain_to_ca(device_dir: Path, layout: ca.CaLayout) -> x509.Certificate:
+def _chain_to_ca(device_dir: Path, layout: ca_store.CaLayout) -> x509.Certificate:
     leaf, *_ = x509.load_pem_x509_certificates((device_dir / "device.pem").read_bytes())
     issuing = x509.load_pem_x509_certificate(layout.issuing_cert.read_bytes())
     root = x509.load_pem_x509_certificate(layout.root_cert.read_bytes())

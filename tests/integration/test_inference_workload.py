@@ -28,9 +28,9 @@ from ztagent._proto.workloads.v1 import (  # noqa: E402
     storage_pb2_grpc,
 )
 from ztagent.config import load_config  # noqa: E402
+from ztagent.dev.issuer import init_dev_issuer, mint_token  # noqa: E402
 from ztagent.errors import ConfigError  # noqa: E402
 from ztagent.sidecar.server import Sidecar  # noqa: E402
-from ztagent.tokens.dev_issuer import init_dev_issuer, mint_token  # noqa: E402
 from ztagent.workloads.inference.models import LoadedModel, encode_tensor, load_model  # noqa: E402
 from ztagent.workloads.inference.server import (  # noqa: E402
     SERVICE_NAME,

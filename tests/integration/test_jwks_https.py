@@ -32,7 +32,7 @@ from tests.unit.tokens._support import (
     new_key,
     sign,
 )
-from ztagent.pki import ca
+from ztagent.ca import builders
 from ztagent.tokens.errors import JwksError, TokenError
 from ztagent.tokens.jwks import DISCOVERY_PATH, JwksSource
 from ztagent.tokens.verifier import TokenVerifier
@@ -86,8 +86,8 @@ def _handler(issuer: Issuer) -> type[BaseHTTPRequestHandler]:
 def tls_material(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """A throwaway CA and a localhost server cert, valid at the real time (TLS checks it)."""
     now = datetime.now(UTC)
-    root, issuing = ca.new_ca("jwks test", now=now)
-    leaf = ca.build_leaf(
+    root, issuing = builders.new_ca("jwks test", now=now)
+    leaf = builders.build_leaf(
         issuing,
         subject_cn="issuer",
         uris=[],
@@ -98,11 +98,11 @@ def tls_material(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, 
         ips=("127.0.0.1",),
     )
     d = tmp_path_factory.mktemp("jwks-tls")
-    (d / "bundle.pem").write_bytes(ca.cert_pem(root.cert, issuing.cert))
-    (d / "server.pem").write_bytes(ca.cert_pem(leaf.cert, issuing.cert))
-    (d / "server.key").write_bytes(ca.key_pem(leaf.key))
-    other_root, _ = ca.new_ca("unrelated", now=now)
-    (d / "other.pem").write_bytes(ca.cert_pem(other_root.cert))
+    (d / "bundle.pem").write_bytes(builders.cert_pem(root.cert, issuing.cert))
+    (d / "server.pem").write_bytes(builders.cert_pem(leaf.cert, issuing.cert))
+    (d / "server.key").write_bytes(builders.key_pem(leaf.key))
+    other_root, _ = builders.new_ca("unrelated", now=now)
+    (d / "other.pem").write_bytes(builders.cert_pem(other_root.cert))
     return d / "bundle.pem", d / "server.pem", d / "server.key"
 
 

@@ -11,11 +11,11 @@ import pytest
 
 from tests.integration.conftest import Pki, write_config
 from tests.integration.echo_upstream import SERVICE, EchoUpstream
+from ztagent.ca import store as ca_store
+from ztagent.ca.bootstrap import issue_bootstrap_token
+from ztagent.ca.service import start_ca_server
 from ztagent.config import load_config
-from ztagent.enroll.bootstrap import issue_bootstrap_token
-from ztagent.enroll.ca_service import start_ca_server
-from ztagent.enroll.client import enroll
-from ztagent.pki import ca
+from ztagent.device.enroll import enroll
 from ztagent.sidecar.server import Sidecar
 
 pytestmark = pytest.mark.integration
@@ -57,7 +57,7 @@ async def test_enrolled_device_is_accepted_and_revocation_reaches_the_sidecar(
             call = ch.unary_unary(f"/{SERVICE}/Unary")
             assert await call(b"hello", timeout=5) == b"hello"
             assert dict(upstream.seen[-1].metadata)["x-ztagent-device-id"] == "cam-new"
-            ca.revoke(pki.layout.dir, cert_path=device_dir / "device.pem")
+            ca_store.revoke(pki.layout.dir, cert_path=device_dir / "device.pem")
             for _ in range(100):
                 try:
                     await call(b"again", timeout=5)

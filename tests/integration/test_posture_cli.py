@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import SHIPPED_POLICIES, Pki, write_config
+from ztagent.ca import store as ca_store
 from ztagent.cli import main
 from ztagent.config import load_config
-from ztagent.pki import ca
+from ztagent.dev.swtpm import start_swtpm
 from ztagent.posture.firmware import load_trusted_keys, verify_manifest
-from ztagent.posture.tpm import start_swtpm
 from ztagent.sidecar.server import Sidecar
 
 pytestmark = pytest.mark.integration
@@ -38,7 +38,7 @@ def test_firmware_keygen_and_sign(tmp_path: Path, capsys: pytest.CaptureFixture[
 async def test_simulate_boot_reference_and_attest(pki: Pki, tmp_path: Path) -> None:
     # Vendor key and the firmware the devices run.
     assert main(["firmware", "keygen", "--out", str(tmp_path / "vendor")]) == 0
-    from ztagent.posture.boot_sim import demo_image
+    from ztagent.dev.boot_sim import demo_image
 
     firmware = tmp_path / "edge-fw.bin"
     firmware.write_bytes(demo_image("edge-fw", "1.3.0"))
@@ -71,7 +71,7 @@ async def test_simulate_boot_reference_and_attest(pki: Pki, tmp_path: Path) -> N
     try:
         for name, tamper, expected in (("cam-ok", False, 0), ("cam-bad", True, 1)):
             cert = tmp_path / f"{name}.pem"
-            ca.issue_device_cert(pki.layout.dir, name, cert)
+            ca_store.issue_device_cert(pki.layout.dir, name, cert)
             tpm = start_swtpm(tmp_path / name / "tpm")
             try:
                 device_log = tmp_path / name / "event-log.bin"

@@ -21,7 +21,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from tests.integration.conftest import Pki, channel
 from tests.integration.echo_upstream import SERVICE, EchoUpstream
-from ztagent.pki import ca
+from ztagent.ca import builders
+from ztagent.ca import store as ca_store
 from ztagent.sidecar.server import Sidecar
 
 pytestmark = pytest.mark.integration
@@ -35,7 +36,7 @@ def _load(cert_path: Path, key_path: Path) -> tuple[x509.Certificate, ec.Ellipti
     return x509.load_pem_x509_certificate(cert_path.read_bytes()), key
 
 
-async def call(pki: Pki, port: int, pair: ca.KeyPair | None, **kw: object) -> bytes:
+async def call(pki: Pki, port: int, pair: builders.KeyPair | None, **kw: object) -> bytes:
     async with channel(pki, port, pair, **kw) as ch:  # type: ignore[arg-type]
         reply: bytes = await ch.unary_unary(UNARY)(b"ping", timeout=5)
         return reply
@@ -52,7 +53,9 @@ async def test_valid_device_is_admitted_and_identified(
 
 async def test_demo_device_from_ca_init_is_admitted(pki: Pki, sidecar: Sidecar) -> None:
     layout = pki.layout
-    pair = ca.KeyPair(*_load(layout.device_cert("demo-device"), layout.device_key("demo-device")))
+    pair = builders.KeyPair(
+        *_load(layout.device_cert("demo-device"), layout.device_key("demo-device"))
+    )
     assert await call(pki, sidecar.port, pair) == b"ping"
 
 
@@ -79,9 +82,9 @@ async def test_bad_certificates_are_refused(
     status: grpc.StatusCode,
     code: str | None,
 ) -> None:
-    _other_root, other_issuing = ca.new_ca("other", now=datetime.now(UTC))
+    _other_root, other_issuing = builders.new_ca("other", now=datetime.now(UTC))
     td = "spiffe://ztagent.dev/device"
-    pairs: dict[str, ca.KeyPair | None] = {
+    pairs: dict[str, builders.KeyPair | None] = {
         "no_client_cert": None,
         "other_ca": pki.mint(issuer=other_issuing),
         "expired": pki.mint(not_before=timedelta(days=-30), not_after=timedelta(minutes=-1)),
@@ -106,10 +109,10 @@ async def test_revocation_takes_effect_without_restart(
     pki: Pki, sidecar: Sidecar, upstream: EchoUpstream
 ) -> None:
     cert_path = pki.layout.dir / "to-revoke.pem"
-    ca.issue_device_cert(pki.layout.dir, "to-revoke", cert_path)
-    pair = ca.KeyPair(*_load(cert_path, cert_path.with_suffix(".key")))
+    ca_store.issue_device_cert(pki.layout.dir, "to-revoke", cert_path)
+    pair = builders.KeyPair(*_load(cert_path, cert_path.with_suffix(".key")))
     assert await call(pki, sidecar.port, pair) == b"ping"
-    ca.revoke(pki.layout.dir, cert_path=cert_path)
+    ca_store.revoke(pki.layout.dir, cert_path=cert_path)
     for _ in range(50):  # reload_interval_s = 0.1
         try:
             await call(pki, sidecar.port, pair)

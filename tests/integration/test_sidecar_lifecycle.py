@@ -11,12 +11,14 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from tests.integration.conftest import Pki, channel, write_config
 from tests.integration.echo_upstream import SERVICE, EchoUpstream
+from ztagent.ca import builders
+from ztagent.ca import store as ca_store
 from ztagent.config import load_config
-from ztagent.pki import ca
-from ztagent.pki.crl_fetch import accept_crl_update
+from ztagent.pki.crl_update import accept_crl_update
 from ztagent.pki.errors import CertError
 from ztagent.sidecar.server import Sidecar
 
@@ -63,18 +65,18 @@ async def test_server_cert_rotates_while_a_client_calls_in_a_loop(
         await asyncio.sleep(0.5)
         # Rotate: a new server key and certificate from the same CA (key first, then cert:
         # the sidecar only swaps once the pair matches).
-        pair = ca.build_leaf(
+        pair = builders.build_leaf(
             pki.issuing,
             subject_cn="ztagent sidecar (rotated)",
             uris=[],
-            eku=[ca.ExtendedKeyUsageOID.SERVER_AUTH],
+            eku=[ExtendedKeyUsageOID.SERVER_AUTH],
             not_before=datetime.now(UTC) - timedelta(minutes=1),
             not_after=datetime.now(UTC) + timedelta(days=30),
             dns=("localhost",),
             ips=("127.0.0.1", "::1"),
         )
-        pki.layout.server_key.write_bytes(ca.key_pem(pair.key))
-        pki.layout.server_cert.write_bytes(ca.cert_pem(pair.cert, pki.issuing.cert))
+        pki.layout.server_key.write_bytes(builders.key_pem(pair.key))
+        pki.layout.server_cert.write_bytes(builders.cert_pem(pair.cert, pki.issuing.cert))
         await asyncio.sleep(2.5)  # > reload interval + connection age + grace
         served = await asyncio.to_thread(_served_certificate, pki, car.port)
     finally:
@@ -96,8 +98,8 @@ def _served_certificate(pki: Pki, port: int) -> bytes:
     device = pki.mint("probe")
     with tempfile.TemporaryDirectory() as tmp:
         cert, key = Path(tmp) / "c.pem", Path(tmp) / "k.pem"
-        cert.write_bytes(ca.cert_pem(device.cert))
-        key.write_bytes(ca.key_pem(device.key))
+        cert.write_bytes(builders.cert_pem(device.cert))
+        key.write_bytes(builders.key_pem(device.key))
         context = ssl.create_default_context(cafile=str(pki.layout.bundle))
         context.load_cert_chain(cert, key)
         context.set_alpn_protocols(["h2"])
@@ -116,15 +118,15 @@ async def test_revoked_device_on_an_open_connection_is_cut_off(
     car = Sidecar(load_config(write_config(pki, {SERVICE: upstream.address})))
     await car.start()
     cert_path = pki.layout.dir / "cam-open.pem"
-    ca.issue_device_cert(pki.layout.dir, "cam-open", cert_path)
+    ca_store.issue_device_cert(pki.layout.dir, "cam-open", cert_path)
     from tests.integration.test_sidecar_identity import _load
 
-    pair = ca.KeyPair(*_load(cert_path, cert_path.with_suffix(".key")))
+    pair = builders.KeyPair(*_load(cert_path, cert_path.with_suffix(".key")))
     try:
         async with channel(pki, car.port, pair) as ch:
             call = ch.unary_unary(UNARY)
             assert await call(b"before", timeout=5) == b"before"
-            ca.revoke(pki.layout.dir, cert_path=cert_path)
+            ca_store.revoke(pki.layout.dir, cert_path=cert_path)
             for _ in range(100):  # the same HTTP/2 connection, still open
                 try:
                     await call(b"after", timeout=5)
@@ -154,14 +156,14 @@ async def test_crl_fetched_from_source_verified_and_kept_on_disk(
     car = Sidecar(load_config(config))
     await car.start()
     cert_path = pki.layout.dir / "cam-crl.pem"
-    ca.issue_device_cert(pki.layout.dir, "cam-crl", cert_path)
+    ca_store.issue_device_cert(pki.layout.dir, "cam-crl", cert_path)
     from tests.integration.test_sidecar_identity import _load
 
-    pair = ca.KeyPair(*_load(cert_path, cert_path.with_suffix(".key")))
+    pair = builders.KeyPair(*_load(cert_path, cert_path.with_suffix(".key")))
     try:
         async with channel(pki, car.port, pair) as ch:
             assert await ch.unary_unary(UNARY)(b"x", timeout=5) == b"x"
-            ca.revoke(pki.layout.dir, cert_path=cert_path)  # the CA publishes a new CRL
+            ca_store.revoke(pki.layout.dir, cert_path=cert_path)  # the CA publishes a new CRL
             for _ in range(100):
                 if local_crl.read_bytes() == pki.layout.crl.read_bytes():
                     break
@@ -195,17 +197,17 @@ def test_crl_updates_are_verified_and_never_roll_back(pki: Pki) -> None:
     bundle = pki.layout.bundle.read_bytes()
     old = pki.layout.crl.read_bytes()
     cert_path = pki.layout.dir / "cam-rb.pem"
-    ca.issue_device_cert(pki.layout.dir, "cam-rb", cert_path)
-    ca.revoke(pki.layout.dir, cert_path=cert_path)
+    ca_store.issue_device_cert(pki.layout.dir, "cam-rb", cert_path)
+    ca_store.revoke(pki.layout.dir, cert_path=cert_path)
     new = pki.layout.crl.read_bytes()
     assert accept_crl_update(new, bundle, old, now) == new
     assert accept_crl_update(new, bundle, new, now) is None  # nothing new
     with pytest.raises(CertError) as info:
         accept_crl_update(old, bundle, new, now)  # replaying the old CRL would un-revoke
     assert info.value.code == "crl_rollback"
-    _root, other_issuing = ca.new_ca("other", now=now)
-    forged = ca.build_crl(
-        ca.KeyPair(pki.issuing.cert, other_issuing.key),
+    _root, other_issuing = builders.new_ca("other", now=now)
+    forged = builders.build_crl(
+        builders.KeyPair(pki.issuing.cert, other_issuing.key),
         {},
         number=999,
         this_update=now - timedelta(minutes=1),
@@ -221,9 +223,9 @@ def test_a_recreated_ca_replaces_a_stored_crl_it_does_not_vouch_for(pki: Pki) ->
     number, signed by the old key) no longer verifies, so it is no floor for the new CA's first
     CRL. Without this, every device was refused crl_bad_signature until var/ was wiped."""
     now = datetime.now(UTC)
-    _root, old_issuing = ca.new_ca("ztagent dev", now=now)
-    stale = ca.build_crl(
-        ca.KeyPair(pki.issuing.cert, old_issuing.key),
+    _root, old_issuing = builders.new_ca("ztagent dev", now=now)
+    stale = builders.build_crl(
+        builders.KeyPair(pki.issuing.cert, old_issuing.key),
         {},
         number=999,
         this_update=now - timedelta(minutes=1),
@@ -251,8 +253,8 @@ async def test_tls_versions(pki: Pki, upstream: EchoUpstream, maximum: str, acce
     def handshake() -> str:
         with tempfile.TemporaryDirectory() as tmp:
             cert, key = Path(tmp) / "c.pem", Path(tmp) / "k.pem"
-            cert.write_bytes(ca.cert_pem(device.cert))
-            key.write_bytes(ca.key_pem(device.key))
+            cert.write_bytes(builders.cert_pem(device.cert))
+            key.write_bytes(builders.key_pem(device.key))
             context = ssl.create_default_context(cafile=str(pki.layout.bundle))
             context.load_cert_chain(cert, key)
             context.set_alpn_protocols(["h2"])

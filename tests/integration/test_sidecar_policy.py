@@ -22,11 +22,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tests.fixtures.opa_standin import OpaStandin
 from tests.integration.conftest import SHIPPED_POLICIES, Pki, channel, write_config
 from ztagent._proto.workloads.v1 import storage_pb2
+from ztagent.ca import builders
 from ztagent.config import load_config
-from ztagent.pki import ca
+from ztagent.dev.issuer import DevIssuer, init_dev_issuer, mint_token
 from ztagent.policy.log_verify import verify_log
 from ztagent.sidecar.server import POLICY_HEALTH, Sidecar
-from ztagent.tokens.dev_issuer import DevIssuer, init_dev_issuer, mint_token
 from ztagent.workloads.storage.server import start_storage_server, stop_storage_server
 
 pytestmark = pytest.mark.integration
@@ -96,7 +96,7 @@ def bearer(token: str | None) -> tuple[tuple[str, str], ...] | None:
 
 
 async def storage_call(
-    st: Stack, pair: ca.KeyPair, method: str, token: str | None, *, port: int | None = None
+    st: Stack, pair: builders.KeyPair, method: str, token: str | None, *, port: int | None = None
 ) -> bytes:
     if method in ("Put", "BulkPut"):
         request = storage_pb2.PutRequest(key="k", value=b"v").SerializeToString()
@@ -111,7 +111,7 @@ async def storage_call(
         return reply
 
 
-async def outcome(st: Stack, pair: ca.KeyPair, method: str, token: str | None) -> str:
+async def outcome(st: Stack, pair: builders.KeyPair, method: str, token: str | None) -> str:
     """'OK', 'NOT_FOUND' (allowed, nothing stored) or 'CODE: details'."""
     try:
         await storage_call(st, pair, method, token)
@@ -245,7 +245,7 @@ async def test_bad_tokens_are_unauthenticated(
     device = stack.pki.mint("cam-1")
     other = stack.pki.mint("cam-2")
     other_cert = tmp_path / "other.pem"
-    other_cert.write_bytes(ca.cert_pem(other.cert))
+    other_cert.write_bytes(builders.cert_pem(other.cert))
     good = stack.token("alice", roles=["writer"])
     _header, payload, _ = good.split(".")
     none_header = base64.urlsafe_b64encode(b'{"alg":"none","typ":"at+jwt"}').rstrip(b"=").decode()
@@ -288,7 +288,7 @@ async def test_cert_bound_token_and_policy_headers_reach_upstream(pki: Pki, tmp_
     try:
         device = pki.mint("cam-9")
         cert = tmp_path / "cam-9.pem"
-        cert.write_bytes(ca.cert_pem(device.cert))
+        cert.write_bytes(builders.cert_pem(device.cert))
         bound = mint_token(pki.layout.dir, sub="alice", roles=["writer"], bind_cert=cert)
         unbound = mint_token(pki.layout.dir, sub="alice", roles=["writer"])
         async with channel(pki, car.port, device) as ch:

@@ -21,14 +21,15 @@ from tests.integration.conftest import SHIPPED_POLICIES, Pki, channel, write_con
 from ztagent._proto.v1 import attestation_pb2 as pb
 from ztagent._proto.v1 import attestation_pb2_grpc as pb_grpc
 from ztagent._proto.workloads.v1 import storage_pb2
+from ztagent.ca import builders
 from ztagent.config import load_config
-from ztagent.pki import ca
-from ztagent.posture.boot_sim import BootComponent, demo_components, demo_image, simulate_boot
-from ztagent.posture.device import attest_once
+from ztagent.dev.boot_sim import BootComponent, demo_components, demo_image, simulate_boot
+from ztagent.dev.issuer import init_dev_issuer, mint_token
+from ztagent.dev.swtpm import SwtpmProcess, start_swtpm
+from ztagent.device.attest import attest_once
+from ztagent.device.tpm import DeviceTpm
 from ztagent.posture.firmware import generate_firmware_key, sign_manifest
-from ztagent.posture.tpm import DeviceTpm, SwtpmProcess, start_swtpm
 from ztagent.sidecar.server import Sidecar
-from ztagent.tokens.dev_issuer import init_dev_issuer, mint_token
 from ztagent.workloads.storage.server import start_storage_server, stop_storage_server
 
 pytestmark = pytest.mark.integration
@@ -84,7 +85,7 @@ async def stack(pki: Pki, tmp_path: Path) -> AsyncIterator[Stack]:
 @dataclass
 class Device:
     name: str
-    pair: ca.KeyPair
+    pair: builders.KeyPair
     tpm: DeviceTpm
     dir: Path
     event_log: bytes
@@ -202,7 +203,7 @@ async def test_edited_event_log_does_not_replay(stack: Stack, swtpms: list[Swtpm
     comps = demo_components()
     tampered = replace(comps[2], image=comps[2].image + b"rootkit")
     dev = boot(stack, swtpms, "cam-liar", components=[comps[0], comps[1], tampered])
-    from ztagent.posture.boot_sim import boot_events
+    from ztagent.dev.boot_sim import boot_events
     from ztagent.posture.eventlog import encode_event_log
 
     honest_looking = encode_event_log(boot_events(comps))

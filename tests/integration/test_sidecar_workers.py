@@ -23,9 +23,10 @@ from tests.integration.conftest import SHIPPED_POLICIES, Pki, _load_pair, channe
 from tests.integration.echo_upstream import SERVICE, EchoUpstream
 from ztagent._proto.v1 import attestation_pb2 as apb
 from ztagent._proto.v1 import attestation_pb2_grpc as apb_grpc
+from ztagent.ca import store as ca_store
 from ztagent.cli import main
-from ztagent.pki import ca
-from ztagent.posture.tpm import DeviceTpm, start_swtpm
+from ztagent.dev.swtpm import start_swtpm
+from ztagent.device.tpm import DeviceTpm
 from ztagent.sidecar.server import worker_log_path
 
 pytestmark = pytest.mark.integration
@@ -218,7 +219,7 @@ async def test_posture_attested_through_one_worker_holds_in_all(
 ) -> None:
     # Vendor key, firmware, and reference values from a known-good boot.
     assert main(["firmware", "keygen", "--out", str(tmp_path / "vendor")]) == 0
-    from ztagent.posture.boot_sim import demo_image
+    from ztagent.dev.boot_sim import demo_image
 
     firmware = tmp_path / "edge-fw.bin"
     firmware.write_bytes(demo_image("edge-fw", "1.3.0"))
@@ -228,7 +229,7 @@ async def test_posture_attested_through_one_worker_holds_in_all(
     policy.mkdir()
     (policy / "authz.rego").write_text(POSTURE_POLICY)
     cert = tmp_path / "device.pem"
-    ca.issue_device_cert(pki.layout.dir, "cam-1", cert)
+    ca_store.issue_device_cert(pki.layout.dir, "cam-1", cert)
     pair = _load_pair(cert, cert.with_suffix(".key"))
     shared = pki.layout.dir.parent / "state" / "posture-cache"
 

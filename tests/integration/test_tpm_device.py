@@ -27,11 +27,9 @@ from tpm2_pytss.utils import make_credential
 from tests.fixtures.swtpm import Swtpm, swtpm  # noqa: F401 (the module fixture)
 from ztagent._proto.v1 import attestation_pb2 as pb
 from ztagent._proto.v1 import attestation_pb2_grpc as pb_grpc
-from ztagent.errors import ConfigError
-from ztagent.posture import device
-from ztagent.posture.ak_binding import begin_binding, complete_binding
-from ztagent.posture.boot_sim import boot_demo_device, demo_components, simulate_boot
-from ztagent.posture.device import (
+from ztagent.dev.boot_sim import boot_demo_device, demo_components, simulate_boot
+from ztagent.device import attest as device
+from ztagent.device.attest import (
     AK_BOUND_FILE,
     EvidenceInputs,
     RetryPolicy,
@@ -40,11 +38,13 @@ from ztagent.posture.device import (
     load_evidence_inputs,
     read_binding,
 )
+from ztagent.device.tpm import AK_ATTRIBUTES, DeviceTpm, TpmError
+from ztagent.errors import ConfigError
+from ztagent.posture.ak_binding import begin_binding, complete_binding
 from ztagent.posture.errors import PostureError
 from ztagent.posture.eventlog import COMPONENT_PCRS, parse_event_log, replay
 from ztagent.posture.quote import ak_name, parse_quote, pcr_composite_digest
 from ztagent.posture.quote import verify_quote_signature as verify_signature
-from ztagent.posture.tpm import AK_ATTRIBUTES, DeviceTpm, TpmError
 
 pytestmark = pytest.mark.integration
 
@@ -424,6 +424,14 @@ def test_next_attempt_is_two_thirds_of_the_lifetime_or_the_backoff() -> None:
     delays = [device.next_attempt_in(None, n, 0.0, retry, rnd=lambda: 0.0) for n in (1, 2, 3, 9)]
     assert delays == [1, 2, 4, 8]
     assert device.next_attempt_in(None, 3, 0.0, retry, rnd=lambda: 1.0) == 2.0
+
+
+def test_attest_every_caps_the_wait_after_a_success_only() -> None:
+    ok = pb.AttestResponse(verified=True, posture_expires_at=1_000 + 600)
+    assert device.next_attempt_in(ok, 0, 1_000.0, RetryPolicy(), every_s=30) == 30
+    assert device.next_attempt_in(ok, 0, 1_000.0, RetryPolicy(), every_s=900) == pytest.approx(400)
+    retry = RetryPolicy(initial_s=1, max_s=8, jitter=0.5)
+    assert device.next_attempt_in(None, 2, 0.0, retry, rnd=lambda: 0.0, every_s=0.5) == 2
 
 
 # --- the demo device and evidence inputs ---------------------------------------------------

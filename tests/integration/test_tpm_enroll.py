@@ -32,23 +32,24 @@ from ztagent._proto.v1 import attestation_pb2_grpc as apb_grpc
 from ztagent._proto.v1 import enrollment_pb2 as epb
 from ztagent._proto.v1 import enrollment_pb2_grpc as epb_grpc
 from ztagent._proto.workloads.v1 import storage_pb2
+from ztagent.ca import builders
+from ztagent.ca.audit import audit_path
+from ztagent.ca.bootstrap import ReplayStore, issue_bootstrap_token
+from ztagent.ca.service import CaServer, start_ca_server
 from ztagent.cli import main as cli_main
 from ztagent.config import load_config
-from ztagent.enroll.audit import audit_path
-from ztagent.enroll.bootstrap import ReplayStore, issue_bootstrap_token
-from ztagent.enroll.ca_service import CaServer, start_ca_server
-from ztagent.enroll.client import channel_credentials, enroll, renew, token_device_id
-from ztagent.enroll.csr import build_csr
-from ztagent.enroll.keystores import FileKeyStore, KeyStoreError, open_key_store
+from ztagent.dev.boot_sim import demo_components, simulate_boot
+from ztagent.dev.issuer import init_dev_issuer, mint_token
+from ztagent.dev.swtpm import SwtpmProcess, start_swtpm
+from ztagent.device.attest import attest_once, read_binding
+from ztagent.device.csr import build_csr
+from ztagent.device.enroll import channel_credentials, enroll, renew, token_device_id
+from ztagent.device.keystores import FileKeyStore, KeyStoreError, open_key_store
+from ztagent.device.tpm import DeviceTpm
 from ztagent.errors import ConfigError
-from ztagent.pki import ca
 from ztagent.pki.device_check import AK_NAME_OID, cert_ak_name
-from ztagent.posture.boot_sim import demo_components, simulate_boot
-from ztagent.posture.device import attest_once, read_binding
 from ztagent.posture.firmware import generate_firmware_key, sign_manifest
-from ztagent.posture.tpm import DeviceTpm, SwtpmProcess, start_swtpm
 from ztagent.sidecar.server import Sidecar
-from ztagent.tokens.dev_issuer import init_dev_issuer, mint_token
 from ztagent.workloads.storage.server import start_storage_server, stop_storage_server
 
 pytestmark = pytest.mark.integration
@@ -134,11 +135,11 @@ async def stack(pki: Pki, tmp_path: Path, swtpms: list[SwtpmProcess]) -> AsyncIt
         await ca_server.stop(None)
 
 
-def device_pair(device_dir: Path) -> ca.KeyPair:
+def device_pair(device_dir: Path) -> builders.KeyPair:
     cert = x509.load_pem_x509_certificates((device_dir / "device.pem").read_bytes())[0]
     key = serialization.load_pem_private_key((device_dir / "device.key").read_bytes(), None)
     assert isinstance(key, ec.EllipticCurvePrivateKey)
-    return ca.KeyPair(cert, key)
+    return builders.KeyPair(cert, key)
 
 
 async def tpm_enroll(st: Stack, dev: Tpm, device_dir: Path, token: str | None = None) -> None:
@@ -152,7 +153,9 @@ async def tpm_enroll(st: Stack, dev: Tpm, device_dir: Path, token: str | None = 
     )
 
 
-async def attest(st: Stack, pair: ca.KeyPair, dev: Tpm, state_dir: Path) -> apb.AttestResponse:
+async def attest(
+    st: Stack, pair: builders.KeyPair, dev: Tpm, state_dir: Path
+) -> apb.AttestResponse:
     async with channel(st.pki, st.sidecar.port, pair) as ch:
         return await attest_once(
             ch,
@@ -181,7 +184,7 @@ async def evidence(dev: Tpm, nonce: bytes) -> apb.Evidence:
     )
 
 
-async def delete(st: Stack, pair: ca.KeyPair) -> str:
+async def delete(st: Stack, pair: builders.KeyPair) -> str:
     request = storage_pb2.DeleteRequest(key="k").SerializeToString()
     async with channel(st.pki, st.sidecar.port, pair) as ch:
         try:

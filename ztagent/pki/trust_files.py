@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ztagent.errors import ConfigError
-from ztagent.pki._files import FileStamp, file_stamp
+from ztagent.files import FileStamp, file_stamp
 from ztagent.pki.trust import TrustMaterial
 
 _Stamp = FileStamp | None  # None: file missing

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from ztagent.errors import ConfigError
-from ztagent.pki._files import KEY_MODE, PUBLIC_MODE, write_atomic
+from ztagent.files import KEY_MODE, PUBLIC_MODE, write_atomic
 from ztagent.posture.errors import PostureError, short_hex
 
 FirmwarePublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey

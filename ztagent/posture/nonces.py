@@ -26,7 +26,7 @@ MIN_NONCE_BYTES = 16
 
 class Nonces(Protocol):
     """What attestation needs of a nonce store: ``NonceStore`` in one process,
-    ``ztagent.posture.shared_nonces.SharedNonceStore`` across sidecar workers."""
+    ``ztagent.sidecar.shared_nonces.SharedNonceStore`` across sidecar workers."""
 
     def issue(self, cert_fingerprint: str, now: datetime) -> tuple[bytes, datetime]: ...
 

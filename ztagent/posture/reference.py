@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ztagent.errors import ConfigError
-from ztagent.pki._files import write_atomic
+from ztagent.files import write_atomic
 from ztagent.posture.errors import PostureError, short_hex
 from ztagent.posture.eventlog import (
     COMPONENT_PCRS,

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ztagent.errors import ConfigError
-from ztagent.pki._files import file_stamp, write_atomic
+from ztagent.files import file_stamp, write_atomic
 from ztagent.posture.errors import PostureError
 
 log = logging.getLogger("ztagent.posture")

@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from ztagent._proto.v1 import attestation_pb2
 from ztagent.errors import ConfigError
 from ztagent.posture.errors import PostureError, short_hex
 from ztagent.posture.eventlog import DIGEST_SIZES, parse_event_log, replay
@@ -58,6 +57,27 @@ from ztagent.posture.reference import ReferenceValues, check_boot
 from ztagent.posture.state import AkRegistry, RollbackStore
 
 MAX_HOST_FACTS_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What a device sends to attest (the fields of ``ztagent.v1.Evidence``, as plain values;
+    the attestation service converts the protobuf message)."""
+
+    quote: bytes
+    """TPM2B_ATTEST contents: the marshalled TPMS_ATTEST the TPM signed."""
+    quote_signature: bytes
+    """Marshalled TPMT_SIGNATURE over ``quote``."""
+    pcr_bank: str
+    pcr_values: Mapping[int, bytes]
+    event_log: bytes
+    """TCG PC Client crypto-agile binary event log."""
+    ak_public: bytes
+    """Marshalled TPM2B_PUBLIC of the attestation key."""
+    firmware_manifest: bytes
+    firmware_signature: bytes
+    host_facts: bytes
+    """Self-reported JSON object; informative, never trusted."""
 
 
 @dataclass(frozen=True)
@@ -145,9 +165,7 @@ def _host_facts(raw: bytes) -> dict[str, Any]:
     return {**doc, "self_reported": True}
 
 
-def _pcr_values(
-    evidence: attestation_pb2.Evidence, select: tuple[int, ...], bank: str
-) -> dict[int, bytes]:
+def _pcr_values(evidence: Evidence, select: tuple[int, ...], bank: str) -> dict[int, bytes]:
     if evidence.pcr_bank != bank:
         raise PostureError(
             "evidence_malformed", f"pcr_bank {evidence.pcr_bank!r}, the quote is over {bank!r}"
@@ -168,7 +186,7 @@ def _pcr_values(
 
 
 def verify_evidence(
-    evidence: attestation_pb2.Evidence,
+    evidence: Evidence,
     ctx: AttestationContext,
     *,
     nonces: Nonces,
@@ -269,7 +287,7 @@ def verify_evidence(
 
 class PostureStore(Protocol):
     """Where verified postures are kept: ``PostureCache`` in one process,
-    ``ztagent.posture.shared_cache.SharedPostureCache`` across sidecar workers."""
+    ``ztagent.sidecar.shared_cache.SharedPostureCache`` across sidecar workers."""
 
     def put(self, posture: AttestedPosture) -> None: ...
 

@@ -19,7 +19,7 @@ import grpc
 
 from ztagent._proto.v1 import attestation_pb2, attestation_pb2_grpc
 from ztagent.config import PostureConfig
-from ztagent.errors import ZtagentError, grpc_status_for
+from ztagent.errors import ZtagentError
 from ztagent.pki.verify import VerifiedDevice
 from ztagent.posture.ak_binding import PendingBindings, begin_binding, complete_binding
 from ztagent.posture.ek_cert import EkTrust, check_ek_certificate
@@ -27,19 +27,36 @@ from ztagent.posture.errors import PostureError, short_hex
 from ztagent.posture.firmware import FirmwarePublicKey, load_trusted_keys
 from ztagent.posture.nonces import Nonces, NonceStore
 from ztagent.posture.reference import ReferenceValues
-from ztagent.posture.shared_cache import SharedPostureCache
-from ztagent.posture.shared_nonces import SharedNonceStore
 from ztagent.posture.state import AkRegistry, RollbackStore
 from ztagent.posture.verifier import (
     AttestationContext,
+    Evidence,
     PostureCache,
     PostureStore,
     verify_evidence,
 )
+from ztagent.rpc_status import grpc_status_for
 from ztagent.sidecar.admission import Clock
 from ztagent.sidecar.pipeline import Pipeline
+from ztagent.sidecar.shared_cache import SharedPostureCache
+from ztagent.sidecar.shared_nonces import SharedNonceStore
 
 log = logging.getLogger("ztagent.attestation")
+
+
+def evidence_from_message(message: attestation_pb2.Evidence) -> Evidence:
+    """The protobuf ``Evidence`` as the plain value the verifier checks."""
+    return Evidence(
+        quote=bytes(message.quote),
+        quote_signature=bytes(message.quote_signature),
+        pcr_bank=message.pcr_bank,
+        pcr_values={int(k): bytes(v) for k, v in message.pcr_values.items()},
+        event_log=bytes(message.event_log),
+        ak_public=bytes(message.ak_public),
+        firmware_manifest=bytes(message.firmware_manifest),
+        firmware_signature=bytes(message.firmware_signature),
+        host_facts=bytes(message.host_facts),
+    )
 
 
 @dataclass
@@ -120,7 +137,7 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
         )
         try:
             posture = verify_evidence(
-                request.evidence,
+                evidence_from_message(request.evidence),
                 ctx,
                 nonces=state.nonces,
                 registry=state.registry,

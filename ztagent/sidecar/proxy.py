@@ -17,7 +17,8 @@ import grpc
 from google.protobuf import descriptor_pool
 
 from ztagent.config import Route
-from ztagent.errors import ZtagentError, grpc_status_for
+from ztagent.errors import ZtagentError
+from ztagent.rpc_status import grpc_status_for
 from ztagent.sidecar.metrics import Metrics
 from ztagent.sidecar.upstreams import Upstreams, service_of
 

@@ -25,9 +25,9 @@ from ztagent._proto.v1 import attestation_pb2_grpc
 # which lets the proxy take its unary fast path for their unary methods.
 from ztagent._proto.workloads.v1 import inference_pb2, storage_pb2  # noqa: F401
 from ztagent.config import Config, check_files
+from ztagent.device.crl_fetch import CrlFetcher
 from ztagent.errors import ConfigError, ZtagentError
-from ztagent.pki._files import FileStamp, file_stamp
-from ztagent.pki.crl_fetch import CrlFetcher
+from ztagent.files import FileStamp, file_stamp
 from ztagent.pki.trust_files import TrustFiles
 from ztagent.pki.verify import DeviceChecker, DevicePolicy
 from ztagent.policy.decision_log import DecisionLog, NullDecisionLog

@@ -19,7 +19,7 @@ Workers share attested posture and the posture state files through ``posture.sta
 each writes its own decision log (``decisions.worker<i>.jsonl``, its own hash chain) and its
 metrics into a directory from which the supervisor serves their sum at ``metrics.address``. Only
 worker 0 fetches CRLs; the others pick the written file up by their file watch. Challenge
-nonces are shared too (``ztagent.posture.shared_nonces``), so a device may answer a challenge
+nonces are shared too (``ztagent.sidecar.shared_nonces``), so a device may answer a challenge
 on another connection than the one that asked for it.
 """
 
@@ -307,8 +307,8 @@ def supervise(config_path: Path, config: Config) -> int:
             metrics = _SharedMetrics(config.metrics.address)
             supervisor.env = {**os.environ, MULTIPROC_ENV: str(metrics.directory)}
         if config.posture.enabled:
-            from ztagent.posture.shared_cache import clear_shared_cache
-            from ztagent.posture.shared_nonces import clear_shared_nonces
+            from ztagent.sidecar.shared_cache import clear_shared_cache
+            from ztagent.sidecar.shared_nonces import clear_shared_nonces
 
             clear_shared_cache(config.posture.state_dir)
             clear_shared_nonces(config.posture.state_dir)

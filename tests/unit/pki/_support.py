@@ -11,7 +11,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from ztagent.pki import ca
+from ztagent.ca import builders
+from ztagent.ca import store as ca_store
 from ztagent.pki.verify import TrustMaterial
 
 NOW = datetime(2026, 11, 26, 12, 0, 0, tzinfo=UTC)
@@ -28,16 +29,16 @@ def pem(*certs: x509.Certificate) -> bytes:
 @dataclass(frozen=True)
 class Pki:
     dir: Path
-    root: ca.KeyPair
-    issuing: ca.KeyPair
+    root: builders.KeyPair
+    issuing: builders.KeyPair
 
     @property
-    def layout(self) -> ca.CaLayout:
-        return ca.CaLayout(self.dir)
+    def layout(self) -> ca_store.CaLayout:
+        return ca_store.CaLayout(self.dir)
 
     def trust(self, crl_pem: bytes | None = None, *, no_crl: bool = False) -> TrustMaterial:
         crl = None if no_crl else (crl_pem if crl_pem is not None else self.layout.crl.read_bytes())
         return TrustMaterial.from_pem(self.layout.bundle.read_bytes(), crl)
 
 
-Mint = Callable[..., ca.KeyPair]
+Mint = Callable[..., builders.KeyPair]

@@ -13,21 +13,22 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ObjectIdentifier
 
-from ztagent.pki import ca
+from ztagent.ca import builders
+from ztagent.ca import store as ca_store
 from ztagent.pki.verify import DevicePolicy
 
 from ._support import CA_CREATED, CLIENT_AUTH, DEVICE_URI, NOW, TRUST_DOMAIN, Mint, Pki
 
 
-def _load_pair(cert: Path, key: Path) -> ca.KeyPair:
+def _load_pair(cert: Path, key: Path) -> builders.KeyPair:
     k = serialization.load_pem_private_key(key.read_bytes(), None)
     assert isinstance(k, ec.EllipticCurvePrivateKey)
-    return ca.KeyPair(x509.load_pem_x509_certificate(cert.read_bytes()), k)
+    return builders.KeyPair(x509.load_pem_x509_certificate(cert.read_bytes()), k)
 
 
 @pytest.fixture(scope="session")
 def session_pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    layout = ca.init_ca(tmp_path_factory.mktemp("ca") / "ca", now=CA_CREATED)
+    layout = ca_store.init_ca(tmp_path_factory.mktemp("ca") / "ca", now=CA_CREATED)
     return Pki(
         layout.dir,
         _load_pair(layout.root_cert, layout.root_key),
@@ -54,13 +55,13 @@ def mint(session_pki: Pki) -> Mint:
 
     def _mint(
         *,
-        issuer: ca.KeyPair | None = None,
+        issuer: builders.KeyPair | None = None,
         uris: Sequence[str] = (DEVICE_URI,),
         eku: Sequence[ObjectIdentifier] | None = CLIENT_AUTH,
         not_before: datetime = NOW - timedelta(days=1),
         not_after: datetime = NOW + timedelta(days=29),
-    ) -> ca.KeyPair:
-        return ca.build_leaf(
+    ) -> builders.KeyPair:
+        return builders.build_leaf(
             issuer or session_pki.issuing,
             subject_cn="dev-1",
             uris=list(uris),

@@ -7,7 +7,8 @@ from datetime import timedelta
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from ztagent.pki import ca
+from ztagent.ca import builders
+from ztagent.ca import store as ca_store
 from ztagent.pki.checker import DeviceChecker
 from ztagent.pki.errors import CertError
 from ztagent.pki.verify import DevicePolicy
@@ -82,11 +83,11 @@ def test_replace_trust_with_revoking_crl_fails_next_check(
     pki: Pki, policy: DevicePolicy, mint: Mint
 ) -> None:
     out = pki.dir / "dev-7.pem"
-    cert = ca.issue_device_cert(pki.dir, "dev-7", out, now=NOW - timedelta(hours=1))
+    cert = ca_store.issue_device_cert(pki.dir, "dev-7", out, now=NOW - timedelta(hours=1))
     checker = DeviceChecker(pki.trust(), policy)
     leaf_pem = pem(cert)
     assert checker.check_pem(leaf_pem, NOW).device_id == "dev-7"
-    ca.revoke(pki.dir, serial=cert.serial_number, now=NOW)
+    ca_store.revoke(pki.dir, serial=cert.serial_number, now=NOW)
     assert checker.check_pem(leaf_pem, NOW).device_id == "dev-7"  # still the old trust
     checker.replace_trust(pki.trust())
     assert len(checker) == 0
@@ -107,7 +108,7 @@ def test_cache_is_bounded(session_pki: Pki, policy: DevicePolicy, mint: Mint) ->
 
 
 def test_fail_open_entry_survives_stale_crl(session_pki: Pki, mint: Mint) -> None:
-    stale = ca.build_crl(
+    stale = builders.build_crl(
         session_pki.issuing,
         {},
         number=3,

@@ -6,8 +6,8 @@ from datetime import timedelta
 
 import pytest
 
+from ztagent.ca import store as ca_store
 from ztagent.errors import ConfigError
-from ztagent.pki import ca
 from ztagent.pki.trust_files import TrustFiles
 
 from ._support import NOW, Pki
@@ -19,7 +19,7 @@ def test_load_then_changed_after_crl_rewrite(pki: Pki) -> None:
     trust = files.load()
     assert len(trust.roots) == 1 and len(trust.intermediates) == 1 and len(trust.crls) == 1
     assert not files.changed()
-    ca.write_crl(pki.dir, now=NOW)
+    ca_store.write_crl(pki.dir, now=NOW)
     assert files.changed()
     assert files.load().crls[0].next_update_utc == NOW + timedelta(days=7)
     assert not files.changed()

@@ -8,8 +8,9 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from ztagent.ca import builders
+from ztagent.ca import store as ca_store
 from ztagent.errors import ConfigError
-from ztagent.pki import ca
 from ztagent.pki.errors import CertError
 from ztagent.pki.verify import (
     DevicePolicy,
@@ -171,7 +172,7 @@ def test_rejects_bad_san(
     match: str,
 ) -> None:
     # A DNS SAN keeps the chain verifier happy when there is no URI SAN.
-    leaf = ca.build_leaf(
+    leaf = builders.build_leaf(
         session_pki.issuing,
         subject_cn="dev-1",
         uris=uris,
@@ -184,7 +185,7 @@ def test_rejects_bad_san(
 
 
 def test_rejects_cert_from_another_ca(session_pki: Pki, policy: DevicePolicy, mint: Mint) -> None:
-    _, other_issuing = ca.new_ca("other", now=NOW - timedelta(days=1))
+    _, other_issuing = builders.new_ca("other", now=NOW - timedelta(days=1))
     leaf = mint(issuer=other_issuing).cert
     err = _reject(
         "chain_untrusted",
@@ -201,16 +202,16 @@ def test_rejects_when_same_name_but_other_key(
     session_pki: Pki, policy: DevicePolicy, mint: Mint
 ) -> None:
     """An impostor issuing CA with our issuing CA's exact name but its own key."""
-    impostor = ca.KeyPair(session_pki.issuing.cert, ca.new_key())
+    impostor = builders.KeyPair(session_pki.issuing.cert, builders.new_key())
     leaf = mint(issuer=impostor).cert
     _reject("chain_untrusted", "no valid chain", leaf, session_pki.trust(), policy, NOW)
 
 
 def test_rejects_revoked_after_revoke(pki: Pki, policy: DevicePolicy) -> None:
     out = pki.dir / "out" / "dev-9.pem"
-    cert = ca.issue_device_cert(pki.dir, "dev-9", out, now=NOW - timedelta(hours=2))
+    cert = ca_store.issue_device_cert(pki.dir, "dev-9", out, now=NOW - timedelta(hours=2))
     assert verify_device_cert(cert, pki.trust(), policy, NOW).device_id == "dev-9"
-    ca.revoke(pki.dir, cert_path=out, now=NOW - timedelta(hours=1))
+    ca_store.revoke(pki.dir, cert_path=out, now=NOW - timedelta(hours=1))
     _reject(
         "cert_revoked",
         f"serial {cert.serial_number:x} was revoked at 2026-11-26T11:00:00Z",
@@ -240,8 +241,8 @@ def test_no_crl_accepted_when_crl_check_is_off(session_pki: Pki, mint: Mint) -> 
 def test_rejects_crl_signed_by_other_key(
     session_pki: Pki, policy: DevicePolicy, mint: Mint
 ) -> None:
-    forged_signer = ca.KeyPair(session_pki.issuing.cert, ca.new_key())
-    crl = ca.build_crl(
+    forged_signer = builders.KeyPair(session_pki.issuing.cert, builders.new_key())
+    crl = builders.build_crl(
         forged_signer,
         {},
         number=99,
@@ -255,7 +256,7 @@ def test_rejects_crl_signed_by_other_key(
 
 
 def _stale_crl(pki: Pki) -> bytes:
-    crl = ca.build_crl(
+    crl = builders.build_crl(
         pki.issuing,
         {},
         number=5,
@@ -293,7 +294,7 @@ def test_stale_crl_used_when_fail_open(session_pki: Pki, mint: Mint) -> None:
 
 def test_stale_crl_still_revokes_when_fail_open(session_pki: Pki, mint: Mint) -> None:
     leaf = mint().cert
-    crl = ca.build_crl(
+    crl = builders.build_crl(
         session_pki.issuing,
         {leaf.serial_number: NOW - timedelta(days=3)},
         number=6,
@@ -308,7 +309,7 @@ def test_stale_crl_still_revokes_when_fail_open(session_pki: Pki, mint: Mint) ->
 def test_revoked_intermediate_is_rejected_when_root_crl_present(
     session_pki: Pki, policy: DevicePolicy, mint: Mint
 ) -> None:
-    root_crl = ca.build_crl(
+    root_crl = builders.build_crl(
         session_pki.root,
         {session_pki.issuing.cert.serial_number: NOW - timedelta(hours=3)},
         number=1,
@@ -329,7 +330,7 @@ def test_revoked_intermediate_is_rejected_when_root_crl_present(
 def test_trust_material_reads_several_pem_crls_or_one_der(session_pki: Pki) -> None:
     crl_pem = session_pki.layout.crl.read_bytes()
     assert len(session_pki.trust(crl_pem + crl_pem).crls) == 2
-    der = ca.build_crl(
+    der = builders.build_crl(
         session_pki.issuing, {}, number=1, this_update=NOW, next_update=NOW + timedelta(days=1)
     ).public_bytes(serialization.Encoding.DER)
     trust = session_pki.trust(der)
@@ -377,7 +378,7 @@ def test_explain_adds_chain_as_intermediates_never_roots(
     der = leaf.public_bytes(serialization.Encoding.DER)
     assert explain(der, pem(session_pki.issuing.cert), root_only, policy, NOW).device_id
     # A foreign self-signed root passed as --chain does not become a trust anchor.
-    other_root, other_issuing = ca.new_ca("other", now=NOW - timedelta(days=1))
+    other_root, other_issuing = builders.new_ca("other", now=NOW - timedelta(days=1))
     foreign = mint(issuer=other_issuing).cert
     with pytest.raises(CertError, match="no valid chain") as info:
         explain(

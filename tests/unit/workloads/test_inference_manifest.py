@@ -12,13 +12,13 @@ import pytest
 
 from ztagent._proto.workloads.v1 import inference_pb2
 from ztagent.errors import VerificationError
+from ztagent.rpc_status import grpc_status_for
 from ztagent.workloads.inference.errors import (
     InferenceBusyError,
     InvalidInputError,
     ModelHeaderRequiredError,
     ModelLoadError,
     ModelNotFoundError,
-    grpc_status_for,
 )
 from ztagent.workloads.inference.manifest import (
     MAX_INPUT_ELEMENTS,

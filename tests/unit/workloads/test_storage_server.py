@@ -8,11 +8,11 @@ import grpc
 import pytest
 
 from ztagent.errors import ConfigError, VerificationError
+from ztagent.rpc_status import grpc_status_for
 from ztagent.workloads.storage.errors import (
     InvalidRequestError,
     StorageIntegrityError,
     WatchOverflowError,
-    grpc_status_for,
 )
 from ztagent.workloads.storage.server import ChangeHub, device_namespace, parse_listen
 from ztagent.workloads.storage.store import Change, ChangeKind

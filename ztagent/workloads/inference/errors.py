@@ -1,15 +1,11 @@
-"""Errors of the inference workload, and the one place that maps them to gRPC status codes.
+"""Errors of the inference workload, each class with the gRPC status it stands for.
 
 Every error names what was received and what was expected. The servicer turns them into
-statuses with :func:`grpc_status_for`; anything that is not an inference error falls back to
-:func:`ztagent.errors.grpc_status_for`.
+statuses with :func:`ztagent.rpc_status.grpc_status_for` (``status_name`` per class).
 """
 
 from __future__ import annotations
 
-import grpc
-
-from ztagent import errors as _root
 from ztagent.errors import ZtagentError
 
 
@@ -24,9 +20,13 @@ class InvalidInputError(InferenceError):
     ``invalid_byte_length``, ``non_finite``, ``invalid_model_name``, ``model_mismatch``.
     """
 
+    status_name = "INVALID_ARGUMENT"
+
 
 class ModelNotFoundError(InferenceError):
     """The requested model is not served (code ``model_not_found``)."""
+
+    status_name = "NOT_FOUND"
 
     def __init__(self, name: str, served: list[str]) -> None:
         super().__init__(
@@ -42,6 +42,8 @@ class ModelHeaderRequiredError(InferenceError):
     saw named would let a caller skip the posture requirement.
     """
 
+    status_name = "PERMISSION_DENIED"
+
 
 class ModelLoadError(InferenceError):
     """A model or its manifest cannot be served.
@@ -51,21 +53,10 @@ class ModelLoadError(InferenceError):
     ``model_bad_signature`` (also a key that is not trusted).
     """
 
+    status_name = "FAILED_PRECONDITION"
+
 
 class InferenceBusyError(InferenceError):
     """The workload is shutting down or its queue is full (code ``overloaded``)."""
 
-
-def grpc_status_for(err: ZtagentError) -> grpc.StatusCode:
-    """The gRPC status for an error raised while serving an inference call."""
-    if isinstance(err, InvalidInputError):
-        return grpc.StatusCode.INVALID_ARGUMENT
-    if isinstance(err, ModelNotFoundError):
-        return grpc.StatusCode.NOT_FOUND
-    if isinstance(err, ModelHeaderRequiredError):
-        return grpc.StatusCode.PERMISSION_DENIED
-    if isinstance(err, ModelLoadError):
-        return grpc.StatusCode.FAILED_PRECONDITION
-    if isinstance(err, InferenceBusyError):
-        return grpc.StatusCode.UNAVAILABLE
-    return _root.grpc_status_for(err)
+    status_name = "UNAVAILABLE"

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from ztagent.errors import ConfigError
-from ztagent.pki._files import write_atomic
+from ztagent.files import write_atomic
 from ztagent.posture.errors import PostureError
 from ztagent.posture.firmware import FirmwarePublicKey, sign_bytes, verify_signature
 from ztagent.workloads.inference.errors import InvalidInputError, ModelLoadError

@@ -31,13 +31,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from ztagent._proto.workloads.v1 import inference_pb2, inference_pb2_grpc
 from ztagent.errors import ConfigError, TransportError, ZtagentError
 from ztagent.posture.firmware import load_trusted_keys
+from ztagent.rpc_status import grpc_status_for
 from ztagent.signals import wait_for_stop_signal
 from ztagent.workloads.inference.batching import Batcher
 from ztagent.workloads.inference.errors import (
     InvalidInputError,
     ModelHeaderRequiredError,
     ModelNotFoundError,
-    grpc_status_for,
 )
 from ztagent.workloads.inference.models import LoadedModel, decode_tensor, load_models
 from ztagent.workloads.inference.outbox import EscalatedResult, Outbox

@@ -1,15 +1,11 @@
-"""Errors of the storage workload, and the one place that maps them to gRPC status codes.
+"""Errors of the storage workload, each class with the gRPC status it stands for.
 
 Every error names what was received and what was expected. The servicer turns them into
-statuses with :func:`grpc_status_for`; anything that is not a storage error falls back to
-:func:`ztagent.errors.grpc_status_for`.
+statuses with :func:`ztagent.rpc_status.grpc_status_for` (``status_name`` per class).
 """
 
 from __future__ import annotations
 
-import grpc
-
-from ztagent import errors as _root
 from ztagent.errors import ZtagentError
 
 
@@ -24,9 +20,13 @@ class InvalidRequestError(StorageError):
     ``invalid_page_token``, ``bulk_too_large``.
     """
 
+    status_name = "INVALID_ARGUMENT"
+
 
 class RecordNotFoundError(StorageError):
     """The key has no value in the caller's namespace (code ``not_found``)."""
+
+    status_name = "NOT_FOUND"
 
     def __init__(self, key: str) -> None:
         super().__init__("not_found", f"key {key!r} not found")
@@ -40,6 +40,8 @@ class StorageIntegrityError(StorageError):
     another key or namespace, or when the row names a data-key version the key file lacks.
     """
 
+    status_name = "DATA_LOSS"
+
     def __init__(self, key: str, reason: str) -> None:
         super().__init__(
             "storage_integrity",
@@ -52,27 +54,16 @@ class StorageIntegrityError(StorageError):
 class WatchOverflowError(StorageError):
     """A Watch fell behind and was dropped so writers never wait (code ``watch_overflow``)."""
 
+    status_name = "RESOURCE_EXHAUSTED"
+
 
 class KeyFileError(StorageError):
     """The data key file cannot be used (codes ``key_file_insecure``, ``key_file_invalid``)."""
+
+    status_name = "FAILED_PRECONDITION"
 
 
 class BackendError(StorageError):
     """SQLite failed underneath the store (code ``storage_backend``)."""
 
-
-def grpc_status_for(err: ZtagentError) -> grpc.StatusCode:
-    """The gRPC status for an error raised while serving a storage call."""
-    if isinstance(err, InvalidRequestError):
-        return grpc.StatusCode.INVALID_ARGUMENT
-    if isinstance(err, RecordNotFoundError):
-        return grpc.StatusCode.NOT_FOUND
-    if isinstance(err, StorageIntegrityError):
-        return grpc.StatusCode.DATA_LOSS
-    if isinstance(err, WatchOverflowError):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED
-    if isinstance(err, KeyFileError):
-        return grpc.StatusCode.FAILED_PRECONDITION
-    if isinstance(err, BackendError):
-        return grpc.StatusCode.INTERNAL
-    return _root.grpc_status_for(err)
+    status_name = "INTERNAL"

@@ -25,11 +25,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ztagent._proto.workloads.v1 import storage_pb2, storage_pb2_grpc
 from ztagent.errors import ConfigError, TransportError, VerificationError, ZtagentError
+from ztagent.rpc_status import grpc_status_for
 from ztagent.signals import wait_for_stop_signal
 from ztagent.workloads.storage.errors import (
     InvalidRequestError,
     WatchOverflowError,
-    grpc_status_for,
 )
 from ztagent.workloads.storage.store import (
     DEFAULT_MAX_VALUE_BYTES,

@@ -1,0 +1,828 @@
+"""The device side of enrollment: ``ztagent enroll``, ``ztagent renew`` (and ``--watch``).
+
+Device directory (``--out`` / ``--dir``)::
+
+    device.pem       the device certificate, then the issuing CA (PEM)
+    device.key       the private key, PKCS#8 PEM, mode 0600 (file key store only)
+    ca-bundle.pem    root + issuing CA: trusted for the CA service and the sidecar
+    keystore.json    which store holds the key, never a PIN:
+                     {"type": "file"} or
+                     {"type": "pkcs11", "uri": "pkcs11:token=...;object=...;id=...",
+                      "module": "/usr/lib/softhsm/libsofthsm2.so"}
+    enrollment.json  {"version", "server", "renew_server", "device_id", "spiffe_id", "serial",
+                      "not_before", "not_after"} (times RFC 3339 UTC, serial lowercase hex;
+                      plus "ak_name" after TPM-bound enrollment)
+    ak-bound         after TPM-bound enrollment only: the ``ztagent.device.attest`` record
+                     {"ak_name", "binding_id" (the enrollment id), "bound_at"}, so
+                     ``ztagent attest --dir`` does not bind the AK again
+
+Every file is written atomically (temp file, fsync, rename, fsync dir); a new file key is
+generated under a temporary name and renamed into place only after the CA answered, and
+``enrollment.json`` is written last. The PKCS#11 PIN is a parameter: the CLI reads it from
+``--pin-file`` or ``ZTAGENT_PKCS11_PIN`` (``keystores.resolve_pin``).
+
+``enroll`` generates the key in the chosen store (``file``, ``pkcs11:URI``, or ``tpm``: the
+TLS key made inside the TPM given as ``tpm``, which then also binds its AK as below), builds
+a CSR for the device id the bootstrap token carries (the CA requires ``CN`` to match it), and
+calls ``Enroll`` over server-auth TLS trusting ``ca_bundle``. It refuses a directory that
+already holds a certificate, unless that certificate has expired or ``force=True``.
+
+**TPM-bound enrollment** (``tpm=DeviceTpm(...)``; with the file or pkcs11 key store the TPM
+contributes its attestation key only): ``BeginTpmEnroll`` with the CSR, the token and the TPM's EK
+and AK public areas; the TPM's ActivateCredential opens the CA's challenge; ``CompleteTpmEnroll``
+returns the secret, and the certificate comes back with the AK's TPM name in its AK-name
+extension (checked against this TPM's AK: ``enroll_response_invalid`` otherwise). A sidecar
+then accepts this TPM's quotes for this certificate without an AK binding of its own.
+
+**Expired-certificate recovery.** A device that was offline past its certificate's
+``notAfter`` cannot ``renew`` (renewal is authenticated by the current certificate). The
+operator issues a fresh bootstrap token *for the same device id* (``ztagent ca token
+--device-id <id>``) and the device runs ``enroll`` again into the same directory. Because the
+certificate has expired no ``force`` is needed; the device keeps its id (a token for another
+id is refused before anything is sent, ``device_id_mismatch``); a new key is generated and
+the old one (file or token object) is removed once the new certificate is written.
+
+``renew`` opens the current key store, does mTLS to the renewal address (``renew_server`` in
+``enrollment.json``: the enrollment host on port 8445 unless given) with the current
+certificate, generating a new key first when ``rotate_key`` (the default); a PKCS#11 key is
+used through gRPC's custom-signer hook, so it never leaves the token. ``renew_watch`` renews
+at 2/3 of the lifetime and retries an unreachable CA with jittered exponential backoff
+(1 s doubling to 300 s) until the certificate expires.
+
+Errors: ``EnrollClientError`` (``already_enrolled``, ``cert_expired``,
+``device_id_mismatch``, ``device_dir_invalid``, ``token_unreadable``,
+``enroll_response_invalid``, ``enroll_refused``); ``CaUnreachable`` (``ca_unreachable``, a
+``TransportError``: UNAVAILABLE or DEADLINE_EXCEEDED); the CA's own refusals come back as
+``EnrollError`` with the CA's code (``token_reused``, ``renew_cert_revoked``...);
+``KeyStoreError``/``ConfigError`` from the key store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import logging
+import os
+import random
+import warnings
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.experimental
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+
+from ztagent._proto.v1 import enrollment_pb2 as pb
+from ztagent._proto.v1 import enrollment_pb2_grpc as pb_grpc
+from ztagent.device.attest import record_binding
+from ztagent.device.csr import build_csr
+from ztagent.device.keystores import (
+    DEFAULT_KEY_LABEL,
+    DEFAULT_PKCS11_MODULE,
+    FileKeyStore,
+    KeyStore,
+    KeyStoreSpec,
+    Pkcs11KeyStore,
+    TpmKeyStore,
+    open_key_store,
+    require_pin,
+)
+from ztagent.device.tpm import DeviceTpm
+from ztagent.enrollment import STATUS_BY_CODE, EnrollError
+from ztagent.errors import ConfigError, TransportError, ZtagentError
+from ztagent.files import write_atomic
+from ztagent.pki.device_check import cert_ak_name
+from ztagent.pki.errors import CertError
+
+log = logging.getLogger(__name__)
+
+DEVICE_CERT = "device.pem"
+DEVICE_KEY = "device.key"
+CA_BUNDLE = "ca-bundle.pem"
+KEYSTORE_FILE = "keystore.json"
+ENROLLMENT_FILE = "enrollment.json"
+_NEW_KEY = ".device.key.new"
+STATE_VERSION = 1
+DEFAULT_RENEW_PORT = 8445
+RPC_TIMEOUT_S = 30.0
+RENEW_FRACTION = 2 / 3
+_TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+class EnrollClientError(ZtagentError):
+    """The device side refused to go on (directory state, token, the CA's answer)."""
+
+
+class CaUnreachable(TransportError):
+    """The CA could not be reached or could not serve now (UNAVAILABLE, DEADLINE_EXCEEDED)."""
+
+    def __init__(self, method: str, status: str, details: str) -> None:
+        super().__init__("ca_unreachable", f"{method}: {status}: {details}")
+        self.method = method
+        self.status = status
+
+
+@dataclass(frozen=True)
+class EnrollResult:
+    dir: Path
+    device_id: str
+    spiffe_id: str
+    serial: str
+    not_before: datetime
+    not_after: datetime
+    key_store: str
+    """The store's ``description()``."""
+    recovered: bool
+    """True when this replaced an expired certificate (the recovery path)."""
+
+
+@dataclass(frozen=True)
+class RenewResult:
+    dir: Path
+    device_id: str
+    serial: str
+    previous_serial: str
+    not_before: datetime
+    not_after: datetime
+    key_rotated: bool
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Retry delay after ``n`` consecutive failures: ``min(cap_s, initial_s * 2**(n-1))``,
+    times a random factor in ``[1 - jitter, 1]``; never later than half the time left before
+    the certificate expires (but at least ``floor_s``), so attempts go on until expiry."""
+
+    initial_s: float = 1.0
+    cap_s: float = 300.0
+    jitter: float = 0.5
+    floor_s: float = 1.0
+
+    def delay(
+        self, failures: int, remaining_s: float, rng: Callable[[], float] = random.random
+    ) -> float:
+        base = min(self.cap_s, self.initial_s * 2 ** max(0, failures - 1))
+        jittered = base * (1 - self.jitter * rng())
+        return float(max(self.floor_s, min(jittered, remaining_s / 2)))
+
+
+# --- pure helpers ----------------------------------------------------------------------------
+
+
+def renew_at(cert: x509.Certificate) -> datetime:
+    """When renewal is due: 2/3 of the way from notBefore to notAfter."""
+    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    return start + (end - start) * RENEW_FRACTION
+
+
+def renew_due(cert: x509.Certificate, now: datetime) -> bool:
+    return now >= renew_at(cert)
+
+
+def is_expired(cert: x509.Certificate, now: datetime) -> bool:
+    return now >= cert.not_valid_after_utc
+
+
+def default_renew_server(server: str) -> str:
+    """The enrollment address with the renewal port (``host:8444`` -> ``host:8445``)."""
+    host, sep, port = server.rpartition(":")
+    if sep and port.isdigit() and host:
+        return f"{host}:{DEFAULT_RENEW_PORT}"
+    return f"{server}:{DEFAULT_RENEW_PORT}"
+
+
+def token_device_id(token: str) -> str:
+    """The ``device_id`` claim of a bootstrap token, read *without* verifying it.
+
+    Only to name the CSR's subject (the CA requires it to match the token) and to refuse a
+    token for another device before it is spent; the CA verifies the token.
+    """
+    parts = token.strip().split(".")
+    try:
+        if len(parts) != 3:
+            raise ValueError("not three dot-separated parts")
+        payload = parts[1] + "=" * (-len(parts[1]) % 4)
+        claims = json.loads(base64.urlsafe_b64decode(payload))
+        device_id = claims["device_id"]
+        if not isinstance(device_id, str) or not device_id:
+            raise ValueError("device_id is not a non-empty string")
+    except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+        raise EnrollClientError(
+            "token_unreadable",
+            f"the bootstrap token is not a compact JWS with a device_id claim ({exc})",
+        ) from None
+    return device_id
+
+
+def _rfc3339(when: datetime) -> str:
+    return when.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _now(now: datetime | None) -> datetime:
+    return now if now is not None else datetime.now(UTC)
+
+
+def _serial(cert: x509.Certificate) -> str:
+    return format(cert.serial_number, "x")
+
+
+# --- mTLS with the store's key ---------------------------------------------------------------
+
+
+def channel_credentials(
+    store: KeyStore, cert_chain_pem: bytes, ca_bundle_pem: bytes
+) -> grpc.ChannelCredentials:
+    """Client credentials presenting ``cert_chain_pem`` with the store's key.
+
+    A file store hands gRPC its PEM key; any other store signs the TLS handshake through
+    ``grpc.experimental.ssl_channel_credentials_with_custom_signer`` (the key stays put).
+    """
+    if isinstance(store, FileKeyStore):
+        return grpc.ssl_channel_credentials(
+            root_certificates=ca_bundle_pem,
+            private_key=store.private_key_pem(),
+            certificate_chain=cert_chain_pem,
+        )
+    algorithms = grpc.experimental.PrivateKeySignatureAlgorithm
+
+    def sign(data: bytes, algorithm: Any, on_complete: Callable[[Any], None]) -> bytes:
+        # Synchronous answer (bytes). Raising fails the handshake at once (tried here); the
+        # asynchronous on_complete route, called before returning, stalls it to the deadline.
+        if algorithm != algorithms.ECDSA_SECP256R1_SHA256:
+            log.error("TLS asked %s for %s", store.description(), algorithm)
+            raise ValueError(f"unsupported signature algorithm {algorithm} (expected ECDSA P-256)")
+        digest = hashes.Hash(hashes.SHA256())
+        digest.update(data)
+        try:
+            return store.sign_digest_ecdsa(digest.finalize())
+        except ZtagentError as err:
+            log.error("TLS handshake signing failed: %s", err)
+            raise
+
+    with warnings.catch_warnings():
+        # Experimental in grpcio 1.85 and the only way to do client TLS with a key that
+        # cannot leave its store; pinned by pyproject, covered by the integration tests.
+        warnings.simplefilter("ignore", grpc.experimental.ExperimentalApiWarning)
+        return grpc.experimental.ssl_channel_credentials_with_custom_signer(
+            private_key_sign_fn=sign,
+            root_certificates=ca_bundle_pem,
+            certificate_chain=cert_chain_pem,
+        )
+
+
+async def _call(
+    method: str, address: str, credentials: grpc.ChannelCredentials, request: Any, timeout_s: float
+) -> Any:
+    async with grpc.aio.secure_channel(address, credentials) as channel:
+        stub = pb_grpc.EnrollmentStub(channel)
+        try:
+            return await getattr(stub, method)(request, timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise _rpc_error(method, exc) from None
+
+
+def _rpc_error(method: str, exc: grpc.aio.AioRpcError) -> ZtagentError:
+    details = str(exc.details() or "")
+    if exc.code() in _TRANSIENT:
+        return CaUnreachable(method, exc.code().name, details)
+    code, sep, message = details.partition(": ")
+    if sep and code in STATUS_BY_CODE:
+        return EnrollError(code, message)
+    return EnrollClientError("enroll_refused", f"{method}: {exc.code().name}: {details}")
+
+
+def device_credentials(
+    cert: Path, ca_bundle_pem: bytes, pin: str | None = None
+) -> grpc.ChannelCredentials:
+    """Client credentials for ``cert`` of a device directory, with the key wherever that
+    directory's ``keystore.json`` says (a file next to the cert when there is none)."""
+    record_path = cert.parent / KEYSTORE_FILE
+    record = _read_json(record_path) if record_path.exists() else {"type": "file"}
+    store = open_key_store(record, cert.with_suffix(".key"), pin)
+    try:
+        return channel_credentials(store, cert.read_bytes(), ca_bundle_pem)
+    except OSError as exc:
+        raise EnrollClientError("device_dir_invalid", f"cannot read {cert}: {exc}") from None
+
+
+# --- the device directory --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeviceDir:
+    """What ``renew`` reads from a device directory."""
+
+    dir: Path
+    enrollment: dict[str, Any]
+    chain_pem: bytes
+    cert: x509.Certificate
+    ca_bundle_pem: bytes
+    key_store: dict[str, Any]
+
+    @property
+    def device_id(self) -> str:
+        return str(self.enrollment["device_id"])
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise EnrollClientError("device_dir_invalid", f"cannot read {path}: {exc}") from None
+    if not isinstance(doc, dict):
+        raise EnrollClientError("device_dir_invalid", f"{path} is not a JSON object")
+    return doc
+
+
+def load_device_dir(dir: Path) -> DeviceDir:
+    try:
+        chain_pem = (dir / DEVICE_CERT).read_bytes()
+        bundle = (dir / CA_BUNDLE).read_bytes()
+        cert = x509.load_pem_x509_certificate(chain_pem)
+    except OSError as exc:
+        raise EnrollClientError(
+            "device_dir_invalid", f"{dir} is not an enrolled device directory: {exc}"
+        ) from None
+    except ValueError as exc:
+        raise EnrollClientError("device_dir_invalid", f"{dir / DEVICE_CERT}: {exc}") from None
+    enrollment = _read_json(dir / ENROLLMENT_FILE)
+    if not isinstance(enrollment.get("device_id"), str):
+        raise EnrollClientError("device_dir_invalid", f"{dir / ENROLLMENT_FILE}: no device_id")
+    return DeviceDir(dir, enrollment, chain_pem, cert, bundle, _read_json(dir / KEYSTORE_FILE))
+
+
+def _cert_device_id(cert: x509.Certificate) -> str | None:
+    names = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    return str(names[0].value) if names else None
+
+
+def _existing(dir: Path) -> tuple[x509.Certificate, str | None, dict[str, Any] | None] | None:
+    """The current certificate, device id and key store record, if the dir is enrolled."""
+    path = dir / DEVICE_CERT
+    if not path.exists():
+        return None
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise EnrollClientError(
+            "device_dir_invalid", f"{path} exists but cannot be read ({exc}); use force"
+        ) from None
+    device_id = _cert_device_id(cert)
+    with contextlib.suppress(EnrollClientError):
+        device_id = str(_read_json(dir / ENROLLMENT_FILE).get("device_id") or device_id)
+    record: dict[str, Any] | None = None
+    with contextlib.suppress(EnrollClientError):
+        record = _read_json(dir / KEYSTORE_FILE)
+    return cert, device_id, record
+
+
+def _promote(tmp: Path, final: Path) -> None:
+    os.replace(tmp, final)
+    fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _json_bytes(doc: dict[str, Any]) -> bytes:
+    return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _check_response(
+    response: pb.EnrollResponse, store: KeyStore, device_id: str
+) -> tuple[x509.Certificate, bytes, bytes]:
+    """The leaf, chain and bundle of an answer, checked against what was asked."""
+    try:
+        chain = x509.load_pem_x509_certificates(bytes(response.certificate_chain))
+        bundle = x509.load_pem_x509_certificates(bytes(response.ca_bundle))
+    except ValueError as exc:
+        raise EnrollClientError("enroll_response_invalid", f"unreadable PEM: {exc}") from None
+    leaf = chain[0]
+    if leaf.public_key() != store.public_key():
+        raise EnrollClientError(
+            "enroll_response_invalid",
+            "the certificate's public key is not the key of the CSR "
+            f"(expected the key in {store.description()})",
+        )
+    if response.device_id != device_id:
+        raise EnrollClientError(
+            "enroll_response_invalid",
+            f"the CA issued for device {response.device_id!r} (expected {device_id!r})",
+        )
+    issuers = [*chain[1:], *bundle]
+    for issuer in issuers:
+        try:
+            leaf.verify_directly_issued_by(issuer)
+            break
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+    else:
+        raise EnrollClientError(
+            "enroll_response_invalid",
+            f"the certificate (issuer {leaf.issuer.rfc4514_string()}) is not signed by "
+            "any CA of the returned chain or bundle",
+        )
+    return leaf, bytes(response.certificate_chain), bytes(response.ca_bundle)
+
+
+def _write_state(
+    dir: Path,
+    *,
+    leaf: x509.Certificate,
+    chain_pem: bytes,
+    bundle_pem: bytes,
+    store: KeyStore,
+    server: str,
+    renew_server: str,
+    device_id: str,
+    spiffe_id: str,
+    ak_binding: tuple[str, str] | None = None,
+) -> None:
+    """``ak_binding`` = (AK name, enrollment id) after TPM-bound enrollment."""
+    if isinstance(store, FileKeyStore) and store.path.name == _NEW_KEY:
+        _promote(store.path, dir / DEVICE_KEY)
+        store.path = dir / DEVICE_KEY
+    write_atomic(dir / DEVICE_CERT, chain_pem)
+    write_atomic(dir / CA_BUNDLE, bundle_pem)
+    write_atomic(dir / KEYSTORE_FILE, _json_bytes(store.record()))
+    doc = {
+        "version": STATE_VERSION,
+        "server": server,
+        "renew_server": renew_server,
+        "device_id": device_id,
+        "spiffe_id": spiffe_id,
+        "serial": _serial(leaf),
+        "not_before": _rfc3339(leaf.not_valid_before_utc),
+        "not_after": _rfc3339(leaf.not_valid_after_utc),
+    }
+    if ak_binding is not None:
+        doc["ak_name"] = ak_binding[0]
+        record_binding(dir, *ak_binding)
+    write_atomic(dir / ENROLLMENT_FILE, _json_bytes(doc))
+
+
+def _discard(store: KeyStore) -> None:
+    """Drop a key that never got a certificate."""
+    with contextlib.suppress(OSError, ZtagentError):
+        if isinstance(store, FileKeyStore) and store.path.name == _NEW_KEY:
+            store.path.unlink()
+        elif isinstance(store, Pkcs11KeyStore | TpmKeyStore):
+            store.destroy()
+    store.close()
+
+
+def _read_ca_bundle(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError("--ca-bundle", f"cannot read {path}: {exc.strerror}") from None
+
+
+def _new_store(
+    spec: KeyStoreSpec,
+    dir: Path,
+    pin: str | None,
+    tpm: DeviceTpm | None,
+    previous: Mapping[str, Any] | None,
+) -> KeyStore:
+    dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if spec.kind == "file":
+        return FileKeyStore.create(dir / _NEW_KEY)
+    if spec.kind == "tpm":
+        if tpm is None:
+            raise ConfigError("--tpm", "the tpm key store needs the TPM: give --tpm TCTI")
+        return TpmKeyStore.create(tpm, avoid=_tpm_handle(previous, tpm))
+    uri = spec.uri
+    assert uri is not None
+    if uri.token is None:
+        raise ConfigError("--key-store", f"{uri} names no token label (expected token=LABEL)")
+    return Pkcs11KeyStore.create(
+        uri.module or DEFAULT_PKCS11_MODULE,
+        uri.token,
+        require_pin(pin),
+        uri.object or DEFAULT_KEY_LABEL,
+        key_id=uri.id,
+    )
+
+
+def _tpm_handle(record: Mapping[str, Any] | None, tpm: DeviceTpm) -> int | None:
+    """The identity slot a previous enrollment's key uses in this TPM (kept until replaced)."""
+    if record is None or record.get("type") != "tpm" or record.get("tcti") != tpm.tcti:
+        return None
+    try:
+        return int(str(record.get("handle")), 16)
+    except ValueError:
+        return None
+
+
+def _remove_old_key(
+    dir: Path, record: dict[str, Any] | None, new: KeyStore, pin: str | None
+) -> None:
+    """After re-enrollment: delete the previous key (token objects, or a now unused file)."""
+    if record is None or record == new.record():
+        return
+    try:
+        if record.get("type") in ("pkcs11", "tpm"):
+            old = open_key_store(record, dir / DEVICE_KEY, pin)
+            try:
+                if isinstance(old, Pkcs11KeyStore | TpmKeyStore) and old.record() != new.record():
+                    old.destroy()
+            finally:
+                old.close()
+        elif record.get("type") == "file" and not isinstance(new, FileKeyStore):
+            (dir / DEVICE_KEY).unlink(missing_ok=True)
+    except (OSError, ZtagentError) as err:
+        log.warning("could not remove the previous key (%s): %s", record, err)
+
+
+# --- enroll ----------------------------------------------------------------------------------
+
+
+async def _enroll_with_tpm(
+    server: str,
+    credentials: grpc.ChannelCredentials,
+    request: pb.EnrollRequest,
+    tpm: DeviceTpm,
+    rpc_timeout_s: float,
+) -> tuple[pb.EnrollResponse, str, str]:
+    """BeginTpmEnroll -> ActivateCredential -> CompleteTpmEnroll: (answer, AK name, id)."""
+    request.ek_public = await asyncio.to_thread(tpm.ek_public)
+    ek_certificate: bytes | None = await asyncio.to_thread(tpm.ek_certificate)
+    request.ek_certificate = ek_certificate or b""
+    request.ak_public = await asyncio.to_thread(tpm.ak_public)
+    ak_name = (await asyncio.to_thread(tpm.ak_name)).hex()
+    begin = await _call("BeginTpmEnroll", server, credentials, request, rpc_timeout_s)
+    secret = await asyncio.to_thread(
+        tpm.activate_credential, bytes(begin.credential_blob), bytes(begin.encrypted_secret)
+    )
+    complete = pb.CompleteTpmEnrollRequest(enrollment_id=begin.enrollment_id, secret=secret)
+    response = await _call("CompleteTpmEnroll", server, credentials, complete, rpc_timeout_s)
+    return response, ak_name, str(begin.enrollment_id)
+
+
+def _check_ak_name(leaf: x509.Certificate, response: pb.EnrollResponse, ak_name: str) -> None:
+    try:
+        in_cert = cert_ak_name(leaf)
+    except CertError as err:
+        raise EnrollClientError("enroll_response_invalid", err.message) from None
+    if in_cert != ak_name or response.ak_name.lower() != ak_name:
+        raise EnrollClientError(
+            "enroll_response_invalid",
+            f"the certificate binds AK {in_cert!r} (answer says {response.ak_name!r}), "
+            f"expected this TPM's AK {ak_name!r}",
+        )
+
+
+async def enroll(
+    server: str,
+    token: str,
+    ca_bundle: Path,
+    out_dir: Path,
+    key_store: str = "file",
+    *,
+    pin: str | None = None,
+    force: bool = False,
+    renew_server: str | None = None,
+    now: datetime | None = None,
+    rpc_timeout_s: float = RPC_TIMEOUT_S,
+    tpm: DeviceTpm | None = None,
+) -> EnrollResult:
+    """Enroll this device with a bootstrap token; write the device directory ``out_dir``.
+
+    With ``tpm`` the enrollment is TPM-bound: the certificate names the TPM's AK and
+    ``out_dir/ak-bound`` records it (``TpmError`` when the TPM fails).
+    """
+    spec = KeyStoreSpec.parse(key_store)
+    roots = _read_ca_bundle(ca_bundle)
+    device_id = token_device_id(token)
+    moment = _now(now)
+    existing = _existing(out_dir)
+    recovered = False
+    if existing is not None and not force:
+        cert, old_id, _ = existing
+        if not is_expired(cert, moment):
+            raise EnrollClientError(
+                "already_enrolled",
+                f"{out_dir} holds a certificate for device {old_id!r} valid until "
+                f"{_rfc3339(cert.not_valid_after_utc)}: use renew (or force to replace it)",
+            )
+        if old_id != device_id:
+            raise EnrollClientError(
+                "device_id_mismatch",
+                f"the bootstrap token is for device {device_id!r} but {out_dir} holds expired "
+                f"device {old_id!r} (expected a token for {old_id!r}; force enrolls the "
+                "directory as another device)",
+            )
+        recovered = True
+        log.info("recovering expired device %s in %s with a fresh token", device_id, out_dir)
+    if spec.kind == "pkcs11":
+        require_pin(pin)
+    store = _new_store(spec, out_dir, pin, tpm, existing[2] if existing else None)
+    ak_binding: tuple[str, str] | None = None
+    try:
+        request = pb.EnrollRequest(csr=build_csr(store, device_id), bootstrap_token=token)
+        credentials = grpc.ssl_channel_credentials(root_certificates=roots)
+        if tpm is None:
+            response = await _call("Enroll", server, credentials, request, rpc_timeout_s)
+        else:
+            response, ak_name, enrollment_id = await _enroll_with_tpm(
+                server, credentials, request, tpm, rpc_timeout_s
+            )
+            ak_binding = (ak_name, enrollment_id)
+        leaf, chain_pem, bundle_pem = _check_response(response, store, device_id)
+        if ak_binding is not None:
+            _check_ak_name(leaf, response, ak_binding[0])
+    except BaseException:
+        _discard(store)
+        raise
+    try:
+        _write_state(
+            out_dir,
+            leaf=leaf,
+            chain_pem=chain_pem,
+            bundle_pem=bundle_pem,
+            store=store,
+            server=server,
+            renew_server=renew_server or default_renew_server(server),
+            device_id=device_id,
+            spiffe_id=response.spiffe_id,
+            ak_binding=ak_binding,
+        )
+        if existing is not None:
+            _remove_old_key(out_dir, existing[2], store, pin)
+        description = store.description()
+    finally:
+        store.close()
+    log.info("enrolled device %s, serial %s, key in %s", device_id, _serial(leaf), description)
+    return EnrollResult(
+        dir=out_dir,
+        device_id=device_id,
+        spiffe_id=response.spiffe_id,
+        serial=_serial(leaf),
+        not_before=leaf.not_valid_before_utc,
+        not_after=leaf.not_valid_after_utc,
+        key_store=description,
+        recovered=recovered,
+    )
+
+
+# --- renew -----------------------------------------------------------------------------------
+
+
+def _rotated_store(current: KeyStore, dir: Path, pin: str | None) -> KeyStore:
+    if isinstance(current, FileKeyStore):
+        return FileKeyStore.create(dir / _NEW_KEY)
+    if isinstance(current, Pkcs11KeyStore):
+        if current.uri.token is None:
+            raise ConfigError("keystore.json", f"{current.uri} names no token label")
+        return Pkcs11KeyStore.create(
+            current.module,
+            current.uri.token,
+            require_pin(pin),
+            current.uri.object or DEFAULT_KEY_LABEL,
+        )
+    if isinstance(current, TpmKeyStore):
+        return TpmKeyStore.create(current.tpm, avoid=current.handle)
+    raise ConfigError("keystore.json", f"cannot rotate a key in {current.description()}")
+
+
+async def renew(
+    dir: Path,
+    *,
+    pin: str | None = None,
+    rotate_key: bool = True,
+    server: str | None = None,
+    now: datetime | None = None,
+    rpc_timeout_s: float = RPC_TIMEOUT_S,
+) -> RenewResult:
+    """Renew the device certificate over mTLS with the current one; same device id."""
+    state = load_device_dir(dir)
+    moment = _now(now)
+    if is_expired(state.cert, moment):
+        raise EnrollClientError(
+            "cert_expired",
+            f"the certificate in {dir} expired at {_rfc3339(state.cert.not_valid_after_utc)} "
+            f"(now {_rfc3339(moment)}) and cannot authenticate a renewal: recover with a fresh "
+            f"bootstrap token for device {state.device_id!r} and `ztagent enroll --out {dir}` "
+            "(keeps the device id)",
+        )
+    address = server or str(state.enrollment.get("renew_server") or "")
+    if not address:
+        raise EnrollClientError("device_dir_invalid", f"{dir / ENROLLMENT_FILE}: no renew_server")
+    current = open_key_store(state.key_store, dir / DEVICE_KEY, pin)
+    try:
+        new = _rotated_store(current, dir, pin) if rotate_key else current
+        try:
+            csr = build_csr(new, state.device_id)
+            response = await _call(
+                "Renew",
+                address,
+                channel_credentials(current, state.chain_pem, state.ca_bundle_pem),
+                pb.RenewRequest(csr=csr),
+                rpc_timeout_s,
+            )
+            leaf, chain_pem, bundle_pem = _check_response(response, new, state.device_id)
+        except BaseException:
+            if new is not current:
+                _discard(new)
+            raise
+        try:
+            _write_state(
+                dir,
+                leaf=leaf,
+                chain_pem=chain_pem,
+                bundle_pem=bundle_pem,
+                store=new,
+                server=str(state.enrollment.get("server") or ""),
+                renew_server=address,
+                device_id=state.device_id,
+                spiffe_id=response.spiffe_id or str(state.enrollment.get("spiffe_id") or ""),
+            )
+            if new is not current and isinstance(current, Pkcs11KeyStore | TpmKeyStore):
+                try:
+                    current.destroy()
+                except ZtagentError as err:
+                    log.warning(
+                        "could not delete the rotated-out key %s: %s", current.description(), err
+                    )
+        finally:
+            if new is not current:
+                new.close()
+    finally:
+        current.close()
+    previous = _serial(state.cert)
+    log.info("renewed device %s: serial %s -> %s", state.device_id, previous, _serial(leaf))
+    return RenewResult(
+        dir=dir,
+        device_id=state.device_id,
+        serial=_serial(leaf),
+        previous_serial=previous,
+        not_before=leaf.not_valid_before_utc,
+        not_after=leaf.not_valid_after_utc,
+        key_rotated=new is not current,
+    )
+
+
+# --- renew --watch ---------------------------------------------------------------------------
+
+
+async def renew_watch(
+    dir: Path,
+    *,
+    pin: str | None = None,
+    rotate_key: bool = True,
+    server: str | None = None,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    rng: Callable[[], float] = random.random,
+    max_attempts: int | None = None,
+    backoff: Backoff = Backoff(),
+) -> list[RenewResult]:
+    """Renew at 2/3 of each certificate's lifetime, forever (or ``max_attempts`` attempts).
+
+    While the CA is unreachable (``CaUnreachable``) it retries with ``backoff`` until the
+    certificate expires; then ``renew`` raises ``cert_expired`` (the recovery path), which
+    ends the watch, as does any refusal by the CA. Returns the renewals done when
+    ``max_attempts`` (successful or not) have been made.
+    """
+    results: list[RenewResult] = []
+    attempts = 0
+    while True:
+        cert = load_device_dir(dir).cert
+        moment = clock()
+        if not renew_due(cert, moment):
+            wait = (renew_at(cert) - moment).total_seconds()
+            log.info("next renewal of %s at %s (in %.0f s)", dir, _rfc3339(renew_at(cert)), wait)
+            await sleep(wait)
+        failures = 0
+        while True:
+            if max_attempts is not None and attempts >= max_attempts:
+                return results
+            attempts += 1
+            log.info("renewal attempt %d for %s", attempts, dir)
+            try:
+                results.append(
+                    await renew(dir, pin=pin, rotate_key=rotate_key, server=server, now=clock())
+                )
+                break
+            except CaUnreachable as err:
+                failures += 1
+                remaining = (cert.not_valid_after_utc - clock()).total_seconds()
+                delay = backoff.delay(failures, remaining, rng)
+                log.warning(
+                    "renewal attempt %d failed (%s); retry in %.1f s, certificate expires in %s",
+                    attempts,
+                    err,
+                    delay,
+                    timedelta(seconds=int(max(0.0, remaining))),
+                )
+                await sleep(delay)
