@@ -18,7 +18,8 @@ checks    ``pki/`` (device certificate verification, CRL update rules), ``tokens
           no sockets of their own, an injected clock
 base      ``config`` (one validated object), ``errors`` (the root error and its families,
           each naming its gRPC status as data), ``enrollment`` (the codes CA and device
-          share), ``files`` (atomic writes, file stamps); gRPC-facing base:
+          share), ``files`` (atomic writes, file stamps), ``timefmt`` (the one RFC 3339
+          formatter); gRPC-facing base:
           ``rpc_status`` (the one error-to-status mapping), ``signals``, ``_proto``
 ========  ===========================================================================
 

@@ -56,7 +56,9 @@ def cmd_ca_issue(args: argparse.Namespace) -> int:
     from ztagent.ca import store as ca_store
 
     cert = ca_store.issue_device_cert(args.dir, args.device_id, args.out, days=args.days)
-    until = cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
+    from ztagent.timefmt import rfc3339
+
+    until = rfc3339(cert.not_valid_after_utc)
     print(
         f"issued {args.out} for device {args.device_id} "
         f"(serial {builders.serial_hex(cert.serial_number)}, valid until {until})"
@@ -433,14 +435,14 @@ def cmd_log_verify(args: argparse.Namespace) -> int:
 
 
 def _print_attestation(outcome: object) -> None:
-    import time
+    from ztagent.timefmt import rfc3339_from_timestamp
 
     if isinstance(outcome, ZtagentError):
         print(f"FAILED {outcome.code}: {outcome.message}")
         return
     response: Any = outcome
     if response.verified:
-        until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(response.posture_expires_at))
+        until = rfc3339_from_timestamp(response.posture_expires_at)
         print(f"VERIFIED attestation {response.attestation_id}; posture valid until {until}")
     else:
         for failure in response.failures:

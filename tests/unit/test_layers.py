@@ -17,7 +17,14 @@ import ztagent
 
 ROOT = Path(ztagent.__file__).parent
 
-BASE = {"ztagent", "ztagent.config", "ztagent.errors", "ztagent.files", "ztagent.enrollment"}
+BASE = {
+    "ztagent",
+    "ztagent.config",
+    "ztagent.errors",
+    "ztagent.files",
+    "ztagent.enrollment",
+    "ztagent.timefmt",
+}
 BASE_GRPC = {"ztagent.rpc_status", "ztagent.signals", "ztagent._proto"}
 """Below every server too, but gRPC-facing: the one error-to-status mapping, waiting for
 SIGTERM, the generated stubs. Servers, sides and the face use them; checks never do."""

@@ -47,6 +47,7 @@ from ztagent.errors import ConfigError
 from ztagent.files import KEY_MODE, write_atomic
 from ztagent.pki.errors import CaError, CertError
 from ztagent.pki.spiffe import validate_device_id
+from ztagent.timefmt import rfc3339_from_timestamp as _when
 
 TOKEN_TYP: Final = "ztagent-bootstrap+jwt"  # noqa: S105 (a media type, not a secret)
 ALG: Final = "ES256"
@@ -267,13 +268,9 @@ def _check_claims(
     if moment > exp + LEEWAY_S:
         raise EnrollError(
             "token_expired",
-            f"token expired at {_iso(exp)} (validation time {_iso(moment)}, leeway {LEEWAY_S} s)",
+            f"token expired at {_when(exp)} (validation time {_when(moment)}, leeway {LEEWAY_S} s)",
         )
     return BootstrapClaims(device_id, td, jti, iat, exp, kid)
-
-
-def _iso(ts: int) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # --- single use (IO) -------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ from ztagent.ca.builders import (
 from ztagent.files import KEY_MODE, PUBLIC_MODE, write_atomic
 from ztagent.pki.errors import CaError, CertError
 from ztagent.pki.spiffe import device_spiffe_id, validate_device_id, validate_trust_domain
+from ztagent.timefmt import parse_rfc3339, rfc3339
 
 STATE_VERSION = 1
 
@@ -96,14 +97,6 @@ class CaLayout:
         return self.devices_dir / f"{device_id}.key"
 
 
-def _rfc3339(when: datetime) -> str:
-    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _from_rfc3339(text: str) -> datetime:
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-
-
 def _write_pair(cert_path: Path, key_path: Path, pair: KeyPair, *chain: x509.Certificate) -> None:
     write_atomic(key_path, key_pem(pair.key), KEY_MODE)
     write_atomic(cert_path, cert_pem(pair.cert, *chain), PUBLIC_MODE)
@@ -141,7 +134,7 @@ class CaState:
             "trust_domain": self.trust_domain,
             "crl_number": self.crl_number,
             "revoked": [
-                {"serial": serial_hex(r.serial), "revoked_at": _rfc3339(r.revoked_at)}
+                {"serial": serial_hex(r.serial), "revoked_at": rfc3339(r.revoked_at)}
                 for r in self.revoked
             ],
             "issued": [
@@ -149,7 +142,7 @@ class CaState:
                     "serial": serial_hex(i.serial),
                     "kind": i.kind,
                     "device_id": i.device_id,
-                    "not_after": _rfc3339(i.not_after),
+                    "not_after": rfc3339(i.not_after),
                 }
                 for i in self.issued
             ],
@@ -166,7 +159,7 @@ class CaState:
                 trust_domain=str(doc["trust_domain"]),
                 crl_number=int(doc["crl_number"]),
                 revoked=tuple(
-                    RevokedEntry(int(r["serial"], 16), _from_rfc3339(r["revoked_at"]))
+                    RevokedEntry(int(r["serial"], 16), parse_rfc3339(r["revoked_at"]))
                     for r in doc["revoked"]
                 ),
                 issued=tuple(
@@ -174,7 +167,7 @@ class CaState:
                         int(i["serial"], 16),
                         str(i["kind"]),
                         i.get("device_id"),
-                        _from_rfc3339(i["not_after"]),
+                        parse_rfc3339(i["not_after"]),
                     )
                     for i in doc["issued"]
                 ),

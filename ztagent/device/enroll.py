@@ -101,6 +101,7 @@ from ztagent.errors import ConfigError, TransportError, ZtagentError
 from ztagent.files import write_atomic
 from ztagent.pki.device_check import cert_ak_name
 from ztagent.pki.errors import CertError
+from ztagent.timefmt import rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -220,10 +221,6 @@ def token_device_id(token: str) -> str:
             f"the bootstrap token is not a compact JWS with a device_id claim ({exc})",
         ) from None
     return device_id
-
-
-def _rfc3339(when: datetime) -> str:
-    return when.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _now(now: datetime | None) -> datetime:
@@ -461,8 +458,8 @@ def _write_state(
         "device_id": device_id,
         "spiffe_id": spiffe_id,
         "serial": _serial(leaf),
-        "not_before": _rfc3339(leaf.not_valid_before_utc),
-        "not_after": _rfc3339(leaf.not_valid_after_utc),
+        "not_before": rfc3339(leaf.not_valid_before_utc),
+        "not_after": rfc3339(leaf.not_valid_after_utc),
     }
     if ak_binding is not None:
         doc["ak_name"] = ak_binding[0]
@@ -613,7 +610,7 @@ async def enroll(
             raise EnrollClientError(
                 "already_enrolled",
                 f"{out_dir} holds a certificate for device {old_id!r} valid until "
-                f"{_rfc3339(cert.not_valid_after_utc)}: use renew (or force to replace it)",
+                f"{rfc3339(cert.not_valid_after_utc)}: use renew (or force to replace it)",
             )
         if old_id != device_id:
             raise EnrollClientError(
@@ -710,8 +707,8 @@ async def renew(
     if is_expired(state.cert, moment):
         raise EnrollClientError(
             "cert_expired",
-            f"the certificate in {dir} expired at {_rfc3339(state.cert.not_valid_after_utc)} "
-            f"(now {_rfc3339(moment)}) and cannot authenticate a renewal: recover with a fresh "
+            f"the certificate in {dir} expired at {rfc3339(state.cert.not_valid_after_utc)} "
+            f"(now {rfc3339(moment)}) and cannot authenticate a renewal: recover with a fresh "
             f"bootstrap token for device {state.device_id!r} and `ztagent enroll --out {dir}` "
             "(keeps the device id)",
         )
@@ -801,7 +798,7 @@ async def renew_watch(
         moment = clock()
         if not renew_due(cert, moment):
             wait = (renew_at(cert) - moment).total_seconds()
-            log.info("next renewal of %s at %s (in %.0f s)", dir, _rfc3339(renew_at(cert)), wait)
+            log.info("next renewal of %s at %s (in %.0f s)", dir, rfc3339(renew_at(cert)), wait)
             await sleep(wait)
         failures = 0
         while True:

@@ -35,6 +35,7 @@ from ztagent.errors import ConfigError
 from ztagent.pki.errors import CertError
 from ztagent.pki.spiffe import SpiffeId, parse_device_id, validate_trust_domain
 from ztagent.pki.trust import TrustMaterial
+from ztagent.timefmt import rfc3339
 
 _SIGNING_KEYS = (
     ec.EllipticCurvePublicKey,
@@ -101,11 +102,6 @@ def cert_ak_name(cert: x509.Certificate) -> str | None:
     except ValueError as exc:
         raise CertError("cert_malformed", f"AK-name extension: {exc}") from None
     return raw[2:].hex()
-
-
-def rfc3339(when: datetime) -> str:
-    """UTC, second precision, ``Z`` suffix."""
-    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _utc(now: datetime) -> datetime:

@@ -9,7 +9,6 @@ from ztagent.pki.device_check import (
     DevicePolicy,
     VerifiedDevice,
     explain,
-    rfc3339,
     verify_device_cert,
     verify_with_expiry,
 )
@@ -22,7 +21,6 @@ __all__ = [
     "VerifiedDevice",
     "explain",
     "load_crls",
-    "rfc3339",
     "verify_device_cert",
     "verify_with_expiry",
 ]

@@ -12,8 +12,9 @@ from typing import Any
 
 from ztagent import __version__
 from ztagent.posture import unverified_posture
+from ztagent.timefmt import rfc3339
 
-__all__ = ["build_input", "request_metadata", "rfc3339", "split_method", "unverified_posture"]
+__all__ = ["build_input", "request_metadata", "split_method", "unverified_posture"]
 
 # Never copied into the input (or the decision log): credentials and our own identity headers.
 _SECRET_KEYS = frozenset({"authorization", "cookie", "proxy-authorization", "x-api-key"})
@@ -40,10 +41,6 @@ def split_method(full_method: str) -> tuple[str, str]:
     return parts[1], parts[2]
 
 
-def rfc3339(when: datetime) -> str:
-    return when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
-
-
 def build_input(
     *,
     device: Mapping[str, Any],
@@ -67,5 +64,5 @@ def build_input(
             "metadata": dict(metadata),
             "peer": peer,
         },
-        "context": {"time": rfc3339(now), "node": node, "agent_version": __version__},
+        "context": {"time": rfc3339(now, digits=3), "node": node, "agent_version": __version__},
     }

@@ -47,6 +47,7 @@ from joserfc.errors import BadSignatureError, JoseError
 from joserfc.jwk import Key, KeySet
 
 from ztagent.errors import ConfigError
+from ztagent.timefmt import rfc3339_from_timestamp as _when
 from ztagent.tokens.errors import TokenError
 
 ALGORITHM_KEYS: Mapping[str, tuple[str, frozenset[str] | None]] = MappingProxyType(
@@ -367,13 +368,6 @@ def _str_list(claims: Mapping[str, Any], name: str) -> tuple[str, ...] | None:
     raise TokenError(
         "token_claims_invalid", f"{name} is {_show(value)} (expected a string or list of strings)"
     )
-
-
-def _when(seconds: float) -> str:
-    try:
-        return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    except (OverflowError, ValueError, OSError):
-        return f"{seconds:g}"
 
 
 def _check_times(claims: Mapping[str, Any], policy: TokenPolicy, now: datetime) -> datetime:

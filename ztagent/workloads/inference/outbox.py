@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 import grpc
 
 from ztagent._proto.workloads.v1 import storage_pb2, storage_pb2_grpc
+from ztagent.timefmt import rfc3339
 from ztagent.workloads.storage.server import DEVICE_ID_HEADER
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def record_json(result: EscalatedResult) -> bytes:
         "scores": dict(result.scores),
         "threshold": result.threshold,
         "request_id": result.request_id,
-        "time": result.time.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+        "time": rfc3339(result.time, digits=6),
     }
     return json.dumps(doc, sort_keys=True).encode("utf-8")
 
