@@ -7,7 +7,6 @@ naming the key (``tls.client_ca``, ``routes[1].upstream``) before any socket ope
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import tomllib
 from collections.abc import Mapping
@@ -15,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ztagent.addresses import local_target, parse_host_port
 from ztagent.errors import ConfigError
 
 FailureMode = Literal["closed", "open"]
@@ -293,45 +293,6 @@ def _path(
         return None
     path = Path(_str(table, key, name))
     return path if path.is_absolute() else base / path
-
-
-def parse_host_port(value: str, name: str) -> tuple[str, int]:
-    """Splits 'host:port' or '[v6]:port'; raises ConfigError naming ``name``."""
-    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", value)
-    if not match:
-        raise ConfigError(name, f"expected host:port or [ipv6]:port, got {value!r}")
-    host = match.group(1) or match.group(3)
-    port = int(match.group(2) or match.group(4))
-    if not 0 <= port <= 65535:
-        raise ConfigError(name, f"port must be 0-65535, got {port}")
-    return host, port
-
-
-def is_loopback_host(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def validate_upstream(value: str, name: str, base: Path | None = None) -> str:
-    """An upstream is a unix socket or a loopback host:port (workloads never leave the node).
-    A relative ``unix:`` path is resolved against ``base`` (the config file's directory)."""
-    if value.startswith("unix:"):
-        path = value.removeprefix("unix:").removeprefix("//")
-        if not path:
-            raise ConfigError(name, "unix: address needs a path")
-        if base is not None and not path.startswith("/"):
-            return f"unix:{base / path}"
-        return value
-    host, _ = parse_host_port(value, name)
-    if not is_loopback_host(host):
-        raise ConfigError(
-            name, f"upstream must be loopback or unix:, got {value!r} (host {host!r})"
-        )
-    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -616,7 +577,7 @@ def _routes(raw: object, base: Path) -> tuple[Route, ...]:
         if service in seen:
             raise ConfigError(f"{name}.service", f"duplicate route for {service!r}")
         seen.add(service)
-        upstream = validate_upstream(
+        upstream = local_target(
             _str(table, "upstream", f"{name}.upstream"), f"{name}.upstream", base
         )
         timeout: float | None = None

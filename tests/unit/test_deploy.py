@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 import yaml
 
-from ztagent.config import Config, parse_config, parse_host_port
+from ztagent.addresses import parse_host_port
+from ztagent.config import Config, parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
 K3S = ROOT / "deploy" / "k3s"

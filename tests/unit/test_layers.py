@@ -24,6 +24,7 @@ BASE = {
     "ztagent.files",
     "ztagent.enrollment",
     "ztagent.timefmt",
+    "ztagent.addresses",
 }
 BASE_GRPC = {"ztagent.rpc_status", "ztagent.signals", "ztagent._proto"}
 """Below every server too, but gRPC-facing: the one error-to-status mapping, waiting for

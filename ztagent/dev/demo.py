@@ -25,6 +25,7 @@ import grpc
 from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ztagent.addresses import local_target
 from ztagent.config import Config, load_config
 from ztagent.dev.demo_enroll import (
     enroll_device,
@@ -47,7 +48,6 @@ from ztagent.dev.pki import (
 )
 from ztagent.device.enroll import device_credentials
 from ztagent.pki.device_check import cert_ak_name
-from ztagent.workloads.storage.server import parse_listen
 
 STORAGE = "ztagent.workloads.v1.Storage"
 DEMO_DEVICE = "demo-device"
@@ -358,7 +358,7 @@ def run_demo(config_path: Path, ca_dir: Path) -> int:
     (root / "var" / "run").mkdir(parents=True, exist_ok=True, mode=0o700)
     devices = root / "var" / "devices"
     ca_address = "127.0.0.1:8444"
-    storage_args = ["workload", "storage", "--listen", parse_listen(route.upstream)]
+    storage_args = ["workload", "storage", "--listen", local_target(route.upstream, "listen")]
     storage_args += ["--data", str(root / "var" / "storage")]
     inference_route = config.route_for(INFERENCE)
     models = root / "var" / "models"
@@ -399,11 +399,11 @@ def run_demo(config_path: Path, ca_dir: Path) -> int:
                     "workload",
                     "inference",
                     "--listen",
-                    parse_listen(inference_route.upstream),
+                    local_target(inference_route.upstream, "listen"),
                     "--models",
                     str(models),
                     "--storage",
-                    parse_listen(route.upstream),
+                    local_target(route.upstream, "listen"),
                     "--model-keys",
                     str(model_pub),
                     "--confidence-threshold",

@@ -31,7 +31,7 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
-from ztagent.config import parse_host_port
+from ztagent.addresses import parse_host_port
 from ztagent.errors import ConfigError
 
 MAX_LABEL_VALUES = 200

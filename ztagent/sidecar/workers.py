@@ -41,7 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from ztagent.config import Config, parse_host_port
+from ztagent.addresses import parse_host_port
+from ztagent.config import Config
 from ztagent.errors import ConfigError
 
 log = logging.getLogger("ztagent.sidecar")

@@ -7,6 +7,7 @@ import asyncio
 import grpc
 import pytest
 
+from ztagent.addresses import local_target
 from ztagent.errors import ConfigError, VerificationError
 from ztagent.rpc_status import grpc_status_for
 from ztagent.workloads.storage.errors import (
@@ -14,7 +15,7 @@ from ztagent.workloads.storage.errors import (
     StorageIntegrityError,
     WatchOverflowError,
 )
-from ztagent.workloads.storage.server import ChangeHub, device_namespace, parse_listen
+from ztagent.workloads.storage.server import ChangeHub, device_namespace
 from ztagent.workloads.storage.store import Change, ChangeKind
 
 
@@ -31,8 +32,8 @@ from ztagent.workloads.storage.store import Change, ChangeKind
         ("LOCALHOST:1", "localhost:1"),
     ],
 )
-def test_parse_listen_accepts_local(addr: str, bound: str) -> None:
-    assert parse_listen(addr) == bound
+def test_local_target_accepts_local(addr: str, bound: str) -> None:
+    assert local_target(addr, "listen") == bound
 
 
 @pytest.mark.parametrize(
@@ -54,9 +55,9 @@ def test_parse_listen_accepts_local(addr: str, bound: str) -> None:
         (" 127.0.0.1:1", "blank-padded"),
     ],
 )
-def test_parse_listen_refuses_non_local(addr: str, why: str) -> None:
+def test_local_target_refuses_non_local(addr: str, why: str) -> None:
     with pytest.raises(ConfigError, match="listen: got") as info:
-        parse_listen(addr)
+        local_target(addr, "listen")
     assert info.value.key == "listen"
     assert why in info.value.message
     assert repr(addr) in info.value.message

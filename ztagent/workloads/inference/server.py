@@ -29,6 +29,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ztagent._proto.workloads.v1 import inference_pb2, inference_pb2_grpc
+from ztagent.addresses import local_target
 from ztagent.errors import ConfigError, TransportError, ZtagentError
 from ztagent.posture.firmware import load_trusted_keys
 from ztagent.rpc_status import grpc_status_for
@@ -42,7 +43,7 @@ from ztagent.workloads.inference.errors import (
 from ztagent.workloads.inference.models import LoadedModel, decode_tensor, load_models
 from ztagent.workloads.inference.outbox import EscalatedResult, Outbox
 from ztagent.workloads.inference.tensors import MAX_TENSOR_BYTES, check_tensor
-from ztagent.workloads.storage.server import ERROR_CODE_HEADER, device_namespace, parse_listen
+from ztagent.workloads.storage.server import ERROR_CODE_HEADER, device_namespace
 
 log = logging.getLogger(__name__)
 
@@ -338,16 +339,13 @@ async def start_inference_server(
     ``model_keys``: PEM public keys of trusted model signers; when given, only models whose
     manifest carries a valid signature by one of them are served.
     """
-    address = parse_listen(listen)
+    address = local_target(listen, "listen")
     trusted = load_trusted_keys(model_keys, "model_keys") if model_keys else None
     options = InferenceOptions(confidence_threshold, max_batch, max_wait_ms, threads)
     options.check()
     outbox_target = None
     if storage_target is not None:
-        try:
-            outbox_target = parse_listen(storage_target)
-        except ConfigError as err:
-            raise ConfigError("storage_target", err.message.removeprefix("listen: ")) from None
+        outbox_target = local_target(storage_target, "storage_target")
 
     loop = asyncio.get_running_loop()
     # set_num_threads is per OpenMP thread: set it where the forward passes run.

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import ipaddress
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +23,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ztagent._proto.workloads.v1 import storage_pb2, storage_pb2_grpc
+from ztagent.addresses import local_target
 from ztagent.errors import ConfigError, TransportError, VerificationError, ZtagentError
 from ztagent.rpc_status import grpc_status_for
 from ztagent.signals import wait_for_stop_signal
@@ -67,50 +67,6 @@ _MISSING_DEVICE_ID = (
 
 
 # -- listen addresses -----------------------------------------------------------------------
-
-
-def parse_listen(addr: str) -> str:
-    """Validates a workload listen address and returns it in the form gRPC binds.
-
-    Accepts ``unix:/path``, ``unix:///path`` (returned as ``unix:/path``), ``unix:relative``,
-    and ``HOST:PORT`` where HOST is ``localhost`` or a loopback IP (``127.0.0.1``,
-    ``[::1]``). Anything else raises ``ConfigError('listen', ...)``: the workload trusts the
-    sidecar's device-id header, so it must not be reachable from the network.
-    """
-    expected = "expected 'unix:/path/to.sock' or a loopback HOST:PORT such as 127.0.0.1:50061"
-
-    def bad(why: str) -> ConfigError:
-        return ConfigError("listen", f"got {addr!r} ({why}); {expected}")
-
-    if "\x00" in addr or not addr.strip() or addr != addr.strip():
-        raise bad("empty, blank-padded or NUL")
-    if addr.startswith("unix:"):
-        rest = addr.removeprefix("unix:")
-        if rest.startswith("//"):
-            if not rest.startswith("///"):
-                raise bad("unix:// needs an absolute path, as in unix:///run/storage.sock")
-            rest = rest[2:]
-        if not rest:
-            raise bad("no socket path")
-        return f"unix:{rest}"
-    host, sep, port_text = addr.rpartition(":")
-    if not sep or not host:
-        raise bad("no host")
-    if not port_text.isdigit() or int(port_text) > 65535:
-        raise bad(f"port {port_text!r} is not 0-65535")
-    port = int(port_text)
-    if host.lower() == "localhost":
-        return f"localhost:{port}"
-    bracketed = host.startswith("[") and host.endswith("]")
-    try:
-        ip = ipaddress.ip_address(host[1:-1] if bracketed else host)
-    except ValueError:
-        raise bad(f"host {host!r} is neither localhost nor an IP address") from None
-    if ip.version == 6 and not bracketed:
-        raise bad("an IPv6 host needs brackets, as in [::1]:50061")
-    if not ip.is_loopback:
-        raise bad(f"{ip} is not a loopback address")
-    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
 
 
 # -- watch fan-out --------------------------------------------------------------------------
@@ -405,7 +361,7 @@ async def start_storage_server(
     Returns the started server and its bound port (0 for a unix socket). Stop it with
     :func:`stop_storage_server`, which also closes the database.
     """
-    address = parse_listen(listen)
+    address = local_target(listen, "listen")
     if max_value_bytes < 1:
         raise ConfigError(
             "max_value_bytes", f"got {max_value_bytes}, expected a positive number of bytes"
