@@ -193,13 +193,15 @@ async def test_crl_fetched_from_source_verified_and_kept_on_disk(
 
 
 def test_crl_updates_are_verified_and_never_roll_back(pki: Pki) -> None:
-    now = datetime.now(UTC)
     bundle = pki.layout.bundle.read_bytes()
     old = pki.layout.crl.read_bytes()
     cert_path = pki.layout.dir / "cam-rb.pem"
     ca_store.issue_device_cert(pki.layout.dir, "cam-rb", cert_path)
     ca_store.revoke(pki.layout.dir, cert_path=cert_path)
     new = pki.layout.crl.read_bytes()
+    # After the revocation: a validation time taken before it could fall in the second
+    # before the new CRL's thisUpdate (crl_not_yet_valid), as it once did here.
+    now = datetime.now(UTC) + timedelta(seconds=1)
     assert accept_crl_update(new, bundle, old, now) == new
     assert accept_crl_update(new, bundle, new, now) is None  # nothing new
     with pytest.raises(CertError) as info:

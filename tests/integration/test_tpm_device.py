@@ -31,8 +31,8 @@ from ztagent.dev.boot_sim import boot_demo_device, demo_components, simulate_boo
 from ztagent.device import attest as device
 from ztagent.device.attest import (
     AK_BOUND_FILE,
+    RETRY_BACKOFF,
     EvidenceInputs,
-    RetryPolicy,
     attest_loop,
     attest_once,
     load_evidence_inputs,
@@ -45,6 +45,7 @@ from ztagent.posture.errors import PostureError
 from ztagent.posture.eventlog import COMPONENT_PCRS, parse_event_log, replay
 from ztagent.posture.quote import ak_name, parse_quote, pcr_composite_digest
 from ztagent.posture.quote import verify_quote_signature as verify_signature
+from ztagent.schedule import Backoff
 
 pytestmark = pytest.mark.integration
 
@@ -405,7 +406,7 @@ async def test_attest_loop_retries_with_backoff_and_reports_every_round(
             inputs=EvidenceInputs(b"log"),
             host_facts=lambda: {"self_reported": True},
             on_result=on_result,
-            retry=RetryPolicy(initial_s=0.01, max_s=0.05),
+            retry=Backoff(initial_s=0.01, cap_s=0.05),
         )
     )
     await asyncio.wait_for(done.wait(), 20)
@@ -417,10 +418,10 @@ async def test_attest_loop_retries_with_backoff_and_reports_every_round(
 
 def test_next_attempt_is_two_thirds_of_the_lifetime_or_the_backoff() -> None:
     ok = pb.AttestResponse(verified=True, posture_expires_at=1_000 + 600)
-    assert device.next_attempt_in(ok, 0, 1_000.0, RetryPolicy()) == pytest.approx(400.0)
+    assert device.next_attempt_in(ok, 0, 1_000.0, RETRY_BACKOFF) == pytest.approx(400.0)
     nearly_expired = pb.AttestResponse(verified=True, posture_expires_at=1_000)
-    assert device.next_attempt_in(nearly_expired, 0, 1_000.0, RetryPolicy()) == 1.0
-    retry = RetryPolicy(initial_s=1, max_s=8, jitter=0.5)
+    assert device.next_attempt_in(nearly_expired, 0, 1_000.0, RETRY_BACKOFF) == 1.0
+    retry = Backoff(initial_s=1, cap_s=8, jitter=0.5)
     delays = [device.next_attempt_in(None, n, 0.0, retry, rnd=lambda: 0.0) for n in (1, 2, 3, 9)]
     assert delays == [1, 2, 4, 8]
     assert device.next_attempt_in(None, 3, 0.0, retry, rnd=lambda: 1.0) == 2.0
@@ -428,9 +429,9 @@ def test_next_attempt_is_two_thirds_of_the_lifetime_or_the_backoff() -> None:
 
 def test_attest_every_caps_the_wait_after_a_success_only() -> None:
     ok = pb.AttestResponse(verified=True, posture_expires_at=1_000 + 600)
-    assert device.next_attempt_in(ok, 0, 1_000.0, RetryPolicy(), every_s=30) == 30
-    assert device.next_attempt_in(ok, 0, 1_000.0, RetryPolicy(), every_s=900) == pytest.approx(400)
-    retry = RetryPolicy(initial_s=1, max_s=8, jitter=0.5)
+    assert device.next_attempt_in(ok, 0, 1_000.0, RETRY_BACKOFF, every_s=30) == 30
+    assert device.next_attempt_in(ok, 0, 1_000.0, RETRY_BACKOFF, every_s=900) == pytest.approx(400)
+    retry = Backoff(initial_s=1, cap_s=8, jitter=0.5)
     assert device.next_attempt_in(None, 2, 0.0, retry, rnd=lambda: 0.0, every_s=0.5) == 2
 
 

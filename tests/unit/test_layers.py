@@ -25,6 +25,7 @@ BASE = {
     "ztagent.enrollment",
     "ztagent.timefmt",
     "ztagent.addresses",
+    "ztagent.schedule",
 }
 BASE_GRPC = {"ztagent.rpc_status", "ztagent.signals", "ztagent._proto"}
 """Below every server too, but gRPC-facing: the one error-to-status mapping, waiting for

@@ -39,6 +39,7 @@ from ztagent.errors import ConfigError, TransportError, ZtagentError
 from ztagent.files import write_atomic
 from ztagent.posture.errors import PostureError
 from ztagent.posture.host import collect_host_facts
+from ztagent.schedule import Backoff, refresh_in
 
 AK_BOUND_FILE = "ak-bound"
 """JSON record ``{"ak_name", "binding_id", "bound_at"}`` written after a successful binding."""
@@ -47,7 +48,6 @@ EVENT_LOG_FILE = "event-log.bin"
 SYSTEM_EVENT_LOG = Path("/sys/kernel/security/tpm0/binary_bios_measurements")
 PCR_BANK = "sha256"
 RPC_TIMEOUT_S = 30.0
-RENEW_FRACTION = 2 / 3
 MIN_RENEW_S = 1.0
 
 _T = TypeVar("_T")
@@ -71,18 +71,8 @@ class EvidenceInputs:
     firmware_signature: bytes | None = None
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Backoff after a failed round: ``min(max_s, initial_s * 2**(n-1))`` seconds, times a
-    random factor in [1 - jitter, 1]."""
-
-    initial_s: float = 1.0
-    max_s: float = 60.0
-    jitter: float = 0.5
-
-    def delay(self, failures: int, rnd: Callable[[], float] = random.random) -> float:
-        base = min(self.max_s, self.initial_s * 2 ** max(0, failures - 1))
-        return float(base * (1 - self.jitter * rnd()))
+RETRY_BACKOFF = Backoff(initial_s=1.0, cap_s=60.0)
+"""Re-attestation after a failed round: 1 s doubling to 60 s."""
 
 
 # --- inputs (file IO at the edge) --------------------------------------------------------
@@ -258,7 +248,7 @@ def next_attempt_in(
     response: pb.AttestResponse | None,
     failures: int,
     now: float,
-    retry: RetryPolicy,
+    retry: Backoff,
     rnd: Callable[[], float] = random.random,
     *,
     every_s: float | None = None,
@@ -267,9 +257,9 @@ def next_attempt_in(
     (at least ``MIN_RENEW_S``), or ``every_s`` if that is sooner; the backoff after
     ``failures`` consecutive failures."""
     if response is not None and response.verified and failures == 0:
-        wait = max(MIN_RENEW_S, (response.posture_expires_at - now) * RENEW_FRACTION)
+        wait = refresh_in(response.posture_expires_at - now, MIN_RENEW_S)
         return wait if every_s is None else min(every_s, wait)
-    return retry.delay(failures, rnd)
+    return retry.delay(failures, rng=rnd)
 
 
 async def attest_loop(
@@ -281,7 +271,7 @@ async def attest_loop(
     inputs: EvidenceInputs,
     host_facts: Callable[[], Mapping[str, Any]] = collect_host_facts,
     on_result: Callable[[pb.AttestResponse | ZtagentError], None] | None = None,
-    retry: RetryPolicy = RetryPolicy(),
+    retry: Backoff = RETRY_BACKOFF,
     every_s: float | None = None,
 ) -> NoReturn:
     """Attest forever (until cancelled); ``on_result`` sees every answer or error. The next

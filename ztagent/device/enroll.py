@@ -101,9 +101,13 @@ from ztagent.errors import ConfigError, TransportError, ZtagentError
 from ztagent.files import write_atomic
 from ztagent.pki.device_check import cert_ak_name
 from ztagent.pki.errors import CertError
+from ztagent.schedule import Backoff, refresh_at
 from ztagent.timefmt import rfc3339
 
 log = logging.getLogger(__name__)
+
+RENEW_BACKOFF = Backoff(initial_s=1.0, cap_s=300.0, floor_s=1.0)
+"""Renewal retries: 1 s doubling to 300 s, never sleeping past half the time to expiry."""
 
 DEVICE_CERT = "device.pem"
 DEVICE_KEY = "device.key"
@@ -114,7 +118,6 @@ _NEW_KEY = ".device.key.new"
 STATE_VERSION = 1
 DEFAULT_RENEW_PORT = 8445
 RPC_TIMEOUT_S = 30.0
-RENEW_FRACTION = 2 / 3
 _TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
@@ -156,32 +159,12 @@ class RenewResult:
     key_rotated: bool
 
 
-@dataclass(frozen=True)
-class Backoff:
-    """Retry delay after ``n`` consecutive failures: ``min(cap_s, initial_s * 2**(n-1))``,
-    times a random factor in ``[1 - jitter, 1]``; never later than half the time left before
-    the certificate expires (but at least ``floor_s``), so attempts go on until expiry."""
-
-    initial_s: float = 1.0
-    cap_s: float = 300.0
-    jitter: float = 0.5
-    floor_s: float = 1.0
-
-    def delay(
-        self, failures: int, remaining_s: float, rng: Callable[[], float] = random.random
-    ) -> float:
-        base = min(self.cap_s, self.initial_s * 2 ** max(0, failures - 1))
-        jittered = base * (1 - self.jitter * rng())
-        return float(max(self.floor_s, min(jittered, remaining_s / 2)))
-
-
 # --- pure helpers ----------------------------------------------------------------------------
 
 
 def renew_at(cert: x509.Certificate) -> datetime:
     """When renewal is due: 2/3 of the way from notBefore to notAfter."""
-    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
-    return start + (end - start) * RENEW_FRACTION
+    return refresh_at(cert.not_valid_before_utc, cert.not_valid_after_utc)
 
 
 def renew_due(cert: x509.Certificate, now: datetime) -> bool:
@@ -782,7 +765,7 @@ async def renew_watch(
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     rng: Callable[[], float] = random.random,
     max_attempts: int | None = None,
-    backoff: Backoff = Backoff(),
+    backoff: Backoff = RENEW_BACKOFF,
 ) -> list[RenewResult]:
     """Renew at 2/3 of each certificate's lifetime, forever (or ``max_attempts`` attempts).
 

@@ -16,7 +16,7 @@ from cryptography.x509.oid import NameOID
 
 from ztagent.device import enroll as client
 from ztagent.device.enroll import (
-    Backoff,
+    RENEW_BACKOFF,
     CaUnreachable,
     EnrollClientError,
     default_renew_server,
@@ -83,7 +83,7 @@ class FakeTime:
 
 
 def test_backoff_schedule_doubles_to_the_cap() -> None:
-    backoff = Backoff()
+    backoff = RENEW_BACKOFF
     far = 10 * 86400.0
     assert [backoff.delay(n, far, lambda: 0.0) for n in range(1, 12)] == [
         1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 300.0, 300.0,
@@ -94,7 +94,7 @@ def test_backoff_schedule_doubles_to_the_cap() -> None:
 
 
 def test_backoff_never_sleeps_past_half_the_time_left() -> None:
-    backoff = Backoff()
+    backoff = RENEW_BACKOFF
     assert backoff.delay(12, remaining_s=100.0, rng=lambda: 0.0) == 50.0
     assert backoff.delay(12, remaining_s=0.5, rng=lambda: 0.0) == 1.0  # the floor
 
