@@ -65,11 +65,10 @@ def cert_rows(st: Stack) -> list[Row]:
     from ztagent.config import load_config
     from ztagent.pki.trust_files import TrustFiles
     from ztagent.pki.verify import DeviceChecker
-    from ztagent.sidecar.server import device_policy
 
     config = load_config(st.config)
     trust = TrustFiles(config.tls.client_ca, config.tls.crl).load()
-    checker = DeviceChecker(trust, device_policy(config))
+    checker = DeviceChecker(trust, config.identity.policy)
     pem = leaf_pem(st.device_cert)
     now = datetime.now(UTC)
     checker.check_pem(pem, now)
@@ -110,8 +109,9 @@ def token_rows(st: Stack) -> list[Row]:
     from cryptography import x509
     from joserfc.jwk import ECKey, KeySet, OKPKey, RSAKey
 
+    from ztagent.tokens.policy import TokenPolicy
     from ztagent.tokens.verifier import TokenVerifier
-    from ztagent.tokens.verify import TokenPolicy, cert_thumbprint, verify_token
+    from ztagent.tokens.verify import cert_thumbprint, verify_token
 
     der = x509.load_pem_x509_certificate(st.device_cert.read_bytes()).public_bytes(
         __import__("cryptography.hazmat.primitives.serialization", fromlist=["x"]).Encoding.DER

@@ -25,6 +25,9 @@ base      ``config`` (one validated object), ``errors`` (the root error and its 
 ========  ===========================================================================
 
 ``ca/`` and ``device/`` never import each other; only the face and ``dev/`` import ``dev/``.
+One exception to "base imports only base": ``config`` builds the checks' own policy objects
+(``pki.policy.DevicePolicy``, ``tokens.policy.TokenPolicy``) so every rule is stated once, in
+the domain, and wraps their errors with the key's name; those modules import only base.
 
 Where things go: a new check is a module in its check package with its own error codes in
 that package's ``errors.py`` and a unit test that feeds it every bad case; a new workload is a

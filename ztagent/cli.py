@@ -186,12 +186,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_cert_verify(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
     from ztagent.config import check_files, load_config
     from ztagent.pki.errors import CertError
     from ztagent.pki.trust_files import TrustFiles
     from ztagent.pki.verify import explain
-    from ztagent.sidecar.admission import utc_now
-    from ztagent.sidecar.server import device_policy
 
     config = load_config(args.config)
     check_files(config)
@@ -202,7 +202,7 @@ def cmd_cert_verify(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise ConfigError(str(exc.filename), f"cannot read: {exc.strerror}") from exc
     try:
-        device = explain(cert_bytes, chain, trust, device_policy(config), utc_now())
+        device = explain(cert_bytes, chain, trust, config.identity.policy, datetime.now(UTC))
     except CertError as err:
         if args.json:
             _print_json({"accepted": False, "error": err.as_dict()})

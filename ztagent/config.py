@@ -11,16 +11,20 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 from ztagent.addresses import local_target, parse_host_port
 from ztagent.errors import ConfigError
+from ztagent.pki.errors import DevicePolicyError
+from ztagent.pki.policy import DevicePolicy
+from ztagent.tokens.errors import TokenPolicyError
+from ztagent.tokens.policy import TokenPolicy
 
 FailureMode = Literal["closed", "open"]
 
 _SERVICE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
-_TRUST_DOMAIN_RE = re.compile(r"^[a-z0-9._-]{1,255}$")
 
 
 @dataclass(frozen=True)
@@ -75,30 +79,21 @@ class IdentityConfig:
     still used."""
     crl_grace_s: float = 0.0
     """A CRL stays usable this long past its nextUpdate (offline edge nodes)."""
+    policy: DevicePolicy = field(default_factory=lambda: DevicePolicy("ztagent.dev"))
+    """The check's own policy object, built from the settings above at load."""
 
 
 @dataclass(frozen=True)
 class TokensConfig:
-    issuer: str
-    """Expected ``iss`` of user tokens."""
-    audiences: tuple[str, ...]
-    """Accepted ``aud`` values (a token matches when any of its audiences is listed)."""
+    policy: TokenPolicy
+    """What a user token must satisfy (issuer, audiences, algorithms, leeway, size, typ,
+    certificate binding): the verifier's own policy object, built at load."""
     jwks_file: Path | None = None
     """JWKS of the issuer from a file (re-read when stale) ..."""
     jwks_url: str | None = None
     """... or from an https URL (exactly one of the two)."""
     jwks_ca_bundle: Path | None = None
     """PEM CA bundle for the JWKS URL's TLS (default: system trust)."""
-    algorithms: tuple[str, ...] = ("ES256",)
-    """Allowed JWS algorithms; never none and never HMAC."""
-    leeway_s: float = 30.0
-    """Clock skew tolerated on exp / nbf / iat (seconds)."""
-    max_token_bytes: int = 8192
-    """Longer bearer tokens are refused before any parsing."""
-    typ: str | None = None
-    """Required JWT ``typ`` header (e.g. at+jwt); None = not checked."""
-    require_cert_binding: bool = False
-    """Require ``cnf.x5t#S256`` (RFC 8705) matching the connection's client certificate."""
     jwks_cache_ttl_s: float = 300.0
     """Keys are refetched after this long."""
     jwks_min_refresh_interval_s: float = 30.0
@@ -235,21 +230,24 @@ def _str(table: Mapping[str, Any], key: str, name: str, default: str | None = No
 
 
 def _number(
-    table: Mapping[str, Any], key: str, name: str, default: float, *, minimum: float
+    table: Mapping[str, Any], key: str, name: str, default: float, *, minimum: float | None
 ) -> float:
+    """``minimum=None``: the range is the domain object's to check."""
     value = table.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(name, f"expected a number, got {value!r}")
-    if value < minimum:
+    if minimum is not None and value < minimum:
         raise ConfigError(name, f"expected >= {minimum}, got {value}")
     return float(value)
 
 
-def _int(table: Mapping[str, Any], key: str, name: str, default: int, *, minimum: int) -> int:
+def _int(
+    table: Mapping[str, Any], key: str, name: str, default: int, *, minimum: int | None
+) -> int:
     value = table.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(name, f"expected an integer, got {value!r}")
-    if value < minimum:
+    if minimum is not None and value < minimum:
         raise ConfigError(name, f"expected >= {minimum}, got {value}")
     return value
 
@@ -384,35 +382,28 @@ def _identity(raw: Mapping[str, Any]) -> IdentityConfig:
     }
     _check_keys(raw, "identity", keys)
     td = _str(raw, "trust_domain", "identity.trust_domain", "ztagent.dev")
-    if not _TRUST_DOMAIN_RE.match(td):
-        raise ConfigError(
-            "identity.trust_domain",
-            f"expected lowercase letters, digits, '.', '-', '_'; got {td!r}",
-        )
     mode = _failure_mode(raw, "crl_failure_mode", "identity.crl_failure_mode")
+    days = _int(raw, "max_cert_lifetime_days", "identity.max_cert_lifetime_days", 90, minimum=1)
+    check_crl = _bool(raw, "check_crl", "identity.check_crl", True)
+    grace = _number(raw, "crl_grace_s", "identity.crl_grace_s", 0.0, minimum=0)
+    try:
+        policy = DevicePolicy(
+            trust_domain=td,
+            max_lifetime=timedelta(days=days),
+            check_crl=check_crl,
+            crl_fail_open=mode == "open",
+            crl_grace=timedelta(seconds=grace),
+        )
+    except DevicePolicyError as err:
+        raise ConfigError(f"identity.{err.key}", err.reason) from None
     return IdentityConfig(
         trust_domain=td,
-        max_cert_lifetime_days=_int(
-            raw, "max_cert_lifetime_days", "identity.max_cert_lifetime_days", 90, minimum=1
-        ),
-        check_crl=_bool(raw, "check_crl", "identity.check_crl", True),
+        max_cert_lifetime_days=days,
+        check_crl=check_crl,
         crl_failure_mode=mode,
-        crl_grace_s=_number(raw, "crl_grace_s", "identity.crl_grace_s", 0.0, minimum=0),
+        crl_grace_s=grace,
+        policy=policy,
     )
-
-
-_ASYMMETRIC_ALGS = (
-    "ES256",
-    "ES384",
-    "ES512",
-    "RS256",
-    "RS384",
-    "RS512",
-    "PS256",
-    "PS384",
-    "PS512",
-    "EdDSA",
-)
 
 
 def _tokens(raw: Mapping[str, Any], base: Path) -> TokensConfig:
@@ -422,7 +413,6 @@ def _tokens(raw: Mapping[str, Any], base: Path) -> TokensConfig:
         "jwks_min_refresh_interval_s",
     }  # fmt: skip
     _check_keys(raw, "tokens", keys)
-    d = TokensConfig(issuer="", audiences=())
     if ("jwks_file" in raw) == ("jwks_url" in raw):
         raise ConfigError(
             "tokens.jwks_file", "set exactly one of tokens.jwks_file, tokens.jwks_url"
@@ -432,38 +422,37 @@ def _tokens(raw: Mapping[str, Any], base: Path) -> TokensConfig:
         jwks_url = _str(raw, "jwks_url", "tokens.jwks_url")
         if not jwks_url.startswith("https://"):
             raise ConfigError("tokens.jwks_url", f"expected an https:// URL, got {jwks_url!r}")
-    algorithms = _str_list(raw, "algorithms", "tokens.algorithms", d.algorithms)
-    for alg in algorithms:
-        if alg not in _ASYMMETRIC_ALGS:
-            raise ConfigError(
-                "tokens.algorithms",
-                f"{alg!r} is not allowed (expected asymmetric algorithms: "
-                f"{', '.join(_ASYMMETRIC_ALGS)}; never none or HMAC)",
-            )
-    typ = _str(raw, "typ", "tokens.typ") if "typ" in raw else None
+    d = TokenPolicy(issuer="-", audiences=("-",))
+    try:
+        policy = TokenPolicy(
+            issuer=_str(raw, "issuer", "tokens.issuer"),
+            audiences=_str_list(raw, "audience", "tokens.audience", ()),
+            algorithms=_str_list(raw, "algorithms", "tokens.algorithms", d.algorithms),
+            leeway_s=_number(raw, "leeway_s", "tokens.leeway_s", d.leeway_s, minimum=None),
+            max_token_bytes=_int(
+                raw, "max_token_bytes", "tokens.max_token_bytes", d.max_token_bytes, minimum=None
+            ),
+            typ=_str(raw, "typ", "tokens.typ") if "typ" in raw else None,
+            require_cert_binding=_bool(
+                raw, "require_cert_binding", "tokens.require_cert_binding", False
+            ),
+        )
+    except TokenPolicyError as err:
+        raise ConfigError(f"tokens.{err.key}", err.reason) from None
+    dc = TokensConfig(policy=policy)
     return TokensConfig(
-        issuer=_str(raw, "issuer", "tokens.issuer"),
-        audiences=_str_list(raw, "audience", "tokens.audience", ()),
+        policy=policy,
         jwks_file=_path(raw, "jwks_file", "tokens.jwks_file", base, required=False),
         jwks_url=jwks_url,
         jwks_ca_bundle=_path(raw, "jwks_ca_bundle", "tokens.jwks_ca_bundle", base, required=False),
-        algorithms=algorithms,
-        leeway_s=_number(raw, "leeway_s", "tokens.leeway_s", d.leeway_s, minimum=0),
-        max_token_bytes=_int(
-            raw, "max_token_bytes", "tokens.max_token_bytes", d.max_token_bytes, minimum=256
-        ),
-        typ=typ,
-        require_cert_binding=_bool(
-            raw, "require_cert_binding", "tokens.require_cert_binding", False
-        ),
         jwks_cache_ttl_s=_number(
-            raw, "jwks_cache_ttl_s", "tokens.jwks_cache_ttl_s", d.jwks_cache_ttl_s, minimum=1
+            raw, "jwks_cache_ttl_s", "tokens.jwks_cache_ttl_s", dc.jwks_cache_ttl_s, minimum=1
         ),
         jwks_min_refresh_interval_s=_number(
             raw,
             "jwks_min_refresh_interval_s",
             "tokens.jwks_min_refresh_interval_s",
-            d.jwks_min_refresh_interval_s,
+            dc.jwks_min_refresh_interval_s,
             minimum=0,
         ),
     )

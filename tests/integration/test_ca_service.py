@@ -27,7 +27,8 @@ from ztagent.ca.audit import audit_path, audit_revocation, verify_audit_log
 from ztagent.ca.bootstrap import issue_bootstrap_token
 from ztagent.ca.service import CaServer, start_ca_server
 from ztagent.errors import ConfigError
-from ztagent.pki.device_check import DevicePolicy, verify_device_cert
+from ztagent.pki.device_check import verify_device_cert
+from ztagent.pki.policy import DevicePolicy
 from ztagent.pki.trust import TrustMaterial
 
 pytestmark = pytest.mark.integration

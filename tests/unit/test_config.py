@@ -123,3 +123,38 @@ def test_relative_unix_upstream_is_resolved_against_the_config_dir(tmp_path: Pat
     assert config.routes[0].upstream == f"unix:{tmp_path / 'run' / 'storage.sock'}"
     absolute = BASE.replace('upstream = "127.0.0.1:50061"', 'upstream = "unix:/tmp/s.sock"')
     assert load_config(write(tmp_path, absolute)).routes[0].upstream == "unix:/tmp/s.sock"
+
+
+TOKENS = """
+[tokens]
+issuer = "https://issuer.example"
+audience = "ztagent"
+jwks_file = "jwks.json"
+"""
+
+
+def test_the_token_rules_are_the_verifiers_own(tmp_path: Path) -> None:
+    """The config builds the verifier's TokenPolicy: one rule, so the two cannot drift (the
+    config used to refuse Ed25519, which the verifier accepts, and to allow any leeway)."""
+    (tmp_path / "jwks.json").write_text('{"keys": []}')
+    text = BASE + TOKENS + 'algorithms = ["Ed25519", "ES256"]\n'
+    policy = load_config(write(tmp_path, text)).tokens
+    assert policy is not None and policy.policy.algorithms == ("Ed25519", "ES256")
+    for line, key, why in [
+        ("leeway_s = 301", "tokens.leeway_s", "expected 0 to 300 seconds"),
+        ("max_token_bytes = 100", "tokens.max_token_bytes", "expected at least 256"),
+        ('algorithms = ["HS256"]', "tokens.algorithms", "never none or HMAC"),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            load_config(write(tmp_path, BASE + TOKENS + line + "\n"))
+        assert info.value.key == key and why in info.value.message
+
+
+def test_the_identity_rules_are_the_device_checks_own(tmp_path: Path) -> None:
+    config = load_config(
+        write(tmp_path, BASE + "[identity]\ncrl_grace_s = 60\ncrl_failure_mode = 'open'\n")
+    )
+    assert config.identity.policy.crl_grace.total_seconds() == 60
+    assert config.identity.policy.crl_fail_open
+    with pytest.raises(ConfigError, match=r"identity\.trust_domain: trust domain 'a b'"):
+        load_config(write(tmp_path, BASE + "[identity]\ntrust_domain = 'a b'\n"))

@@ -82,8 +82,9 @@ from ztagent.ca.issuance import (
 )
 from ztagent.enrollment import EnrollError
 from ztagent.errors import ConfigError
-from ztagent.pki.device_check import DevicePolicy, cert_ak_name, verify_device_cert
+from ztagent.pki.device_check import cert_ak_name, verify_device_cert
 from ztagent.pki.errors import CaError, CertError
+from ztagent.pki.policy import DevicePolicy
 from ztagent.pki.trust import TrustMaterial
 from ztagent.posture.ak_binding import PendingBinding, begin_binding, complete_binding
 from ztagent.posture.ek_cert import EkTrust, check_ek_certificate

@@ -14,8 +14,9 @@ from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
 
-from ztagent.pki.device_check import DevicePolicy, VerifiedDevice, verify_with_expiry
+from ztagent.pki.device_check import VerifiedDevice, verify_with_expiry
 from ztagent.pki.errors import CertError
+from ztagent.pki.policy import DevicePolicy
 from ztagent.pki.trust import TrustMaterial
 
 _MIN = datetime.min.replace(tzinfo=UTC)

@@ -31,9 +31,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
 from cryptography.x509.verification import PolicyBuilder
 from cryptography.x509.verification import VerificationError as X509VerificationError
 
-from ztagent.errors import ConfigError
 from ztagent.pki.errors import CertError
-from ztagent.pki.spiffe import SpiffeId, parse_device_id, validate_trust_domain
+from ztagent.pki.policy import DevicePolicy
+from ztagent.pki.spiffe import SpiffeId, parse_device_id
 from ztagent.pki.trust import TrustMaterial
 from ztagent.timefmt import rfc3339
 
@@ -108,31 +108,6 @@ def _utc(now: datetime) -> datetime:
     if now.tzinfo is None:
         raise ValueError("validation time must be timezone-aware")
     return now.astimezone(UTC)
-
-
-@dataclass(frozen=True)
-class DevicePolicy:
-    """What the sidecar demands of a device cert."""
-
-    trust_domain: str
-    max_lifetime: timedelta = timedelta(days=90)
-    check_crl: bool = True
-    """A CRL from the leaf's issuer must be present (``crl_missing`` otherwise)."""
-    crl_fail_open: bool = False
-    """If True a CRL past nextUpdate is still used; by default such a CRL is ``crl_expired``."""
-    crl_grace: timedelta = timedelta(0)
-    """A CRL stays usable this long past its nextUpdate (an edge node may be offline when the
-    CA publishes the next one); after that, fail closed refuses with ``crl_expired``."""
-
-    def __post_init__(self) -> None:
-        try:
-            validate_trust_domain(self.trust_domain)
-        except CertError as exc:
-            raise ConfigError("identity.trust_domain", exc.message) from None
-        if self.max_lifetime <= timedelta(0):
-            raise ConfigError(
-                "identity.max_cert_lifetime", f"{self.max_lifetime} (expected a positive duration)"
-            )
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,9 @@
 ``CaError`` codes: ``ca_exists``, ``ca_missing``, ``ca_state_invalid``, ``cert_not_found``,
 ``cert_not_from_ca``, ``device_id_invalid``, ``trust_domain_invalid``, ``days_invalid``,
 ``revoke_target``.
+
+``DevicePolicyError`` (``device_policy_invalid``): a ``DevicePolicy`` that cannot be used; its
+``key`` names the ``[identity]`` setting.
 """
 
 from __future__ import annotations
@@ -24,3 +27,14 @@ class CertError(VerificationError):
 
 class CaError(ZtagentError):
     """A dev-CA operation could not be done (missing CA, existing CA, unknown cert...)."""
+
+
+class DevicePolicyError(ZtagentError):
+    """A device policy setting is out of bounds (code ``device_policy_invalid``)."""
+
+    status_name = "FAILED_PRECONDITION"
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__("device_policy_invalid", f"{key}: {message}")
+        self.key = key
+        self.reason = message

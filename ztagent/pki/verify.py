@@ -6,12 +6,12 @@
 
 from ztagent.pki.checker import DeviceChecker
 from ztagent.pki.device_check import (
-    DevicePolicy,
     VerifiedDevice,
     explain,
     verify_device_cert,
     verify_with_expiry,
 )
+from ztagent.pki.policy import DevicePolicy
 from ztagent.pki.trust import TrustMaterial, load_crls
 
 __all__ = [

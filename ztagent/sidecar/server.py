@@ -29,7 +29,7 @@ from ztagent.device.crl_fetch import CrlFetcher
 from ztagent.errors import ConfigError, ZtagentError
 from ztagent.files import FileStamp, file_stamp
 from ztagent.pki.trust_files import TrustFiles
-from ztagent.pki.verify import DeviceChecker, DevicePolicy
+from ztagent.pki.verify import DeviceChecker
 from ztagent.policy.decision_log import DecisionLog, NullDecisionLog
 from ztagent.policy.types import PolicyEngine
 from ztagent.sidecar.admission import Clock, utc_now
@@ -55,19 +55,6 @@ def file_signature(paths: tuple[Path, ...]) -> FileSignature:
         except OSError:
             out.append(None)
     return tuple(out)
-
-
-def device_policy(config: Config) -> DevicePolicy:
-    from datetime import timedelta
-
-    ident = config.identity
-    return DevicePolicy(
-        trust_domain=ident.trust_domain,
-        max_lifetime=timedelta(days=ident.max_cert_lifetime_days),
-        check_crl=ident.check_crl,
-        crl_fail_open=ident.crl_failure_mode == "open",
-        crl_grace=timedelta(seconds=ident.crl_grace_s),
-    )
 
 
 def _server_cert_config(config: Config) -> object:
@@ -188,7 +175,7 @@ class Sidecar:
         self._tls_signature = file_signature(self._tls_paths)
         initial = _server_cert_config(config)
         trust = self._trust_files.load()
-        checker = DeviceChecker(trust, device_policy(config))
+        checker = DeviceChecker(trust, config.identity.policy)
         engine = build_engine(config)
         tokens = build_tokens(config)
         if tokens is not None:

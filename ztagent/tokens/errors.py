@@ -12,6 +12,10 @@
 ``jwks_unavailable`` (fetch failed: network, TLS, HTTP status, file missing, no key set yet),
 ``jwks_invalid`` (fetched, but not a usable JWKS or discovery document).
 
+``TokenPolicyError`` (``token_policy_invalid``): a ``TokenPolicy`` that cannot be used; its
+``key`` names the setting (``algorithms``, ``audience``...), which the configuration prefixes
+with ``tokens.``.
+
 ``DevIssuerError`` codes (development-only issuer files): ``dev_issuer_exists``,
 ``dev_issuer_missing``, ``dev_issuer_invalid``, ``ttl_invalid``, ``bind_cert_invalid``.
 
@@ -29,6 +33,17 @@ class TokenError(VerificationError):
 
 class JwksError(TransportError):
     """The issuer's key set could not be fetched or parsed."""
+
+
+class TokenPolicyError(ZtagentError):
+    """A token policy setting is out of bounds (code ``token_policy_invalid``)."""
+
+    status_name = "FAILED_PRECONDITION"
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__("token_policy_invalid", f"{key}: {message}")
+        self.key = key
+        self.reason = message
 
 
 class DevIssuerError(ZtagentError):

@@ -11,23 +11,10 @@ from ztagent.config import TokensConfig
 from ztagent.errors import ConfigError
 from ztagent.tokens.jwks import JwksSource
 from ztagent.tokens.verifier import TokenVerifier
-from ztagent.tokens.verify import TokenPolicy
 
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def policy_from_config(tokens: TokensConfig) -> TokenPolicy:
-    return TokenPolicy(
-        issuer=tokens.issuer,
-        audiences=tokens.audiences,
-        algorithms=tokens.algorithms,
-        leeway_s=tokens.leeway_s,
-        max_token_bytes=tokens.max_token_bytes,
-        typ=tokens.typ,
-        require_cert_binding=tokens.require_cert_binding,
-    )
 
 
 def source_from_config(
@@ -51,4 +38,4 @@ def verifier_from_config(
     tokens: TokensConfig, clock: Callable[[], datetime] = _utcnow
 ) -> TokenVerifier:
     """Policy and key source from ``[tokens]``; no IO until the first ``verify``/``prime``."""
-    return TokenVerifier(source_from_config(tokens), policy_from_config(tokens), clock)
+    return TokenVerifier(source_from_config(tokens), tokens.policy, clock)

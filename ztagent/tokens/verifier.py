@@ -22,8 +22,8 @@ from joserfc.jwk import KeySet
 
 from ztagent.tokens.errors import TokenError
 from ztagent.tokens.jwks import JwksHealth
+from ztagent.tokens.policy import TokenPolicy
 from ztagent.tokens.verify import (
-    TokenPolicy,
     VerifiedUser,
     anonymous_user_input,
     check_token_size,

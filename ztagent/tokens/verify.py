@@ -46,30 +46,10 @@ from joserfc import jws
 from joserfc.errors import BadSignatureError, JoseError
 from joserfc.jwk import Key, KeySet
 
-from ztagent.errors import ConfigError
 from ztagent.timefmt import rfc3339_from_timestamp as _when
 from ztagent.tokens.errors import TokenError
+from ztagent.tokens.policy import ALGORITHM_KEYS, TokenPolicy
 
-ALGORITHM_KEYS: Mapping[str, tuple[str, frozenset[str] | None]] = MappingProxyType(
-    {
-        "ES256": ("EC", frozenset({"P-256"})),
-        "ES384": ("EC", frozenset({"P-384"})),
-        "ES512": ("EC", frozenset({"P-521"})),
-        "RS256": ("RSA", None),
-        "RS384": ("RSA", None),
-        "RS512": ("RSA", None),
-        "PS256": ("RSA", None),
-        "PS384": ("RSA", None),
-        "PS512": ("RSA", None),
-        "EdDSA": ("OKP", frozenset({"Ed25519", "Ed448"})),
-        "Ed25519": ("OKP", frozenset({"Ed25519"})),
-    }
-)
-"""The algorithms a policy may allow, with the key type (and curves) each one needs.
-
-Only asymmetric signatures: ``none`` and HMAC (``HS*``) are absent on purpose."""
-
-MAX_LEEWAY_S = 300.0
 _SEGMENT = re.compile(r"[A-Za-z0-9_-]*")
 _SHOWN = 64
 """Untrusted strings are cut to this many characters in messages."""
@@ -93,55 +73,6 @@ def cert_thumbprint(der: bytes) -> str:
 def thumbprint_of_digest(sha256_digest: bytes) -> str:
     """``x5t#S256`` from a certificate's SHA-256 fingerprint already computed elsewhere."""
     return base64.urlsafe_b64encode(sha256_digest).rstrip(b"=").decode("ascii")
-
-
-@dataclass(frozen=True)
-class TokenPolicy:
-    """What the sidecar demands of a user token."""
-
-    issuer: str
-    """Expected ``iss``, compared exactly."""
-    audiences: tuple[str, ...]
-    """Accepted ``aud`` values; a token matches when any of its audiences is listed."""
-    algorithms: tuple[str, ...] = ("ES256",)
-    """Allowed JWS algorithms (keys of ``ALGORITHM_KEYS``); never ``none``, never HMAC."""
-    leeway_s: float = 30
-    """Clock skew tolerated on exp / nbf / iat, in seconds (0 to ``MAX_LEEWAY_S``)."""
-    max_token_bytes: int = 8192
-    """Longer tokens are refused before any decoding."""
-    typ: str | None = None
-    """Required ``typ`` header (e.g. ``at+jwt``); None = not checked."""
-    require_cert_binding: bool = False
-    """Require ``cnf.x5t#S256`` (RFC 8705) matching the client certificate."""
-
-    def __post_init__(self) -> None:
-        if not self.issuer:
-            raise ConfigError(
-                "tokens.issuer", "missing (expected the issuer URL, e.g. https://...)"
-            )
-        if not self.audiences or not all(self.audiences):
-            raise ConfigError(
-                "tokens.audience", f"{list(self.audiences)!r} (expected one or more audiences)"
-            )
-        if not self.algorithms:
-            raise ConfigError("tokens.algorithms", "empty (expected e.g. ['ES256'])")
-        for alg in self.algorithms:
-            if alg not in ALGORITHM_KEYS:
-                raise ConfigError(
-                    "tokens.algorithms",
-                    f"{alg!r} is not allowed (expected asymmetric algorithms: "
-                    f"{', '.join(ALGORITHM_KEYS)}; never none or HMAC)",
-                )
-        if not math.isfinite(self.leeway_s) or not 0 <= self.leeway_s <= MAX_LEEWAY_S:
-            raise ConfigError(
-                "tokens.leeway_s", f"{self.leeway_s} (expected 0 to {MAX_LEEWAY_S:g} seconds)"
-            )
-        if self.max_token_bytes < 1:
-            raise ConfigError(
-                "tokens.max_token_bytes", f"{self.max_token_bytes} (expected a positive size)"
-            )
-        if self.typ is not None and not self.typ.strip():
-            raise ConfigError("tokens.typ", "empty (expected e.g. 'at+jwt', or leave it unset)")
 
 
 @dataclass(frozen=True)

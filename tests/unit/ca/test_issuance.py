@@ -17,7 +17,8 @@ from ztagent.ca import store as ca_store
 from ztagent.ca.issuance import IssuancePolicy, check_csr, issue_for
 from ztagent.enrollment import STATUS_BY_CODE, EnrollError
 from ztagent.errors import ConfigError
-from ztagent.pki.device_check import DevicePolicy, verify_device_cert
+from ztagent.pki.device_check import verify_device_cert
+from ztagent.pki.policy import DevicePolicy
 from ztagent.pki.trust import TrustMaterial
 
 NOW = datetime(2026, 11, 26, 12, 0, 0, tzinfo=UTC)

@@ -23,7 +23,8 @@ from ztagent.dev.issuer import (
 )
 from ztagent.tokens.errors import DevIssuerError, TokenError
 from ztagent.tokens.jwks import parse_jwks
-from ztagent.tokens.verify import TokenPolicy, cert_thumbprint, verify_token
+from ztagent.tokens.policy import TokenPolicy
+from ztagent.tokens.verify import cert_thumbprint, verify_token
 
 POLICY = TokenPolicy(issuer="https://ztagent.dev/dev-issuer", audiences=("ztagent",), typ="at+jwt")
 

@@ -11,7 +11,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from ztagent.ca import builders
 from ztagent.ca import store as ca_store
 from ztagent.errors import ConfigError
-from ztagent.pki.errors import CertError
+from ztagent.pki.errors import CertError, DevicePolicyError
 from ztagent.pki.verify import (
     DevicePolicy,
     TrustMaterial,
@@ -405,8 +405,12 @@ def test_naive_validation_time_is_a_programming_error(
 
 
 def test_policy_validates_its_values() -> None:
-    with pytest.raises(ConfigError, match=r"identity\.trust_domain"):
+    """The domain names the setting; the configuration adds the section (test_config)."""
+    with pytest.raises(DevicePolicyError, match=r"^device_policy_invalid: trust_domain: ") as info:
         DevicePolicy("Bad Domain")
-    with pytest.raises(ConfigError, match=r"identity\.max_cert_lifetime"):
+    assert info.value.key == "trust_domain" and "lowercase" in info.value.reason
+    with pytest.raises(DevicePolicyError, match=r"max_cert_lifetime_days: 0:00:00"):
         DevicePolicy("ztagent.dev", max_lifetime=timedelta(0))
+    with pytest.raises(DevicePolicyError, match=r"crl_grace_s"):
+        DevicePolicy("ztagent.dev", crl_grace=timedelta(seconds=-1))
     assert DevicePolicy("ztagent.dev").max_lifetime == timedelta(days=90)

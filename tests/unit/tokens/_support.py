@@ -11,7 +11,7 @@ from typing import Any
 from joserfc import jws
 from joserfc.jwk import ECKey, KeySet
 
-from ztagent.tokens.verify import TokenPolicy
+from ztagent.tokens.policy import TokenPolicy
 
 NOW = datetime(2026, 11, 26, 12, 0, 0, tzinfo=UTC)
 T = int(NOW.timestamp())
