@@ -450,7 +450,8 @@ def posture_rows(st: Stack, tmp: Path) -> list[Row]:
 
 
 def decision_log_rows(real_input: dict[str, Any], tmp: Path) -> list[Row]:
-    from ztagent.policy.decision_log import GENESIS_PREV, DecisionLog, DecisionRecord, line_sha256
+    from ztagent.policy.decision_log import DecisionLog
+    from ztagent.policy.decision_record import GENESIS_PREV, DecisionRecord, line_sha256
 
     now = datetime.now(UTC)
 

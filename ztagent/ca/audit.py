@@ -38,7 +38,7 @@ from cryptography import x509
 from ztagent.ca import builders
 from ztagent.ca import store as ca_store
 from ztagent.pki.errors import CaError
-from ztagent.policy.decision_log import GENESIS_PREV, format_time, line_sha256
+from ztagent.policy.decision_record import GENESIS_PREV, format_time, line_sha256
 from ztagent.policy.log_verify import LogVerifyReport, verify_log
 
 AUDIT_FILE: Final = "audit.jsonl"

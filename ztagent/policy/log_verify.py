@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ztagent.policy.decision_log import GENESIS_PREV, line_sha256
+from ztagent.policy.decision_record import GENESIS_PREV, line_sha256
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 

@@ -26,12 +26,8 @@ import grpc
 from ztagent.config import Config, FailureMode
 from ztagent.errors import DeniedError, TransportError, VerificationError
 from ztagent.pki.verify import DeviceChecker, VerifiedDevice
-from ztagent.policy.decision_log import (
-    DecisionLog,
-    DecisionRecord,
-    NullDecisionLog,
-    new_decision_id,
-)
+from ztagent.policy.decision_log import DecisionLog, NullDecisionLog
+from ztagent.policy.decision_record import DecisionRecord, new_decision_id
 from ztagent.policy.errors import PolicyError
 from ztagent.policy.types import Decision, PolicyEngine
 from ztagent.posture.verifier import PostureStore

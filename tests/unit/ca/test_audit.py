@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from ztagent.ca import store as ca_store
 from ztagent.ca.audit import AuditLog, audit_path, audit_revocation, verify_audit_log
 from ztagent.ca.issuance import IssuancePolicy, issue_for
-from ztagent.policy.decision_log import GENESIS_PREV, line_sha256
+from ztagent.policy.decision_record import GENESIS_PREV, line_sha256
 
 NOW = datetime(2026, 11, 26, 12, 0, 0, tzinfo=UTC)
 

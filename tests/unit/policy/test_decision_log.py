@@ -25,13 +25,10 @@ from typing import Any
 import pytest
 
 from ztagent.errors import ConfigError
-from ztagent.policy.decision_log import (
+from ztagent.policy.decision_log import DecisionLog, DecisionLogError, LogStats, NullDecisionLog
+from ztagent.policy.decision_record import (
     GENESIS_PREV,
-    DecisionLog,
-    DecisionLogError,
     DecisionRecord,
-    LogStats,
-    NullDecisionLog,
     line_sha256,
     new_decision_id,
 )

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ztagent.policy.decision_log import GENESIS_PREV, DecisionRecord, line_sha256
+from ztagent.policy.decision_record import GENESIS_PREV, DecisionRecord, line_sha256
 from ztagent.policy.log_verify import log_files, verify_files, verify_log
 
 NOW = datetime(2025, 3, 4, 5, 6, 7, tzinfo=UTC)
