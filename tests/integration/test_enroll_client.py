@@ -25,15 +25,8 @@ from tests.fixtures.softhsm import SoftHsm, softhsm_fixture  # noqa: F401 (the f
 from ztagent.ca import store as ca_store
 from ztagent.ca.bootstrap import issue_bootstrap_token
 from ztagent.ca.service import CaServer, start_ca_server
-from ztagent.device.enroll import (
-    CaUnreachable,
-    EnrollClientError,
-    EnrollResult,
-    enroll,
-    renew,
-    renew_at,
-    renew_watch,
-)
+from ztagent.device.enroll import EnrollResult, enroll, renew, renew_at, renew_watch
+from ztagent.device.errors import CaUnreachable, EnrollClientError
 from ztagent.device.keystores import KeyStoreError, Pkcs11KeyStore
 from ztagent.enrollment import EnrollError
 

@@ -43,9 +43,10 @@ from ztagent.dev.issuer import init_dev_issuer, mint_token
 from ztagent.dev.swtpm import SwtpmProcess, start_swtpm
 from ztagent.device.attest import attest_once, read_binding
 from ztagent.device.csr import build_csr
-from ztagent.device.enroll import channel_credentials, enroll, renew, token_device_id
+from ztagent.device.enroll import enroll, renew, token_device_id
 from ztagent.device.keystores import FileKeyStore, KeyStoreError, open_key_store
 from ztagent.device.tpm import DeviceTpm
+from ztagent.device.transport import channel_credentials
 from ztagent.errors import ConfigError
 from ztagent.pki.device_check import AK_NAME_OID, cert_ak_name
 from ztagent.posture.firmware import generate_firmware_key, sign_manifest

@@ -46,7 +46,7 @@ from ztagent.dev.pki import (
     ensure_dev_firmware_vendor,
     ensure_dev_tpm_manufacturer,
 )
-from ztagent.device.enroll import device_credentials
+from ztagent.device.transport import device_credentials
 from ztagent.pki.device_check import cert_ak_name
 
 STORAGE = "ztagent.workloads.v1.Storage"

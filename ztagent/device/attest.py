@@ -316,7 +316,8 @@ def open_sidecar_channel(
     """mTLS to the sidecar as the device. Without ``key``, the key is wherever
     ``device_dir/keystore.json`` says (a file, a PKCS#11 token, the TPM: then it signs the
     handshake); with it (or without a keystore.json), the key file next to ``cert``."""
-    from ztagent.device.enroll import KEYSTORE_FILE, device_credentials
+    from ztagent.device.device_dir import KEYSTORE_FILE
+    from ztagent.device.transport import device_credentials
 
     try:
         if key is None and (device_dir / KEYSTORE_FILE).exists():

@@ -1,5 +1,9 @@
 """The device side of enrollment: ``ztagent enroll``, ``ztagent renew`` (and ``--watch``).
 
+The flows live here and the checks of the CA's answer; the directory's files and the key
+store's lifecycle are ``device.device_dir``, the mTLS transport ``device.transport``, the
+retry timing ``ztagent.schedule``.
+
 Device directory (``--out`` / ``--dir``)::
 
     device.pem       the device certificate, then the issuing CA (PEM)
@@ -62,31 +66,38 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import json
 import logging
-import os
 import random
-import warnings
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import grpc
 import grpc.experimental
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
 
 from ztagent._proto.v1 import enrollment_pb2 as pb
-from ztagent._proto.v1 import enrollment_pb2_grpc as pb_grpc
-from ztagent.device.attest import record_binding
 from ztagent.device.csr import build_csr
+from ztagent.device.device_dir import (
+    DEFAULT_RENEW_PORT,
+    DEVICE_KEY,
+    ENROLLMENT_FILE,
+    NEW_KEY_FILE,
+    discard_key,
+    existing_enrollment,
+    load_device_dir,
+    new_key_store,
+    read_ca_bundle,
+    remove_old_key,
+    serial_text,
+    write_state,
+)
+from ztagent.device.errors import CaUnreachable, EnrollClientError
 from ztagent.device.keystores import (
     DEFAULT_KEY_LABEL,
-    DEFAULT_PKCS11_MODULE,
     FileKeyStore,
     KeyStore,
     KeyStoreSpec,
@@ -96,9 +107,12 @@ from ztagent.device.keystores import (
     require_pin,
 )
 from ztagent.device.tpm import DeviceTpm
-from ztagent.enrollment import STATUS_BY_CODE, EnrollError
-from ztagent.errors import ConfigError, TransportError, ZtagentError
-from ztagent.files import write_atomic
+from ztagent.device.transport import (
+    RPC_TIMEOUT_S,
+    call_ca,
+    channel_credentials,
+)
+from ztagent.errors import ConfigError, ZtagentError
 from ztagent.pki.device_check import cert_ak_name
 from ztagent.pki.errors import CertError
 from ztagent.schedule import Backoff, refresh_at
@@ -108,30 +122,6 @@ log = logging.getLogger(__name__)
 
 RENEW_BACKOFF = Backoff(initial_s=1.0, cap_s=300.0, floor_s=1.0)
 """Renewal retries: 1 s doubling to 300 s, never sleeping past half the time to expiry."""
-
-DEVICE_CERT = "device.pem"
-DEVICE_KEY = "device.key"
-CA_BUNDLE = "ca-bundle.pem"
-KEYSTORE_FILE = "keystore.json"
-ENROLLMENT_FILE = "enrollment.json"
-_NEW_KEY = ".device.key.new"
-STATE_VERSION = 1
-DEFAULT_RENEW_PORT = 8445
-RPC_TIMEOUT_S = 30.0
-_TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-
-
-class EnrollClientError(ZtagentError):
-    """The device side refused to go on (directory state, token, the CA's answer)."""
-
-
-class CaUnreachable(TransportError):
-    """The CA could not be reached or could not serve now (UNAVAILABLE, DEADLINE_EXCEEDED)."""
-
-    def __init__(self, method: str, status: str, details: str) -> None:
-        super().__init__("ca_unreachable", f"{method}: {status}: {details}")
-        self.method = method
-        self.status = status
 
 
 @dataclass(frozen=True)
@@ -210,171 +200,7 @@ def _now(now: datetime | None) -> datetime:
     return now if now is not None else datetime.now(UTC)
 
 
-def _serial(cert: x509.Certificate) -> str:
-    return format(cert.serial_number, "x")
-
-
-# --- mTLS with the store's key ---------------------------------------------------------------
-
-
-def channel_credentials(
-    store: KeyStore, cert_chain_pem: bytes, ca_bundle_pem: bytes
-) -> grpc.ChannelCredentials:
-    """Client credentials presenting ``cert_chain_pem`` with the store's key.
-
-    A file store hands gRPC its PEM key; any other store signs the TLS handshake through
-    ``grpc.experimental.ssl_channel_credentials_with_custom_signer`` (the key stays put).
-    """
-    if isinstance(store, FileKeyStore):
-        return grpc.ssl_channel_credentials(
-            root_certificates=ca_bundle_pem,
-            private_key=store.private_key_pem(),
-            certificate_chain=cert_chain_pem,
-        )
-    algorithms = grpc.experimental.PrivateKeySignatureAlgorithm
-
-    def sign(data: bytes, algorithm: Any, on_complete: Callable[[Any], None]) -> bytes:
-        # Synchronous answer (bytes). Raising fails the handshake at once (tried here); the
-        # asynchronous on_complete route, called before returning, stalls it to the deadline.
-        if algorithm != algorithms.ECDSA_SECP256R1_SHA256:
-            log.error("TLS asked %s for %s", store.description(), algorithm)
-            raise ValueError(f"unsupported signature algorithm {algorithm} (expected ECDSA P-256)")
-        digest = hashes.Hash(hashes.SHA256())
-        digest.update(data)
-        try:
-            return store.sign_digest_ecdsa(digest.finalize())
-        except ZtagentError as err:
-            log.error("TLS handshake signing failed: %s", err)
-            raise
-
-    with warnings.catch_warnings():
-        # Experimental in grpcio 1.85 and the only way to do client TLS with a key that
-        # cannot leave its store; pinned by pyproject, covered by the integration tests.
-        warnings.simplefilter("ignore", grpc.experimental.ExperimentalApiWarning)
-        return grpc.experimental.ssl_channel_credentials_with_custom_signer(
-            private_key_sign_fn=sign,
-            root_certificates=ca_bundle_pem,
-            certificate_chain=cert_chain_pem,
-        )
-
-
-async def _call(
-    method: str, address: str, credentials: grpc.ChannelCredentials, request: Any, timeout_s: float
-) -> Any:
-    async with grpc.aio.secure_channel(address, credentials) as channel:
-        stub = pb_grpc.EnrollmentStub(channel)
-        try:
-            return await getattr(stub, method)(request, timeout=timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            raise _rpc_error(method, exc) from None
-
-
-def _rpc_error(method: str, exc: grpc.aio.AioRpcError) -> ZtagentError:
-    details = str(exc.details() or "")
-    if exc.code() in _TRANSIENT:
-        return CaUnreachable(method, exc.code().name, details)
-    code, sep, message = details.partition(": ")
-    if sep and code in STATUS_BY_CODE:
-        return EnrollError(code, message)
-    return EnrollClientError("enroll_refused", f"{method}: {exc.code().name}: {details}")
-
-
-def device_credentials(
-    cert: Path, ca_bundle_pem: bytes, pin: str | None = None
-) -> grpc.ChannelCredentials:
-    """Client credentials for ``cert`` of a device directory, with the key wherever that
-    directory's ``keystore.json`` says (a file next to the cert when there is none)."""
-    record_path = cert.parent / KEYSTORE_FILE
-    record = _read_json(record_path) if record_path.exists() else {"type": "file"}
-    store = open_key_store(record, cert.with_suffix(".key"), pin)
-    try:
-        return channel_credentials(store, cert.read_bytes(), ca_bundle_pem)
-    except OSError as exc:
-        raise EnrollClientError("device_dir_invalid", f"cannot read {cert}: {exc}") from None
-
-
-# --- the device directory --------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DeviceDir:
-    """What ``renew`` reads from a device directory."""
-
-    dir: Path
-    enrollment: dict[str, Any]
-    chain_pem: bytes
-    cert: x509.Certificate
-    ca_bundle_pem: bytes
-    key_store: dict[str, Any]
-
-    @property
-    def device_id(self) -> str:
-        return str(self.enrollment["device_id"])
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise EnrollClientError("device_dir_invalid", f"cannot read {path}: {exc}") from None
-    if not isinstance(doc, dict):
-        raise EnrollClientError("device_dir_invalid", f"{path} is not a JSON object")
-    return doc
-
-
-def load_device_dir(dir: Path) -> DeviceDir:
-    try:
-        chain_pem = (dir / DEVICE_CERT).read_bytes()
-        bundle = (dir / CA_BUNDLE).read_bytes()
-        cert = x509.load_pem_x509_certificate(chain_pem)
-    except OSError as exc:
-        raise EnrollClientError(
-            "device_dir_invalid", f"{dir} is not an enrolled device directory: {exc}"
-        ) from None
-    except ValueError as exc:
-        raise EnrollClientError("device_dir_invalid", f"{dir / DEVICE_CERT}: {exc}") from None
-    enrollment = _read_json(dir / ENROLLMENT_FILE)
-    if not isinstance(enrollment.get("device_id"), str):
-        raise EnrollClientError("device_dir_invalid", f"{dir / ENROLLMENT_FILE}: no device_id")
-    return DeviceDir(dir, enrollment, chain_pem, cert, bundle, _read_json(dir / KEYSTORE_FILE))
-
-
-def _cert_device_id(cert: x509.Certificate) -> str | None:
-    names = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-    return str(names[0].value) if names else None
-
-
-def _existing(dir: Path) -> tuple[x509.Certificate, str | None, dict[str, Any] | None] | None:
-    """The current certificate, device id and key store record, if the dir is enrolled."""
-    path = dir / DEVICE_CERT
-    if not path.exists():
-        return None
-    try:
-        cert = x509.load_pem_x509_certificate(path.read_bytes())
-    except (OSError, ValueError) as exc:
-        raise EnrollClientError(
-            "device_dir_invalid", f"{path} exists but cannot be read ({exc}); use force"
-        ) from None
-    device_id = _cert_device_id(cert)
-    with contextlib.suppress(EnrollClientError):
-        device_id = str(_read_json(dir / ENROLLMENT_FILE).get("device_id") or device_id)
-    record: dict[str, Any] | None = None
-    with contextlib.suppress(EnrollClientError):
-        record = _read_json(dir / KEYSTORE_FILE)
-    return cert, device_id, record
-
-
-def _promote(tmp: Path, final: Path) -> None:
-    os.replace(tmp, final)
-    fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _json_bytes(doc: dict[str, Any]) -> bytes:
-    return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+# --- the CA's answer -----------------------------------------------------------------------
 
 
 def _check_response(
@@ -414,116 +240,6 @@ def _check_response(
     return leaf, bytes(response.certificate_chain), bytes(response.ca_bundle)
 
 
-def _write_state(
-    dir: Path,
-    *,
-    leaf: x509.Certificate,
-    chain_pem: bytes,
-    bundle_pem: bytes,
-    store: KeyStore,
-    server: str,
-    renew_server: str,
-    device_id: str,
-    spiffe_id: str,
-    ak_binding: tuple[str, str] | None = None,
-) -> None:
-    """``ak_binding`` = (AK name, enrollment id) after TPM-bound enrollment."""
-    if isinstance(store, FileKeyStore) and store.path.name == _NEW_KEY:
-        _promote(store.path, dir / DEVICE_KEY)
-        store.path = dir / DEVICE_KEY
-    write_atomic(dir / DEVICE_CERT, chain_pem)
-    write_atomic(dir / CA_BUNDLE, bundle_pem)
-    write_atomic(dir / KEYSTORE_FILE, _json_bytes(store.record()))
-    doc = {
-        "version": STATE_VERSION,
-        "server": server,
-        "renew_server": renew_server,
-        "device_id": device_id,
-        "spiffe_id": spiffe_id,
-        "serial": _serial(leaf),
-        "not_before": rfc3339(leaf.not_valid_before_utc),
-        "not_after": rfc3339(leaf.not_valid_after_utc),
-    }
-    if ak_binding is not None:
-        doc["ak_name"] = ak_binding[0]
-        record_binding(dir, *ak_binding)
-    write_atomic(dir / ENROLLMENT_FILE, _json_bytes(doc))
-
-
-def _discard(store: KeyStore) -> None:
-    """Drop a key that never got a certificate."""
-    with contextlib.suppress(OSError, ZtagentError):
-        if isinstance(store, FileKeyStore) and store.path.name == _NEW_KEY:
-            store.path.unlink()
-        elif isinstance(store, Pkcs11KeyStore | TpmKeyStore):
-            store.destroy()
-    store.close()
-
-
-def _read_ca_bundle(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise ConfigError("--ca-bundle", f"cannot read {path}: {exc.strerror}") from None
-
-
-def _new_store(
-    spec: KeyStoreSpec,
-    dir: Path,
-    pin: str | None,
-    tpm: DeviceTpm | None,
-    previous: Mapping[str, Any] | None,
-) -> KeyStore:
-    dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if spec.kind == "file":
-        return FileKeyStore.create(dir / _NEW_KEY)
-    if spec.kind == "tpm":
-        if tpm is None:
-            raise ConfigError("--tpm", "the tpm key store needs the TPM: give --tpm TCTI")
-        return TpmKeyStore.create(tpm, avoid=_tpm_handle(previous, tpm))
-    uri = spec.uri
-    assert uri is not None
-    if uri.token is None:
-        raise ConfigError("--key-store", f"{uri} names no token label (expected token=LABEL)")
-    return Pkcs11KeyStore.create(
-        uri.module or DEFAULT_PKCS11_MODULE,
-        uri.token,
-        require_pin(pin),
-        uri.object or DEFAULT_KEY_LABEL,
-        key_id=uri.id,
-    )
-
-
-def _tpm_handle(record: Mapping[str, Any] | None, tpm: DeviceTpm) -> int | None:
-    """The identity slot a previous enrollment's key uses in this TPM (kept until replaced)."""
-    if record is None or record.get("type") != "tpm" or record.get("tcti") != tpm.tcti:
-        return None
-    try:
-        return int(str(record.get("handle")), 16)
-    except ValueError:
-        return None
-
-
-def _remove_old_key(
-    dir: Path, record: dict[str, Any] | None, new: KeyStore, pin: str | None
-) -> None:
-    """After re-enrollment: delete the previous key (token objects, or a now unused file)."""
-    if record is None or record == new.record():
-        return
-    try:
-        if record.get("type") in ("pkcs11", "tpm"):
-            old = open_key_store(record, dir / DEVICE_KEY, pin)
-            try:
-                if isinstance(old, Pkcs11KeyStore | TpmKeyStore) and old.record() != new.record():
-                    old.destroy()
-            finally:
-                old.close()
-        elif record.get("type") == "file" and not isinstance(new, FileKeyStore):
-            (dir / DEVICE_KEY).unlink(missing_ok=True)
-    except (OSError, ZtagentError) as err:
-        log.warning("could not remove the previous key (%s): %s", record, err)
-
-
 # --- enroll ----------------------------------------------------------------------------------
 
 
@@ -540,12 +256,12 @@ async def _enroll_with_tpm(
     request.ek_certificate = ek_certificate or b""
     request.ak_public = await asyncio.to_thread(tpm.ak_public)
     ak_name = (await asyncio.to_thread(tpm.ak_name)).hex()
-    begin = await _call("BeginTpmEnroll", server, credentials, request, rpc_timeout_s)
+    begin = await call_ca("BeginTpmEnroll", server, credentials, request, rpc_timeout_s)
     secret = await asyncio.to_thread(
         tpm.activate_credential, bytes(begin.credential_blob), bytes(begin.encrypted_secret)
     )
     complete = pb.CompleteTpmEnrollRequest(enrollment_id=begin.enrollment_id, secret=secret)
-    response = await _call("CompleteTpmEnroll", server, credentials, complete, rpc_timeout_s)
+    response = await call_ca("CompleteTpmEnroll", server, credentials, complete, rpc_timeout_s)
     return response, ak_name, str(begin.enrollment_id)
 
 
@@ -582,10 +298,10 @@ async def enroll(
     ``out_dir/ak-bound`` records it (``TpmError`` when the TPM fails).
     """
     spec = KeyStoreSpec.parse(key_store)
-    roots = _read_ca_bundle(ca_bundle)
+    roots = read_ca_bundle(ca_bundle)
     device_id = token_device_id(token)
     moment = _now(now)
-    existing = _existing(out_dir)
+    existing = existing_enrollment(out_dir)
     recovered = False
     if existing is not None and not force:
         cert, old_id, _ = existing
@@ -606,13 +322,13 @@ async def enroll(
         log.info("recovering expired device %s in %s with a fresh token", device_id, out_dir)
     if spec.kind == "pkcs11":
         require_pin(pin)
-    store = _new_store(spec, out_dir, pin, tpm, existing[2] if existing else None)
+    store = new_key_store(spec, out_dir, pin, tpm, existing[2] if existing else None)
     ak_binding: tuple[str, str] | None = None
     try:
         request = pb.EnrollRequest(csr=build_csr(store, device_id), bootstrap_token=token)
         credentials = grpc.ssl_channel_credentials(root_certificates=roots)
         if tpm is None:
-            response = await _call("Enroll", server, credentials, request, rpc_timeout_s)
+            response = await call_ca("Enroll", server, credentials, request, rpc_timeout_s)
         else:
             response, ak_name, enrollment_id = await _enroll_with_tpm(
                 server, credentials, request, tpm, rpc_timeout_s
@@ -622,10 +338,10 @@ async def enroll(
         if ak_binding is not None:
             _check_ak_name(leaf, response, ak_binding[0])
     except BaseException:
-        _discard(store)
+        discard_key(store)
         raise
     try:
-        _write_state(
+        write_state(
             out_dir,
             leaf=leaf,
             chain_pem=chain_pem,
@@ -638,16 +354,16 @@ async def enroll(
             ak_binding=ak_binding,
         )
         if existing is not None:
-            _remove_old_key(out_dir, existing[2], store, pin)
+            remove_old_key(out_dir, existing[2], store, pin)
         description = store.description()
     finally:
         store.close()
-    log.info("enrolled device %s, serial %s, key in %s", device_id, _serial(leaf), description)
+    log.info("enrolled device %s, serial %s, key in %s", device_id, serial_text(leaf), description)
     return EnrollResult(
         dir=out_dir,
         device_id=device_id,
         spiffe_id=response.spiffe_id,
-        serial=_serial(leaf),
+        serial=serial_text(leaf),
         not_before=leaf.not_valid_before_utc,
         not_after=leaf.not_valid_after_utc,
         key_store=description,
@@ -660,7 +376,7 @@ async def enroll(
 
 def _rotated_store(current: KeyStore, dir: Path, pin: str | None) -> KeyStore:
     if isinstance(current, FileKeyStore):
-        return FileKeyStore.create(dir / _NEW_KEY)
+        return FileKeyStore.create(dir / NEW_KEY_FILE)
     if isinstance(current, Pkcs11KeyStore):
         if current.uri.token is None:
             raise ConfigError("keystore.json", f"{current.uri} names no token label")
@@ -703,7 +419,7 @@ async def renew(
         new = _rotated_store(current, dir, pin) if rotate_key else current
         try:
             csr = build_csr(new, state.device_id)
-            response = await _call(
+            response = await call_ca(
                 "Renew",
                 address,
                 channel_credentials(current, state.chain_pem, state.ca_bundle_pem),
@@ -713,10 +429,10 @@ async def renew(
             leaf, chain_pem, bundle_pem = _check_response(response, new, state.device_id)
         except BaseException:
             if new is not current:
-                _discard(new)
+                discard_key(new)
             raise
         try:
-            _write_state(
+            write_state(
                 dir,
                 leaf=leaf,
                 chain_pem=chain_pem,
@@ -739,12 +455,12 @@ async def renew(
                 new.close()
     finally:
         current.close()
-    previous = _serial(state.cert)
-    log.info("renewed device %s: serial %s -> %s", state.device_id, previous, _serial(leaf))
+    previous = serial_text(state.cert)
+    log.info("renewed device %s: serial %s -> %s", state.device_id, previous, serial_text(leaf))
     return RenewResult(
         dir=dir,
         device_id=state.device_id,
-        serial=_serial(leaf),
+        serial=serial_text(leaf),
         previous_serial=previous,
         not_before=leaf.not_valid_before_utc,
         not_after=leaf.not_valid_after_utc,

@@ -17,14 +17,13 @@ from cryptography.x509.oid import NameOID
 from ztagent.device import enroll as client
 from ztagent.device.enroll import (
     RENEW_BACKOFF,
-    CaUnreachable,
-    EnrollClientError,
     default_renew_server,
     renew_at,
     renew_due,
     renew_watch,
     token_device_id,
 )
+from ztagent.device.errors import CaUnreachable, EnrollClientError
 from ztagent.device.keystores import FileKeyStore
 from ztagent.enrollment import EnrollError
 
@@ -136,7 +135,7 @@ async def test_watch_sleeps_until_due_then_retries_with_backoff(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out, cert = _device_dir(tmp_path)
-    monkeypatch.setattr(client, "_call", _unreachable)
+    monkeypatch.setattr(client, "call_ca", _unreachable)
     fake = FakeTime(T0 + timedelta(hours=1))
     results = await renew_watch(
         out, sleep=fake.sleep, clock=fake.clock, rng=lambda: 0.0, max_attempts=5
@@ -151,7 +150,7 @@ async def test_watch_keeps_trying_until_expiry_then_reports_cert_expired(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out, cert = _device_dir(tmp_path)
-    monkeypatch.setattr(client, "_call", _unreachable)
+    monkeypatch.setattr(client, "call_ca", _unreachable)
     fake = FakeTime(renew_at(cert))
     with pytest.raises(EnrollClientError, match=r"cert_expired: .*fresh bootstrap token"):
         await renew_watch(out, sleep=fake.sleep, clock=fake.clock, rng=lambda: 0.0)
@@ -168,7 +167,7 @@ async def test_watch_stops_on_a_refusal(tmp_path: Path, monkeypatch: pytest.Monk
     async def revoked(*_: Any, **__: Any) -> Any:
         raise EnrollError("renew_cert_revoked", "serial abc is revoked")
 
-    monkeypatch.setattr(client, "_call", revoked)
+    monkeypatch.setattr(client, "call_ca", revoked)
     fake = FakeTime(renew_at(cert))
     with pytest.raises(EnrollError, match="renew_cert_revoked"):
         await renew_watch(out, sleep=fake.sleep, clock=fake.clock)
