@@ -85,10 +85,7 @@ STATUS_BY_CODE: Final = MappingProxyType(
 class EnrollError(ZtagentError):
     """An enrollment or renewal request was refused, or the CA could not serve it."""
 
-    def __init__(self, code: str, message: str) -> None:
-        if code not in STATUS_BY_CODE:
-            raise ValueError(f"unknown EnrollError code {code!r} (expected one of STATUS_BY_CODE)")
-        super().__init__(code, message)
+    codes = frozenset(STATUS_BY_CODE)
 
     def rpc_status(self) -> str:
         return STATUS_BY_CODE[self.code]

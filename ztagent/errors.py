@@ -18,19 +18,37 @@ EXIT_USAGE = 2
 
 
 class ZtagentError(Exception):
-    """Root of every ztagent error: a stable code plus a human message."""
+    """Root of every ztagent error: a stable code plus a human message, and optionally what
+    was ``received`` and what was ``expected`` as values (the CLI's ``--json`` and the
+    decision log carry them; the message says the same in words)."""
 
     default_code = "error"
     status_name: ClassVar[str] = "INTERNAL"
     """The gRPC status (``grpc.StatusCode`` member name) a server answers this family with."""
+    codes: ClassVar[frozenset[str] | None] = None
+    """The family's registry (a ``StrEnum`` of its codes): a code outside it is a programming
+    error, caught at construction. ``None`` for the generic families above the domains."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(
+        self, code: str, message: str, *, received: object = None, expected: object = None
+    ) -> None:
+        if self.codes is not None and code not in self.codes:
+            raise ValueError(
+                f"unknown {type(self).__name__} code {code!r} (expected one of its registry)"
+            )
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.received = received
+        self.expected = expected
 
-    def as_dict(self) -> dict[str, str]:
-        return {"code": self.code, "message": self.message}
+    def as_dict(self) -> dict[str, object]:
+        out: dict[str, object] = {"code": self.code, "message": self.message}
+        if self.received is not None:
+            out["received"] = self.received
+        if self.expected is not None:
+            out["expected"] = self.expected
+        return out
 
     def rpc_status(self) -> str:
         """The gRPC status name for this error (a family may decide per code)."""

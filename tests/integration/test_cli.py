@@ -85,6 +85,11 @@ def test_cert_verify_accepts_and_explains_rejection(
     capsys.readouterr()
     assert main(["cert", "verify", str(long_lived), "--config", str(config)]) == 1
     assert "REJECTED" in (text := capsys.readouterr().out) and "cert_lifetime_too_long" in text
+    # --json carries what was received and what was expected as fields, not only in words
+    assert main(["cert", "verify", str(long_lived), "--config", str(config), "--json"]) == 1
+    error = json.loads(capsys.readouterr().out)["error"]
+    assert error["code"] == "cert_lifetime_too_long"
+    assert error["expected"] == "<= 90 days" and error["received"].endswith(" days")
 
 
 def test_bad_config_names_the_key_and_exits_2(tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ import secrets
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote, unquote_to_bytes
@@ -61,8 +62,19 @@ _PATH_ATTRS = frozenset({"token", "serial", "object", "id", "type", "module-path
 _QUERY_ATTRS = frozenset({"module-path"})
 
 
+class KeyStoreCode(StrEnum):
+    """Every ``KeyStoreError`` code."""
+
+    KEYSTORE_FAILED = "keystore_failed"
+    KEYSTORE_KEY_MISSING = "keystore_key_missing"
+    KEYSTORE_PIN_INCORRECT = "keystore_pin_incorrect"
+    KEYSTORE_UNAVAILABLE = "keystore_unavailable"
+
+
 class KeyStoreError(ZtagentError):
     """A key store could not be opened or used (module, token, PIN, key object, signing)."""
+
+    codes = frozenset(KeyStoreCode)
 
 
 class KeyStore(Protocol):

@@ -31,6 +31,7 @@ import contextlib
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, NamedTuple
 
 from tpm2_pytss import (
@@ -100,8 +101,18 @@ _TCTI_LAYER = 0x0A0000
 _UNREACHABLE_BASE_RCS = {0x8, 0x9, 0xA}  # NO_CONNECTION, TRY_AGAIN, IO_ERROR
 
 
+class TpmCode(StrEnum):
+    """Every ``TpmError`` code."""
+
+    TPM_ERROR = "tpm_error"
+    TPM_KEY_MISSING = "tpm_key_missing"
+    TPM_UNAVAILABLE = "tpm_unavailable"
+
+
 class TpmError(TransportError):
     """The TPM could not be reached (``tpm_unavailable``) or refused (``tpm_error``)."""
+
+    codes = frozenset(TpmCode)
 
 
 def _wrap(what: str, exc: TSS2_Exception) -> TpmError:

@@ -196,12 +196,16 @@ def _check_validity(leaf: x509.Certificate, now: datetime) -> None:
             "cert_not_yet_valid",
             f"certificate is valid from {rfc3339(leaf.not_valid_before_utc)} "
             f"(validation time {rfc3339(now)})",
+            received=rfc3339(now),
+            expected=f">= {rfc3339(leaf.not_valid_before_utc)}",
         )
     if now > leaf.not_valid_after_utc:
         raise CertError(
             "cert_expired",
             f"certificate expired at {rfc3339(leaf.not_valid_after_utc)} "
             f"(validation time {rfc3339(now)})",
+            received=rfc3339(now),
+            expected=f"<= {rfc3339(leaf.not_valid_after_utc)}",
         )
 
 
@@ -216,6 +220,8 @@ def _check_lifetime(leaf: x509.Certificate, policy: DevicePolicy) -> None:
             "cert_lifetime_too_long",
             f"certificate lifetime is {_days(lifetime)} days "
             f"(expected at most {_days(policy.max_lifetime)} days)",
+            received=f"{_days(lifetime)} days",
+            expected=f"<= {_days(policy.max_lifetime)} days",
         )
 
 
@@ -258,6 +264,8 @@ def _check_spiffe(leaf: x509.Certificate, policy: DevicePolicy) -> tuple[SpiffeI
             "spiffe_id_wrong_trust_domain",
             f"SPIFFE ID {str(spiffe)!r} is in trust domain {spiffe.trust_domain!r} "
             f"(expected {policy.trust_domain!r})",
+            received=spiffe.trust_domain,
+            expected=policy.trust_domain,
         )
     return spiffe, parse_device_id(spiffe)
 

@@ -35,6 +35,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Final, Literal, Protocol
 
@@ -54,9 +55,18 @@ _TAIL_CHUNK = 64 * 1024
 OnFull = Literal["drop", "block"]
 
 
+class DecisionLogCode(StrEnum):
+    """Every ``DecisionLogError`` code."""
+
+    DECISION_LOG_STATE = "decision_log_state"
+    DECISION_LOG_UNAVAILABLE = "decision_log_unavailable"
+
+
 class DecisionLogError(ZtagentError):
     """The decision log cannot be used: ``decision_log_unavailable`` (the file cannot be
     opened or read at start-up), ``decision_log_state`` (started twice)."""
+
+    codes = frozenset(DecisionLogCode)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 
 from ztagent.config import Config, FailureMode
-from ztagent.errors import DeniedError, TransportError, VerificationError
+from ztagent.errors import DeniedError, TransportError
 from ztagent.pki.verify import DeviceChecker, VerifiedDevice
 from ztagent.policy.decision_log import DecisionLog, NullDecisionLog
 from ztagent.policy.decision_record import DecisionRecord, new_decision_id
@@ -45,6 +45,7 @@ from ztagent.sidecar.policy_input import (
     split_method,
     unverified_posture,
 )
+from ztagent.tokens.errors import TokenError
 from ztagent.tokens.verifier import TokenVerifier, anonymous_user_input, extract_bearer
 from ztagent.tokens.verify import VerifiedUser, thumbprint_of_digest
 
@@ -126,11 +127,11 @@ class Pipeline:
         if not values:
             return anonymous_user_input()
         if len(values) > 1 or not isinstance(values[0], str):
-            raise VerificationError(
+            raise TokenError(
                 "token_malformed", f"expected one authorization header, got {len(values)}"
             )
         if self.tokens is None:
-            raise VerificationError(
+            raise TokenError(
                 "token_unverifiable",
                 "a bearer token was sent but this sidecar has no [tokens] issuer configured",
             )

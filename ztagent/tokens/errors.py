@@ -24,15 +24,59 @@ Messages say what was received and what was expected; they never contain a whole
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 from ztagent.errors import TransportError, VerificationError, ZtagentError
+
+
+class TokenCode(StrEnum):
+    """Every ``TokenError`` code."""
+
+    TOKEN_ALG_NOT_ALLOWED = "token_alg_not_allowed"
+    TOKEN_BAD_SIGNATURE = "token_bad_signature"
+    TOKEN_CLAIMS_INVALID = "token_claims_invalid"
+    TOKEN_CNF_MISMATCH = "token_cnf_mismatch"
+    TOKEN_CNF_REQUIRED = "token_cnf_required"
+    TOKEN_EXPIRED = "token_expired"
+    TOKEN_IAT_IN_FUTURE = "token_iat_in_future"
+    TOKEN_KID_MISSING = "token_kid_missing"
+    TOKEN_KID_UNKNOWN = "token_kid_unknown"
+    TOKEN_MALFORMED = "token_malformed"
+    TOKEN_NOT_YET_VALID = "token_not_yet_valid"
+    TOKEN_TOO_LARGE = "token_too_large"
+    TOKEN_TYP_MISMATCH = "token_typ_mismatch"
+    TOKEN_UNVERIFIABLE = "token_unverifiable"
+    TOKEN_WRONG_AUDIENCE = "token_wrong_audience"
+    TOKEN_WRONG_ISSUER = "token_wrong_issuer"
+
+
+class JwksCode(StrEnum):
+    """Every ``JwksError`` code."""
+
+    JWKS_INVALID = "jwks_invalid"
+    JWKS_UNAVAILABLE = "jwks_unavailable"
+
+
+class DevIssuerCode(StrEnum):
+    """Every ``DevIssuerError`` code."""
+
+    BIND_CERT_INVALID = "bind_cert_invalid"
+    DEV_ISSUER_EXISTS = "dev_issuer_exists"
+    DEV_ISSUER_INVALID = "dev_issuer_invalid"
+    DEV_ISSUER_MISSING = "dev_issuer_missing"
+    TTL_INVALID = "ttl_invalid"
 
 
 class TokenError(VerificationError):
     """A user token was checked and refused."""
 
+    codes = frozenset(TokenCode)
+
 
 class JwksError(TransportError):
     """The issuer's key set could not be fetched or parsed."""
+
+    codes = frozenset(JwksCode)
 
 
 class TokenPolicyError(ZtagentError):
@@ -48,3 +92,5 @@ class TokenPolicyError(ZtagentError):
 
 class DevIssuerError(ZtagentError):
     """A dev-issuer operation could not be done (missing, existing or broken files)."""
+
+    codes = frozenset(DevIssuerCode)

@@ -194,6 +194,8 @@ def _parse(token: str, policy: TokenPolicy) -> _Compact:
         raise TokenError(
             "token_alg_not_allowed",
             f"alg {_show(alg)} (expected one of: {', '.join(policy.algorithms)})",
+            received=str(alg)[:64],
+            expected=list(policy.algorithms),
         )
     if "crit" in header:
         raise TokenError(
@@ -341,6 +343,8 @@ def _check_audience(claims: Mapping[str, Any], policy: TokenPolicy) -> tuple[str
         raise TokenError(
             "token_wrong_audience",
             f"aud {_show(list(aud))} (expected one of: {', '.join(policy.audiences)})",
+            received=[a[:64] for a in aud[:8]],
+            expected=list(policy.audiences),
         )
     return aud
 
@@ -418,7 +422,12 @@ def _check_claims(
     iss = claims.get("iss")
     if iss != policy.issuer:
         received = "missing" if iss is None else _show(iss)
-        raise TokenError("token_wrong_issuer", f"iss {received} (expected {policy.issuer!r})")
+        raise TokenError(
+            "token_wrong_issuer",
+            f"iss {received} (expected {policy.issuer!r})",
+            received=iss[:64] if isinstance(iss, str) else None,
+            expected=policy.issuer,
+        )
     aud = _check_audience(claims, policy)
     expires_at = _check_times(claims, policy, now)
     sub = claims.get("sub")

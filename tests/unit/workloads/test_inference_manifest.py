@@ -155,12 +155,16 @@ def test_check_tensor_refuses(
 
 
 def test_status_mapping() -> None:
-    assert grpc_status_for(InvalidInputError("c", "m")) is grpc.StatusCode.INVALID_ARGUMENT
+    assert (
+        grpc_status_for(InvalidInputError("invalid_shape", "m")) is grpc.StatusCode.INVALID_ARGUMENT
+    )
     assert grpc_status_for(ModelNotFoundError("x", ["a"])) is grpc.StatusCode.NOT_FOUND
     header = ModelHeaderRequiredError("model_header", "m")
     assert grpc_status_for(header) is grpc.StatusCode.PERMISSION_DENIED
-    assert grpc_status_for(InferenceBusyError("c", "m")) is grpc.StatusCode.UNAVAILABLE
+    assert grpc_status_for(InferenceBusyError("overloaded", "m")) is grpc.StatusCode.UNAVAILABLE
     assert grpc_status_for(VerificationError("c", "m")) is grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(ValueError, match="unknown InvalidInputError code 'c'"):
+        InvalidInputError("c", "m")  # codes are data: a made-up one is a programming error
 
 
 def test_model_not_found_names_served_models() -> None:

@@ -88,8 +88,13 @@ def test_device_namespace_refuses_nul() -> None:
 
 def test_status_mapping() -> None:
     assert grpc_status_for(StorageIntegrityError("k", "x")) is grpc.StatusCode.DATA_LOSS
-    assert grpc_status_for(InvalidRequestError("c", "m")) is grpc.StatusCode.INVALID_ARGUMENT
-    assert grpc_status_for(WatchOverflowError("c", "m")) is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert (
+        grpc_status_for(InvalidRequestError("invalid_key", "m")) is grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert (
+        grpc_status_for(WatchOverflowError("watch_overflow", "m"))
+        is grpc.StatusCode.RESOURCE_EXHAUSTED
+    )
     assert grpc_status_for(VerificationError("c", "m")) is grpc.StatusCode.UNAUTHENTICATED
 
 

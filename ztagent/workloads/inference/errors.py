@@ -6,11 +6,40 @@ statuses with :func:`ztagent.rpc_status.grpc_status_for` (``status_name`` per cl
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 from ztagent.errors import ZtagentError
+
+
+class InferenceCode(StrEnum):
+    """Every inference workload error code."""
+
+    DUPLICATE_MODEL = "duplicate_model"
+    INFERENCE_FAILED = "inference_failed"
+    INVALID_BYTE_LENGTH = "invalid_byte_length"
+    INVALID_DTYPE = "invalid_dtype"
+    INVALID_MODEL_NAME = "invalid_model_name"
+    INVALID_SHAPE = "invalid_shape"
+    MANIFEST_INVALID = "manifest_invalid"
+    MISSING_INPUT = "missing_input"
+    MODEL_BAD_SIGNATURE = "model_bad_signature"
+    MODEL_DIGEST_MISMATCH = "model_digest_mismatch"
+    MODEL_FILE_MISSING = "model_file_missing"
+    MODEL_HEADER = "model_header"
+    MODEL_INVALID = "model_invalid"
+    MODEL_MISMATCH = "model_mismatch"
+    MODEL_NOT_FOUND = "model_not_found"
+    MODEL_SIGNATURE_MISSING = "model_signature_missing"
+    NON_FINITE = "non_finite"
+    OVERLOADED = "overloaded"
+    SHUTTING_DOWN = "shutting_down"
+    TENSOR_TOO_LARGE = "tensor_too_large"
 
 
 class InferenceError(ZtagentError):
     """Root of the inference workload's errors."""
+
+    codes = frozenset(InferenceCode)
 
 
 class InvalidInputError(InferenceError):

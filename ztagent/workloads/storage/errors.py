@@ -6,11 +6,33 @@ statuses with :func:`ztagent.rpc_status.grpc_status_for` (``status_name`` per cl
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 from ztagent.errors import ZtagentError
+
+
+class StorageCode(StrEnum):
+    """Every storage workload error code."""
+
+    BULK_TOO_LARGE = "bulk_too_large"
+    INVALID_KEY = "invalid_key"
+    INVALID_NAMESPACE = "invalid_namespace"
+    INVALID_PAGE_SIZE = "invalid_page_size"
+    INVALID_PAGE_TOKEN = "invalid_page_token"
+    KEY_FILE_INSECURE = "key_file_insecure"
+    KEY_FILE_INVALID = "key_file_invalid"
+    NOT_FOUND = "not_found"
+    SHUTTING_DOWN = "shutting_down"
+    STORAGE_BACKEND = "storage_backend"
+    STORAGE_INTEGRITY = "storage_integrity"
+    VALUE_TOO_LARGE = "value_too_large"
+    WATCH_OVERFLOW = "watch_overflow"
 
 
 class StorageError(ZtagentError):
     """Root of the storage workload's errors."""
+
+    codes = frozenset(StorageCode)
 
 
 class InvalidRequestError(StorageError):
