@@ -66,6 +66,25 @@ def cmd_ca_issue(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _device_id(text: str) -> str:
+    """``--device-id``: parsed into a ``DeviceId`` once, here at the edge."""
+    from ztagent.pki.spiffe import DeviceId
+
+    try:
+        return DeviceId(text)
+    except ZtagentError as err:
+        raise argparse.ArgumentTypeError(err.message) from None
+
+
+def _trust_domain(text: str) -> str:
+    from ztagent.pki.spiffe import TrustDomain
+
+    try:
+        return TrustDomain(text)
+    except ZtagentError as err:
+        raise argparse.ArgumentTypeError(err.message) from None
+
+
 def _parse_serial(text: str) -> int:
     from ztagent.ca.builders import parse_serial
 
@@ -626,12 +645,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = ca.add_parser("init", help="create root CA, issuing CA, server cert, CRL, demo device")
     p.add_argument("--dir", type=Path, required=True)
-    p.add_argument("--trust-domain", default="ztagent.dev")
+    p.add_argument(
+        "--trust-domain", type=_trust_domain, default="ztagent.dev", help="SPIFFE trust domain"
+    )
     p.add_argument("--force", action="store_true", help="overwrite an existing CA")
     p.set_defaults(func=cmd_ca_init)
     p = ca.add_parser("issue", help="sign a device certificate directly (dev/test)")
     p.add_argument("--dir", type=Path, required=True)
-    p.add_argument("--device-id", required=True)
+    p.add_argument("--device-id", type=_device_id, required=True, help="the device's id")
     p.add_argument("--out", type=Path, required=True, help="certificate path; key goes to .key")
     p.add_argument("--days", type=int, default=30)
     p.set_defaults(func=cmd_ca_issue)
@@ -644,7 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = ca.add_parser("token", help="a signed one-time bootstrap token for enrollment")
     p.add_argument("--dir", type=Path, required=True)
-    p.add_argument("--device-id", required=True)
+    p.add_argument("--device-id", type=_device_id, required=True, help="the device's id")
     p.add_argument("--ttl", type=_parse_duration, default=900, help="e.g. 15m (default), 1h")
     p.set_defaults(func=cmd_ca_token)
     p = ca.add_parser("serve", help="the enrollment service (Enroll, Renew, GetCACerts, GetCRL)")

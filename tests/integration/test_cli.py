@@ -157,3 +157,13 @@ async def test_sigterm_drains_in_flight_calls(pki: Pki, upstream: EchoUpstream) 
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_bad_device_id_is_refused_at_the_flag(
+    pki: Pki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Parsed once, at the edge: argparse refuses it (exit 2) before any CA file is read."""
+    with pytest.raises(SystemExit) as info:
+        main(["ca", "token", "--dir", str(pki.layout.dir), "--device-id", "../etc"])
+    assert info.value.code == 2
+    assert "argument --device-id: device id '../etc' is not 1-128" in capsys.readouterr().err

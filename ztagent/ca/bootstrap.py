@@ -46,7 +46,7 @@ from ztagent.enrollment import EnrollError
 from ztagent.errors import ConfigError
 from ztagent.files import KEY_MODE, write_atomic
 from ztagent.pki.errors import CaError, CertError
-from ztagent.pki.spiffe import validate_device_id
+from ztagent.pki.spiffe import DeviceId
 from ztagent.timefmt import rfc3339_from_timestamp as _when
 
 TOKEN_TYP: Final = "ztagent-bootstrap+jwt"  # noqa: S105 (a media type, not a secret)
@@ -111,7 +111,7 @@ def issue_bootstrap_token(
     a missing CA.
     """
     try:
-        validate_device_id(device_id)
+        device_id = DeviceId(device_id)
     except CertError as exc:
         raise CaError("device_id_invalid", exc.message) from None
     if isinstance(ttl_s, bool) or not isinstance(ttl_s, int) or not 1 <= ttl_s <= MAX_TTL_S:
@@ -252,7 +252,7 @@ def _check_claims(
             f"sub is {_show(sub)} but device_id is {_show(device_id)} (expected equal)"
         )
     try:
-        validate_device_id(device_id)
+        device_id = DeviceId(device_id)
     except CertError as exc:
         raise _malformed(exc.message) from None
     jti = _str_claim(claims, "jti")

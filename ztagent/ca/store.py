@@ -45,7 +45,7 @@ from ztagent.ca.builders import (
 )
 from ztagent.files import KEY_MODE, PUBLIC_MODE, write_atomic
 from ztagent.pki.errors import CaError, CertError
-from ztagent.pki.spiffe import device_spiffe_id, validate_device_id, validate_trust_domain
+from ztagent.pki.spiffe import DeviceId, TrustDomain, device_spiffe_id
 from ztagent.timefmt import parse_rfc3339, rfc3339
 
 STATE_VERSION = 1
@@ -194,16 +194,17 @@ def _ca_present(layout: CaLayout) -> bool:
     return any(p.exists() for p in (layout.root_cert, layout.root_key, layout.state))
 
 
-def _validated_trust_domain(trust_domain: str) -> str:
+def _trust_domain(trust_domain: str) -> TrustDomain:
+    """The CA's entry points take plain strings (the CLI, scripts): parsed here, once."""
     try:
-        return validate_trust_domain(trust_domain)
+        return TrustDomain(trust_domain)
     except CertError as exc:
         raise CaError("trust_domain_invalid", exc.message) from None
 
 
-def _validated_device_id(device_id: str) -> str:
+def _device_id(device_id: str) -> DeviceId:
     try:
-        return validate_device_id(device_id)
+        return DeviceId(device_id)
     except CertError as exc:
         raise CaError("device_id_invalid", exc.message) from None
 
@@ -217,8 +218,8 @@ def init_ca(
     now: datetime | None = None,
 ) -> CaLayout:
     """Create root CA, issuing CA, server cert, a demo device cert and an empty CRL."""
-    _validated_trust_domain(trust_domain)
-    _validated_device_id(demo_device_id)
+    trust_domain = _trust_domain(trust_domain)
+    demo_device_id = _device_id(demo_device_id)
     moment = _now(now)
     layout = CaLayout(ca_dir)
     ca_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -293,7 +294,7 @@ def issue_device_cert(
 
     Lifetimes above the sidecar's maximum are allowed here; the sidecar refuses them.
     """
-    _validated_device_id(device_id)
+    device_id = _device_id(device_id)
     if days < 1:
         raise CaError("days_invalid", f"days is {days} (expected at least 1)")
     layout = CaLayout(ca_dir)
@@ -322,7 +323,7 @@ def issue_device_for_key(
 
     The caller (the enrollment service) checks the key type and caps ``days``.
     """
-    _validated_device_id(device_id)
+    device_id = _device_id(device_id)
     if days < 1:
         raise CaError("days_invalid", f"days is {days} (expected at least 1)")
     layout = CaLayout(ca_dir)

@@ -34,7 +34,7 @@ from joserfc.jwk import ECKey
 
 from ztagent.files import KEY_MODE, PUBLIC_MODE, write_atomic
 from ztagent.pki.errors import CertError
-from ztagent.pki.spiffe import validate_trust_domain
+from ztagent.pki.spiffe import TrustDomain
 from ztagent.tokens.errors import DevIssuerError
 from ztagent.tokens.verify import cert_thumbprint
 
@@ -119,7 +119,7 @@ def init_dev_issuer(ca_dir: Path, trust_domain: str, *, force: bool = False) -> 
     ``dev_issuer_invalid`` for a bad trust domain.
     """
     try:
-        validate_trust_domain(trust_domain)
+        trust_domain = TrustDomain(trust_domain)
     except CertError as exc:
         raise DevIssuerError("dev_issuer_invalid", exc.message) from None
     ca_dir.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from ztagent.pki.errors import CertError, DevicePolicyError
-from ztagent.pki.spiffe import validate_trust_domain
+from ztagent.pki.spiffe import TrustDomain
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class DevicePolicy:
 
     def __post_init__(self) -> None:
         try:
-            validate_trust_domain(self.trust_domain)
+            object.__setattr__(self, "trust_domain", TrustDomain(self.trust_domain))
         except CertError as exc:
             raise DevicePolicyError("trust_domain", exc.message) from None
         if self.max_lifetime <= timedelta(0):

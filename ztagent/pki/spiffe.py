@@ -27,8 +27,8 @@ def _invalid(message: str) -> CertError:
     return CertError("spiffe_id_invalid", message)
 
 
-def validate_trust_domain(trust_domain: str) -> str:
-    """Return ``trust_domain`` if it is a valid SPIFFE trust domain name, else raise."""
+def _check_trust_domain(trust_domain: str) -> str:
+    """``trust_domain`` if it is a valid SPIFFE trust domain name, else ``CertError``."""
     if not trust_domain:
         raise _invalid("trust domain is missing (expected e.g. 'ztagent.dev')")
     if len(trust_domain) > MAX_TRUST_DOMAIN_LEN:
@@ -64,6 +64,46 @@ def validate_path(path: str) -> str:
     return path
 
 
+class TrustDomain(str):
+    """A valid SPIFFE trust domain name (lowercase ``[a-z0-9._-]``, at most 255 characters).
+
+    Constructing one validates it (``CertError('spiffe_id_invalid')`` naming the bad part), so
+    holding one proves validity; it is a ``str``, so it goes wherever the name did. Parse it
+    once, at the edge (config, CLI flag, CA state), and pass the value inward."""
+
+    __slots__ = ()
+
+    def __new__(cls, name: str) -> TrustDomain:
+        if type(name) is cls:
+            return name  # already checked
+        return super().__new__(cls, _check_trust_domain(str(name)))
+
+
+class DeviceId(str):
+    """A valid device id: 1-128 characters of ``[A-Za-z0-9._-]``, not ``.`` or ``..`` (the
+    last segment of ``spiffe://<trust domain>/device/<id>``, a storage namespace, a file name
+    under the CA's ``devices/``). Constructing one validates it
+    (``CertError('spiffe_id_not_device')``); it is a ``str``."""
+
+    __slots__ = ()
+
+    def __new__(cls, value: str) -> DeviceId:
+        if type(value) is cls:
+            return value  # already checked
+        text = str(value)
+        if not _DEVICE_ID_RE.fullmatch(text) or text in (".", ".."):
+            raise CertError(
+                "spiffe_id_not_device",
+                f"device id {text[:140]!r} is not 1-128 characters of [A-Za-z0-9._-] "
+                "(and not '.' or '..')",
+            )
+        return super().__new__(cls, text)
+
+    def spiffe_id(self, trust_domain: str) -> SpiffeId:
+        """``spiffe://<trust_domain>/device/<this id>``."""
+        return SpiffeId(TrustDomain(trust_domain), DEVICE_PATH_PREFIX + self)
+
+
 @dataclass(frozen=True)
 class SpiffeId:
     """A valid SPIFFE ID; constructing one validates it, so holding one proves validity."""
@@ -72,7 +112,7 @@ class SpiffeId:
     path: str = ""
 
     def __post_init__(self) -> None:
-        validate_trust_domain(self.trust_domain)
+        object.__setattr__(self, "trust_domain", TrustDomain(self.trust_domain))
         validate_path(self.path)
 
     @classmethod
@@ -103,24 +143,12 @@ class SpiffeId:
         return f"{SCHEME_PREFIX}{self.trust_domain}{self.path}"
 
 
-def validate_device_id(device_id: str) -> str:
-    """Return ``device_id`` if it matches ``[A-Za-z0-9._-]{1,128}`` (not '.'/'..')."""
-    if not _DEVICE_ID_RE.fullmatch(device_id) or device_id in (".", ".."):
-        raise CertError(
-            "spiffe_id_not_device",
-            f"device id {device_id!r} is not 1-128 characters of [A-Za-z0-9._-] "
-            "(and not '.' or '..')",
-        )
-    return device_id
-
-
 def device_spiffe_id(trust_domain: str, device_id: str) -> str:
     """The SPIFFE ID of a device: ``spiffe://<trust_domain>/device/<device_id>``."""
-    validate_device_id(device_id)
-    return str(SpiffeId(trust_domain, DEVICE_PATH_PREFIX + device_id))
+    return str(DeviceId(device_id).spiffe_id(trust_domain))
 
 
-def parse_device_id(spiffe: SpiffeId) -> str:
+def parse_device_id(spiffe: SpiffeId) -> DeviceId:
     """The device id of a ``/device/<id>`` SPIFFE ID; ``CertError('spiffe_id_not_device')``."""
     path = spiffe.path
     if not path.startswith(DEVICE_PATH_PREFIX) or "/" in path[len(DEVICE_PATH_PREFIX) :]:
@@ -128,4 +156,4 @@ def parse_device_id(spiffe: SpiffeId) -> str:
             "spiffe_id_not_device",
             f"SPIFFE ID path is {path or '(empty)'!r} (expected exactly '/device/<id>')",
         )
-    return validate_device_id(path[len(DEVICE_PATH_PREFIX) :])
+    return DeviceId(path[len(DEVICE_PATH_PREFIX) :])

@@ -6,10 +6,11 @@ import pytest
 
 from ztagent.pki.errors import CertError
 from ztagent.pki.spiffe import (
+    DeviceId,
     SpiffeId,
+    TrustDomain,
     device_spiffe_id,
     parse_device_id,
-    validate_device_id,
 )
 
 
@@ -70,12 +71,28 @@ def test_parse_device_id_requires_device_path(path: str) -> None:
 @pytest.mark.parametrize("device_id", ["", ".", "..", "a b", "a/b", "ä", "x" * 129])
 def test_device_id_rejects(device_id: str) -> None:
     with pytest.raises(CertError, match=r"is not 1-128 characters") as info:
-        validate_device_id(device_id)
+        DeviceId(device_id)
     assert info.value.code == "spiffe_id_not_device"
 
 
 def test_device_spiffe_id() -> None:
     assert device_spiffe_id("ztagent.dev", "Dev_1.a-b") == "spiffe://ztagent.dev/device/Dev_1.a-b"
-    assert validate_device_id("x" * 128) == "x" * 128
+    assert DeviceId("x" * 128) == "x" * 128
     with pytest.raises(CertError, match="must be lowercase"):
         device_spiffe_id("Ztagent.dev", "a")
+
+
+def test_value_objects_are_parsed_once_and_stay_strings() -> None:
+    device = DeviceId("cam-17")
+    assert isinstance(device, str) and device == "cam-17"
+    assert DeviceId(device) is device  # already checked: not parsed again
+    assert str(device.spiffe_id("ztagent.dev")) == "spiffe://ztagent.dev/device/cam-17"
+    domain = TrustDomain("ztagent.dev")
+    assert TrustDomain(domain) is domain
+    assert isinstance(SpiffeId("ztagent.dev", "/x").trust_domain, TrustDomain)
+    assert type(parse_device_id(SpiffeId.parse("spiffe://ztagent.dev/device/a"))) is DeviceId
+    with pytest.raises(CertError, match="must be lowercase") as info:
+        TrustDomain("Ztagent.dev")
+    assert info.value.code == "spiffe_id_invalid"
+    with pytest.raises(CertError, match="at most 255"):
+        TrustDomain("a" * 256)
