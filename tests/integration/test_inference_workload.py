@@ -30,6 +30,7 @@ from ztagent._proto.workloads.v1 import (  # noqa: E402
 from ztagent.config import load_config  # noqa: E402
 from ztagent.dev.issuer import init_dev_issuer, mint_token  # noqa: E402
 from ztagent.errors import ConfigError  # noqa: E402
+from ztagent.rpc_status import ERROR_CODE_HEADER  # noqa: E402
 from ztagent.sidecar.server import Sidecar  # noqa: E402
 from ztagent.workloads.inference.models import LoadedModel, encode_tensor, load_model  # noqa: E402
 from ztagent.workloads.inference.server import (  # noqa: E402
@@ -42,7 +43,6 @@ from ztagent.workloads.inference.server import (  # noqa: E402
 from ztagent.workloads.inference.train import FLOAT_NAME, INT8_NAME, build, heldout  # noqa: E402
 from ztagent.workloads.storage.server import (  # noqa: E402
     DEVICE_ID_HEADER,
-    ERROR_CODE_HEADER,
     start_storage_server,
     stop_storage_server,
 )

@@ -102,6 +102,11 @@ async def test_bad_certificates_are_refused(
     assert info.value.code() == status, info.value.details()
     if code is not None:
         assert (info.value.details() or "").startswith(f"{code}: ")
+        trailers = dict(info.value.trailing_metadata() or ())
+        assert trailers["x-ztagent-error-code"] == code
+    if case == "wrong_trust_domain":  # what was received and expected, as fields
+        assert trailers["x-ztagent-error-received"] == '"evil.example"'
+        assert trailers["x-ztagent-error-expected"] == '"ztagent.dev"'
     assert upstream.seen == []
 
 

@@ -23,9 +23,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ztagent._proto.workloads.v1 import storage_pb2, storage_pb2_grpc
 from ztagent.errors import ConfigError, TransportError
+from ztagent.rpc_status import ERROR_CODE_HEADER
 from ztagent.workloads.storage.server import (
     DEVICE_ID_HEADER,
-    ERROR_CODE_HEADER,
     SERVICE_NAME,
     start_storage_server,
     stop_storage_server,

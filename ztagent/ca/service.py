@@ -89,7 +89,7 @@ from ztagent.pki.trust import TrustMaterial
 from ztagent.posture.ak_binding import PendingBinding, begin_binding, complete_binding
 from ztagent.posture.ek_cert import EkTrust, check_ek_certificate
 from ztagent.posture.errors import PostureError
-from ztagent.rpc_status import grpc_status_for
+from ztagent.rpc_status import error_trailers, grpc_status_for
 from ztagent.signals import wait_for_stop_signal
 
 log = logging.getLogger("ztagent.enroll.ca")
@@ -527,7 +527,7 @@ def _peer_cert_pem(context: grpc.aio.ServicerContext) -> bytes | None:
 
 
 async def _abort(context: grpc.aio.ServicerContext, err: EnrollError) -> NoReturn:
-    await context.abort(grpc_status_for(err), err.details)
+    await context.abort(grpc_status_for(err), err.details, error_trailers(err))
     raise AssertionError("context.abort returned")  # pragma: no cover
 
 

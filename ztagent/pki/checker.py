@@ -116,5 +116,8 @@ def _failure_window(
 
 def _unwrap(result: VerifiedDevice | CertError) -> VerifiedDevice:
     if isinstance(result, CertError):
-        raise CertError(result.code, result.message)  # a fresh exception, no stale traceback
+        # a fresh exception (no stale traceback), with the same fields
+        raise CertError(
+            result.code, result.message, received=result.received, expected=result.expected
+        )
     return result

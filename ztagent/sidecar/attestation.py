@@ -35,7 +35,7 @@ from ztagent.posture.verifier import (
     PostureStore,
     verify_evidence,
 )
-from ztagent.rpc_status import grpc_status_for
+from ztagent.rpc_status import error_trailers, grpc_status_for
 from ztagent.sidecar.admission import Clock
 from ztagent.sidecar.pipeline import Pipeline
 from ztagent.sidecar.shared_cache import SharedPostureCache
@@ -108,7 +108,9 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
         try:
             return self._pipeline.verify_device(context.auth_context())
         except ZtagentError as err:
-            await context.abort(grpc_status_for(err), f"{err.code}: {err.message}")
+            await context.abort(
+                grpc_status_for(err), f"{err.code}: {err.message}", error_trailers(err)
+            )
             raise AssertionError("unreachable") from err
 
     async def Challenge(

@@ -18,7 +18,7 @@ from google.protobuf import descriptor_pool
 
 from ztagent.config import Route
 from ztagent.errors import ZtagentError
-from ztagent.rpc_status import grpc_status_for
+from ztagent.rpc_status import error_trailers, grpc_status_for
 from ztagent.sidecar.metrics import Metrics
 from ztagent.sidecar.upstreams import Upstreams, service_of
 
@@ -132,7 +132,9 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
             log.info("refused %s: %s", method, err)
             if self._metrics is not None:
                 self._metrics.refusal(err.code)
-            await context.abort(grpc_status_for(err), f"{err.code}: {err.message}")
+            await context.abort(
+                grpc_status_for(err), f"{err.code}: {err.message}", error_trailers(err)
+            )
             raise AssertionError("unreachable") from err
         route = self._upstreams.route(service_of(method))
         if route is None:

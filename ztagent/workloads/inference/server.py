@@ -32,7 +32,7 @@ from ztagent._proto.workloads.v1 import inference_pb2, inference_pb2_grpc
 from ztagent.addresses import local_target
 from ztagent.errors import ConfigError, TransportError, ZtagentError
 from ztagent.posture.firmware import load_trusted_keys
-from ztagent.rpc_status import grpc_status_for
+from ztagent.rpc_status import error_trailers, grpc_status_for
 from ztagent.signals import wait_for_stop_signal
 from ztagent.workloads.inference.batching import Batcher
 from ztagent.workloads.inference.errors import (
@@ -43,7 +43,7 @@ from ztagent.workloads.inference.errors import (
 from ztagent.workloads.inference.models import LoadedModel, decode_tensor, load_models
 from ztagent.workloads.inference.outbox import EscalatedResult, Outbox
 from ztagent.workloads.inference.tensors import MAX_TENSOR_BYTES, check_tensor
-from ztagent.workloads.storage.server import ERROR_CODE_HEADER, device_namespace
+from ztagent.workloads.storage.server import device_namespace
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def check_model_binding(model: LoadedModel, header: str | None) -> None:
 
 
 async def _abort(context: grpc.aio.ServicerContext, err: ZtagentError) -> NoReturn:
-    await context.abort(grpc_status_for(err), err.message, ((ERROR_CODE_HEADER, err.code),))
+    await context.abort(grpc_status_for(err), err.message, error_trailers(err))
     raise AssertionError("context.abort returned")  # pragma: no cover
 
 

@@ -25,7 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from ztagent._proto.workloads.v1 import storage_pb2, storage_pb2_grpc
 from ztagent.addresses import local_target
 from ztagent.errors import ConfigError, TransportError, VerificationError, ZtagentError
-from ztagent.rpc_status import grpc_status_for
+from ztagent.rpc_status import ERROR_CODE_HEADER, error_trailers, grpc_status_for
 from ztagent.signals import wait_for_stop_signal
 from ztagent.workloads.storage.errors import (
     InvalidRequestError,
@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = "ztagent.workloads.v1.Storage"
 DEVICE_ID_HEADER = "x-ztagent-device-id"
-ERROR_CODE_HEADER = "x-ztagent-error-code"
 """Trailing metadata that carries the stable ztagent error code of a failed call."""
 DEFAULT_LISTEN = "127.0.0.1:50061"
 STOP_GRACE_S = 5.0
@@ -182,7 +181,7 @@ def device_namespace(metadata: Sequence[tuple[str, Any]] | None) -> str:
 
 
 async def _abort(context: grpc.aio.ServicerContext, err: ZtagentError) -> NoReturn:
-    await context.abort(grpc_status_for(err), err.message, ((ERROR_CODE_HEADER, err.code),))
+    await context.abort(grpc_status_for(err), err.message, error_trailers(err))
     raise AssertionError("context.abort returned")  # pragma: no cover
 
 
