@@ -130,6 +130,7 @@ def cmd_ca_serve(args: argparse.Namespace) -> int:
 def cmd_enroll(args: argparse.Namespace) -> int:
     from ztagent.device.enroll import enroll
     from ztagent.device.keystores import resolve_pin
+    from ztagent.timefmt import rfc3339
 
     token = sys.stdin.read().strip() if args.token == "-" else args.token  # noqa: S105
     pin = resolve_pin(args.pin_file) if args.key_store.startswith("pkcs11:") else None
@@ -154,7 +155,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     verb = "re-enrolled (expired certificate recovered)" if result.recovered else "enrolled"
     print(
         f"{verb} device {result.device_id} ({result.spiffe_id}): serial {result.serial}, "
-        f"valid until {result.not_after:%Y-%m-%dT%H:%M:%SZ}, key in {result.key_store}"
+        f"valid until {rfc3339(result.not_after)}, key in {result.key_store}"
     )
     print(f"  files in {result.dir}: device.pem, ca-bundle.pem, keystore.json, enrollment.json")
     if tpm is not None:
@@ -165,6 +166,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 def cmd_renew(args: argparse.Namespace) -> int:
     from ztagent.device.enroll import renew, renew_watch
     from ztagent.device.keystores import resolve_pin
+    from ztagent.timefmt import rfc3339
 
     pin = resolve_pin(args.pin_file)
     rotate = not args.keep_key
@@ -175,8 +177,7 @@ def cmd_renew(args: argparse.Namespace) -> int:
     result = asyncio.run(renew(args.dir, pin=pin, rotate_key=rotate, server=args.server))
     print(
         f"renewed device {result.device_id}: serial {result.previous_serial} -> {result.serial}, "
-        f"valid until {result.not_after:%Y-%m-%dT%H:%M:%SZ}"
-        + (", new key" if result.key_rotated else "")
+        f"valid until {rfc3339(result.not_after)}" + (", new key" if result.key_rotated else "")
     )
     return EXIT_OK
 

@@ -91,6 +91,7 @@ from ztagent.posture.ek_cert import EkTrust, check_ek_certificate
 from ztagent.posture.errors import PostureError
 from ztagent.rpc_status import error_trailers, grpc_status_for
 from ztagent.signals import wait_for_stop_signal
+from ztagent.timefmt import rfc3339
 
 log = logging.getLogger("ztagent.enroll.ca")
 
@@ -175,7 +176,7 @@ class PendingTpmEnrollments:
             raise EnrollError(
                 "tpm_enroll_expired",
                 f"the TPM enrollment of {entry.device_id!r} expired at "
-                f"{entry.expires_at:%Y-%m-%dT%H:%M:%SZ} (now {now:%Y-%m-%dT%H:%M:%SZ}, "
+                f"{rfc3339(entry.expires_at)} (now {rfc3339(now)}, "
                 f"{TPM_ENROLL_TTL_S} s after BeginTpmEnroll); begin again",
             )
         return entry
@@ -485,7 +486,7 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
             raise EnrollError(
                 "renew_cert_revoked",
                 f"certificate serial {builders.serial_hex(leaf.serial_number)} was revoked at "
-                f"{revoked.revoked_at:%Y-%m-%dT%H:%M:%SZ} (in {self.layout.state})",
+                f"{rfc3339(revoked.revoked_at)} (in {self.layout.state})",
             )
         return leaf, device.device_id, device.ak_name
 
