@@ -9,13 +9,15 @@ servers   ``sidecar/`` (the gRPC adapter around the admission pipeline, proxy, r
           the attestation service, cross-worker caches), ``workloads/`` (storage,
           inference), and the CA's gRPC service (``ca/service.py``)
 sides     ``ca/`` issuing (X.509 builders, the CA store, bootstrap tokens, issuance policy,
-          audit log); ``device/`` the device side (enroll / renew client, CSR, key stores,
-          TPM driver, attest client, CRL fetcher); ``dev/`` DEVELOPMENT ONLY tooling (dev
-          PKI, dev token issuer, dev TPM manufacturer, boot simulator, swtpm launcher)
+          audit log); ``device/`` the device side and the fetchers (enroll / renew client,
+          CSR, key stores, TPM driver, attest client, host facts, CRL and JWKS fetchers);
+          ``dev/`` DEVELOPMENT ONLY tooling (dev PKI, dev token issuer, dev TPM
+          manufacturer, boot simulator, swtpm launcher)
 checks    ``pki/`` (device certificate verification, CRL update rules), ``tokens/``,
           ``posture/`` (evidence verification), ``policy/`` (engines, sources, decision
           records, authoring): values in, a typed result or a typed error out; no grpc,
-          no sockets of their own, an injected clock
+          no sockets or processes of their own (only the OPA engine talks HTTP), an
+          injected clock
 base      ``config`` (one validated object), ``errors`` (the root error and its families,
           each naming its gRPC status as data), ``enrollment`` (the codes CA and device
           share), ``files`` (atomic writes, file stamps), ``timefmt`` (the one RFC 3339

@@ -275,8 +275,8 @@ def cmd_token_mint(args: argparse.Namespace) -> int:
 
 def cmd_token_verify(args: argparse.Namespace) -> int:
     from ztagent.config import load_config
+    from ztagent.sidecar.token_setup import verifier_from_config
     from ztagent.tokens.errors import TokenError
-    from ztagent.tokens.setup import verifier_from_config
     from ztagent.tokens.verify import cert_thumbprint
 
     config = load_config(args.config)
@@ -476,9 +476,9 @@ def cmd_attest(args: argparse.Namespace) -> int:
         load_evidence_inputs,
         open_sidecar_channel,
     )
+    from ztagent.device.host_facts import collect_host_facts
     from ztagent.device.keystores import resolve_pin
     from ztagent.device.tpm import DeviceTpm
-    from ztagent.posture.host import collect_host_facts
 
     cert = args.cert or args.dir / "device.pem"
     key = args.key or (cert.with_suffix(".key") if args.cert else None)

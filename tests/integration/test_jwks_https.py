@@ -33,8 +33,9 @@ from tests.unit.tokens._support import (
     sign,
 )
 from ztagent.ca import builders
+from ztagent.device.jwks_fetch import JwksSource
 from ztagent.tokens.errors import JwksError, TokenError
-from ztagent.tokens.jwks import DISCOVERY_PATH, JwksSource
+from ztagent.tokens.jwks import DISCOVERY_PATH
 from ztagent.tokens.verifier import TokenVerifier
 
 pytestmark = pytest.mark.integration

@@ -134,6 +134,28 @@ def test_every_module_keeps_the_import_rules() -> None:
     assert found == []
 
 
+NETWORK_AND_PROCESSES = {
+    "socket", "ssl", "urllib.request", "urllib.error", "http", "aiohttp", "requests", "httpx",
+    "subprocess", "psutil", "multiprocessing",
+}  # fmt: skip
+CHECK_IO_ALLOWED = {"ztagent.policy.opa": {"aiohttp"}}
+"""The OPA engine is a policy engine that answers over HTTP (DESIGN: policy/ holds the
+engines); every other check takes the bytes it checks from its caller."""
+
+
+def test_checks_open_no_sockets_and_start_no_processes() -> None:
+    found = []
+    for name, path in modules():
+        if _area(name) not in CHECKS:
+            continue
+        for imported in imports_of(path.read_text(), name, is_package=path.name == "__init__.py"):
+            top = imported.split(".")[0]
+            hit = imported if imported in NETWORK_AND_PROCESSES else top
+            if hit in NETWORK_AND_PROCESSES and hit not in CHECK_IO_ALLOWED.get(name, set()):
+                found.append(f"{name} imports {imported}")
+    assert found == []
+
+
 def test_every_module_belongs_to_a_layer() -> None:
     known = BASE | BASE_GRPC | CHECKS | SIDES | SERVERS | FACE
     assert [name for name, _ in modules() if _area(name) not in known] == []

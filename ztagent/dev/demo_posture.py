@@ -19,11 +19,11 @@ from ztagent.dev.boot_sim import demo_components, simulate_boot
 from ztagent.dev.pki import ensure_dev_firmware_vendor, ensure_dev_tpm_manufacturer
 from ztagent.dev.swtpm import SwtpmProcess, start_swtpm
 from ztagent.device.attest import attest_once
+from ztagent.device.host_facts import collect_host_facts
 from ztagent.device.tpm import DeviceTpm
 from ztagent.device.transport import device_credentials
 from ztagent.files import write_atomic
 from ztagent.posture.firmware import sign_manifest
-from ztagent.posture.host import collect_host_facts
 
 FIRMWARE_SVN = 3
 

@@ -34,11 +34,11 @@ import grpc
 
 from ztagent._proto.v1 import attestation_pb2 as pb
 from ztagent._proto.v1 import attestation_pb2_grpc as pb_grpc
+from ztagent.device.host_facts import collect_host_facts
 from ztagent.device.tpm import DeviceTpm
 from ztagent.errors import ConfigError, TransportError, ZtagentError
 from ztagent.files import write_atomic
 from ztagent.posture.errors import PostureError
-from ztagent.posture.host import collect_host_facts
 from ztagent.schedule import Backoff, refresh_in
 
 AK_BOUND_FILE = "ak-bound"

@@ -101,7 +101,7 @@ def build_engine(config: Config) -> PolicyEngine:
 def build_tokens(config: Config) -> TokenVerifier | None:
     if config.tokens is None:
         return None
-    from ztagent.tokens.setup import verifier_from_config
+    from ztagent.sidecar.token_setup import verifier_from_config
 
     return verifier_from_config(config.tokens)
 

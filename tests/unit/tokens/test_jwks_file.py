@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from ztagent.device.jwks_fetch import JwksSource
 from ztagent.errors import ConfigError
 from ztagent.tokens.errors import JwksError
-from ztagent.tokens.jwks import JwksSource, parse_jwks
+from ztagent.tokens.jwks import parse_jwks
 
 from ._support import NOW, FakeMonotonic, FakeWallClock, jwks_bytes, new_key
 

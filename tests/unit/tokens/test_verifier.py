@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
+from ztagent.device.jwks_fetch import JwksSource
 from ztagent.tokens import verifier as verifier_mod
 from ztagent.tokens.errors import JwksError, TokenError
-from ztagent.tokens.jwks import JwksSource
 from ztagent.tokens.verifier import TokenVerifier, extract_bearer
 from ztagent.tokens.verify import cert_thumbprint
 

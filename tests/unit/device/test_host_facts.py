@@ -11,8 +11,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from ztagent.posture import host
-from ztagent.posture.host import UNKNOWN, collect_host_facts
+from ztagent.device import host_facts as host
+from ztagent.device.host_facts import UNKNOWN, collect_host_facts
 
 KEYS = {
     "os",

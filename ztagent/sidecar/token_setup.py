@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from ztagent.config import TokensConfig
+from ztagent.device.jwks_fetch import JwksSource
 from ztagent.errors import ConfigError
-from ztagent.tokens.jwks import JwksSource
 from ztagent.tokens.verifier import TokenVerifier
 
 

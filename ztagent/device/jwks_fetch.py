@@ -1,0 +1,276 @@
+"""The issuer's key set (JWKS) fetched: the IO edge of token verification.
+
+``JwksSource`` loads a JWKS from a file or an ``https://`` URL (optionally through OIDC
+discovery: ``<issuer>/.well-known/openid-configuration`` names the ``jwks_uri``), and keeps
+it in memory:
+
+- the key set is reused for ``cache_ttl_s`` seconds, then refetched on the next
+  ``get_keys()``;
+- fetches are rate-limited: at most one attempt per ``min_refresh_interval_s`` seconds,
+  whatever triggers it (a stale cache, an unknown ``kid``, a failing issuer), so a flood of
+  tokens with random kids cannot flood the issuer; concurrent callers share one in-flight
+  fetch;
+- when a fetch fails, the last good key set is kept and ``health()`` reports degraded;
+  with no key set ever loaded, ``get_keys()`` raises ``JwksError`` (``jwks_unavailable``).
+
+Both intervals are measured with an injected monotonic clock, so tests do not sleep.
+HTTP is the stdlib (``urllib.request`` + ``ssl``) run in a worker thread: no redirects to
+anything but ``https://``, a size cap and a timeout on every response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from joserfc.jwk import KeySet
+
+from ztagent.errors import ConfigError
+from ztagent.tokens.errors import JwksError
+from ztagent.tokens.jwks import DISCOVERY_PATH, MAX_DOCUMENT_BYTES, JwksHealth, parse_jwks
+
+
+class _HttpsOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: Any,
+        code: int,
+        msg: str,
+        headers: Any,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        if not newurl.startswith("https://"):
+            raise JwksError(
+                "jwks_unavailable", f"redirect to {newurl!r} (expected an https:// URL)"
+            )
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _https_get(url: str, context: ssl.SSLContext, timeout_s: float, max_bytes: int) -> bytes:
+    """Blocking GET (run in a worker thread); every failure becomes ``JwksError``."""
+    opener = urllib.request.build_opener(
+        urllib.request.HTTPSHandler(context=context), _HttpsOnlyRedirects()
+    )
+    request = urllib.request.Request(  # noqa: S310 (https:// only, checked at construction)
+        url, headers={"Accept": "application/json", "User-Agent": "ztagent"}
+    )
+    try:
+        with opener.open(request, timeout=timeout_s) as response:
+            data: bytes = response.read(max_bytes + 1)
+    except urllib.error.HTTPError as exc:
+        raise JwksError("jwks_unavailable", f"GET {url}: HTTP {exc.code} (expected 200)") from None
+    except urllib.error.URLError as exc:
+        raise JwksError("jwks_unavailable", f"GET {url}: {exc.reason}") from None
+    except (OSError, ValueError) as exc:  # TLS errors, timeouts, resets, bad status lines
+        raise JwksError("jwks_unavailable", f"GET {url}: {type(exc).__name__}: {exc}") from None
+    if len(data) > max_bytes:
+        raise JwksError(
+            "jwks_invalid", f"GET {url}: body over {max_bytes} bytes (expected at most that)"
+        )
+    return data
+
+
+def _read_file(path: Path, max_bytes: int) -> bytes:
+    try:
+        with path.open("rb") as f:
+            data = f.read(max_bytes + 1)
+    except OSError as exc:
+        raise JwksError("jwks_unavailable", f"{path}: {exc.strerror or exc}") from None
+    if len(data) > max_bytes:
+        raise JwksError("jwks_invalid", f"{path}: over {max_bytes} bytes (expected at most that)")
+    return data
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class JwksSource:
+    """The issuer's key set from a file or an https URL, cached and rate-limited.
+
+    ``location`` is a path (``Path`` or a string without ``https://``) or an ``https://``
+    URL; with ``discover=True`` it is the issuer URL and the JWKS URL comes from its OpenID
+    configuration (whose ``issuer`` must equal it, OIDC Discovery 1.0 section 4.3).
+    ``ca_bundle`` is a PEM file of CAs for the TLS (default: the system trust store).
+    ``clock`` is monotonic seconds (intervals); ``wall_clock`` dates ``health().fetched_at``.
+    """
+
+    def __init__(
+        self,
+        location: str | Path,
+        *,
+        ca_bundle: Path | None = None,
+        discover: bool = False,
+        cache_ttl_s: float = 300.0,
+        min_refresh_interval_s: float = 30.0,
+        timeout_s: float = 10.0,
+        max_bytes: int = MAX_DOCUMENT_BYTES,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], datetime] = _utcnow,
+    ) -> None:
+        if cache_ttl_s <= 0:
+            raise ConfigError("tokens.jwks_cache_ttl_s", f"{cache_ttl_s} (expected > 0)")
+        if min_refresh_interval_s < 0:
+            raise ConfigError(
+                "tokens.jwks_min_refresh_interval_s", f"{min_refresh_interval_s} (expected >= 0)"
+            )
+        self._url: str | None = None
+        self._path: Path | None = None
+        self._context: ssl.SSLContext | None = None
+        text = str(location)
+        if isinstance(location, str) and "://" in location:
+            if not location.startswith("https://"):
+                raise ConfigError("tokens.jwks_url", f"{location!r} (expected an https:// URL)")
+            self._url = location
+            self._context = _ssl_context(ca_bundle)
+        elif discover:
+            raise ConfigError("tokens.issuer", f"{text!r} (discovery needs an https:// URL)")
+        else:
+            self._path = Path(location)
+        self._discover = discover
+        self._issuer = text if discover else None
+        self._jwks_url: str | None = None if discover else self._url
+        self._location = text
+        self._ttl = cache_ttl_s
+        self._min_interval = min_refresh_interval_s
+        self._timeout = timeout_s
+        self._max_bytes = max_bytes
+        self._clock = clock
+        self._wall_clock = wall_clock
+
+        self._keys: KeySet | None = None
+        self._raw: bytes | None = None
+        self._fetched_mono: float | None = None
+        self._fetched_at: datetime | None = None
+        self._last_attempt: float | None = None
+        self._last_error: str | None = None
+        self._inflight: asyncio.Task[bool] | None = None
+        self._fetches = 0
+
+    @property
+    def location(self) -> str:
+        return self._location
+
+    @property
+    def fetch_count(self) -> int:
+        """Fetch attempts made so far (successful or not)."""
+        return self._fetches
+
+    def health(self) -> JwksHealth:
+        return JwksHealth(
+            ok=self._keys is not None and self._last_error is None,
+            last_error=self._last_error,
+            fetched_at=self._fetched_at,
+        )
+
+    async def get_keys(self) -> KeySet:
+        """The current key set; refetched when older than ``cache_ttl_s`` (rate-limited).
+
+        A failed refetch keeps the last good set. Raise ``JwksError`` only when no key set
+        was ever loaded.
+        """
+        if self._keys is None or self._stale():
+            await self._refresh()
+        if self._keys is None:
+            reason = self._last_error or "not fetched yet"
+            raise JwksError(
+                "jwks_unavailable", f"no key set loaded from {self._location} ({reason})"
+            )
+        return self._keys
+
+    async def refresh_for_unknown_kid(self) -> bool:
+        """Refetch because a token named a kid the set lacks; True if a fetch succeeded.
+
+        At most one fetch per ``min_refresh_interval_s``; False (no fetch) inside it.
+        """
+        return await self._refresh()
+
+    def _stale(self) -> bool:
+        return self._fetched_mono is None or self._clock() - self._fetched_mono >= self._ttl
+
+    async def _refresh(self) -> bool:
+        inflight = self._inflight
+        if inflight is None:
+            now = self._clock()
+            if self._last_attempt is not None and now - self._last_attempt < self._min_interval:
+                return False
+            self._last_attempt = now
+            self._fetches += 1
+            inflight = asyncio.get_running_loop().create_task(self._fetch_and_store())
+            self._inflight = inflight
+        # shield: a caller that is cancelled must not cancel the fetch the others wait for
+        return await asyncio.shield(inflight)
+
+    async def _fetch_and_store(self) -> bool:
+        try:
+            data = await self._fetch()
+            keys = self._keys if self._keys is not None and data == self._raw else None
+            if keys is None:
+                keys = parse_jwks(data, self._jwks_url or self._location)
+            self._keys, self._raw = keys, data
+            self._fetched_mono = self._clock()
+            self._fetched_at = self._wall_clock()
+            self._last_error = None
+            return True
+        except JwksError as exc:
+            self._last_error = str(exc)
+            return False
+        except Exception as exc:  # never let the shared task die with an unhandled error
+            self._last_error = f"jwks_unavailable: {type(exc).__name__}: {exc}"
+            return False
+        finally:
+            self._inflight = None
+
+    async def _fetch(self) -> bytes:
+        if self._path is not None:
+            return await asyncio.to_thread(_read_file, self._path, self._max_bytes)
+        if self._jwks_url is None:
+            self._jwks_url = await self._discover_jwks_url()
+        return await self._get(self._jwks_url)
+
+    async def _get(self, url: str) -> bytes:
+        assert self._context is not None
+        return await asyncio.to_thread(
+            _https_get, url, self._context, self._timeout, self._max_bytes
+        )
+
+    async def _discover_jwks_url(self) -> str:
+        assert self._issuer is not None
+        url = self._issuer.rstrip("/") + DISCOVERY_PATH
+        try:
+            doc = json.loads((await self._get(url)).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise JwksError("jwks_invalid", f"{url} is not JSON ({exc})") from None
+        if not isinstance(doc, dict):
+            raise JwksError("jwks_invalid", f"{url} is not a JSON object")
+        if doc.get("issuer") != self._issuer:
+            raise JwksError(
+                "jwks_invalid",
+                f"{url}: issuer {doc.get('issuer')!r} (expected {self._issuer!r})",
+            )
+        jwks_uri = doc.get("jwks_uri")
+        if not isinstance(jwks_uri, str) or not jwks_uri.startswith("https://"):
+            raise JwksError(
+                "jwks_invalid", f"{url}: jwks_uri {jwks_uri!r} (expected an https:// URL)"
+            )
+        return jwks_uri
+
+
+def _ssl_context(ca_bundle: Path | None) -> ssl.SSLContext:
+    if ca_bundle is None:
+        return ssl.create_default_context()
+    try:
+        return ssl.create_default_context(cafile=str(ca_bundle))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            "tokens.jwks_ca_bundle", f"{ca_bundle}: {exc} (expected a PEM CA bundle)"
+        ) from None
