@@ -32,7 +32,7 @@ from bench import micro
 from bench.loadgen import LoadResult, Target, run_load
 from bench.stack import DEVICE_ID, REPO, STORAGE, Stack, running_stack
 from ztagent._proto.workloads.v1 import storage_pb2
-from ztagent.sidecar.admission import DEVICE_ID_HEADER
+from ztagent.admission.call import DEVICE_ID_HEADER
 from ztagent.sidecar.server import worker_log_path
 
 NOTES_MARKER = "<!-- hand-written notes below this line are kept by bench/run.py -->"

@@ -412,6 +412,7 @@ def cmd_policy_replay(args: argparse.Namespace) -> int:
         _print_json(
             {
                 "total": report.total,
+                "refused": report.refused,
                 "revision": report.revision,
                 "changed": [vars(c) for c in report.changed],
                 "errors": [vars(e) for e in report.errors],
@@ -430,7 +431,7 @@ def cmd_policy_replay(args: argparse.Namespace) -> int:
         print(
             f"{report.total} decisions replayed against {args.policy} "
             f"(revision {report.revision}): {len(report.changed)} would change, "
-            f"{len(report.errors)} errors"
+            f"{len(report.errors)} errors, {report.refused} refused before the policy (skipped)"
         )
     return EXIT_OK if not report.errors else EXIT_REJECTED
 

@@ -89,7 +89,8 @@ async def test_metrics_count_decisions_refusals_and_upstream_errors(
     assert m[("ztagent_refused_total", (("code", "token_unverifiable"),))] == 1
     upstream_errors = "ztagent_upstream_errors_total"
     assert m[(upstream_errors, (("code", "FAILED_PRECONDITION"), ("service", SERVICE)))] == 1
-    assert m[("ztagent_admission_seconds_count", ())] == 6
+    # every call admission looked at: the 6 decided ones and the refused token
+    assert m[("ztagent_admission_seconds_count", ())] == 7
     assert m[("ztagent_policy_evaluation_seconds_count", ())] == 6
     # no per-caller values in labels
     assert not any("dev-metrics" in str(labels) for _, labels in m)

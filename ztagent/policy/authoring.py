@@ -437,6 +437,9 @@ class ReplayReport:
     errors: tuple[ReplayError, ...]
     revision: str = ""
     """Revision of the candidate policy."""
+    refused: int = 0
+    """Lines of calls refused before the policy was asked (bad certificate, bad token...):
+    nothing a candidate policy could change, so they are counted, not replayed."""
 
 
 def replay(
@@ -449,7 +452,7 @@ def replay(
     sources = load_sources(policy_path)
     engine = new_engine(policy_path, sources)
     engine.set_gather_prints(True)
-    total = 0
+    total = refused = 0
     changed: list[ReplayChange] = []
     errors: list[ReplayError] = []
     try:
@@ -470,6 +473,9 @@ def replay(
                 continue
             if not isinstance(entry, dict):
                 errors.append(ReplayError(line_no, None, "expected a JSON object"))
+                continue
+            if entry.get("refusal") is not None:
+                refused += 1
                 continue
             decision_id = entry.get("decision_id")
             did = str(decision_id) if decision_id is not None else None
@@ -497,4 +503,4 @@ def replay(
             old = tuple(sorted(str(r) for r in old_reasons))
             if new.allow != old_allow or new.reasons != old:
                 changed.append(ReplayChange(line_no, did, old_allow, new.allow, old, new.reasons))
-    return ReplayReport(total, tuple(changed), tuple(errors), sources.revision)
+    return ReplayReport(total, tuple(changed), tuple(errors), sources.revision, refused)

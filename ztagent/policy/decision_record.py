@@ -5,7 +5,7 @@ The decision log: one hash-chained JSON line per decided request.
 Record format (one line, UTF-8, compact separators, keys in this order)::
 
     decision_id time device_id user_sub service method allow enforced dry_run reasons
-    failure policy_revision latency_us attestation input prev_sha256
+    failure refusal policy_revision latency_us attestation input prev_sha256
 
 ``prev_sha256`` is the hex SHA-256 of the previous line's bytes (without its newline); the
 first line of a fresh log carries ``GENESIS_PREV`` (64 zeros). Any edit, deletion, insertion
@@ -90,6 +90,10 @@ class DecisionRecord:
     latency_us: int
     input: Mapping[str, Any] = field(hash=False)
     attestation: Mapping[str, Any] | None = field(default=None, hash=False)
+    refusal: Mapping[str, Any] | None = field(default=None, hash=False)
+    """A refusal before (or instead of) the policy's decision: its ``code``, gRPC
+    ``status``, ``message`` and, where known, ``received`` / ``expected``. None for a call the
+    policy decided (its ``reasons``, ``failure`` tell)."""
 
     def __post_init__(self) -> None:
         if self.time.tzinfo is None or self.time.utcoffset() is None:
@@ -111,6 +115,7 @@ class DecisionRecord:
             ("dry_run", self.dry_run),
             ("reasons", list(self.reasons)),
             ("failure", self.failure),
+            ("refusal", self.refusal),
             ("policy_revision", self.policy_revision),
             ("latency_us", self.latency_us),
             ("attestation", self.attestation),

@@ -18,6 +18,7 @@ from pathlib import Path
 import grpc
 
 from ztagent._proto.v1 import attestation_pb2, attestation_pb2_grpc
+from ztagent.admission.call import Clock
 from ztagent.config import PostureConfig
 from ztagent.errors import ZtagentError
 from ztagent.pki.verify import VerifiedDevice
@@ -36,7 +37,7 @@ from ztagent.posture.verifier import (
     verify_evidence,
 )
 from ztagent.rpc_status import error_trailers, grpc_status_for
-from ztagent.sidecar.admission import Clock
+from ztagent.sidecar.metrics import Metrics
 from ztagent.sidecar.pipeline import Pipeline
 from ztagent.sidecar.shared_cache import SharedPostureCache
 from ztagent.sidecar.shared_nonces import SharedNonceStore
@@ -150,14 +151,14 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
             # this certificate no longer stands.
             state.cache.drop(device.fingerprint_sha256)
             log.warning("attestation of %s refused: %s", device.device_id, err)
-            if self._pipeline.metrics is not None:
+            if isinstance(self._pipeline.metrics, Metrics):
                 self._pipeline.metrics.attestation(False, err.code)
             return attestation_pb2.AttestResponse(
                 verified=False,
                 failures=[attestation_pb2.Failure(code=err.code, message=err.message)],
             )
         state.cache.put(posture)
-        if self._pipeline.metrics is not None:
+        if isinstance(self._pipeline.metrics, Metrics):
             self._pipeline.metrics.attestation(True)
         log.info(
             "device %s attested (%s): firmware %s %s, posture valid until %s",

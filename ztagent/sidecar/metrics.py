@@ -115,6 +115,12 @@ class Metrics:
     def refusal(self, code: str) -> None:
         self.refused.labels(self._code(code)).inc()
 
+    def observe_admission(self, seconds: float, logged: bool) -> None:
+        """All checks of one call; ``logged`` False when its decision-log line was dropped."""
+        self.admission_seconds.observe(seconds)
+        if not logged:
+            self.log_dropped.inc()
+
     def upstream_error(self, service: str, code: str) -> None:
         self.upstream_errors.labels(self.service(service), code).inc()
 

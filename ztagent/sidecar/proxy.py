@@ -128,10 +128,8 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
         """Identity headers and route, or the call is aborted with the reason."""
         try:
             identity = await self._admission.admit(context, method)
-        except ZtagentError as err:
+        except ZtagentError as err:  # counted and logged by the admission core
             log.info("refused %s: %s", method, err)
-            if self._metrics is not None:
-                self._metrics.refusal(err.code)
             await context.abort(
                 grpc_status_for(err), f"{err.code}: {err.message}", error_trailers(err)
             )

@@ -24,6 +24,7 @@ from ztagent._proto.v1 import attestation_pb2_grpc
 # Importing the workloads' stubs registers their method kinds in protobuf's descriptor pool,
 # which lets the proxy take its unary fast path for their unary methods.
 from ztagent._proto.workloads.v1 import inference_pb2, storage_pb2  # noqa: F401
+from ztagent.admission.call import Clock, utc_now
 from ztagent.config import Config, check_files
 from ztagent.device.crl_fetch import CrlFetcher
 from ztagent.errors import ConfigError, ZtagentError
@@ -32,7 +33,6 @@ from ztagent.pki.trust_files import TrustFiles
 from ztagent.pki.verify import DeviceChecker
 from ztagent.policy.decision_log import DecisionLog, NullDecisionLog
 from ztagent.policy.types import PolicyEngine
-from ztagent.sidecar.admission import Clock, utc_now
 from ztagent.sidecar.attestation import AttestationService, PostureState
 from ztagent.sidecar.metrics import Metrics, MetricsEndpoint
 from ztagent.sidecar.pipeline import Pipeline

@@ -144,13 +144,52 @@ def _b64decode(segment: str, what: str) -> bytes:
         raise TokenError("token_malformed", f"{what} is not valid base64url") from None
 
 
+MAX_JSON_DEPTH = 16
+"""Deepest nesting of arrays and objects a token's header or claims may have; deeper is
+refused before the parser sees it (a 3,000-deep header used to end in RecursionError)."""
+MAX_NUMERIC_DATE = 253402300799
+"""9999-12-31T23:59:59Z: a larger exp / nbf / iat is refused, not overflowed."""
+
+
+def _json_depth(text: str) -> int:
+    """The deepest nesting of ``[`` / ``{`` outside strings (a linear scan, no recursion)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
 def _json_object(data: bytes, what: str, code: str) -> dict[str, Any]:
     try:
-        value = json.loads(
-            data.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constants
-        )
-    except (UnicodeDecodeError, ValueError) as exc:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise TokenError(code, f"{what} is not JSON ({exc})") from None
+    depth = _json_depth(text)
+    if depth > MAX_JSON_DEPTH:
+        raise TokenError(
+            code,
+            f"{what} nests {depth} levels deep (expected at most {MAX_JSON_DEPTH})",
+            received=depth,
+            expected=MAX_JSON_DEPTH,
+        )
+    try:
+        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+    except (ValueError, RecursionError) as exc:
+        raise TokenError(code, f"{what} is not JSON ({type(exc).__name__}: {exc})") from None
     if not isinstance(value, dict):
         raise TokenError(code, f"{what} is a JSON {type(value).__name__} (expected an object)")
     return value
@@ -283,9 +322,15 @@ def _number(claims: Mapping[str, Any], name: str, *, required: bool) -> float | 
         if required:
             raise TokenError("token_claims_invalid", f"{name} is missing (expected NumericDate)")
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or (isinstance(value, float) and not math.isfinite(value))
+        or not 0 <= value <= MAX_NUMERIC_DATE
+    ):
         raise TokenError(
-            "token_claims_invalid", f"{name} is {_show(value)} (expected NumericDate seconds)"
+            "token_claims_invalid",
+            f"{name} is {_show(value)} (expected NumericDate seconds, 0 to {MAX_NUMERIC_DATE})",
         )
     return float(value)
 

@@ -47,6 +47,7 @@ KEYS = [
     "dry_run",
     "reasons",
     "failure",
+    "refusal",
     "policy_revision",
     "latency_us",
     "attestation",

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import jsonschema
 
-from ztagent.policy.types import Decision
-from ztagent.sidecar.pipeline import policy_headers
-from ztagent.sidecar.policy_input import (
+from ztagent.admission.core import policy_headers
+from ztagent.admission.policy_input import (
     build_input,
     request_metadata,
     split_method,
     unverified_posture,
 )
+from ztagent.policy.types import Decision
 from ztagent.sidecar.proxy import forwardable
 from ztagent.sidecar.upstreams import service_of
 from ztagent.tokens.verify import anonymous_user_input

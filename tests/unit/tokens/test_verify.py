@@ -363,3 +363,40 @@ def test_policy_validates(kwargs: dict[str, Any], key: str) -> None:
 def test_naive_time_is_a_programming_error(key: ECKey, keys: KeySet) -> None:
     with pytest.raises(ValueError, match="timezone-aware"):
         verify_token(sign(key), keys, POLICY, NOW.replace(tzinfo=None), None)
+
+
+# --- hostile input: a clear refusal, never an exception the caller did not ask for ---------
+
+
+@pytest.mark.parametrize("claim", ["exp", "nbf", "iat"])
+@pytest.mark.parametrize("value", [10**400, -1, 10**13, 1e308])
+def test_numeric_dates_out_of_range_are_refused(
+    key: ECKey, keys: KeySet, claim: str, value: float
+) -> None:
+    """exp = 10**400 used to end in OverflowError (a traceback, UNKNOWN at the sidecar)."""
+    with pytest.raises(TokenError, match=rf"^token_claims_invalid: {claim} is ") as info:
+        verify_token(sign(key, claims(**{claim: value})), keys, POLICY, NOW, None)
+    assert "0 to 253402300799" in info.value.message
+
+
+def test_deeply_nested_json_is_refused_before_parsing(key: ECKey, keys: KeySet) -> None:
+    """A header nested 3,000 deep used to raise RecursionError before the signature check,
+    so any certificate holder could fill the log with tracebacks; a signed payload as deep
+    is refused the same way (it is parsed only after the signature verified)."""
+    from joserfc import jws
+
+    deep = "[" * 3000 + "]" * 3000
+    header = '{"alg":"ES256","kid":"k","x":' + deep + "}"
+    token = ".".join([b64(header.encode()), b64(b'{"sub":"a"}'), b64(b"sig")])
+    roomy = replace(POLICY, max_token_bytes=65536)
+    with pytest.raises(TokenError, match=r"header nests 3001 levels deep \(expected at most 16\)"):
+        verify_token(token, keys, roomy, NOW, None)
+    body = json.dumps(claims())[:-1] + ', "x": ' + deep + "}"
+    signed = jws.serialize_compact({"alg": "ES256", "kid": key.kid}, body, key)
+    with pytest.raises(TokenError, match=r"nests 3001 levels deep"):
+        verify_token(signed, keys, roomy, NOW, None)
+
+
+def test_nesting_inside_strings_does_not_count(key: ECKey, keys: KeySet) -> None:
+    user = verify_token(sign(key, claims(note="[[[[[[[[[[[[[[[[[[[[[[[[")), keys, POLICY, NOW, None)
+    assert user.claims["note"].startswith("[[[")

@@ -1,0 +1,271 @@
+"""The admission core driven directly, without grpc: every refusal kind gives the right
+status, stable code and message, and leaves a hash-chainable decision-log record; no input
+a client controls (metadata, tokens, method names, certificates) ends in anything else."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from joserfc.jwk import ECKey
+
+from tests.unit.pki._support import NOW, Mint, Pki
+from tests.unit.tokens._support import AUDIENCE, ISSUER, claims, new_key, sign
+from ztagent.admission.core import AdmissionCore, Call, Verdict
+from ztagent.config import Config, parse_config
+from ztagent.device.jwks_fetch import JwksSource
+from ztagent.pki.verify import DeviceChecker
+from ztagent.policy.decision_log import NullDecisionLog
+from ztagent.policy.decision_record import GENESIS_PREV, DecisionRecord
+from ztagent.policy.errors import PolicyError
+from ztagent.policy.types import Decision, EngineHealth
+from ztagent.tokens.verifier import TokenVerifier
+
+from ..pki.conftest import mint, session_pki  # noqa: F401 (fixtures)
+
+SERVICE = "ztagent.workloads.v1.Storage"
+ALLOWED_STATUSES = {
+    "OK",
+    "UNAUTHENTICATED",
+    "PERMISSION_DENIED",
+    "INVALID_ARGUMENT",
+    "RESOURCE_EXHAUSTED",
+    "UNAVAILABLE",
+    "UNIMPLEMENTED",
+}
+
+
+class RecordingLog(NullDecisionLog):
+    """The decision log's interface, keeping what it was given."""
+
+    def __init__(self) -> None:
+        self.records: list[DecisionRecord] = []
+
+    def submit(self, record: DecisionRecord) -> bool:
+        self.records.append(record)
+        return True
+
+    async def asubmit(self, record: DecisionRecord) -> bool:
+        return self.submit(record)
+
+
+class ScriptedEngine:
+    """A policy engine (the real interface) whose answer the test picks by method name:
+    ``Deny`` denies, ``Broken`` fails like an engine outage, ``Crash`` raises a bug."""
+
+    revision = "test-rev"
+
+    async def evaluate(self, input_doc: Mapping[str, Any]) -> Decision:
+        method = input_doc["request"]["method"]
+        if method == "Deny":
+            return Decision(False, ("role_required:writer",), {}, self.revision)
+        if method == "Broken":
+            raise PolicyError("policy_engine_error", "engine down")
+        if method == "Crash":
+            raise KeyError("a bug in an engine adapter")
+        return Decision(True, (), {"x-policy": "yes"}, self.revision)
+
+    def health(self) -> EngineHealth:
+        return EngineHealth(True, None)
+
+    def maybe_reload(self) -> bool:
+        return False
+
+    async def close(self) -> None:
+        return None
+
+
+def _config(tmp_path: Path) -> Config:
+    for name in ("s.pem", "s.key", "ca.pem", "crl.pem"):
+        (tmp_path / name).write_text("")
+    raw = {
+        "tls": {
+            "server_cert": "s.pem",
+            "server_key": "s.key",
+            "client_ca": "ca.pem",
+            "crl": "crl.pem",
+        },
+        "routes": [{"service": SERVICE, "upstream": "127.0.0.1:1"}],
+    }
+    return parse_config(raw, tmp_path)
+
+
+@pytest.fixture
+def key() -> ECKey:
+    return new_key()
+
+
+@pytest.fixture
+def core(tmp_path: Path, session_pki: Pki, key: ECKey) -> AdmissionCore:  # noqa: F811
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps({"keys": [key.as_dict(private=False)]}))
+    tokens = TokenVerifier(
+        JwksSource(jwks, clock=lambda: 0.0, wall_clock=lambda: NOW),
+        _policy(),
+        lambda: NOW,
+    )
+    checker = DeviceChecker(session_pki.trust(), _device_policy())
+    return AdmissionCore(
+        _config(tmp_path), checker, ScriptedEngine(), tokens, RecordingLog(), lambda: NOW
+    )
+
+
+def _policy() -> Any:
+    from ztagent.tokens.policy import TokenPolicy
+
+    return TokenPolicy(issuer=ISSUER, audiences=(AUDIENCE,))
+
+
+def _device_policy() -> Any:
+    from ztagent.pki.policy import DevicePolicy
+
+    return DevicePolicy("ztagent.dev")
+
+
+def _pem(mint: Mint, **kw: Any) -> bytes:  # noqa: F811
+    return mint(**kw).cert.public_bytes(Encoding.PEM)
+
+
+def _call(pem: bytes | None, method: str = "Get", token: str | None = None, **md: str) -> Call:
+    metadata = [(k, v) for k, v in md.items()]
+    if token is not None:
+        metadata.append(("authorization", f"Bearer {token}"))
+    return Call(f"/{SERVICE}/{method}", tuple(metadata), "ipv4:127.0.0.1:5", pem)
+
+
+def _records(core: AdmissionCore) -> list[DecisionRecord]:
+    log = core.decision_log
+    assert isinstance(log, RecordingLog)
+    return log.records
+
+
+async def test_allowed_call_gets_identity_and_policy_headers(
+    core: AdmissionCore,
+    mint: Mint,  # noqa: F811
+    key: ECKey,
+) -> None:
+    verdict = await core.decide(_call(_pem(mint), token=sign(key, claims())))
+    assert verdict.allowed and verdict.error is None
+    headers = dict(verdict.headers)
+    assert headers["x-ztagent-device-id"] == "dev-1" and headers["x-policy"] == "yes"
+    (record,) = _records(core)
+    assert record.allow and record.enforced and record.refusal is None
+    assert record.user_sub == "alice"
+
+
+@pytest.mark.parametrize(
+    ("case", "status", "code"),
+    [
+        ("no_cert", "UNAUTHENTICATED", "cert_missing"),
+        ("garbage_cert", "UNAUTHENTICATED", "cert_malformed"),
+        ("wrong_domain", "UNAUTHENTICATED", "spiffe_id_wrong_trust_domain"),
+        ("bad_token", "UNAUTHENTICATED", "token_malformed"),
+        ("two_tokens", "UNAUTHENTICATED", "token_malformed"),
+        ("expired_token", "UNAUTHENTICATED", "token_expired"),
+        ("policy_deny", "PERMISSION_DENIED", "policy_denied"),
+        ("engine_down", "UNAVAILABLE", "policy_engine_error"),
+        ("bug", "INTERNAL", "admission_error"),
+    ],
+)
+async def test_every_refusal_is_a_verdict_and_a_log_record(
+    core: AdmissionCore,
+    mint: Mint,  # noqa: F811
+    key: ECKey,
+    case: str,
+    status: str,
+    code: str,
+) -> None:
+    good = _pem(mint)
+    calls = {
+        "no_cert": _call(None),
+        "garbage_cert": _call(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"),
+        "wrong_domain": _call(_pem(mint, uris=["spiffe://evil.example/device/x"])),
+        "bad_token": _call(good, token="not.a.jwt"),
+        "two_tokens": Call(
+            f"/{SERVICE}/Get",
+            (("authorization", "Bearer a"), ("authorization", "Bearer b")),
+            "",
+            good,
+        ),
+        "expired_token": _call(good, token=sign(key, claims(exp=int(NOW.timestamp()) - 3600))),
+        "policy_deny": _call(good, "Deny"),
+        "engine_down": _call(good, "Broken"),
+        "bug": _call(good, "Crash"),
+    }
+    verdict = await core.decide(calls[case])
+    assert not verdict.allowed and verdict.error is not None
+    assert verdict.error.rpc_status() == status
+    assert verdict.error.code == code
+    (record,) = _records(core)  # exactly one line per call, refused ones included
+    assert not record.enforced
+    if case in ("policy_deny", "engine_down"):
+        assert record.refusal is None  # the policy (or its failure mode) decided
+        assert record.reasons == (
+            ("role_required:writer",) if case == "policy_deny" else (f"failure_mode_closed:{code}",)
+        )
+    else:
+        assert record.reasons == (code,)
+        assert record.refusal is not None and record.refusal["code"] == code
+        assert record.refusal["status"] == status
+    json.loads(record.to_json_bytes(GENESIS_PREV))  # a valid, chainable line
+    if case == "wrong_domain":
+        assert record.refusal is not None
+        assert record.refusal["received"] == "evil.example"
+    if case == "bug":  # the client's data never reaches the message
+        assert "a bug" not in verdict.error.message
+
+
+async def test_a_refused_token_still_names_the_device(
+    core: AdmissionCore,
+    mint: Mint,  # noqa: F811
+) -> None:
+    await core.decide(_call(_pem(mint), token="x.y.z"))
+    (record,) = _records(core)
+    assert record.device_id == "dev-1" and record.user_sub is None
+
+
+_header_names = st.text("abcdefghijklmnopqrstuvwxyz-_0123456789", min_size=1, max_size=20)
+_values = st.one_of(st.text(max_size=200), st.binary(max_size=100))
+_tokens = st.one_of(
+    st.text(max_size=300),
+    st.builds(
+        lambda a, b, c: f"{a}.{b}.{c}",
+        st.text(max_size=80),
+        st.text(max_size=80),
+        st.text(max_size=20),
+    ),
+    st.just("e30.e30.e30"),
+    st.just("W1tbW1tbW1tbW1tbW1tbW1tbW1td.e30.AA"),
+)
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    method=st.one_of(st.text(max_size=60), st.sampled_from(["Get", "Deny", "Broken"])),
+    metadata=st.lists(st.tuples(_header_names, _values), max_size=8),
+    token=st.one_of(st.none(), _tokens),
+    with_cert=st.booleans(),
+)
+async def test_no_client_input_escapes_the_verdict(
+    core: AdmissionCore,
+    mint: Mint,  # noqa: F811
+    method: str,
+    metadata: list[tuple[str, str | bytes]],
+    token: str | None,
+    with_cert: bool,
+) -> None:
+    md = list(metadata)
+    if token is not None:
+        md.append(("authorization", f"Bearer {token}"))
+    pem = _pem(mint) if with_cert else None
+    verdict: Verdict = await core.decide(Call(f"/{SERVICE}/{method}", tuple(md), "p", pem))
+    status = "OK" if verdict.allowed else verdict.error.rpc_status()  # type: ignore[union-attr]
+    assert status in ALLOWED_STATUSES, (status, verdict.error)
