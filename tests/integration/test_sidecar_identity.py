@@ -130,3 +130,32 @@ async def test_revocation_takes_effect_without_restart(
         pytest.fail("revocation was not picked up")
     # Other devices keep working.
     assert await call(pki, sidecar.port, pki.mint("still-good")) == b"ping"
+
+
+async def test_health_does_not_bypass_the_identity_check(pki: Pki, sidecar: Sidecar) -> None:
+    """Health used to answer SERVING to a revoked device and keep its Watch open."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    cert_path = pki.layout.dir / "watcher.pem"
+    ca_store.issue_device_cert(pki.layout.dir, "watcher", cert_path)
+    pair = builders.KeyPair(*_load(cert_path, cert_path.with_suffix(".key")))
+    request = health_pb2.HealthCheckRequest(service="")
+    async with channel(pki, sidecar.port, pair) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        reply = await stub.Check(request, timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        watch = stub.Watch(request, timeout=30)
+        first = await watch.read()
+        assert first.status == health_pb2.HealthCheckResponse.SERVING
+        ca_store.revoke(pki.layout.dir, cert_path=cert_path)
+        with pytest.raises(grpc.aio.AioRpcError) as ended:  # the open stream is ended
+            while True:
+                if await watch.read() is grpc.aio.EOF:
+                    pytest.fail("the Watch of a revoked device ended without a status")
+        assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert (ended.value.details() or "").startswith("cert_revoked: ")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Check(request, timeout=5)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert (info.value.details() or "").startswith("cert_revoked: ")
+        assert dict(info.value.trailing_metadata() or ())["x-ztagent-error-code"] == "cert_revoked"

@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from ztagent._proto.v1 import attestation_pb2_grpc
@@ -27,13 +27,14 @@ from ztagent._proto.workloads.v1 import inference_pb2, storage_pb2  # noqa: F401
 from ztagent.admission.call import Clock, utc_now
 from ztagent.config import Config, check_files
 from ztagent.device.crl_fetch import CrlFetcher
-from ztagent.errors import ConfigError, ZtagentError
+from ztagent.errors import ConfigError, TransportError, ZtagentError
 from ztagent.files import FileStamp, file_stamp
 from ztagent.pki.trust_files import TrustFiles
 from ztagent.pki.verify import DeviceChecker
 from ztagent.policy.decision_log import DecisionLog, NullDecisionLog
 from ztagent.policy.types import PolicyEngine
 from ztagent.sidecar.attestation import AttestationService, PostureState
+from ztagent.sidecar.health import IdentityCheckedHealth
 from ztagent.sidecar.metrics import Metrics, MetricsEndpoint
 from ztagent.sidecar.pipeline import Pipeline
 from ztagent.sidecar.proxy import ProxyHandler
@@ -138,6 +139,12 @@ def build_decision_log(
 class Sidecar:
     """One sidecar server. ``start()`` validates everything, binds, and reports SERVING."""
 
+    def _verify_peer(self, context: grpc.aio.ServicerContext) -> object:
+        """The identity check of a call the proxy does not see (health)."""
+        if self.pipeline is None:
+            raise TransportError("shutting_down", "the sidecar is not serving")
+        return self.pipeline.verify_device(context.auth_context())
+
     def __init__(
         self, config: Config, clock: Clock = utc_now, *, worker: WorkerSlot | None = None
     ) -> None:
@@ -145,7 +152,7 @@ class Sidecar:
         self._clock = clock
         self.worker = worker
         self.port = 0
-        self.health = health.aio.HealthServicer()
+        self.health = IdentityCheckedHealth(self._verify_peer, config.tls.reload_interval_s)
         self._server: grpc.aio.Server | None = None
         self._upstreams: Upstreams | None = None
         self.pipeline: Pipeline | None = None
