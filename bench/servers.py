@@ -22,8 +22,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ztagent._proto.workloads.v1 import storage_pb2_grpc
-from ztagent.config import Route
 from ztagent.admission.call import DEVICE_ID_HEADER
+from ztagent.config import Route
 from ztagent.sidecar.proxy import ProxyHandler
 from ztagent.sidecar.upstreams import Upstreams
 from ztagent.workloads.storage.server import ChangeHub, StorageServicer

@@ -44,6 +44,9 @@ class ListenConfig:
     """Sidecar processes sharing ``address`` (SO_REUSEPORT); the kernel spreads connections
     over them. Above 1, a supervisor process starts, watches and restarts the workers; attested
     posture is shared between them through ``posture.state_dir``."""
+    max_concurrent_streams: int = 100
+    """Concurrent calls one connection may have open (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS,
+    advertised to clients); more wait for a free stream or are refused by the client."""
 
 
 @dataclass(frozen=True)
@@ -303,7 +306,7 @@ def _listen(raw: Mapping[str, Any]) -> ListenConfig:
         "listen",
         {
             "address", "grace_period_s", "max_message_bytes", "max_connection_age_s",
-            "max_connection_age_grace_s", "workers",
+            "max_connection_age_grace_s", "workers", "max_concurrent_streams",
         },
     )  # fmt: skip
     d = ListenConfig()
@@ -324,10 +327,24 @@ def _listen(raw: Mapping[str, Any]) -> ListenConfig:
             raw, "max_connection_age_grace_s", "listen.max_connection_age_grace_s", 30.0, minimum=0
         ),
         workers=_workers(raw),
-    )
+        max_concurrent_streams=_bounded_int(
+            raw, "max_concurrent_streams", "listen.max_concurrent_streams",
+            d.max_concurrent_streams, 1, MAX_CONCURRENT_STREAMS,
+        ),
+    )  # fmt: skip
 
 
 MAX_WORKERS = 64
+MAX_CONCURRENT_STREAMS = 10_000
+
+
+def _bounded_int(
+    raw: Mapping[str, Any], key: str, name: str, default: int, low: int, high: int
+) -> int:
+    value = _int(raw, key, name, default, minimum=low)
+    if value > high:
+        raise ConfigError(name, f"expected <= {high}, got {value}")
+    return value
 
 
 def _workers(raw: Mapping[str, Any]) -> int:

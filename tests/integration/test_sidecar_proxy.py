@@ -239,3 +239,31 @@ async def test_graceful_stop_lets_in_flight_calls_finish(
         await call.done_writing()
         assert await call.code() == grpc.StatusCode.OK
         await asyncio.wait_for(stopping, 5)
+
+
+async def test_max_concurrent_streams_is_advertised_and_holds(
+    pki: Pki,
+    device,  # type: ignore[no-untyped-def]
+) -> None:
+    """With listen.max_concurrent_streams = 2, a third call on the same connection waits for
+    a free stream: the upstream never sees more than two at once."""
+    echo = EchoUpstream()
+    address = await echo.start()
+    extra = "[listen]\nmax_concurrent_streams = 2\n"
+    config = write_config(pki, {SERVICE: address, RAW_SERVICE: address})
+    config.write_text(
+        config.read_text().replace("grace_period_s = 5\n", "grace_period_s = 5\n" + extra[9:])
+    )
+    car = Sidecar(load_config(config))
+    assert car.config.listen.max_concurrent_streams == 2
+    await car.start()
+    try:
+        async with channel(pki, car.port, device) as ch:
+            calls = [ch.unary_unary(m("Sleep"))(b"0.6", timeout=10) for _ in range(3)]
+            await asyncio.sleep(0.4)
+            assert len(echo.seen) == 2  # the third is queued by the client, not admitted
+            assert await asyncio.gather(*calls) == [b"0.6"] * 3
+            assert len(echo.seen) == 3
+    finally:
+        await car.stop(0)
+        await echo.stop()

@@ -103,7 +103,10 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
         handler = self._handlers.get(method)
         if handler is None:
             if is_unary_unary(method):
-                handler = grpc.unary_unary_rpc_method_handler(self._bind_unary(method))
+                # Registered as client-streaming (the same bytes on the wire) so that the
+                # request body is read only after admission: a refused call never makes the
+                # sidecar buffer its (up to max_message_bytes) message.
+                handler = grpc.stream_unary_rpc_method_handler(self._bind_unary(method))
             else:
                 handler = grpc.stream_stream_rpc_method_handler(self._bind(method))
             if len(self._handlers) < 4096:  # bounded: method names come from clients
@@ -117,8 +120,8 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
         return handle
 
     def _bind_unary(self, method: str):  # type: ignore[no-untyped-def]
-        async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            return await self.forward_unary(method, request, context)
+        async def handle(request_iterator: object, context: grpc.aio.ServicerContext) -> bytes:
+            return await self.forward_unary(method, context)
 
         return handle
 
@@ -150,10 +153,16 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
         identity, route = await self._admit(method, context)
         await self._relay(method, route, identity, context)
 
-    async def forward_unary(
-        self, method: str, request: bytes, context: grpc.aio.ServicerContext
-    ) -> bytes:
+    async def forward_unary(self, method: str, context: grpc.aio.ServicerContext) -> bytes:
+        """A unary call: admission on the headers first, then the one request message."""
         identity, route = await self._admit(method, context)
+        request = await context.read()
+        if request is grpc.aio.EOF or await context.read() is not grpc.aio.EOF:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"unary method {method} expects exactly one request message",
+            )
+        assert isinstance(request, bytes)
         key = (route.upstream, method)
         multicallable = self._unary_calls.get(key)
         if multicallable is None:

@@ -212,6 +212,7 @@ class Sidecar:
             options=[
                 ("grpc.so_reuseport", 0 if self.worker is None else 1),
                 ("grpc.max_receive_message_length", limit),
+                ("grpc.max_concurrent_streams", config.listen.max_concurrent_streams),
                 ("grpc.max_send_message_length", limit),
                 ("grpc.max_connection_age_ms", int(config.listen.max_connection_age_s * 1000)),
                 (
