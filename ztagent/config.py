@@ -47,6 +47,10 @@ class ListenConfig:
     max_concurrent_streams: int = 100
     """Concurrent calls one connection may have open (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS,
     advertised to clients); more wait for a free stream or are refused by the client."""
+    stream_window_bytes: int = 1024 * 1024
+    """HTTP/2 receive window per call (fixed: no BDP growth), so what a client can push
+    before admission has read anything is at most ``max_concurrent_streams`` times this, per
+    connection."""
 
 
 @dataclass(frozen=True)
@@ -307,6 +311,7 @@ def _listen(raw: Mapping[str, Any]) -> ListenConfig:
         {
             "address", "grace_period_s", "max_message_bytes", "max_connection_age_s",
             "max_connection_age_grace_s", "workers", "max_concurrent_streams",
+            "stream_window_bytes",
         },
     )  # fmt: skip
     d = ListenConfig()
@@ -330,6 +335,10 @@ def _listen(raw: Mapping[str, Any]) -> ListenConfig:
         max_concurrent_streams=_bounded_int(
             raw, "max_concurrent_streams", "listen.max_concurrent_streams",
             d.max_concurrent_streams, 1, MAX_CONCURRENT_STREAMS,
+        ),
+        stream_window_bytes=_bounded_int(
+            raw, "stream_window_bytes", "listen.stream_window_bytes",
+            d.stream_window_bytes, 64 * 1024, 64 * 1024 * 1024,
         ),
     )  # fmt: skip
 

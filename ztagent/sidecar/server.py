@@ -213,6 +213,10 @@ class Sidecar:
                 ("grpc.so_reuseport", 0 if self.worker is None else 1),
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_concurrent_streams", config.listen.max_concurrent_streams),
+                # A fixed receive window per call: no BDP growth, so a client cannot push
+                # megabytes per stream before admission has read a byte of it.
+                ("grpc.http2.bdp_probe", 0),
+                ("grpc.http2.lookahead_bytes", config.listen.stream_window_bytes),
                 ("grpc.max_send_message_length", limit),
                 ("grpc.max_connection_age_ms", int(config.listen.max_connection_age_s * 1000)),
                 (
