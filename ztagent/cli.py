@@ -413,6 +413,7 @@ def cmd_policy_replay(args: argparse.Namespace) -> int:
             {
                 "total": report.total,
                 "refused": report.refused,
+                "truncated": report.truncated,
                 "revision": report.revision,
                 "changed": [vars(c) for c in report.changed],
                 "errors": [vars(e) for e in report.errors],
@@ -431,7 +432,8 @@ def cmd_policy_replay(args: argparse.Namespace) -> int:
         print(
             f"{report.total} decisions replayed against {args.policy} "
             f"(revision {report.revision}): {len(report.changed)} would change, "
-            f"{len(report.errors)} errors, {report.refused} refused before the policy (skipped)"
+            f"{len(report.errors)} errors, {report.refused} refused before the policy and "
+            f"{report.truncated} with a truncated input (skipped)"
         )
     return EXIT_OK if not report.errors else EXIT_REJECTED
 

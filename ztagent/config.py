@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ztagent.addresses import local_target, parse_host_port
+from ztagent.admission.headers import DEFAULT_INPUT_HEADERS, InputHeaders, InputHeadersError
 from ztagent.errors import ConfigError
 from ztagent.pki.errors import DevicePolicyError
 from ztagent.pki.policy import DevicePolicy
@@ -125,6 +126,8 @@ class PolicyConfig:
     """Shadow mode: log the would-be decision, allow the call. Settable per route."""
     reload_interval_s: float = 2.0
     """How often policy files are checked for changes."""
+    input_headers: InputHeaders = field(default_factory=InputHeaders)
+    """The request headers copied into ``input.request.metadata`` (an allow-list)."""
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,8 @@ class DecisionLogConfig:
     on_full: Literal["drop", "block"] = "drop"
     """drop: count and drop lines when the queue is full; block: make requests wait."""
     fsync: bool = False
+    max_input_bytes: int = 4096
+    """A line's ``input`` above this many bytes of JSON is replaced by its size and SHA-256."""
 
 
 @dataclass(frozen=True)
@@ -487,7 +492,7 @@ def _tokens(raw: Mapping[str, Any], base: Path) -> TokensConfig:
 def _policy(raw: Mapping[str, Any], base: Path) -> PolicyConfig:
     keys = {
         "engine", "path", "opa_url", "decision_path", "timeout_ms", "failure_mode", "dry_run",
-        "reload_interval_s",
+        "reload_interval_s", "input_headers",
     }  # fmt: skip
     _check_keys(raw, "policy", keys)
     d = PolicyConfig()
@@ -512,11 +517,23 @@ def _policy(raw: Mapping[str, Any], base: Path) -> PolicyConfig:
         reload_interval_s=_number(
             raw, "reload_interval_s", "policy.reload_interval_s", 2.0, minimum=0.05
         ),
+        input_headers=_input_headers(raw),
     )
 
 
+def _input_headers(raw: Mapping[str, Any]) -> InputHeaders:
+    names = _str_list(raw, "input_headers", "policy.input_headers", DEFAULT_INPUT_HEADERS)
+    try:
+        return InputHeaders(frozenset(names))
+    except InputHeadersError as err:
+        raise ConfigError("policy.input_headers", err.message) from None
+
+
 def _decision_log(raw: Mapping[str, Any], base: Path) -> DecisionLogConfig:
-    keys = {"enabled", "path", "max_bytes", "backups", "queue_size", "on_full", "fsync"}
+    keys = {
+        "enabled", "path", "max_bytes", "backups", "queue_size", "on_full", "fsync",
+        "max_input_bytes",
+    }  # fmt: skip
     _check_keys(raw, "decision_log", keys)
     d = DecisionLogConfig()
     path = _path(raw, "path", "decision_log.path", base, required=False) or base / d.path
@@ -529,6 +546,9 @@ def _decision_log(raw: Mapping[str, Any], base: Path) -> DecisionLogConfig:
         queue_size=_int(raw, "queue_size", "decision_log.queue_size", d.queue_size, minimum=1),
         on_full="block" if on_full == "block" else "drop",
         fsync=_bool(raw, "fsync", "decision_log.fsync", False),
+        max_input_bytes=_int(
+            raw, "max_input_bytes", "decision_log.max_input_bytes", d.max_input_bytes, minimum=256
+        ),
     )
 
 

@@ -158,3 +158,16 @@ def test_the_identity_rules_are_the_device_checks_own(tmp_path: Path) -> None:
     assert config.identity.policy.crl_fail_open
     with pytest.raises(ConfigError, match=r"identity\.trust_domain: trust domain 'a b'"):
         load_config(write(tmp_path, BASE + "[identity]\ntrust_domain = 'a b'\n"))
+
+
+def test_policy_input_headers_are_an_allow_list(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, BASE))
+    assert config.policy.input_headers.names == {"x-model"}
+    text = BASE + '[policy]\ninput_headers = ["x-model", "x-request-id"]\n'
+    assert load_config(write(tmp_path, text)).policy.input_headers.names == {
+        "x-model",
+        "x-request-id",
+    }
+    bad = BASE + '[policy]\ninput_headers = ["x-refresh-token"]\n'
+    with pytest.raises(ConfigError, match=r"policy\.input_headers: 'x-refresh-token' looks like"):
+        load_config(write(tmp_path, bad))

@@ -42,6 +42,7 @@ DOMAIN_POLICIES = {
     "ztagent.pki.errors",
     "ztagent.tokens.policy",
     "ztagent.tokens.errors",
+    "ztagent.admission.headers",
 }
 """The one exception to "base imports only base": the configuration builds the checks' own
 policy objects (so each rule is stated once, in the domain) and wraps their errors with the

@@ -147,6 +147,7 @@ class AdmissionCore:
         self.metrics = metrics
         self._clock = clock
         self._node = node
+        self._input_headers = config.policy.input_headers
         """``input.context.node``: the host name (the adapter knows it)."""
         self._block_on_full_log = config.decision_log.on_full == "block"
         policy = config.policy
@@ -286,7 +287,7 @@ class AdmissionCore:
                 "service": service,
                 "method": method,
                 "full_method": call.full_method[:MAX_REFUSAL_MESSAGE_CHARS],
-                "metadata": request_metadata(call.metadata),
+                "metadata": request_metadata(call.metadata, self._input_headers),
                 "peer": call.peer,
             },
         }
@@ -329,7 +330,7 @@ class AdmissionCore:
             posture=posture_doc,
             user=user,
             full_method=full_method,
-            metadata=request_metadata(call.metadata),
+            metadata=request_metadata(call.metadata, self._input_headers),
             peer=call.peer,
             now=now,
             node=self._node,

@@ -11,25 +11,31 @@ from datetime import datetime
 from typing import Any
 
 from ztagent import __version__
+from ztagent.admission.headers import MAX_HEADER_VALUE_CHARS, InputHeaders
 from ztagent.posture import unverified_posture
 from ztagent.timefmt import rfc3339
 
 __all__ = ["build_input", "request_metadata", "split_method", "unverified_posture"]
 
-# Never copied into the input (or the decision log): credentials and our own identity headers.
-_SECRET_KEYS = frozenset({"authorization", "cookie", "proxy-authorization", "x-api-key"})
-_SKIP_PREFIXES = (":", "grpc-", "x-ztagent-")
+
+DEFAULT_HEADERS = InputHeaders()
 
 
-def request_metadata(metadata: Sequence[tuple[str, str | bytes]] | None) -> dict[str, str]:
-    """Client metadata for the policy: lowercase keys, repeated keys joined with ',',
-    binary (-bin) values base64-encoded, credentials removed."""
+def request_metadata(
+    metadata: Sequence[tuple[str, str | bytes]] | None,
+    allowed: InputHeaders = DEFAULT_HEADERS,
+) -> dict[str, str]:
+    """The allow-listed client metadata for the policy: lowercase keys, repeated keys joined
+    with ',', binary (-bin) values base64-encoded, each value cut to
+    ``MAX_HEADER_VALUE_CHARS``. Nothing else is copied (``admission.headers``)."""
+    names = allowed.names
     out: dict[str, str] = {}
     for key, value in metadata or ():
-        if key in _SECRET_KEYS or key.startswith(_SKIP_PREFIXES):
+        if key not in names:
             continue
         text = base64.b64encode(value).decode() if isinstance(value, bytes) else value
-        out[key] = f"{out[key]},{text}" if key in out else text
+        joined = f"{out[key]},{text}" if key in out else text
+        out[key] = joined[:MAX_HEADER_VALUE_CHARS]
     return out
 
 

@@ -440,6 +440,9 @@ class ReplayReport:
     refused: int = 0
     """Lines of calls refused before the policy was asked (bad certificate, bad token...):
     nothing a candidate policy could change, so they are counted, not replayed."""
+    truncated: int = 0
+    """Lines whose input was over ``decision_log.max_input_bytes`` (only its size and digest
+    were kept): they cannot be replayed, so they are counted."""
 
 
 def replay(
@@ -452,7 +455,7 @@ def replay(
     sources = load_sources(policy_path)
     engine = new_engine(policy_path, sources)
     engine.set_gather_prints(True)
-    total = refused = 0
+    total = refused = truncated = 0
     changed: list[ReplayChange] = []
     errors: list[ReplayError] = []
     try:
@@ -487,6 +490,9 @@ def replay(
             if not isinstance(input_doc, dict):
                 errors.append(ReplayError(line_no, did, "no 'input' object"))
                 continue
+            if input_doc.get("truncated") is True:
+                truncated += 1
+                continue
             if not isinstance(old_allow, bool) or not isinstance(old_reasons, list):
                 errors.append(
                     ReplayError(line_no, did, "'allow' must be a boolean and 'reasons' a list")
@@ -503,4 +509,6 @@ def replay(
             old = tuple(sorted(str(r) for r in old_reasons))
             if new.allow != old_allow or new.reasons != old:
                 changed.append(ReplayChange(line_no, did, old_allow, new.allow, old, new.reasons))
-    return ReplayReport(total, tuple(changed), tuple(errors), sources.revision, refused)
+    return ReplayReport(
+        total, tuple(changed), tuple(errors), sources.revision, refused, truncated
+    )

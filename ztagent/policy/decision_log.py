@@ -47,6 +47,8 @@ logger = logging.getLogger("ztagent.decision_log")
 FILE_MODE: Final = 0o640
 DIR_MODE: Final = 0o750
 DEFAULT_MAX_BYTES: Final = 50 * 1024 * 1024
+DEFAULT_MAX_INPUT_BYTES: Final = 4096
+"""A line's ``input`` above this many bytes of JSON is replaced by its size and digest."""
 ERROR_LOG_INTERVAL_S: Final = 60.0
 BATCH_MAX: Final = 512
 """At most this many records are written with one ``write`` call."""
@@ -148,7 +150,9 @@ class DecisionLog:
         queue_size: int = 10_000,
         on_full: OnFull = "drop",
         fsync: bool = False,
+        max_input_bytes: int | None = DEFAULT_MAX_INPUT_BYTES,
     ) -> None:
+        self._max_input_bytes = max_input_bytes
         if max_bytes < 1:
             raise ConfigError("decision_log.max_bytes", f"must be >= 1, got {max_bytes}")
         if backups < 0:
@@ -303,7 +307,7 @@ class DecisionLog:
         may_rotate = True
         for i, record in enumerate(records):
             try:
-                line = record.to_json_bytes(prev)
+                line = record.to_json_bytes(prev, self._max_input_bytes)
             except (TypeError, ValueError) as exc:
                 self._error(f"record {record.decision_id} cannot be serialised: {exc}", lost=1)
                 continue

@@ -99,10 +99,21 @@ class DecisionRecord:
         if self.time.tzinfo is None or self.time.utcoffset() is None:
             raise ValueError(f"time must be timezone-aware, got naive {self.time.isoformat()}")
 
-    def to_json_bytes(self, prev_sha256: str) -> bytes:
-        """The line, without newline. Deterministic: same record and prev, same bytes."""
+    def to_json_bytes(self, prev_sha256: str, max_input_bytes: int | None = None) -> bytes:
+        """The line, without newline. Deterministic: same record and prev, same bytes.
+
+        With ``max_input_bytes``, an ``input`` whose JSON is longer is replaced by
+        ``{"truncated": true, "bytes": N, "sha256": ...}`` (the digest of the dropped JSON), so
+        no client can make one line arbitrarily long; the rest of the line stays whole."""
         if len(prev_sha256) != 64:
             raise ValueError(f"prev_sha256 must be 64 hex characters, got {prev_sha256!r}")
+        input_value: object = self.input
+        if max_input_bytes is not None:
+            encoded = _dumps(self.input)
+            size = len(encoded.encode("utf-8", "backslashreplace"))
+            if size > max_input_bytes:
+                digest = hashlib.sha256(encoded.encode("utf-8", "backslashreplace")).hexdigest()
+                input_value = {"truncated": True, "bytes": size, "sha256": digest}
         fields: tuple[tuple[str, object], ...] = (
             ("decision_id", self.decision_id),
             ("time", format_time(self.time)),
@@ -119,7 +130,7 @@ class DecisionRecord:
             ("policy_revision", self.policy_revision),
             ("latency_us", self.latency_us),
             ("attestation", self.attestation),
-            ("input", self.input),
+            ("input", input_value),
             ("prev_sha256", prev_sha256),
         )
         body = ",".join(f"{_dumps(k)}:{_dumps(v)}" for k, v in fields)

@@ -133,6 +133,7 @@ def build_decision_log(
         queue_size=dl.queue_size,
         on_full=dl.on_full,
         fsync=dl.fsync,
+        max_input_bytes=dl.max_input_bytes,
     )
 
 

@@ -9,6 +9,7 @@ except two short negative waits ("has not returned yet").
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import itertools
 import json
@@ -537,3 +538,40 @@ async def test_null_log_has_the_same_interface() -> None:
     assert await null.asubmit(record())
     assert null.stats == LogStats(0, 0, 0, 0, 0)
     assert null.close()
+
+
+def test_an_oversized_input_is_replaced_by_its_size_and_digest(tmp_path: Path) -> None:
+    import hashlib
+
+    big = {"request": {"metadata": {"x-junk": "j" * 10_000}}}
+    record = DecisionRecord(
+        decision_id="d1",
+        time=NOW,
+        device_id="dev",
+        user_sub=None,
+        service="s",
+        method="m",
+        allow=False,
+        enforced=False,
+        dry_run=False,
+        reasons=("policy_denied",),
+        failure=None,
+        policy_revision="r",
+        latency_us=1,
+        input=big,
+    )
+    whole = json.loads(record.to_json_bytes(GENESIS_PREV))
+    assert whole["input"] == big
+    line = record.to_json_bytes(GENESIS_PREV, max_input_bytes=4096)
+    assert len(line) < 1024
+    cut = json.loads(line)["input"]
+    encoded = json.dumps(big, separators=(",", ":"), sort_keys=True).encode()
+    assert cut == {
+        "truncated": True,
+        "bytes": len(encoded),
+        "sha256": hashlib.sha256(encoded).hexdigest(),
+    }
+    small = dataclasses.replace(record, input={"request": {}})
+    assert json.loads(small.to_json_bytes(GENESIS_PREV, max_input_bytes=4096))["input"] == {
+        "request": {}
+    }

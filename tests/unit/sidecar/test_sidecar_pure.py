@@ -9,8 +9,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import jsonschema
+import pytest
 
 from ztagent.admission.core import policy_headers
+from ztagent.admission.headers import InputHeaders, InputHeadersError
 from ztagent.admission.policy_input import (
     build_input,
     request_metadata,
@@ -28,19 +30,47 @@ SCHEMA = json.loads(
 
 
 def test_credentials_never_reach_the_policy_input() -> None:
-    md = request_metadata(
-        [
-            ("authorization", "Bearer secret"),
-            ("cookie", "session=1"),
-            ("x-ztagent-device-id", "forged"),
-            (":authority", "localhost"),
-            ("grpc-timeout", "1S"),
-            ("x-app", "a"),
-            ("x-app", "b"),
-            ("trace-bin", b"\x00\x01"),
-        ]
-    )
-    assert md == {"x-app": "a,b", "trace-bin": base64.b64encode(b"\x00\x01").decode()}
+    sent = [
+        ("authorization", "Bearer secret"),
+        ("cookie", "session=1"),
+        ("x-refresh-token", "r"),
+        ("x-auth-token", "a"),
+        ("api-key", "k"),
+        ("x-ztagent-device-id", "forged"),
+        (":authority", "localhost"),
+        ("grpc-timeout", "1S"),
+        ("x-app", "a"),
+        ("x-app", "b"),
+        ("trace-bin", b"\x00\x01"),
+        ("x-model", "vibration-anomaly"),
+        ("x-junk", "j" * 7000),
+    ]
+    # the default allow-list: what the shipped policy reads, nothing else
+    assert request_metadata(sent) == {"x-model": "vibration-anomaly"}
+    listed = InputHeaders(frozenset({"x-app", "trace-bin", "x-junk"}))
+    md = request_metadata(sent, listed)
+    assert md["x-app"] == "a,b"
+    assert md["trace-bin"] == base64.b64encode(b"\x00\x01").decode()
+    assert md["x-junk"] == "j" * 256  # values are capped
+    assert set(md) == {"x-app", "trace-bin", "x-junk"}
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("x-refresh-token", "looks like a credential"),
+        ("x-auth-token", "looks like a credential"),
+        ("api-key", "looks like a credential"),
+        ("authorization", "looks like a credential"),
+        ("session-id", "looks like a credential"),
+        ("x-ztagent-device-id", "reserved"),
+        ("grpc-timeout", "reserved"),
+        ("X-Model", "not a lowercase header name"),
+    ],
+)
+def test_the_allow_list_refuses_credentials_and_reserved_names(name: str, why: str) -> None:
+    with pytest.raises(InputHeadersError, match=why):
+        InputHeaders(frozenset({name}))
 
 
 def test_client_identity_headers_are_not_forwarded() -> None:
