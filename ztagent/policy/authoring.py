@@ -509,6 +509,4 @@ def replay(
             old = tuple(sorted(str(r) for r in old_reasons))
             if new.allow != old_allow or new.reasons != old:
                 changed.append(ReplayChange(line_no, did, old_allow, new.allow, old, new.reasons))
-    return ReplayReport(
-        total, tuple(changed), tuple(errors), sources.revision, refused, truncated
-    )
+    return ReplayReport(total, tuple(changed), tuple(errors), sources.revision, refused, truncated)
