@@ -144,6 +144,10 @@ class DecisionLogConfig:
     fsync: bool = False
     max_input_bytes: int = 4096
     """A line's ``input`` above this many bytes of JSON is replaced by its size and SHA-256."""
+    refusal_burst: int = 100
+    """Refusal lines one caller (device, or peer address) may write per
+    ``refusal_interval_s``; further refusals are counted into one summary line."""
+    refusal_interval_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -532,7 +536,7 @@ def _input_headers(raw: Mapping[str, Any]) -> InputHeaders:
 def _decision_log(raw: Mapping[str, Any], base: Path) -> DecisionLogConfig:
     keys = {
         "enabled", "path", "max_bytes", "backups", "queue_size", "on_full", "fsync",
-        "max_input_bytes",
+        "max_input_bytes", "refusal_burst", "refusal_interval_s",
     }  # fmt: skip
     _check_keys(raw, "decision_log", keys)
     d = DecisionLogConfig()
@@ -548,6 +552,16 @@ def _decision_log(raw: Mapping[str, Any], base: Path) -> DecisionLogConfig:
         fsync=_bool(raw, "fsync", "decision_log.fsync", False),
         max_input_bytes=_int(
             raw, "max_input_bytes", "decision_log.max_input_bytes", d.max_input_bytes, minimum=256
+        ),
+        refusal_burst=_int(
+            raw, "refusal_burst", "decision_log.refusal_burst", d.refusal_burst, minimum=1
+        ),
+        refusal_interval_s=_number(
+            raw,
+            "refusal_interval_s",
+            "decision_log.refusal_interval_s",
+            d.refusal_interval_s,
+            minimum=0.001,
         ),
     )
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -31,6 +31,7 @@ from ztagent.admission.policy_input import (
     split_method,
     unverified_posture,
 )
+from ztagent.admission.refusal_budget import RefusalBudget, RefusalSummary
 from ztagent.config import Config, FailureMode
 from ztagent.errors import DeniedError, TransportError, ZtagentError
 from ztagent.pki.errors import CertError
@@ -55,6 +56,13 @@ class AdmissionError(ZtagentError):
 
     status_name = "INTERNAL"
     codes = frozenset({"admission_error"})
+
+
+class RouteError(ZtagentError):
+    """The policy allowed a call for a service no route serves (code ``no_route``)."""
+
+    status_name = "UNIMPLEMENTED"
+    codes = frozenset({"no_route"})
 
 
 class AdmissionMetrics(Protocol):
@@ -138,6 +146,7 @@ class AdmissionCore:
         posture_cache: PostureStore | None = None,
         metrics: AdmissionMetrics | None = None,
         node: str = "",
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.checker = checker
         self.engine = engine
@@ -148,6 +157,11 @@ class AdmissionCore:
         self._clock = clock
         self._node = node
         self._input_headers = config.policy.input_headers
+        self._routed = tuple(sorted(r.service for r in config.routes))
+        self._budget = RefusalBudget(
+            config.decision_log.refusal_burst, config.decision_log.refusal_interval_s
+        )
+        self._monotonic = monotonic
         """``input.context.node``: the host name (the adapter knows it)."""
         self._block_on_full_log = config.decision_log.on_full == "block"
         policy = config.policy
@@ -271,15 +285,7 @@ class AdmissionCore:
     ) -> Verdict:
         """A refusal before (or instead of) a policy decision: logged like any decision."""
         service, method = split_method(call.full_method)
-        refusal: dict[str, Any] = {
-            "code": err.code,
-            "status": err.rpc_status(),
-            "message": err.message[:MAX_REFUSAL_MESSAGE_CHARS],
-        }
-        if err.received is not None:
-            refusal["received"] = err.received
-        if err.expected is not None:
-            refusal["expected"] = err.expected
+        refusal = _refusal_doc(err)
         input_doc: dict[str, Any] = {
             "device": self._device_doc(device)[0] if device is not None else None,
             "user": user,
@@ -308,11 +314,57 @@ class AdmissionCore:
             input=input_doc,
             refusal=refusal,
         )
-        logged = await self._submit(record)
+        logged = await self._submit_refusal(record, _caller(device, call.peer), err.code, method)
         if self.metrics is not None:
             self.metrics.refusal(err.code)
             self.metrics.observe_admission(record.latency_us / 1e6, logged)
         return Verdict(error=err, device=device)
+
+    async def _submit_refusal(
+        self, record: DecisionRecord, caller: str, code: str, method: str
+    ) -> bool:
+        """A refusal's line, within the caller's budget; beyond it, counted for a summary."""
+        write, summary = self._budget.admit(caller, code, method, self._monotonic())
+        if summary is not None:
+            await self._submit(self._summary_record(summary))
+        return await self._submit(record) if write else True
+
+    async def flush_refusal_summaries(self) -> int:
+        """Writes the summaries of callers whose window has ended (call it periodically, so a
+        caller that went quiet still gets its summary line); returns how many."""
+        summaries = self._budget.due(self._monotonic())
+        for summary in summaries:
+            await self._submit(self._summary_record(summary))
+        return len(summaries)
+
+    def _summary_record(self, summary: RefusalSummary) -> DecisionRecord:
+        now = self._clock()
+        device = summary.caller if not summary.caller.startswith("peer:") else None
+        return DecisionRecord(
+            decision_id=new_decision_id(now),
+            time=now,
+            device_id=device,
+            user_sub=None,
+            service="",
+            method="",
+            allow=False,
+            enforced=False,
+            dry_run=False,
+            reasons=("refusals_summarised",),
+            failure=None,
+            policy_revision=self.engine.revision,
+            latency_us=0,
+            input={},
+            refusal={
+                "code": "refusals_summarised",
+                "caller": summary.caller,
+                "count": summary.count,
+                "over_s": round(summary.until - summary.since, 3),
+                "by": [{"code": c, "method": m, "count": n} for c, m, n in summary.by_kind],
+                "message": f"{summary.count} further refusals of {summary.caller} beyond "
+                f"{self._budget.burst} lines per {self._budget.interval_s:g} s",
+            },
+        )
 
     async def _submit(self, record: DecisionRecord) -> bool:
         if self._block_on_full_log:
@@ -359,6 +411,13 @@ class AdmissionCore:
             )
         policy_s = time.perf_counter() - policy_started
         enforced = decision.allow or modes.dry_run
+        unrouted: RouteError | None = None
+        if enforced and service not in self._routed:
+            known = ", ".join(self._routed) or "none"
+            unrouted = RouteError(
+                "no_route", f"no route for service {service or full_method!r} (routed: {known})"
+            )
+            enforced = False
         record = DecisionRecord(
             decision_id=new_decision_id(now),
             time=now,
@@ -375,14 +434,27 @@ class AdmissionCore:
             latency_us=int((time.perf_counter() - started) * 1e6),
             attestation=attestation,
             input=input_doc,
+            refusal=None if unrouted is None else _refusal_doc(unrouted),
         )
-        logged = await self._submit(record)
+        if enforced:
+            logged = await self._submit(record)
+        else:
+            code = (
+                unrouted.code
+                if unrouted is not None
+                else failure.code
+                if failure is not None
+                else "policy_denied"
+            )
+            logged = await self._submit_refusal(record, _caller(device, call.peer), code, method)
         if self.metrics is not None:
             self._count(service, decision, failure, modes, policy_s)
             self.metrics.observe_admission(record.latency_us / 1e6, logged)
         if not enforced:
             error: ZtagentError
-            if failure is not None:
+            if unrouted is not None:
+                error = unrouted
+            elif failure is not None:
                 error = TransportError(
                     failure.code,
                     f"policy engine unavailable (failure_mode closed): {failure.message}",
@@ -406,3 +478,25 @@ class AdmissionCore:
             ),
             device=device,
         )
+
+
+def _refusal_doc(err: ZtagentError) -> dict[str, Any]:
+    """The decision log's ``refusal`` object for ``err``."""
+    refusal: dict[str, Any] = {
+        "code": err.code,
+        "status": err.rpc_status(),
+        "message": err.message[:MAX_REFUSAL_MESSAGE_CHARS],
+    }
+    if err.received is not None:
+        refusal["received"] = err.received
+    if err.expected is not None:
+        refusal["expected"] = err.expected
+    return refusal
+
+
+def _caller(device: VerifiedDevice | None, peer: str) -> str:
+    """Whose refusal budget a refusal uses: the device, else the peer address (no port)."""
+    if device is not None:
+        return device.device_id
+    host = peer.rsplit(":", 1)[0] if peer.count(":") >= 2 or peer.startswith("ipv4:") else peer
+    return f"peer:{host}"

@@ -333,6 +333,8 @@ class Sidecar:
             await asyncio.sleep(interval)
             self.reload()
             await self._report_health()
+            if self.pipeline is not None:  # callers that went quiet get their summary line
+                await self.pipeline.flush_refusal_summaries()
 
     # -- stop -------------------------------------------------------------------------------
 

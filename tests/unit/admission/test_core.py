@@ -269,3 +269,64 @@ async def test_no_client_input_escapes_the_verdict(
     verdict: Verdict = await core.decide(Call(f"/{SERVICE}/{method}", tuple(md), "p", pem))
     status = "OK" if verdict.allowed else verdict.error.rpc_status()  # type: ignore[union-attr]
     assert status in ALLOWED_STATUSES, (status, verdict.error)
+
+
+async def test_an_unrouted_service_is_refused_and_logged_once(
+    core: AdmissionCore,
+    mint: Mint,  # noqa: F811
+) -> None:
+    call = Call("/nobody.v1.Home/Get", (), "p", _pem(mint))
+    verdict = await core.decide(call)
+    assert verdict.error is not None and verdict.error.rpc_status() == "UNIMPLEMENTED"
+    assert verdict.error.message.startswith("no route for service 'nobody.v1.Home'")
+    (record,) = _records(core)  # one line: the policy allowed, no route served it
+    assert record.allow and not record.enforced
+    assert record.refusal is not None and record.refusal["code"] == "no_route"
+
+
+async def test_junk_denials_from_one_device_cannot_rotate_history_away(
+    tmp_path: Path,
+    session_pki: Pki,  # noqa: F811
+    mint: Mint,  # noqa: F811
+) -> None:
+    """40,000 denied calls with 7 KB of junk metadata each, from one device: an allowed line
+    written before them stays in the current log file (the issue's attack: about 37,000 such
+    calls used to rotate the whole history away)."""
+    from ztagent.policy.decision_log import DecisionLog
+    from ztagent.policy.log_verify import verify_log
+
+    path = tmp_path / "decisions.jsonl"
+    log = DecisionLog(path, max_bytes=50 * 1024 * 1024, queue_size=100_000, on_full="block")
+    log.start()
+    mono = [0.0]
+    core = AdmissionCore(
+        _config(tmp_path),
+        DeviceChecker(session_pki.trust(), _device_policy()),
+        ScriptedEngine(),
+        None,
+        log,
+        lambda: NOW,
+        monotonic=lambda: mono[0],
+    )
+    good = _pem(mint)
+    assert (await core.decide(_call(good, "Get"))).allowed
+    junk = tuple((f"x-junk-{i}", "j" * 700) for i in range(10))
+    for _ in range(40_000):  # 1 ms apart: 40 s of flood, within one 60 s window
+        mono[0] += 0.001
+        verdict = await core.decide(Call(f"/{SERVICE}/Deny", junk, "p", good))
+        assert verdict.error is not None and verdict.error.code == "policy_denied"
+    mono[0] += 61  # the window ends: the sidecar's periodic flush writes the summary
+    assert await core.flush_refusal_summaries() == 1
+    assert log.close(30)
+    lines = path.read_text().splitlines()
+    assert not (tmp_path / "decisions.jsonl.1").exists()  # nothing rotated away
+    first = json.loads(lines[0])
+    assert first["allow"] is True and first["enforced"] is True
+    assert len(lines) < 200  # 100 refusal lines + a summary, not 40,000
+    summary = json.loads(lines[-1])
+    assert summary["refusal"]["code"] == "refusals_summarised"
+    assert summary["refusal"]["count"] == 40_000 - 100
+    assert summary["refusal"]["by"] == [
+        {"code": "policy_denied", "method": "Deny", "count": 40_000 - 100}
+    ]
+    assert verify_log(path).ok
