@@ -128,6 +128,10 @@ class PolicyConfig:
     """How often policy files are checked for changes."""
     input_headers: InputHeaders = field(default_factory=InputHeaders)
     """The request headers copied into ``input.request.metadata`` (an allow-list)."""
+    decision_cache: bool = True
+    """embedded: answer repeated decisions from an exact cache keyed by what the policy reads
+    of its input (``ztagent.policy.decision_cache``)."""
+    decision_cache_size: int = 10_000
 
 
 @dataclass(frozen=True)
@@ -496,7 +500,7 @@ def _tokens(raw: Mapping[str, Any], base: Path) -> TokensConfig:
 def _policy(raw: Mapping[str, Any], base: Path) -> PolicyConfig:
     keys = {
         "engine", "path", "opa_url", "decision_path", "timeout_ms", "failure_mode", "dry_run",
-        "reload_interval_s", "input_headers",
+        "reload_interval_s", "input_headers", "decision_cache", "decision_cache_size",
     }  # fmt: skip
     _check_keys(raw, "policy", keys)
     d = PolicyConfig()
@@ -522,6 +526,10 @@ def _policy(raw: Mapping[str, Any], base: Path) -> PolicyConfig:
             raw, "reload_interval_s", "policy.reload_interval_s", 2.0, minimum=0.05
         ),
         input_headers=_input_headers(raw),
+        decision_cache=_bool(raw, "decision_cache", "policy.decision_cache", True),
+        decision_cache_size=_int(
+            raw, "decision_cache_size", "policy.decision_cache_size", 10_000, minimum=1
+        ),
     )
 
 

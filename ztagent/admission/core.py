@@ -433,6 +433,7 @@ class AdmissionCore:
             policy_revision=decision.revision,
             latency_us=int((time.perf_counter() - started) * 1e6),
             attestation=attestation,
+            cached=decision.cached,
             input=input_doc,
             refusal=None if unrouted is None else _refusal_doc(unrouted),
         )

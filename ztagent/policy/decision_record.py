@@ -90,6 +90,9 @@ class DecisionRecord:
     latency_us: int
     input: Mapping[str, Any] = field(hash=False)
     attestation: Mapping[str, Any] | None = field(default=None, hash=False)
+    cached: bool = False
+    """The policy's answer came from the exact decision cache (same revision, same read
+    input), not from an evaluation."""
     refusal: Mapping[str, Any] | None = field(default=None, hash=False)
     """A refusal before (or instead of) the policy's decision: its ``code``, gRPC
     ``status``, ``message`` and, where known, ``received`` / ``expected``. None for a call the
@@ -127,6 +130,7 @@ class DecisionRecord:
             ("reasons", list(self.reasons)),
             ("failure", self.failure),
             ("refusal", self.refusal),
+            ("cached", self.cached),
             ("policy_revision", self.policy_revision),
             ("latency_us", self.latency_us),
             ("attestation", self.attestation),

@@ -206,6 +206,14 @@ class EmbeddedEngine:
     def decision_path(self) -> str:
         return self._decision_path
 
+    def ast_json(self) -> str:
+        """The current policy's AST (Regorus ``get_ast_as_json``), for the decision cache."""
+        engine = self._current.engine
+        if engine is None:
+            raise ValueError("the policy engine is closed")
+        text: str = engine.get_ast_as_json()
+        return text
+
     async def evaluate(self, input_doc: Mapping[str, Any]) -> Decision:
         """Evaluates the decision path; raises PolicyError (policy_engine_error,
         policy_undefined, policy_bad_decision)."""

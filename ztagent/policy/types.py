@@ -20,6 +20,8 @@ class Decision:
     headers: Mapping[str, str] = field(default_factory=dict)
     revision: str = ""
     """Which policy produced it: bundle manifest revision, or sha256 of the sources."""
+    cached: bool = False
+    """Answered by the exact decision cache (``policy.decision_cache``), not evaluated."""
 
     @classmethod
     def from_result(cls, result: object, revision: str) -> Decision:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -98,10 +99,12 @@ class AttestedPosture:
     quote_reset_count: int
 
     def as_input(self, now: datetime) -> dict[str, Any]:
-        """``input.posture`` for the policy: verified while ``now`` is before ``expires_at``."""
+        """``input.posture`` for the policy: verified while ``now`` is before ``expires_at``.
+        ``age_s`` is whole seconds, rounded up (never younger than it is): a policy that reads
+        it sees a new value once a second, so the decision cache still answers in between."""
         return {
             "verified": self.verified_at <= now < self.expires_at,
-            "age_s": max(0.0, (now - self.verified_at).total_seconds()),
+            "age_s": math.ceil(max(0.0, (now - self.verified_at).total_seconds())),
             "firmware": dict(self.firmware),
             "boot": {"verified": bool(self.boot["verified"]), "pcrs": dict(self.boot["pcrs"])},
             "host": dict(self.host),

@@ -31,6 +31,7 @@ from ztagent.errors import ConfigError, TransportError, ZtagentError
 from ztagent.files import FileStamp, file_stamp
 from ztagent.pki.trust_files import TrustFiles
 from ztagent.pki.verify import DeviceChecker
+from ztagent.policy.decision_cache import CachedEngine
 from ztagent.policy.decision_log import DecisionLog, NullDecisionLog
 from ztagent.policy.types import PolicyEngine
 from ztagent.sidecar.attestation import AttestationService, PostureState
@@ -96,7 +97,10 @@ def build_engine(config: Config) -> PolicyEngine:
     from ztagent.policy.embedded import EmbeddedEngine
 
     assert policy.path is not None
-    return EmbeddedEngine.load(policy.path, policy.decision_path)
+    engine = EmbeddedEngine.load(policy.path, policy.decision_path)
+    if not policy.decision_cache:
+        return engine
+    return CachedEngine(engine, engine.ast_json, policy.decision_cache_size)
 
 
 def build_tokens(config: Config) -> TokenVerifier | None:

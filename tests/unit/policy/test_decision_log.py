@@ -49,6 +49,7 @@ KEYS = [
     "reasons",
     "failure",
     "refusal",
+    "cached",
     "policy_revision",
     "latency_us",
     "attestation",
