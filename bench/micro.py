@@ -275,16 +275,24 @@ class RegorusVm:
 def policy_rows(st: Stack, real_input: dict[str, Any]) -> tuple[list[Row], str]:
     """Embedded (interpreter, and the Regorus VM if it agrees), the OPA stand-in in-process
     and over its REST API. Returns the rows and a sentence on VM agreement."""
+    from ztagent.policy.decision_cache import CachedEngine
     from ztagent.policy.embedded import EmbeddedEngine
     from ztagent.policy.opa import OpaEngine
     from ztagent.policy.types import Decision
 
     engine = EmbeddedEngine.load(POLICIES)
+    cached = CachedEngine(EmbeddedEngine.load(POLICIES), engine.ast_json)
     rows = [
         row(
             "policy: embedded engine (Regorus interpreter), real request input",
             measure(lambda: engine.evaluate_sync(real_input)),
-        )
+            "uncached: every evaluation",
+        ),
+        row(
+            "policy: decision cache (the sidecar's default), real request input",
+            measure(lambda: cached.evaluate_sync(real_input)),
+            "the bench's traffic repeats what the policy reads",
+        ),
     ]
     vm = RegorusVm(POLICIES)
     inputs = [*corpus(), real_input]

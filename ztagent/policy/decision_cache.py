@@ -231,24 +231,42 @@ class CachedEngine:
         else:
             log.info("decision cache off for revision %s: %s", revision, self._read.reason)
 
-    async def evaluate(self, input_doc: Mapping[str, Any]) -> Decision:
+    def _lookup(self, input_doc: Mapping[str, Any]) -> tuple[str | None, Decision | None]:
         self._refresh()
         paths = self._read.paths
         if paths is None:
-            return await self.inner.evaluate(input_doc)
+            return None, None
         key = project(input_doc, paths)
         hit = self._entries.get(key)
         if hit is not None and hit.revision == self.inner.revision:
             self._entries.move_to_end(key)
             self.hits += 1
-            return dataclasses.replace(hit, cached=True)
-        decision = await self.inner.evaluate(input_doc)  # an error propagates, uncached
+            return key, dataclasses.replace(hit, cached=True)
+        return key, None
+
+    def _store(self, key: str | None, decision: Decision) -> Decision:
+        if key is None:
+            return decision
         self.misses += 1
         if decision.revision == self._revision:
             self._entries[key] = decision
             if len(self._entries) > self._max:
                 self._entries.popitem(last=False)
         return decision
+
+    async def evaluate(self, input_doc: Mapping[str, Any]) -> Decision:
+        key, hit = self._lookup(input_doc)
+        if hit is not None:
+            return hit
+        return self._store(key, await self.inner.evaluate(input_doc))  # errors: uncached
+
+    def evaluate_sync(self, input_doc: Mapping[str, Any]) -> Decision:
+        """``evaluate`` for an inner engine with ``evaluate_sync`` (tools, benchmarks)."""
+        key, hit = self._lookup(input_doc)
+        if hit is not None:
+            return hit
+        decision: Decision = self.inner.evaluate_sync(input_doc)  # type: ignore[attr-defined]
+        return self._store(key, decision)
 
     def health(self) -> EngineHealth:
         return self.inner.health()
