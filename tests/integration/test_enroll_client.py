@@ -132,6 +132,20 @@ async def test_enroll_with_file_store(authority: Ca, tmp_path: Path) -> None:
         await authority.enroll(out)
 
 
+async def test_enrollment_records_the_renewal_port_the_ca_announced(
+    authority: Ca, tmp_path: Path
+) -> None:
+    """Without --renew-server the device used to record port 8445 whatever the CA listened
+    on; the CA now announces its bound renewal port and the device records that."""
+    assert authority.renew_port != 8445
+    out = tmp_path / "dev"
+    await enroll(authority.address, authority.token(), authority.layout.bundle, out, "file")
+    state = json.loads((out / "enrollment.json").read_text())
+    assert state["renew_server"] == f"127.0.0.1:{authority.renew_port}"
+    renewed = await renew(out)  # and renewal finds the CA there
+    assert renewed.device_id == DEVICE
+
+
 async def test_reused_token_is_refused_and_no_key_left(authority: Ca, tmp_path: Path) -> None:
     token = authority.token()
     await authority.enroll(tmp_path / "a", token=token)

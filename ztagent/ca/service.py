@@ -197,6 +197,8 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         self.policy = policy or IssuancePolicy()
         self.ek_trust = ek_trust
         """TPM-manufacturer CAs: when set, TPM-bound enrollment requires an EK certificate."""
+        self.renew_port = 0
+        """The bound renewal port, announced in every EnrollResponse (set at start)."""
         self.replay = ReplayStore.for_ca(ca_dir)
         self.audit = AuditLog.for_ca(ca_dir)
         self.pending_tpm = PendingTpmEnrollments()
@@ -518,6 +520,7 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
             not_before=int(cert.not_valid_before_utc.timestamp()),
             not_after=int(cert.not_valid_after_utc.timestamp()),
             ak_name=cert_ak_name(cert) or "",
+            renew_port=self.renew_port,
         )
 
 
@@ -599,6 +602,7 @@ async def start_ca_server(
         except RuntimeError as exc:
             await server.stop(None)
             raise ConfigError(setting, f"cannot bind {address!r}: {exc}") from None
+    service.renew_port = ports[1]
     await server.start()
     log.info("CA enrollment on port %d, renewal (mTLS) on port %d", ports[0], ports[1])
     return CaServer(server, service, ports[0], ports[1])

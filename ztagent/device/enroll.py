@@ -120,6 +120,8 @@ from ztagent.timefmt import rfc3339
 
 log = logging.getLogger(__name__)
 
+WALL_CLOCK_RECHECK_S = 60.0
+"""``renew --watch`` re-reads the wall clock at least this often while it waits."""
 RENEW_BACKOFF = Backoff(initial_s=1.0, cap_s=300.0, floor_s=1.0)
 """Renewal retries: 1 s doubling to 300 s, never sleeping past half the time to expiry."""
 
@@ -165,12 +167,14 @@ def is_expired(cert: x509.Certificate, now: datetime) -> bool:
     return now >= cert.not_valid_after_utc
 
 
-def default_renew_server(server: str) -> str:
-    """The enrollment address with the renewal port (``host:8444`` -> ``host:8445``)."""
+def default_renew_server(server: str, announced_port: int = 0) -> str:
+    """The enrollment host with the renewal port the CA announced (``EnrollResponse``'s
+    ``renew_port``), or 8445 when it did not (``host:8444`` -> ``host:8445``)."""
+    port_number = announced_port or DEFAULT_RENEW_PORT
     host, sep, port = server.rpartition(":")
     if sep and port.isdigit() and host:
-        return f"{host}:{DEFAULT_RENEW_PORT}"
-    return f"{server}:{DEFAULT_RENEW_PORT}"
+        return f"{host}:{port_number}"
+    return f"{server}:{port_number}"
 
 
 def token_device_id(token: str) -> str:
@@ -348,7 +352,7 @@ async def enroll(
             bundle_pem=bundle_pem,
             store=store,
             server=server,
-            renew_server=renew_server or default_renew_server(server),
+            renew_server=renew_server or default_renew_server(server, response.renew_port),
             device_id=device_id,
             spiffe_id=response.spiffe_id,
             ak_binding=ak_binding,
@@ -494,11 +498,24 @@ async def renew_watch(
     attempts = 0
     while True:
         cert = load_device_dir(dir).cert
-        moment = clock()
-        if not renew_due(cert, moment):
-            wait = (renew_at(cert) - moment).total_seconds()
-            log.info("next renewal of %s at %s (in %.0f s)", dir, rfc3339(renew_at(cert)), wait)
-            await sleep(wait)
+        due = renew_at(cert)
+        logged_for: float | None = None
+        # Sleep in slices of at most WALL_CLOCK_RECHECK_S and ask the wall clock again after
+        # each: a monotonic sleep computed once would miss a clock step (a node that was
+        # suspended, or whose clock was corrected) and wait on while the certificate expires.
+        while not renew_due(cert, moment := clock()):
+            wait = (due - moment).total_seconds()
+            if logged_for is None or abs(logged_for - wait) > 2 * WALL_CLOCK_RECHECK_S:
+                left = timedelta(seconds=int((cert.not_valid_after_utc - moment).total_seconds()))
+                log.info(
+                    "next renewal of %s at %s (in %.0f s; the certificate expires in %s)",
+                    dir,
+                    rfc3339(due),
+                    wait,
+                    left,
+                )
+            logged_for = wait - WALL_CLOCK_RECHECK_S
+            await sleep(min(wait, WALL_CLOCK_RECHECK_S))
         failures = 0
         while True:
             if max_attempts is not None and attempts >= max_attempts:

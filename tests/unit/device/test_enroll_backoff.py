@@ -17,6 +17,7 @@ from cryptography.x509.oid import NameOID
 from ztagent.device import enroll as client
 from ztagent.device.enroll import (
     RENEW_BACKOFF,
+    WALL_CLOCK_RECHECK_S,
     default_renew_server,
     renew_at,
     renew_due,
@@ -142,8 +143,33 @@ async def test_watch_sleeps_until_due_then_retries_with_backoff(
     )
     assert results == []
     first_wait = (renew_at(cert) - (T0 + timedelta(hours=1))).total_seconds()
-    assert fake.sleeps == [first_wait, 1.0, 2.0, 4.0, 8.0, 16.0]
+    waiting, retries = fake.sleeps[:-5], fake.sleeps[-5:]
+    assert sum(waiting) == pytest.approx(first_wait)  # in slices that re-read the clock
+    assert max(waiting) <= WALL_CLOCK_RECHECK_S
+    assert retries == [1.0, 2.0, 4.0, 8.0, 16.0]
     assert not (out / ".device.key.new").exists()  # each failed attempt dropped its new key
+
+
+async def test_watch_renews_at_once_after_a_forward_clock_jump(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wall clock jumps past the renewal point while the watch waits (a suspended node,
+    a corrected clock): it renews within one recheck, not after the old computed wait."""
+    out, cert = _device_dir(tmp_path)
+    monkeypatch.setattr(client, "call_ca", _unreachable)
+    fake = FakeTime(T0 + timedelta(hours=1))
+    jumped: list[bool] = []
+
+    async def sleep(seconds: float) -> None:
+        await fake.sleep(seconds)
+        if not jumped:  # after the first slice: the clock steps to just past renewal time
+            jumped.append(True)
+            fake.now = renew_at(cert) + timedelta(seconds=5)
+
+    await renew_watch(out, sleep=sleep, clock=fake.clock, rng=lambda: 0.0, max_attempts=1)
+    # one slice, then at once the attempt (the CA is down: then the first backoff, 1 s),
+    # not the ~2 days the wait was computed to be
+    assert fake.sleeps == [WALL_CLOCK_RECHECK_S, 1.0]
 
 
 async def test_watch_keeps_trying_until_expiry_then_reports_cert_expired(

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13v1/enrollment.proto\x12\nztagent.v1\"s\n\rEnrollRequest\x12\x0b\n\x03\x63sr\x18\x01 \x01(\x0c\x12\x17\n\x0f\x62ootstrap_token\x18\x02 \x01(\t\x12\x11\n\tek_public\x18\x03 \x01(\x0c\x12\x11\n\tak_public\x18\x04 \x01(\x0c\x12\x16\n\x0e\x65k_certificate\x18\x05 \x01(\x0c\"b\n\x16\x42\x65ginTpmEnrollResponse\x12\x15\n\renrollment_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63redential_blob\x18\x02 \x01(\x0c\x12\x18\n\x10\x65ncrypted_secret\x18\x03 \x01(\x0c\"A\n\x18\x43ompleteTpmEnrollRequest\x12\x15\n\renrollment_id\x18\x01 \x01(\t\x12\x0e\n\x06secret\x18\x02 \x01(\x0c\"\xac\x01\n\x0e\x45nrollResponse\x12\x19\n\x11\x63\x65rtificate_chain\x18\x01 \x01(\x0c\x12\x11\n\tca_bundle\x18\x02 \x01(\x0c\x12\x11\n\tdevice_id\x18\x03 \x01(\t\x12\x11\n\tspiffe_id\x18\x04 \x01(\t\x12\x0e\n\x06serial\x18\x05 \x01(\t\x12\x12\n\nnot_before\x18\x06 \x01(\x03\x12\x11\n\tnot_after\x18\x07 \x01(\x03\x12\x0f\n\x07\x61k_name\x18\x08 \x01(\t\"\x1b\n\x0cRenewRequest\x12\x0b\n\x03\x63sr\x18\x01 \x01(\x0c\"\x13\n\x11GetCACertsRequest\"\'\n\x12GetCACertsResponse\x12\x11\n\tca_bundle\x18\x01 \x01(\x0c\"\x0f\n\rGetCRLRequest\"\x1d\n\x0eGetCRLResponse\x12\x0b\n\x03\x63rl\x18\x01 \x01(\x0c\x32\xc2\x03\n\nEnrollment\x12?\n\x06\x45nroll\x12\x19.ztagent.v1.EnrollRequest\x1a\x1a.ztagent.v1.EnrollResponse\x12O\n\x0e\x42\x65ginTpmEnroll\x12\x19.ztagent.v1.EnrollRequest\x1a\".ztagent.v1.BeginTpmEnrollResponse\x12U\n\x11\x43ompleteTpmEnroll\x12$.ztagent.v1.CompleteTpmEnrollRequest\x1a\x1a.ztagent.v1.EnrollResponse\x12=\n\x05Renew\x12\x18.ztagent.v1.RenewRequest\x1a\x1a.ztagent.v1.EnrollResponse\x12K\n\nGetCACerts\x12\x1d.ztagent.v1.GetCACertsRequest\x1a\x1e.ztagent.v1.GetCACertsResponse\x12?\n\x06GetCRL\x12\x19.ztagent.v1.GetCRLRequest\x1a\x1a.ztagent.v1.GetCRLResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13v1/enrollment.proto\x12\nztagent.v1\"s\n\rEnrollRequest\x12\x0b\n\x03\x63sr\x18\x01 \x01(\x0c\x12\x17\n\x0f\x62ootstrap_token\x18\x02 \x01(\t\x12\x11\n\tek_public\x18\x03 \x01(\x0c\x12\x11\n\tak_public\x18\x04 \x01(\x0c\x12\x16\n\x0e\x65k_certificate\x18\x05 \x01(\x0c\"b\n\x16\x42\x65ginTpmEnrollResponse\x12\x15\n\renrollment_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63redential_blob\x18\x02 \x01(\x0c\x12\x18\n\x10\x65ncrypted_secret\x18\x03 \x01(\x0c\"A\n\x18\x43ompleteTpmEnrollRequest\x12\x15\n\renrollment_id\x18\x01 \x01(\t\x12\x0e\n\x06secret\x18\x02 \x01(\x0c\"\xc0\x01\n\x0e\x45nrollResponse\x12\x19\n\x11\x63\x65rtificate_chain\x18\x01 \x01(\x0c\x12\x11\n\tca_bundle\x18\x02 \x01(\x0c\x12\x11\n\tdevice_id\x18\x03 \x01(\t\x12\x11\n\tspiffe_id\x18\x04 \x01(\t\x12\x0e\n\x06serial\x18\x05 \x01(\t\x12\x12\n\nnot_before\x18\x06 \x01(\x03\x12\x11\n\tnot_after\x18\x07 \x01(\x03\x12\x0f\n\x07\x61k_name\x18\x08 \x01(\t\x12\x12\n\nrenew_port\x18\t \x01(\r\"\x1b\n\x0cRenewRequest\x12\x0b\n\x03\x63sr\x18\x01 \x01(\x0c\"\x13\n\x11GetCACertsRequest\"\'\n\x12GetCACertsResponse\x12\x11\n\tca_bundle\x18\x01 \x01(\x0c\"\x0f\n\rGetCRLRequest\"\x1d\n\x0eGetCRLResponse\x12\x0b\n\x03\x63rl\x18\x01 \x01(\x0c\x32\xc2\x03\n\nEnrollment\x12?\n\x06\x45nroll\x12\x19.ztagent.v1.EnrollRequest\x1a\x1a.ztagent.v1.EnrollResponse\x12O\n\x0e\x42\x65ginTpmEnroll\x12\x19.ztagent.v1.EnrollRequest\x1a\".ztagent.v1.BeginTpmEnrollResponse\x12U\n\x11\x43ompleteTpmEnroll\x12$.ztagent.v1.CompleteTpmEnrollRequest\x1a\x1a.ztagent.v1.EnrollResponse\x12=\n\x05Renew\x12\x18.ztagent.v1.RenewRequest\x1a\x1a.ztagent.v1.EnrollResponse\x12K\n\nGetCACerts\x12\x1d.ztagent.v1.GetCACertsRequest\x1a\x1e.ztagent.v1.GetCACertsResponse\x12?\n\x06GetCRL\x12\x19.ztagent.v1.GetCRLRequest\x1a\x1a.ztagent.v1.GetCRLResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,17 +38,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COMPLETETPMENROLLREQUEST']._serialized_start=252
   _globals['_COMPLETETPMENROLLREQUEST']._serialized_end=317
   _globals['_ENROLLRESPONSE']._serialized_start=320
-  _globals['_ENROLLRESPONSE']._serialized_end=492
-  _globals['_RENEWREQUEST']._serialized_start=494
-  _globals['_RENEWREQUEST']._serialized_end=521
-  _globals['_GETCACERTSREQUEST']._serialized_start=523
-  _globals['_GETCACERTSREQUEST']._serialized_end=542
-  _globals['_GETCACERTSRESPONSE']._serialized_start=544
-  _globals['_GETCACERTSRESPONSE']._serialized_end=583
-  _globals['_GETCRLREQUEST']._serialized_start=585
-  _globals['_GETCRLREQUEST']._serialized_end=600
-  _globals['_GETCRLRESPONSE']._serialized_start=602
-  _globals['_GETCRLRESPONSE']._serialized_end=631
-  _globals['_ENROLLMENT']._serialized_start=634
-  _globals['_ENROLLMENT']._serialized_end=1084
+  _globals['_ENROLLRESPONSE']._serialized_end=512
+  _globals['_RENEWREQUEST']._serialized_start=514
+  _globals['_RENEWREQUEST']._serialized_end=541
+  _globals['_GETCACERTSREQUEST']._serialized_start=543
+  _globals['_GETCACERTSREQUEST']._serialized_end=562
+  _globals['_GETCACERTSRESPONSE']._serialized_start=564
+  _globals['_GETCACERTSRESPONSE']._serialized_end=603
+  _globals['_GETCRLREQUEST']._serialized_start=605
+  _globals['_GETCRLREQUEST']._serialized_end=620
+  _globals['_GETCRLRESPONSE']._serialized_start=622
+  _globals['_GETCRLRESPONSE']._serialized_end=651
+  _globals['_ENROLLMENT']._serialized_start=654
+  _globals['_ENROLLMENT']._serialized_end=1104
 # @@protoc_insertion_point(module_scope)

@@ -132,6 +132,7 @@ class EnrollResponse(_message.Message):
     NOT_BEFORE_FIELD_NUMBER: _builtins.int
     NOT_AFTER_FIELD_NUMBER: _builtins.int
     AK_NAME_FIELD_NUMBER: _builtins.int
+    RENEW_PORT_FIELD_NUMBER: _builtins.int
     certificate_chain: _builtins.bytes
     """PEM: the new device certificate, then the issuing CA."""
     ca_bundle: _builtins.bytes
@@ -145,6 +146,10 @@ class EnrollResponse(_message.Message):
     not_after: _builtins.int
     ak_name: _builtins.str
     """Hex TPM name of the AK the certificate is bound to; empty when it carries none."""
+    renew_port: _builtins.int
+    """The port the CA's renewal listener (mTLS) is bound to, so the device records where it
+    really is; 0 from a CA that does not say (the device then assumes 8445).
+    """
     def __init__(
         self,
         *,
@@ -156,10 +161,11 @@ class EnrollResponse(_message.Message):
         not_before: _builtins.int = ...,
         not_after: _builtins.int = ...,
         ak_name: _builtins.str = ...,
+        renew_port: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ak_name", b"ak_name", "ca_bundle", b"ca_bundle", "certificate_chain", b"certificate_chain", "device_id", b"device_id", "not_after", b"not_after", "not_before", b"not_before", "serial", b"serial", "spiffe_id", b"spiffe_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ak_name", b"ak_name", "ca_bundle", b"ca_bundle", "certificate_chain", b"certificate_chain", "device_id", b"device_id", "not_after", b"not_after", "not_before", b"not_before", "renew_port", b"renew_port", "serial", b"serial", "spiffe_id", b"spiffe_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
