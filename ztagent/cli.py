@@ -95,11 +95,20 @@ def _parse_serial(text: str) -> int:
 
 
 def cmd_ca_revoke(args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
     from ztagent.ca import builders
     from ztagent.ca import store as ca_store
     from ztagent.ca.audit import audit_revocation
 
-    serial = ca_store.revoke(args.dir, serial=args.serial, cert_path=args.cert)
+    if not 1 <= args.crl_validity <= 365:
+        raise ConfigError("--crl-validity", f"{args.crl_validity} days (expected 1 to 365)")
+    serial = ca_store.revoke(
+        args.dir,
+        serial=args.serial,
+        cert_path=args.cert,
+        crl_validity=timedelta(days=args.crl_validity),
+    )
     audit_revocation(args.dir, serial)
     print(f"revoked serial {builders.serial_hex(serial)}; CRL rewritten at {args.dir / 'crl.pem'}")
     return EXIT_OK
@@ -122,6 +131,7 @@ def cmd_ca_serve(args: argparse.Namespace) -> int:
             renew_listen=args.renew_listen,
             lifetime_days=args.lifetime_days,
             ek_ca_bundle=args.ek_ca_bundle,
+            crl_validity_days=args.crl_validity,
         )
     )
     return EXIT_OK
@@ -665,6 +675,9 @@ def build_parser() -> argparse.ArgumentParser:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--serial", type=_parse_serial, help="serial number in hex")
     which.add_argument("--cert", type=Path, help="PEM certificate to revoke")
+    p.add_argument(
+        "--crl-validity", type=float, default=62, help="validity of the re-signed CRL, in days"
+    )
     p.set_defaults(func=cmd_ca_revoke)
 
     p = ca.add_parser("token", help="a signed one-time bootstrap token for enrollment")
@@ -676,7 +689,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", type=Path, required=True)
     p.add_argument("--listen", default="127.0.0.1:8444", help="enrollment port (server-auth TLS)")
     p.add_argument("--renew-listen", default="127.0.0.1:8445", help="renewal port (mTLS)")
-    p.add_argument("--lifetime-days", type=int, default=30, help="issued lifetime (max 90)")
+    p.add_argument(
+        "--lifetime-days",
+        type=int,
+        default=90,
+        help="issued lifetime in days (max 90; renewal at 2/3 leaves 30 days for an outage)",
+    )
+    p.add_argument(
+        "--crl-validity",
+        type=float,
+        default=62,
+        help="CRL validity in days (1-365); re-signed when half is left",
+    )
     p.add_argument(
         "--ek-ca-bundle",
         type=Path,

@@ -228,7 +228,8 @@ async def test_renew_refuses_a_cert_from_another_ca(
 
 async def test_get_crl_re_signs_a_crl_close_to_next_update(pki: Pki) -> None:
     ca_dir = pki.layout.dir
-    ca_store.write_crl(ca_dir, now=datetime.now(UTC) - timedelta(days=6, hours=12))  # 12 h left
+    # 12 h of its 62 days left: well past half
+    ca_store.write_crl(ca_dir, now=datetime.now(UTC) - timedelta(days=61, hours=12))
     before = x509.load_pem_x509_crl(pki.layout.crl.read_bytes())
     running = await start_ca_server(ca_dir, listen="127.0.0.1:0", renew_listen="127.0.0.1:0")
     try:

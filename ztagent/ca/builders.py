@@ -25,7 +25,10 @@ ROOT_LIFETIME = timedelta(days=3650)
 ISSUING_LIFETIME = timedelta(days=1825)
 SERVER_LIFETIME = timedelta(days=397)
 DEVICE_DAYS = 30
-CRL_LIFETIME = timedelta(days=7)
+CRL_LIFETIME = timedelta(days=62)
+"""Default CRL validity (nextUpdate - thisUpdate). The CA re-signs at half of it, so a sidecar
+that synced holds a CRL with at least 31 days left: the CRL's share of the 30-day offline
+budget (README, Offline budget). ``ca serve`` / ``ca revoke --crl-validity`` override it."""
 BACKDATE = timedelta(minutes=5)
 """notBefore is set this far before ``now`` (clock skew); notAfter = notBefore + lifetime."""
 

@@ -42,7 +42,8 @@ from ztagent.pki.spiffe import device_spiffe_id
 
 MAX_LIFETIME_DAYS: Final = 90
 """Hard cap on a device certificate's lifetime (the sidecar's default maximum)."""
-DEFAULT_LIFETIME_DAYS: Final = 30
+DEFAULT_LIFETIME_DAYS: Final = 90
+"""With renewal at 2/3 of the lifetime, a device renewed on time always has >= 30 days left."""
 MAX_CSR_BYTES: Final = 16 * 1024
 MIN_RSA_BITS: Final = 2048
 MAX_RSA_BITS: Final = 8192

@@ -43,8 +43,8 @@ ID; the CSR may carry a new key; the new certificate gets the same device id and
 current certificate carries an AK name, the same AK name (the binding was proven at
 enrollment and the TPM has not changed as far as the CA can tell).
 
-``GetCRL`` re-signs ``crl.pem`` (``ztagent.ca.store.write_crl``) when its nextUpdate is less than
-a day away. Refusals are gRPC errors with the ``EnrollError``'s status and details
+``GetCRL`` re-signs ``crl.pem`` (``ztagent.ca.store.write_crl``) when less than half its validity
+is left. Refusals are gRPC errors with the ``EnrollError``'s status and details
 ``"<code>: <message>"``; anything unexpected is logged here and returned as
 ``ca_unavailable`` without a traceback. Every issuance, refusal and revocation is appended to
 ``<ca_dir>/audit.jsonl``.
@@ -74,6 +74,7 @@ from ztagent.ca import store as ca_store
 from ztagent.ca.audit import AuditLog
 from ztagent.ca.bootstrap import BootstrapClaims, ReplayStore, verify_bootstrap_token
 from ztagent.ca.issuance import (
+    DEFAULT_LIFETIME_DAYS,
     MAX_LIFETIME_DAYS,
     IssuancePolicy,
     check_csr,
@@ -97,8 +98,21 @@ log = logging.getLogger("ztagent.enroll.ca")
 
 DEFAULT_LISTEN: Final = "127.0.0.1:8444"
 DEFAULT_RENEW_LISTEN: Final = "127.0.0.1:8445"
-CRL_REFRESH_BEFORE: Final = timedelta(days=1)
-"""``GetCRL`` and ``Renew`` re-sign the CRL when its nextUpdate is closer than this."""
+
+
+def crl_needs_resigning(crl_pem: bytes, now: datetime) -> bool:
+    """True when less than half of the CRL's validity is left (or it cannot be read): a
+    sidecar that syncs then always holds a CRL with at least half its validity ahead."""
+    try:
+        crl = x509.load_pem_x509_crl(crl_pem)
+    except ValueError:
+        return True
+    next_update = crl.next_update_utc
+    if next_update is None:
+        return True
+    return next_update - now < (next_update - crl.last_update_utc) / 2
+
+
 STOP_GRACE_S: Final = 5.0
 MAX_MESSAGE_BYTES: Final = 64 * 1024
 TPM_ENROLL_TTL_S: Final = 60
@@ -192,6 +206,7 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         *,
         clock: Clock = _utc_now,
         ek_trust: EkTrust | None = None,
+        crl_validity: timedelta = builders.CRL_LIFETIME,
     ) -> None:
         self.layout = ca_store.CaLayout(ca_dir)
         self.policy = policy or IssuancePolicy()
@@ -199,6 +214,7 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         """TPM-manufacturer CAs: when set, TPM-bound enrollment requires an EK certificate."""
         self.renew_port = 0
         """The bound renewal port, announced in every EnrollResponse (set at start)."""
+        self.crl_validity = crl_validity
         self.replay = ReplayStore.for_ca(ca_dir)
         self.audit = AuditLog.for_ca(ca_dir)
         self.pending_tpm = PendingTpmEnrollments()
@@ -493,17 +509,13 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         return leaf, device.device_id, device.ak_name
 
     def current_crl_pem(self) -> bytes:
-        """``crl.pem``, re-signed first when its nextUpdate is less than a day away."""
+        """``crl.pem``, re-signed first (``crl_validity`` from now) when less than half of
+        its validity is left."""
         now = self._clock()
         data = self.layout.crl.read_bytes()
-        try:
-            crl = x509.load_pem_x509_crl(data)
-            stale = crl.next_update_utc is None or crl.next_update_utc - now < CRL_REFRESH_BEFORE
-        except ValueError:
-            stale = True
-        if stale:
-            log.info("re-signing %s (nextUpdate within %s)", self.layout.crl, CRL_REFRESH_BEFORE)
-            ca_store.write_crl(self.layout.dir, now)
+        if crl_needs_resigning(data, now):
+            log.info("re-signing %s (less than half its validity left)", self.layout.crl)
+            ca_store.write_crl(self.layout.dir, now, validity=self.crl_validity)
             data = self.layout.crl.read_bytes()
         return data
 
@@ -563,9 +575,10 @@ async def start_ca_server(
     *,
     listen: str = DEFAULT_LISTEN,
     renew_listen: str = DEFAULT_RENEW_LISTEN,
-    lifetime_days: int = 30,
+    lifetime_days: int = DEFAULT_LIFETIME_DAYS,
     clock: Clock = _utc_now,
     ek_ca_bundle: Path | None = None,
+    crl_validity_days: float = builders.CRL_LIFETIME.days,
 ) -> CaServer:
     """Check the CA and the settings, bind both ports, start serving.
 
@@ -580,7 +593,15 @@ async def start_ca_server(
     ca_store.load_issuing(layout)
     key, chain, bundle = _read(layout.server_key), _read(layout.server_cert), _read(layout.bundle)
     ek_trust = EkTrust.load(ek_ca_bundle, "ca.ek_ca_bundle") if ek_ca_bundle else None
-    service = EnrollmentService(ca_dir, policy, clock=clock, ek_trust=ek_trust)
+    if not 1 <= crl_validity_days <= 365:
+        raise ConfigError("ca.crl_validity", f"{crl_validity_days} days (expected 1 to 365 days)")
+    service = EnrollmentService(
+        ca_dir,
+        policy,
+        clock=clock,
+        ek_trust=ek_trust,
+        crl_validity=timedelta(days=crl_validity_days),
+    )
     server = grpc.aio.server(
         options=[
             ("grpc.so_reuseport", 0),
@@ -613,8 +634,9 @@ async def run_ca_server(
     *,
     listen: str = DEFAULT_LISTEN,
     renew_listen: str = DEFAULT_RENEW_LISTEN,
-    lifetime_days: int = 30,
+    lifetime_days: int = DEFAULT_LIFETIME_DAYS,
     ek_ca_bundle: Path | None = None,
+    crl_validity_days: float = builders.CRL_LIFETIME.days,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then stop with a 5 s grace."""
     running = await start_ca_server(
@@ -623,6 +645,7 @@ async def run_ca_server(
         renew_listen=renew_listen,
         lifetime_days=lifetime_days,
         ek_ca_bundle=ek_ca_bundle,
+        crl_validity_days=crl_validity_days,
     )
     try:
         await wait_for_stop_signal()

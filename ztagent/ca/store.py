@@ -345,26 +345,34 @@ def issue_device_for_key(
     return cert
 
 
-def _write_crl(layout: CaLayout, issuing: KeyPair, state: CaState, now: datetime) -> None:
+def _write_crl(
+    layout: CaLayout,
+    issuing: KeyPair,
+    state: CaState,
+    now: datetime,
+    validity: timedelta = CRL_LIFETIME,
+) -> None:
     crl = build_crl(
         issuing,
         {r.serial: r.revoked_at for r in state.revoked},
         number=state.crl_number,
         this_update=now,
-        next_update=now + CRL_LIFETIME,
+        next_update=now + validity,
     )
     write_atomic(layout.crl, crl.public_bytes(serialization.Encoding.PEM))
 
 
-def write_crl(ca_dir: Path, now: datetime | None = None) -> x509.CertificateRevocationList:
-    """Re-sign ``crl.pem`` with the next CRL number and a fresh nextUpdate."""
+def write_crl(
+    ca_dir: Path, now: datetime | None = None, *, validity: timedelta = CRL_LIFETIME
+) -> x509.CertificateRevocationList:
+    """Re-sign ``crl.pem`` with the next CRL number and nextUpdate ``validity`` from now."""
     layout = CaLayout(ca_dir)
     moment = _now(now)
     with _locked(layout):
         state = load_state(layout)
         issuing = load_issuing(layout)
         state = CaState(state.trust_domain, state.crl_number + 1, state.revoked, state.issued)
-        _write_crl(layout, issuing, state, moment)
+        _write_crl(layout, issuing, state, moment, validity)
         write_atomic(layout.state, state.to_json())
     return x509.load_pem_x509_crl(layout.crl.read_bytes())
 
@@ -375,6 +383,7 @@ def revoke(
     serial: int | None = None,
     cert_path: Path | None = None,
     now: datetime | None = None,
+    crl_validity: timedelta = CRL_LIFETIME,
 ) -> int:
     """Revoke one cert (by serial or file) and re-sign the CRL; return the serial.
 
@@ -401,7 +410,7 @@ def revoke(
                 )
             revoked = (*revoked, RevokedEntry(serial, moment))
         state = CaState(state.trust_domain, state.crl_number + 1, revoked, state.issued)
-        _write_crl(layout, issuing, state, moment)
+        _write_crl(layout, issuing, state, moment, crl_validity)
         write_atomic(layout.state, state.to_json())
     return serial
 

@@ -59,7 +59,7 @@ def test_events_are_chained_and_verify(ca_dir: Path) -> None:
         "event": "issued",
         "device_id": "dev-1",
         "serial": format(cert.serial_number, "x"),
-        "not_after": "2026-12-26T11:55:00.000Z",
+        "not_after": "2027-02-24T11:55:00.000Z",
         "method": "enroll",
         "peer": "ipv4:127.0.0.1:1",
         "jti": "a" * 32,

@@ -117,7 +117,7 @@ def test_malformed_csrs_are_refused() -> None:
 
 
 def test_lifetime_policy_is_capped_at_90_days() -> None:
-    assert IssuancePolicy().lifetime_days == 30
+    assert IssuancePolicy().lifetime_days == 90  # renewal at 2/3 leaves 30 days
     assert IssuancePolicy(90).lifetime_days == 90
     with pytest.raises(ConfigError, match=r"ca.lifetime_days: 365 days \(expected 1 to 90\)"):
         IssuancePolicy(365)

@@ -85,7 +85,7 @@ def test_crl_is_signed_by_issuing_ca(session_pki: Pki) -> None:
     assert not crl.is_signature_valid(session_pki.root.cert.public_key())
     assert len(crl) == 0
     assert crl.next_update_utc is not None and crl.last_update_utc is not None
-    assert crl.next_update_utc - crl.last_update_utc == timedelta(days=7)
+    assert crl.next_update_utc - crl.last_update_utc == builders.CRL_LIFETIME
 
 
 def test_server_cert(session_pki: Pki) -> None:
@@ -163,7 +163,7 @@ def test_revoke_rewrites_crl_and_is_idempotent(pki: Pki, policy: DevicePolicy) -
     assert number == old + 1
     entry = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
     assert entry is not None and entry.revocation_date_utc == NOW
-    assert crl.next_update_utc == NOW + timedelta(days=7)
+    assert crl.next_update_utc == NOW + builders.CRL_LIFETIME
     assert crl.is_signature_valid(pki.issuing.cert.public_key())
     # again, by file: same serial and first revocation date; the CRL is re-signed
     later = NOW + timedelta(hours=1)
@@ -172,7 +172,7 @@ def test_revoke_rewrites_crl_and_is_idempotent(pki: Pki, policy: DevicePolicy) -
     assert len(crl2) == 1
     entry2 = crl2.get_revoked_certificate_by_serial_number(cert.serial_number)
     assert entry2 is not None and entry2.revocation_date_utc == NOW
-    assert crl2.next_update_utc == later + timedelta(days=7)
+    assert crl2.next_update_utc == later + builders.CRL_LIFETIME
     state = json.loads(pki.layout.state.read_text())
     assert state["revoked"] == [
         {"serial": format(cert.serial_number, "x"), "revoked_at": "2026-11-26T12:00:00Z"}
@@ -198,7 +198,7 @@ def test_revoke_refuses_unknown_targets(pki: Pki, tmp_path: Path) -> None:
 def test_write_crl_refreshes_next_update(pki: Pki) -> None:
     later = NOW + timedelta(days=5)
     crl = ca_store.write_crl(pki.dir, now=later)
-    assert crl.next_update_utc == later + timedelta(days=7)
+    assert crl.next_update_utc == later + builders.CRL_LIFETIME
     assert crl.is_signature_valid(pki.issuing.cert.public_key())
 
 

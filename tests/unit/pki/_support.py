@@ -16,7 +16,7 @@ from ztagent.ca import store as ca_store
 from ztagent.pki.verify import TrustMaterial
 
 NOW = datetime(2026, 11, 26, 12, 0, 0, tzinfo=UTC)
-CA_CREATED = NOW - timedelta(days=1)  # so the CA's CRL is valid until NOW + 6 days
+CA_CREATED = NOW - timedelta(days=1)  # so the CA's CRL is valid until NOW + 61 days
 TRUST_DOMAIN = "ztagent.dev"
 DEVICE_URI = "spiffe://ztagent.dev/device/dev-1"
 CLIENT_AUTH = [ExtendedKeyUsageOID.CLIENT_AUTH]

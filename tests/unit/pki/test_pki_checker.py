@@ -39,11 +39,11 @@ def test_cached_success_not_reused_after_not_after(session_pki: Pki, mint: Mint)
 def test_cached_success_not_reused_after_crl_next_update(
     session_pki: Pki, policy: DevicePolicy, mint: Mint
 ) -> None:
-    checker = DeviceChecker(session_pki.trust(), policy)  # CRL nextUpdate is NOW + 6 days
-    leaf_pem = pem(mint().cert)
+    checker = DeviceChecker(session_pki.trust(), policy)  # CRL nextUpdate is NOW + 61 days
+    leaf_pem = pem(mint(not_after=NOW + timedelta(days=80)).cert)
     checker.check_pem(leaf_pem, NOW)
     with pytest.raises(CertError, match="nextUpdate") as info:
-        checker.check_pem(leaf_pem, NOW + timedelta(days=7))
+        checker.check_pem(leaf_pem, NOW + timedelta(days=62))
     assert info.value.code == "crl_expired"
 
 

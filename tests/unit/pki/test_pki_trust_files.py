@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 import pytest
 
+from ztagent.ca import builders
 from ztagent.ca import store as ca_store
 from ztagent.errors import ConfigError
 from ztagent.pki.trust_files import TrustFiles
@@ -21,7 +20,7 @@ def test_load_then_changed_after_crl_rewrite(pki: Pki) -> None:
     assert not files.changed()
     ca_store.write_crl(pki.dir, now=NOW)
     assert files.changed()
-    assert files.load().crls[0].next_update_utc == NOW + timedelta(days=7)
+    assert files.load().crls[0].next_update_utc == NOW + builders.CRL_LIFETIME
     assert not files.changed()
 
 
