@@ -237,6 +237,29 @@ def test_a_recreated_ca_replaces_a_stored_crl_it_does_not_vouch_for(pki: Pki) ->
     assert accept_crl_update(fresh, pki.layout.bundle.read_bytes(), stale, now) == fresh
 
 
+def test_a_crl_slightly_ahead_of_the_node_clock_is_accepted(pki: Pki) -> None:
+    """Clock skew: a CRL whose thisUpdate is up to 5 minutes ahead is taken (the CA's clock
+    runs a little ahead of the node's); further ahead is crl_not_yet_valid."""
+    now = datetime.now(UTC)
+    bundle = pki.layout.bundle.read_bytes()
+
+    def crl(ahead: timedelta, number: int) -> bytes:
+        return builders.build_crl(
+            pki.issuing,
+            {},
+            number=number,
+            this_update=now + ahead,
+            next_update=now + ahead + timedelta(days=7),
+        ).public_bytes(Encoding.PEM)
+
+    ahead = crl(timedelta(minutes=2), 100)
+    assert accept_crl_update(ahead, bundle, None, now) == ahead
+    with pytest.raises(CertError) as info:
+        accept_crl_update(crl(timedelta(minutes=10), 101), bundle, None, now)
+    assert info.value.code == "crl_not_yet_valid"
+    assert "more than 300 s after" in info.value.message
+
+
 @pytest.mark.parametrize(
     ("maximum", "accepted"),
     [("TLSv1_1", False), ("TLSv1_2", True), ("TLSv1_3", True)],

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -11,6 +11,10 @@ from ztagent.pki.errors import CertError
 from ztagent.pki.trust import TrustMaterial, load_crls
 
 MAX_CRL_BYTES = 8 * 1024 * 1024
+CLOCK_SKEW = timedelta(minutes=5)
+"""A CRL whose thisUpdate is this far ahead of the node's clock is still accepted: the CA's
+and the edge node's clocks never agree exactly (a node whose clock runs a little late would
+otherwise refuse every fresh CRL)."""
 
 
 def _crl_number(crl: x509.CertificateRevocationList) -> int | None:
@@ -58,10 +62,11 @@ def accept_crl_update(
                 "crl_bad_signature",
                 f"CRL from {crl.issuer.rfc4514_string()!r} is not signed by a CA in the bundle",
             )
-        if crl.last_update_utc > now:
+        if crl.last_update_utc > now + CLOCK_SKEW:
             raise CertError(
                 "crl_not_yet_valid",
-                f"CRL thisUpdate {crl.last_update_utc.isoformat()} is after {now.isoformat()}",
+                f"CRL thisUpdate {crl.last_update_utc.isoformat()} is more than "
+                f"{CLOCK_SKEW.total_seconds():.0f} s after {now.isoformat()}",
             )
         old = current.get(crl.issuer)
         if old is None:
