@@ -106,6 +106,12 @@ class TokensConfig:
     """Keys are refetched after this long."""
     jwks_min_refresh_interval_s: float = 30.0
     """An unknown kid triggers at most one refetch per interval."""
+    jwks_cache_file: Path | None = None
+    """The last good key set fetched by URL, kept on disk (written atomically, mode 0600):
+    a sidecar restarted while the issuer is unreachable starts with it."""
+    jwks_max_stale_s: float = 30 * 86400.0
+    """A key set not refreshed for longer than this is no longer used (token_* refusals
+    become jwks_unavailable): the JWKS share of the offline budget."""
 
 
 @dataclass(frozen=True)
@@ -449,7 +455,7 @@ def _tokens(raw: Mapping[str, Any], base: Path) -> TokensConfig:
     keys = {
         "issuer", "audience", "jwks_file", "jwks_url", "jwks_ca_bundle", "algorithms",
         "leeway_s", "max_token_bytes", "typ", "require_cert_binding", "jwks_cache_ttl_s",
-        "jwks_min_refresh_interval_s",
+        "jwks_min_refresh_interval_s", "jwks_cache_file", "jwks_max_stale_s",
     }  # fmt: skip
     _check_keys(raw, "tokens", keys)
     if ("jwks_file" in raw) == ("jwks_url" in raw):
@@ -493,6 +499,12 @@ def _tokens(raw: Mapping[str, Any], base: Path) -> TokensConfig:
             "tokens.jwks_min_refresh_interval_s",
             dc.jwks_min_refresh_interval_s,
             minimum=0,
+        ),
+        jwks_cache_file=_path(
+            raw, "jwks_cache_file", "tokens.jwks_cache_file", base, required=False
+        ),
+        jwks_max_stale_s=_number(
+            raw, "jwks_max_stale_s", "tokens.jwks_max_stale_s", dc.jwks_max_stale_s, minimum=1
         ),
     )
 

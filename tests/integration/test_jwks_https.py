@@ -235,3 +235,60 @@ async def test_oidc_discovery(issuer: Issuer, clocks: tuple[FakeMonotonic, FakeW
         await bad.get_keys()
     assert "jwks_invalid" in (bad.health().last_error or "")
     assert "evil.example" in (bad.health().last_error or "")
+
+
+async def test_a_restart_while_the_issuer_is_down_uses_the_last_good_keys_on_disk(
+    issuer: Issuer, clocks: tuple[FakeMonotonic, FakeWallClock], tmp_path: Path
+) -> None:
+    """A sidecar restarted while offline used to exit (jwks_unavailable: keys were in memory
+    only). With tokens.jwks_cache_file the last good set is on disk, used up to
+    tokens.jwks_max_stale_s after it was fetched; then the refusal is explicit."""
+    mono, wall = clocks
+    key = new_key()
+    issuer.jwks = jwks_bytes(key)
+    cache = tmp_path / "state" / "jwks-cache.json"
+
+    def source() -> JwksSource:
+        return JwksSource(
+            issuer.url + JWKS_PATH,
+            ca_bundle=issuer.ca_bundle,
+            clock=mono,
+            wall_clock=wall,
+            cache_file=cache,
+            max_stale_s=7 * 86400,
+        )
+
+    first = TokenVerifier(source(), POLICY, wall)
+    assert (await first.verify(sign(key), None)).sub == "alice"
+    assert cache.exists() and oct(cache.stat().st_mode & 0o777) == "0o600"
+    issuer.status = 503  # the uplink is gone; the sidecar restarts
+    restarted = TokenVerifier(source(), POLICY, wall)
+    assert (await restarted.verify(sign(key), None)).sub == "alice"
+    assert not restarted.health().ok  # serving from the last good copy, and saying so
+    wall.now += timedelta(days=8)  # past the staleness bound (keys are looked up first)
+    mono.advance(8 * 86400)
+    with pytest.raises(JwksError, match=r"jwks_unavailable: the last good key set .* more than"):
+        await TokenVerifier(source(), POLICY, wall).verify(sign(key), None)
+
+
+async def test_a_cache_file_for_another_issuer_or_a_symlink_is_ignored(
+    issuer: Issuer, clocks: tuple[FakeMonotonic, FakeWallClock], tmp_path: Path
+) -> None:
+    mono, wall = clocks
+    cache = tmp_path / "jwks-cache.json"
+    cache.write_text(
+        '{"location": "https://elsewhere.example/jwks", "fetched_at": "2026-11-26T12:00:00Z",'
+        ' "jwks": "{\\"keys\\": []}"}'
+    )
+    issuer.status = 503
+    source = JwksSource(
+        issuer.url + JWKS_PATH, ca_bundle=issuer.ca_bundle, clock=mono, wall_clock=wall,
+        cache_file=cache,
+    )  # fmt: skip
+    with pytest.raises(JwksError, match="jwks_unavailable: no key set loaded"):
+        await source.get_keys()
+    target = tmp_path / "elsewhere.json"
+    cache.rename(target)
+    cache.symlink_to(target)
+    with pytest.raises(JwksError, match="jwks_unavailable: no key set loaded"):
+        await source.get_keys()

@@ -22,20 +22,29 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import ssl
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from joserfc.jwk import KeySet
 
 from ztagent.errors import ConfigError
+from ztagent.files import KEY_MODE, write_atomic
+from ztagent.timefmt import parse_rfc3339, rfc3339
 from ztagent.tokens.errors import JwksError
 from ztagent.tokens.jwks import DISCOVERY_PATH, MAX_DOCUMENT_BYTES, JwksHealth, parse_jwks
+
+log = logging.getLogger("ztagent.tokens")
+
+DEFAULT_MAX_STALE_S = 30 * 86400.0
+"""How long a key set fetched from the issuer stays usable while the issuer cannot be
+reached (running or after a restart from ``cache_file``): 30 days."""
 
 
 class _HttpsOnlyRedirects(urllib.request.HTTPRedirectHandler):
@@ -116,7 +125,13 @@ class JwksSource:
         max_bytes: int = MAX_DOCUMENT_BYTES,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], datetime] = _utcnow,
+        cache_file: Path | None = None,
+        max_stale_s: float = DEFAULT_MAX_STALE_S,
     ) -> None:
+        self._cache_file = cache_file
+        self._max_stale = timedelta(seconds=max_stale_s)
+        if max_stale_s <= 0:
+            raise ConfigError("tokens.jwks_max_stale_s", f"{max_stale_s} (expected > 0)")
         if cache_ttl_s <= 0:
             raise ConfigError("tokens.jwks_cache_ttl_s", f"{cache_ttl_s} (expected > 0)")
         if min_refresh_interval_s < 0:
@@ -181,11 +196,66 @@ class JwksSource:
         if self._keys is None or self._stale():
             await self._refresh()
         if self._keys is None:
+            self._load_cache_file()
+        if self._keys is None:
             reason = self._last_error or "not fetched yet"
             raise JwksError(
                 "jwks_unavailable", f"no key set loaded from {self._location} ({reason})"
             )
+        if self._fetched_at is not None and self._wall_clock() - self._fetched_at > self._max_stale:
+            raise JwksError(
+                "jwks_unavailable",
+                f"the last good key set from {self._location} was fetched at "
+                f"{rfc3339(self._fetched_at)}, more than tokens.jwks_max_stale_s "
+                f"({self._max_stale.total_seconds():.0f} s) ago ({self._last_error or 'stale'})",
+            )
         return self._keys
+
+    def _load_cache_file(self) -> None:
+        """The last good key set from ``cache_file`` (a restart while the issuer is down).
+        A missing, unreadable, foreign or symlinked file is ignored (and logged)."""
+        path = self._cache_file
+        if path is None:
+            return
+        try:
+            if path.is_symlink():
+                raise ValueError("is a symlink (refused)")
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            if doc.get("location") != self._location:
+                raise ValueError(f"holds keys of {doc.get('location')!r}")
+            fetched_at = parse_rfc3339(str(doc["fetched_at"]))
+            raw = str(doc["jwks"]).encode()
+            keys = parse_jwks(raw, f"{path} (last good copy)")
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError, JwksError) as exc:
+            log.warning("ignoring the JWKS cache file %s: %s", path, exc)
+            return
+        self._keys, self._raw, self._fetched_at = keys, raw, fetched_at
+        log.warning(
+            "issuer %s unreachable (%s): using the last good key set fetched at %s from %s",
+            self._location,
+            self._last_error,
+            rfc3339(fetched_at),
+            path,
+        )
+
+    def _store_cache_file(self, data: bytes) -> None:
+        path = self._cache_file
+        if path is None or self._fetched_at is None:
+            return
+        doc = {
+            "location": self._location,
+            "fetched_at": rfc3339(self._fetched_at),
+            "jwks": data.decode("utf-8", "replace"),
+        }
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.is_symlink():
+                path.unlink()  # never write through a link
+            write_atomic(path, json.dumps(doc, sort_keys=True).encode(), KEY_MODE)
+        except OSError as exc:
+            log.warning("cannot write the JWKS cache file %s: %s", path, exc)
 
     async def refresh_for_unknown_kid(self) -> bool:
         """Refetch because a token named a kid the set lacks; True if a fetch succeeded.
@@ -216,10 +286,13 @@ class JwksSource:
             keys = self._keys if self._keys is not None and data == self._raw else None
             if keys is None:
                 keys = parse_jwks(data, self._jwks_url or self._location)
+            changed = data != self._raw
             self._keys, self._raw = keys, data
             self._fetched_mono = self._clock()
             self._fetched_at = self._wall_clock()
             self._last_error = None
+            if changed or self._cache_file is not None:
+                await asyncio.to_thread(self._store_cache_file, data)
             return True
         except JwksError as exc:
             self._last_error = str(exc)

@@ -31,6 +31,8 @@ def source_from_config(
         cache_ttl_s=tokens.jwks_cache_ttl_s,
         min_refresh_interval_s=tokens.jwks_min_refresh_interval_s,
         clock=monotonic,
+        cache_file=tokens.jwks_cache_file,
+        max_stale_s=tokens.jwks_max_stale_s,
     )
 
 
