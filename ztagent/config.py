@@ -134,6 +134,9 @@ class PolicyConfig:
     """How often policy files are checked for changes."""
     input_headers: InputHeaders = field(default_factory=InputHeaders)
     """The request headers copied into ``input.request.metadata`` (an allow-list)."""
+    last_good_dir: Path | None = None
+    """embedded: where the last policy that loaded is kept (default
+    ``<posture.state_dir>/last-good-policy``); a start with a broken policy serves it."""
     decision_cache: bool = True
     """embedded: answer repeated decisions from an exact cache keyed by what the policy reads
     of its input (``ztagent.policy.decision_cache``)."""
@@ -513,6 +516,7 @@ def _policy(raw: Mapping[str, Any], base: Path) -> PolicyConfig:
     keys = {
         "engine", "path", "opa_url", "decision_path", "timeout_ms", "failure_mode", "dry_run",
         "reload_interval_s", "input_headers", "decision_cache", "decision_cache_size",
+        "last_good_dir",
     }  # fmt: skip
     _check_keys(raw, "policy", keys)
     d = PolicyConfig()
@@ -538,6 +542,7 @@ def _policy(raw: Mapping[str, Any], base: Path) -> PolicyConfig:
             raw, "reload_interval_s", "policy.reload_interval_s", 2.0, minimum=0.05
         ),
         input_headers=_input_headers(raw),
+        last_good_dir=_path(raw, "last_good_dir", "policy.last_good_dir", base, required=False),
         decision_cache=_bool(raw, "decision_cache", "policy.decision_cache", True),
         decision_cache_size=_int(
             raw, "decision_cache_size", "policy.decision_cache_size", 10_000, minimum=1

@@ -27,7 +27,13 @@ from typing import Any
 import regorus
 
 from ztagent.policy.errors import PolicyError, PolicyLoadError
-from ztagent.policy.sources import PolicySources, load_sources, sources_signature
+from ztagent.policy.sources import (
+    PolicySources,
+    last_good_path,
+    load_sources,
+    save_last_good,
+    sources_signature,
+)
 from ztagent.policy.types import DEFAULT_DECISION_PATH, Decision, EngineHealth
 from ztagent.posture import unverified_posture
 from ztagent.tokens.verify import anonymous_user_input
@@ -183,20 +189,68 @@ class _Compiled:
 class EmbeddedEngine:
     """The default ``PolicyEngine``: Regorus in-process, hot-reloadable."""
 
-    def __init__(self, path: Path, decision_path: str, compiled: _Compiled, signature: Any):
+    def __init__(
+        self,
+        path: Path,
+        decision_path: str,
+        compiled: _Compiled,
+        signature: Any,
+        last_good_dir: Path | None = None,
+    ):
         self._path = path
         self._decision_path = decision_path
         self._current = compiled
         self._signature = signature
         self._last_error: str | None = None
+        self._last_good_dir = last_good_dir
 
     @classmethod
-    def load(cls, path: Path, decision_path: str = DEFAULT_DECISION_PATH) -> EmbeddedEngine:
+    def load(
+        cls,
+        path: Path,
+        decision_path: str = DEFAULT_DECISION_PATH,
+        *,
+        last_good_dir: Path | None = None,
+    ) -> EmbeddedEngine:
         """Loads and compiles the sources at ``path`` (directory or .tar.gz bundle); raises
-        PolicyLoadError naming the file and line when they cannot be used."""
+        PolicyLoadError naming the file and line when they cannot be used.
+
+        With ``last_good_dir``, every policy that loads is copied there, and a start with a
+        broken (or missing) policy serves that last good copy instead of failing: the error is
+        logged and ``health()`` reports it (``ztagent.policy`` NOT_SERVING) until a good
+        policy is at ``path`` again."""
         signature = sources_signature(path)
-        compiled = _compile(path, decision_path)
-        return cls(path, decision_path, compiled, signature)
+        try:
+            compiled = _compile(path, decision_path)
+        except PolicyLoadError as exc:
+            saved = last_good_path(last_good_dir) if last_good_dir is not None else None
+            if saved is None:
+                raise
+            compiled = _compile(saved, decision_path)
+            engine = cls(path, decision_path, compiled, signature, last_good_dir)
+            engine._last_error = f"{exc} (serving the last good policy from {saved})"
+            logger.error(
+                "policy at %s refused at start: %s; serving the last good policy from %s "
+                "(revision %s)",
+                path,
+                exc,
+                saved,
+                compiled.revision,
+            )
+            return engine
+        engine = cls(path, decision_path, compiled, signature, last_good_dir)
+        engine._save_last_good()
+        return engine
+
+    def _save_last_good(self) -> None:
+        if self._last_good_dir is None:
+            return
+        try:
+            save_last_good(self._path, self._last_good_dir)
+        except OSError as exc:
+            logger.warning(
+                "cannot keep a last good policy copy in %s: %s", self._last_good_dir, exc
+            )
 
     @property
     def revision(self) -> str:
@@ -267,6 +321,7 @@ class EmbeddedEngine:
         previous = self._current.revision
         self._current = compiled
         self._last_error = None
+        self._save_last_good()
         logger.info(
             "policy reloaded from %s: revision %s -> %s", self._path, previous, compiled.revision
         )

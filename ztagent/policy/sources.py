@@ -22,7 +22,9 @@ import gzip
 import hashlib
 import json
 import os
+import shutil
 import tarfile
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -155,6 +157,41 @@ def sources_signature(path: Path) -> tuple[tuple[str, int, int, int], ...]:
 
 
 # --- internals --------------------------------------------------------------------------------
+
+
+def save_last_good(source: Path, last_good_dir: Path) -> Path:
+    """Copy the policy at ``source`` (directory or bundle file) into ``last_good_dir``,
+    replacing the previous copy only once the new one is complete; returns its path."""
+    last_good_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=last_good_dir))
+    try:
+        if source.is_dir():
+            target = staging / "policy"
+            for rel in _walk_dir(source):
+                (target / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source / rel, target / rel)
+            target.mkdir(exist_ok=True)
+        else:
+            shutil.copyfile(source, staging / "bundle.tar.gz")
+        current = last_good_dir / "current"
+        old = last_good_dir / ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        if current.exists():
+            current.rename(old)
+        staging.rename(current)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return last_good_path(last_good_dir) or last_good_dir
+
+
+def last_good_path(last_good_dir: Path) -> Path | None:
+    """The saved last good policy (directory or bundle), or None when there is none."""
+    current = last_good_dir / "current"
+    for candidate in (current / "policy", current / "bundle.tar.gz"):
+        if candidate.exists():
+            return candidate
+    return None
 
 
 def _walk_dir(root: Path) -> list[str]:

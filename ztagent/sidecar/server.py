@@ -97,7 +97,8 @@ def build_engine(config: Config) -> PolicyEngine:
     from ztagent.policy.embedded import EmbeddedEngine
 
     assert policy.path is not None
-    engine = EmbeddedEngine.load(policy.path, policy.decision_path)
+    last_good = policy.last_good_dir or config.posture.state_dir / "last-good-policy"
+    engine = EmbeddedEngine.load(policy.path, policy.decision_path, last_good_dir=last_good)
     if not policy.decision_cache:
         return engine
     return CachedEngine(engine, engine.ast_json, policy.decision_cache_size)

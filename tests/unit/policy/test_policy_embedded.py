@@ -228,3 +228,46 @@ async def test_concurrent_evaluations_during_reload(tmp_path: Path) -> None:
 
     await asyncio.gather(*(one(i) for i in range(100)))
     assert engine.revision not in revisions
+
+
+async def test_a_start_with_a_broken_policy_serves_the_last_good_one(tmp_path: Path) -> None:
+    """A restart with a broken policy file used to exit 1 (no last good policy on disk)."""
+    root = authz_dir(tmp_path / "p")
+    keep = tmp_path / "state" / "last-good-policy"
+    first = EmbeddedEngine.load(root, last_good_dir=keep)
+    good_revision = first.revision
+    assert (keep / "current" / "policy" / "authz.rego").exists()
+    await first.close()
+
+    (root / "authz.rego").write_text("package ztagent.authz\n\ndecision := {")  # broken
+    restarted = EmbeddedEngine.load(root, last_good_dir=keep)
+    assert restarted.revision == good_revision
+    assert (await restarted.evaluate(input_for("alice"))).allow is True
+    health = restarted.health()
+    assert not health.ok and health.last_error is not None
+    assert "serving the last good policy from" in health.last_error
+    await restarted.close()
+
+    with pytest.raises(PolicyLoadError):  # nothing saved: the error stops start-up
+        EmbeddedEngine.load(root, last_good_dir=tmp_path / "empty")
+
+
+async def test_a_reloaded_policy_becomes_the_last_good_one(tmp_path: Path) -> None:
+    root = authz_dir(tmp_path / "p")
+    keep = tmp_path / "keep"
+    engine = EmbeddedEngine.load(root, last_good_dir=keep)
+    text = (root / "authz.rego").read_text().replace('"fixture"', '"fixture-2"')
+    (root / "authz.rego").write_text(text)
+    _touch_later(root / "authz.rego")
+    assert engine.maybe_reload()
+    saved = (keep / "current" / "policy" / "authz.rego").read_text()
+    assert '"fixture-2"' in saved
+    await engine.close()
+
+
+async def test_a_bundle_is_kept_as_a_bundle(tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path / "b.tar.gz", {"authz.rego": AUTHZ})
+    keep = tmp_path / "keep"
+    engine = EmbeddedEngine.load(bundle, last_good_dir=keep)
+    assert (keep / "current" / "bundle.tar.gz").read_bytes() == bundle.read_bytes()
+    await engine.close()
