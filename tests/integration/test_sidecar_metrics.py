@@ -92,6 +92,18 @@ async def test_metrics_count_decisions_refusals_and_upstream_errors(
     # every call admission looked at: the 6 decided ones and the refused token
     assert m[("ztagent_admission_seconds_count", ())] == 7
     assert m[("ztagent_policy_evaluation_seconds_count", ())] == 6
+    # staleness: when each piece of trust was refreshed and when it stops being usable
+    import time
+
+    now = time.time()
+    expiry, synced = (
+        "ztagent_trust_expiry_timestamp_seconds",
+        "ztagent_trust_last_sync_timestamp_seconds",
+    )
+    assert now < m[(expiry, (("source", "crl"),))] < now + 63 * 86400
+    assert now + 86400 < m[(expiry, (("source", "server_cert"),))]
+    for source in ("crl", "policy", "server_cert"):
+        assert now - 3600 < m[(synced, (("source", source),))] <= now
     # no per-caller values in labels
     assert not any("dev-metrics" in str(labels) for _, labels in m)
 

@@ -29,7 +29,7 @@ import threading
 from collections.abc import Iterable, Sequence
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from ztagent.addresses import parse_host_port
 from ztagent.errors import ConfigError
@@ -85,6 +85,22 @@ class Metrics:
         )
         self.attestations = Counter(
             "ztagent_attestations", "Attestation results", ["result", "code"], registry=r
+        )
+        self.trust_expiry = Gauge(
+            "ztagent_trust_expiry_timestamp_seconds",
+            "When each piece of trust stops being usable (Unix seconds): crl (nextUpdate + "
+            "grace), jwks (last fetch + jwks_max_stale_s), server_cert (notAfter)",
+            ["source"],
+            registry=r,
+            multiprocess_mode="min",
+        )
+        self.trust_last_sync = Gauge(
+            "ztagent_trust_last_sync_timestamp_seconds",
+            "When each piece of trust was last refreshed (Unix seconds): crl, jwks, policy, "
+            "server_cert",
+            ["source"],
+            registry=r,
+            multiprocess_mode="max",
         )
         self.log_dropped = Counter(
             "ztagent_decision_log_dropped", "Decision-log lines dropped", registry=r

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,6 +167,9 @@ class Sidecar:
         self._tls_paths = (config.tls.server_cert, config.tls.server_key, config.tls.client_ca)
         self._tls_signature: FileSignature = ()
         self._pending_tls: object | None = None
+        self._policy_synced_at: float | None = None
+        self._server_cert_window: tuple[float, float] | None = None
+        """(loaded at, notAfter) of the serving certificate, Unix seconds."""
         self.metrics: Metrics | None = None
         self.metrics_endpoint: MetricsEndpoint | None = None
         self._watcher: asyncio.Task[None] | None = None
@@ -187,9 +191,11 @@ class Sidecar:
         check_files(config)
         self._tls_signature = file_signature(self._tls_paths)
         initial = _server_cert_config(config)
+        self._note_server_cert()
         trust = self._trust_files.load()
         checker = DeviceChecker(trust, config.identity.policy)
         engine = build_engine(config)
+        self._policy_synced_at = time.time()
         tokens = build_tokens(config)
         if tokens is not None:
             await tokens.prime()
@@ -281,6 +287,13 @@ class Sidecar:
         pending, self._pending_tls = self._pending_tls, None
         return pending
 
+    def _note_server_cert(self) -> None:
+        try:
+            cert = x509.load_pem_x509_certificate(self.config.tls.server_cert.read_bytes())
+        except (OSError, ValueError):
+            return
+        self._server_cert_window = (time.time(), cert.not_valid_after_utc.timestamp())
+
     def reload(self) -> bool:
         """Reloads changed trust/TLS files; a file that fails to load keeps the old one."""
         changed = False
@@ -302,10 +315,12 @@ class Sidecar:
                 log.error("keeping previous TLS server certificate: %s", err)
             else:
                 self._tls_signature = signature
+                self._note_server_cert()
                 log.info("reloaded TLS server certificate and client CA bundle")
                 changed = True
         assert self.pipeline is not None
         if self.pipeline.engine.maybe_reload():
+            self._policy_synced_at = time.time()
             log.info("policy reloaded: revision %s", self.pipeline.engine.revision)
             changed = True
         return changed
@@ -324,6 +339,33 @@ class Sidecar:
         if self.crl_fetcher is not None:
             crl_ok = self.crl_fetcher.health().ok
             await self.health.set(REVOCATION_HEALTH, serving if crl_ok else not_serving)
+        self._report_trust()
+
+    def _report_trust(self) -> None:
+        """The staleness gauges: when each piece of trust was refreshed and when it stops
+        being usable, so an operator sees an offline node's budget run down."""
+        if self.metrics is None or self.pipeline is None:
+            return
+        expiry, synced = self.metrics.trust_expiry, self.metrics.trust_last_sync
+        crls = self.pipeline.checker.trust.crls
+        grace = self.config.identity.policy.crl_grace
+        nexts = [c.next_update_utc for c in crls if c.next_update_utc is not None]
+        if nexts:
+            expiry.labels("crl").set((min(nexts) + grace).timestamp())
+            synced.labels("crl").set(max(c.last_update_utc for c in crls).timestamp())
+        fetched = self.crl_fetcher.health().fetched_at if self.crl_fetcher else None
+        if fetched is not None:
+            synced.labels("crl").set(fetched.timestamp())
+        tokens = self.pipeline.tokens
+        jwks_at = tokens.health().fetched_at if tokens is not None else None
+        if jwks_at is not None and self.config.tokens is not None:
+            synced.labels("jwks").set(jwks_at.timestamp())
+            expiry.labels("jwks").set(jwks_at.timestamp() + self.config.tokens.jwks_max_stale_s)
+        if self._policy_synced_at is not None:
+            synced.labels("policy").set(self._policy_synced_at)
+        if self._server_cert_window is not None:
+            synced.labels("server_cert").set(self._server_cert_window[0])
+            expiry.labels("server_cert").set(self._server_cert_window[1])
 
     async def _fetch_crls(self, fetcher: CrlFetcher) -> None:
         while True:
