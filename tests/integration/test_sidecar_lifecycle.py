@@ -306,3 +306,43 @@ async def test_tls_versions(pki: Pki, upstream: EchoUpstream, maximum: str, acce
             assert "no_protocols_available" not in str(info.value).lower(), info.value
     finally:
         await car.stop(0)
+
+
+async def test_overall_health_says_not_serving_when_the_crl_ran_out(
+    pki: Pki, upstream: EchoUpstream
+) -> None:
+    """Health used to stay SERVING while every device was refused crl_expired (fail closed):
+    the overall status now follows the trust that would refuse everyone."""
+    from grpc_health.v1 import health, health_pb2
+
+    now = datetime.now(UTC)
+    expired = builders.build_crl(
+        pki.issuing,
+        {},
+        number=500,
+        this_update=now - timedelta(days=10),
+        next_update=now - timedelta(hours=1),
+    )
+    pki.layout.crl.write_bytes(expired.public_bytes(Encoding.PEM))
+    car = Sidecar(load_config(write_config(pki, {SERVICE: upstream.address})))
+    await car.start()
+    try:
+        assert car.trust_refusing(now) is not None
+        assert "crl_expired: the CRL was usable until" in (car.trust_refusing(now) or "")
+        request = health_pb2.HealthCheckRequest(service="")
+        status = await health.aio.HealthServicer.Check(car.health, request, None)
+        assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        await car.stop(0)
+    fresh = builders.build_crl(
+        pki.issuing, {}, number=501, this_update=now, next_update=now + timedelta(days=7)
+    )
+    pki.layout.crl.write_bytes(fresh.public_bytes(Encoding.PEM))
+    car = Sidecar(load_config(write_config(pki, {SERVICE: upstream.address})))
+    await car.start()
+    try:
+        assert car.trust_refusing(now) is None
+        status = await health.aio.HealthServicer.Check(car.health, request, None)
+        assert status.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await car.stop(0)

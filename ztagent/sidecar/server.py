@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import grpc
@@ -42,6 +43,7 @@ from ztagent.sidecar.pipeline import Pipeline
 from ztagent.sidecar.proxy import ProxyHandler
 from ztagent.sidecar.upstreams import Upstreams
 from ztagent.signals import wait_for_stop_signal
+from ztagent.timefmt import rfc3339
 from ztagent.tokens.verifier import TokenVerifier
 
 log = logging.getLogger("ztagent.sidecar")
@@ -168,6 +170,8 @@ class Sidecar:
         self._tls_signature: FileSignature = ()
         self._pending_tls: object | None = None
         self._policy_synced_at: float | None = None
+        self._started = False
+        self._refusing_logged: str | None = None
         self._server_cert_window: tuple[float, float] | None = None
         """(loaded at, notAfter) of the serving certificate, Unix seconds."""
         self.metrics: Metrics | None = None
@@ -261,8 +265,8 @@ class Sidecar:
         self._watcher = asyncio.create_task(self._watch_files())
         if self.crl_fetcher is not None:
             self._crl_task = asyncio.create_task(self._fetch_crls(self.crl_fetcher))
-        await self._report_health()
-        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self._started = True
+        await self._report_health()  # the overall status too: SERVING unless trust ran out
         log.info(
             "sidecar%s listening on %s (port %d), routes: %s",
             "" if self.worker is None else f" worker {self.worker.index}/{self.worker.count}",
@@ -340,6 +344,32 @@ class Sidecar:
             crl_ok = self.crl_fetcher.health().ok
             await self.health.set(REVOCATION_HEALTH, serving if crl_ok else not_serving)
         self._report_trust()
+        if self._started:
+            refusing = self.trust_refusing(self._clock())
+            if refusing is not None and refusing != self._refusing_logged:
+                log.error("NOT_SERVING: %s", refusing)
+            self._refusing_logged = refusing
+            await self.health.set("", not_serving if refusing else serving)
+
+    def trust_refusing(self, now: datetime) -> str | None:
+        """Why every device (or every token) is being refused for stale trust, or None: the
+        CRL past nextUpdate + grace under crl_failure_mode closed, or the JWKS past
+        jwks_max_stale_s. Only behind (a failing fetch within its bound) is not refusing."""
+        assert self.pipeline is not None
+        policy = self.config.identity.policy
+        crls = self.pipeline.checker.trust.crls
+        nexts = [c.next_update_utc for c in crls if c.next_update_utc is not None]
+        if policy.check_crl and not policy.crl_fail_open and nexts:
+            until = min(nexts) + policy.crl_grace
+            if now > until:
+                return f"crl_expired: the CRL was usable until {rfc3339(until)}"
+        tokens = self.pipeline.tokens
+        fetched = tokens.health().fetched_at if tokens is not None else None
+        if fetched is not None and self.config.tokens is not None:
+            until = fetched + timedelta(seconds=self.config.tokens.jwks_max_stale_s)
+            if now > until:
+                return f"jwks_unavailable: the key set was usable until {rfc3339(until)}"
+        return None
 
     def _report_trust(self) -> None:
         """The staleness gauges: when each piece of trust was refreshed and when it stops
