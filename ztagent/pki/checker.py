@@ -109,7 +109,12 @@ def _failure_window(
     updates = [
         c.next_update_utc + policy.crl_grace for c in trust.crls if c.next_update_utc is not None
     ]
-    if updates and not policy.crl_fail_open and err.code != "crl_expired":
+    if err.code == "crl_expired":
+        # It repeats only while the clock stays past the CRL's usable end: after a clock
+        # correction back before it, the answer is computed again (it used to be kept for
+        # the leaf's whole validity, refusing every device until the trust files changed).
+        return (max(updates) + _TICK if updates else _MIN), not_after
+    if updates and not policy.crl_fail_open:
         not_after = min(not_after, *updates)
     return not_before, not_after
 

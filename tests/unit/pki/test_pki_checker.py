@@ -122,3 +122,16 @@ def test_fail_open_entry_survives_stale_crl(session_pki: Pki, mint: Mint) -> Non
     leaf_pem = pem(mint().cert)
     first = checker.check_pem(leaf_pem, NOW)
     assert checker.check_pem(leaf_pem, NOW + timedelta(hours=1)) is first
+
+
+def test_a_crl_expired_refusal_is_not_kept_past_a_clock_correction(
+    session_pki: Pki, policy: DevicePolicy, mint: Mint
+) -> None:
+    """A node whose clock jumped ahead refuses crl_expired; once the clock is corrected the
+    cached refusal must not outlive it (the cache holds an answer only for its time window)."""
+    checker = DeviceChecker(session_pki.trust(), policy)
+    leaf_pem = pem(mint(not_after=NOW + timedelta(days=80)).cert)
+    with pytest.raises(CertError) as info:
+        checker.check_pem(leaf_pem, NOW + timedelta(days=62))  # the clock ran ahead
+    assert info.value.code == "crl_expired"
+    assert checker.check_pem(leaf_pem, NOW).device_id == "dev-1"  # corrected: accepted
