@@ -18,7 +18,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-torch = pytest.importorskip("torch")
+from tests.fixtures.ci import require_module
+
+torch = require_module("torch")
 
 from tests.integration.conftest import SHIPPED_POLICIES, Pki, channel, write_config  # noqa: E402
 from ztagent._proto.workloads.v1 import (  # noqa: E402

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.ci import require_module
 from tests.unit.posture._support import (
     DEVICE,
     FP,
@@ -104,7 +105,7 @@ def test_good_evidence_gives_posture_in_policy_input_shape(world: World) -> None
 
 
 def test_policy_input_matches_the_published_schema(world: World) -> None:
-    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema = require_module("jsonschema")
     import json
 
     schema = json.loads(Path("policies/input.schema.json").read_text())

@@ -9,7 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-torch = pytest.importorskip("torch")
+from tests.fixtures.ci import require_module
+
+torch = require_module("torch")
 
 from ztagent.workloads.inference.batching import Batcher  # noqa: E402
 from ztagent.workloads.inference.errors import InferenceBusyError, InferenceError  # noqa: E402

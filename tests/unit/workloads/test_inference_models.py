@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-torch = pytest.importorskip("torch")
+from tests.fixtures.ci import require_module
+
+torch = require_module("torch")
 
 from ztagent.cli import main as cli_main  # noqa: E402
 from ztagent.errors import ConfigError  # noqa: E402
