@@ -379,10 +379,7 @@ def _bounded_int(
 
 
 def _workers(raw: Mapping[str, Any]) -> int:
-    workers = _int(raw, "workers", "listen.workers", ListenConfig.workers, minimum=1)
-    if workers > MAX_WORKERS:
-        raise ConfigError("listen.workers", f"expected <= {MAX_WORKERS}, got {workers}")
-    return workers
+    return _bounded_int(raw, "workers", "listen.workers", ListenConfig.workers, 1, MAX_WORKERS)
 
 
 def _tls(raw: Mapping[str, Any], base: Path) -> TlsConfig:

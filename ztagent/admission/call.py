@@ -9,8 +9,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 
-from ztagent.pki.errors import CertError
-
 DEVICE_ID_HEADER = "x-ztagent-device-id"
 SPIFFE_ID_HEADER = "x-ztagent-spiffe-id"
 
@@ -21,11 +19,8 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def peer_certificate_pem(auth_context: Mapping[str, Sequence[bytes]]) -> bytes:
-    """The leaf certificate grpc saw in the TLS handshake (grpc gives the leaf only)."""
+def peer_certificate_pem(auth_context: Mapping[str, Sequence[bytes]]) -> bytes | None:
+    """The leaf certificate grpc saw in the TLS handshake (grpc gives the leaf only), or None
+    without one (``AdmissionCore.verify_device_pem`` refuses that as ``cert_missing``)."""
     pems = auth_context.get("x509_pem_cert")
-    if not pems:
-        raise CertError(
-            "cert_missing", "no client certificate on this connection (expected an mTLS peer)"
-        )
-    return pems[0]
+    return pems[0] if pems else None

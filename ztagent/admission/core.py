@@ -95,7 +95,6 @@ class Verdict:
 
     headers: tuple[tuple[str, str], ...] = ()
     error: ZtagentError | None = None
-    device: VerifiedDevice | None = None
 
     @property
     def allowed(self) -> bool:
@@ -156,13 +155,13 @@ class AdmissionCore:
         self.metrics = metrics
         self._clock = clock
         self._node = node
+        """``input.context.node``: the host name (the adapter knows it)."""
         self._input_headers = config.policy.input_headers
         self._routed = tuple(sorted(r.service for r in config.routes))
         self._budget = RefusalBudget(
             config.decision_log.refusal_burst, config.decision_log.refusal_interval_s
         )
         self._monotonic = monotonic
-        """``input.context.node``: the host name (the adapter knows it)."""
         self._block_on_full_log = config.decision_log.on_full == "block"
         policy = config.policy
         self._default = RouteModes(policy.failure_mode, policy.dry_run)
@@ -318,7 +317,7 @@ class AdmissionCore:
         if self.metrics is not None:
             self.metrics.refusal(err.code)
             self.metrics.observe_admission(record.latency_us / 1e6, logged)
-        return Verdict(error=err, device=device)
+        return Verdict(error=err)
 
     async def _submit_refusal(
         self, record: DecisionRecord, caller: str, code: str, method: str
@@ -466,7 +465,7 @@ class AdmissionCore:
                 )
             if self.metrics is not None:
                 self.metrics.refusal(error.code)
-            return Verdict(error=error, device=device)
+            return Verdict(error=error)
         if not decision.allow:
             log.info(
                 "dry run: would deny %s for %s: %s", full_method, device.device_id, decision.reasons
@@ -477,7 +476,6 @@ class AdmissionCore:
                 (SPIFFE_ID_HEADER, device.spiffe_id),
                 *policy_headers(decision),
             ),
-            device=device,
         )
 
 
@@ -499,5 +497,5 @@ def _caller(device: VerifiedDevice | None, peer: str) -> str:
     """Whose refusal budget a refusal uses: the device, else the peer address (no port)."""
     if device is not None:
         return device.device_id
-    host = peer.rsplit(":", 1)[0] if peer.count(":") >= 2 or peer.startswith("ipv4:") else peer
+    host = peer.rsplit(":", 1)[0] if peer.startswith(("ipv4:", "ipv6:")) else peer
     return f"peer:{host}"

@@ -69,6 +69,7 @@ import grpc
 from cryptography import x509
 
 from ztagent._proto.v1 import enrollment_pb2, enrollment_pb2_grpc
+from ztagent.admission.call import peer_certificate_pem
 from ztagent.ca import builders
 from ztagent.ca import store as ca_store
 from ztagent.ca.audit import AuditLog
@@ -248,7 +249,7 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         self, request: enrollment_pb2.RenewRequest, context: grpc.aio.ServicerContext
     ) -> enrollment_pb2.EnrollResponse:
         peer = context.peer()
-        leaf_pem = _peer_cert_pem(context)
+        leaf_pem = peer_certificate_pem(context.auth_context() or {})
         return await self._answer(
             context, "renew", peer, lambda: self._renew(request, leaf_pem, peer)
         )
@@ -534,12 +535,6 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
             ak_name=cert_ak_name(cert) or "",
             renew_port=self.renew_port,
         )
-
-
-def _peer_cert_pem(context: grpc.aio.ServicerContext) -> bytes | None:
-    auth = context.auth_context() or {}
-    certs = auth.get("x509_pem_cert") or []
-    return certs[0] if certs else None
 
 
 async def _abort(context: grpc.aio.ServicerContext, err: EnrollError) -> NoReturn:

@@ -286,12 +286,11 @@ class JwksSource:
             keys = self._keys if self._keys is not None and data == self._raw else None
             if keys is None:
                 keys = parse_jwks(data, self._jwks_url or self._location)
-            changed = data != self._raw
             self._keys, self._raw = keys, data
             self._fetched_mono = self._clock()
             self._fetched_at = self._wall_clock()
             self._last_error = None
-            if changed or self._cache_file is not None:
+            if self._cache_file is not None:  # every fetch: its time bounds the staleness
                 await asyncio.to_thread(self._store_cache_file, data)
             return True
         except JwksError as exc:

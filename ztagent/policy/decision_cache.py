@@ -24,7 +24,7 @@ import dataclasses
 import json
 import logging
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,10 +129,10 @@ def read_set(ast_json: str) -> ReadSet:
     """The input paths the policy modules in ``ast_json`` read (see the module doc)."""
     paths: set[tuple[str, ...]] = set()
     modules = json.loads(ast_json)
-    pending: list[Any] = [m.get("ast") for m in modules if isinstance(m, dict)]
-    while pending:
-        node = pending.pop()
-        for kind, body in _walk_refs(node, pending):
+    for module in modules:
+        if not isinstance(module, dict):
+            continue
+        for kind, body in _walk_refs(module.get("ast")):
             if kind == "call":
                 name = str(body)
                 if name.startswith(NON_DETERMINISTIC_PREFIXES):
@@ -147,9 +147,9 @@ def read_set(ast_json: str) -> ReadSet:
     return ReadSet(tuple(kept))
 
 
-def _walk_refs(node: Any, pending: list[Any]) -> Iterator[tuple[str, Any]]:
-    """Input paths ("path", parts) and builtin calls ("call", name) under ``node``; computed
-    indices of input refs are queued on ``pending`` (they may read input themselves)."""
+def _walk_refs(node: Any) -> Iterator[tuple[str, Any]]:
+    """Input paths ("path", parts) and builtin calls ("call", name) under ``node``, the
+    computed indices of input refs included (they may read input themselves)."""
     stack = [node]
     while stack:
         current = stack.pop()
@@ -199,7 +199,7 @@ class CachedEngine:
     def __init__(
         self,
         engine: PolicyEngine,
-        ast_of: Any,
+        ast_of: Callable[[], str],
         max_entries: int = DEFAULT_MAX_ENTRIES,
     ) -> None:
         self.inner = engine
@@ -210,10 +210,6 @@ class CachedEngine:
         self._read = ReadSet(None, "not loaded")
         self.hits = 0
         self.misses = 0
-
-    @property
-    def read(self) -> ReadSet:
-        return self._read
 
     @property
     def revision(self) -> str:

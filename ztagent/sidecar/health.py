@@ -32,7 +32,7 @@ class IdentityCheckedHealth(health.aio.HealthServicer):  # type: ignore[misc]
         self._verify = verify
         self._recheck_s = recheck_s
 
-    async def _refused(self, context: grpc.aio.ServicerContext) -> ZtagentError | None:
+    def _refused(self, context: grpc.aio.ServicerContext) -> ZtagentError | None:
         try:
             self._verify(context)
         except ZtagentError as err:
@@ -46,7 +46,7 @@ class IdentityCheckedHealth(health.aio.HealthServicer):  # type: ignore[misc]
     async def Check(
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
     ) -> health_pb2.HealthCheckResponse:
-        err = await self._refused(context)
+        err = self._refused(context)
         if err is not None:
             await self._abort(context, err)
         return await super().Check(request, context)
@@ -54,7 +54,7 @@ class IdentityCheckedHealth(health.aio.HealthServicer):  # type: ignore[misc]
     async def Watch(
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
     ) -> None:
-        err = await self._refused(context)
+        err = self._refused(context)
         if err is not None:
             await self._abort(context, err)
         watch = asyncio.ensure_future(super().Watch(request, context))
@@ -63,7 +63,7 @@ class IdentityCheckedHealth(health.aio.HealthServicer):  # type: ignore[misc]
                 await asyncio.wait({watch}, timeout=self._recheck_s)
                 if watch.done():
                     break
-                err = await self._refused(context)
+                err = self._refused(context)
                 if err is not None:
                     watch.cancel()
                     with contextlib.suppress(asyncio.CancelledError):

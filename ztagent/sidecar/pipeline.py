@@ -16,12 +16,11 @@ from ztagent.pki.verify import VerifiedDevice
 
 def call_of(context: grpc.aio.ServicerContext, full_method: str) -> Call:
     """The plain values admission reads, taken from a grpc call."""
-    pems = context.auth_context().get("x509_pem_cert")
     return Call(
         full_method=full_method,
         metadata=tuple(context.invocation_metadata() or ()),
         peer=context.peer() or "",
-        peer_cert_pem=pems[0] if pems else None,
+        peer_cert_pem=peer_certificate_pem(context.auth_context()),
     )
 
 
@@ -41,4 +40,4 @@ class Pipeline(AdmissionCore):
 
     def verify_device(self, auth_context: Mapping[str, Sequence[bytes]]) -> VerifiedDevice:
         """The identity check alone (the attestation service and health use it)."""
-        return self.checker.check_pem(peer_certificate_pem(auth_context), self._clock())
+        return self.verify_device_pem(peer_certificate_pem(auth_context))

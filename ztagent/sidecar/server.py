@@ -355,21 +355,30 @@ class Sidecar:
         """Why every device (or every token) is being refused for stale trust, or None: the
         CRL past nextUpdate + grace under crl_failure_mode closed, or the JWKS past
         jwks_max_stale_s. Only behind (a failing fetch within its bound) is not refusing."""
-        assert self.pipeline is not None
         policy = self.config.identity.policy
+        crl_until = self._crl_usable_until()
+        if policy.check_crl and not policy.crl_fail_open and crl_until and now > crl_until:
+            return f"crl_expired: the CRL was usable until {rfc3339(crl_until)}"
+        jwks_until = self._jwks_usable_until()
+        if jwks_until is not None and now > jwks_until:
+            return f"jwks_unavailable: the key set was usable until {rfc3339(jwks_until)}"
+        return None
+
+    def _crl_usable_until(self) -> datetime | None:
+        """The earliest nextUpdate + crl_grace of the loaded CRLs (None: no CRL)."""
+        assert self.pipeline is not None
         crls = self.pipeline.checker.trust.crls
         nexts = [c.next_update_utc for c in crls if c.next_update_utc is not None]
-        if policy.check_crl and not policy.crl_fail_open and nexts:
-            until = min(nexts) + policy.crl_grace
-            if now > until:
-                return f"crl_expired: the CRL was usable until {rfc3339(until)}"
+        return min(nexts) + self.config.identity.policy.crl_grace if nexts else None
+
+    def _jwks_usable_until(self) -> datetime | None:
+        """The last JWKS fetch + jwks_max_stale_s (None: no URL keys fetched yet)."""
+        assert self.pipeline is not None
         tokens = self.pipeline.tokens
         fetched = tokens.health().fetched_at if tokens is not None else None
-        if fetched is not None and self.config.tokens is not None:
-            until = fetched + timedelta(seconds=self.config.tokens.jwks_max_stale_s)
-            if now > until:
-                return f"jwks_unavailable: the key set was usable until {rfc3339(until)}"
-        return None
+        if fetched is None or self.config.tokens is None:
+            return None
+        return fetched + timedelta(seconds=self.config.tokens.jwks_max_stale_s)
 
     def _report_trust(self) -> None:
         """The staleness gauges: when each piece of trust was refreshed and when it stops
@@ -378,19 +387,18 @@ class Sidecar:
             return
         expiry, synced = self.metrics.trust_expiry, self.metrics.trust_last_sync
         crls = self.pipeline.checker.trust.crls
-        grace = self.config.identity.policy.crl_grace
-        nexts = [c.next_update_utc for c in crls if c.next_update_utc is not None]
-        if nexts:
-            expiry.labels("crl").set((min(nexts) + grace).timestamp())
+        crl_until = self._crl_usable_until()
+        if crl_until is not None:
+            expiry.labels("crl").set(crl_until.timestamp())
             synced.labels("crl").set(max(c.last_update_utc for c in crls).timestamp())
         fetched = self.crl_fetcher.health().fetched_at if self.crl_fetcher else None
         if fetched is not None:
             synced.labels("crl").set(fetched.timestamp())
-        tokens = self.pipeline.tokens
-        jwks_at = tokens.health().fetched_at if tokens is not None else None
-        if jwks_at is not None and self.config.tokens is not None:
-            synced.labels("jwks").set(jwks_at.timestamp())
-            expiry.labels("jwks").set(jwks_at.timestamp() + self.config.tokens.jwks_max_stale_s)
+        jwks_until = self._jwks_usable_until()
+        if jwks_until is not None and self.config.tokens is not None:
+            stale = timedelta(seconds=self.config.tokens.jwks_max_stale_s)
+            synced.labels("jwks").set((jwks_until - stale).timestamp())
+            expiry.labels("jwks").set(jwks_until.timestamp())
         if self._policy_synced_at is not None:
             synced.labels("policy").set(self._policy_synced_at)
         if self._server_cert_window is not None:
