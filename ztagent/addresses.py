@@ -51,21 +51,6 @@ class Address:
     port: int | None = None
 
     @property
-    def is_unix(self) -> bool:
-        return self.path is not None
-
-    @property
-    def is_loopback(self) -> bool:
-        if self.path is not None:
-            return True
-        if self.host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(self.host or "").is_loopback
-        except ValueError:
-            return False
-
-    @property
     def target(self) -> str:
         """The form gRPC binds and dials: ``unix:/path``, ``host:port`` or ``[v6]:port``."""
         if self.path is not None:
