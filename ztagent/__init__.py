@@ -22,7 +22,8 @@ base      ``config`` (one validated object), ``errors`` (the root error and its 
           each naming its gRPC status as data), ``enrollment`` (the codes CA and device
           share), ``files`` (atomic writes, file stamps), ``timefmt`` (the one RFC 3339
           formatter), ``addresses`` (the one address parser), ``schedule`` (refresh at
-          2/3, backoff with jitter); gRPC-facing base:
+          2/3, backoff with jitter), ``failure_log`` (a failing dependency logged once,
+          then summarised); gRPC-facing base:
           ``rpc_status`` (the one error-to-status mapping), ``signals``, ``_proto``
 ========  ===========================================================================
 

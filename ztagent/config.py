@@ -112,6 +112,9 @@ class TokensConfig:
     jwks_max_stale_s: float = 30 * 86400.0
     """A key set not refreshed for longer than this is no longer used (token_* refusals
     become jwks_unavailable): the JWKS share of the offline budget."""
+    jwks_fetch_timeout_s: float = 2.0
+    """The most a call waits for a JWKS fetch it needs (no keys yet, or an unknown kid; a
+    stale set is refetched in the background), and the HTTP timeout of every fetch."""
 
 
 @dataclass(frozen=True)
@@ -456,6 +459,7 @@ def _tokens(raw: Mapping[str, Any], base: Path) -> TokensConfig:
         "issuer", "audience", "jwks_file", "jwks_url", "jwks_ca_bundle", "algorithms",
         "leeway_s", "max_token_bytes", "typ", "require_cert_binding", "jwks_cache_ttl_s",
         "jwks_min_refresh_interval_s", "jwks_cache_file", "jwks_max_stale_s",
+        "jwks_fetch_timeout_s",
     }  # fmt: skip
     _check_keys(raw, "tokens", keys)
     if ("jwks_file" in raw) == ("jwks_url" in raw):
@@ -505,6 +509,13 @@ def _tokens(raw: Mapping[str, Any], base: Path) -> TokensConfig:
         ),
         jwks_max_stale_s=_number(
             raw, "jwks_max_stale_s", "tokens.jwks_max_stale_s", dc.jwks_max_stale_s, minimum=1
+        ),
+        jwks_fetch_timeout_s=_number(
+            raw,
+            "jwks_fetch_timeout_s",
+            "tokens.jwks_fetch_timeout_s",
+            dc.jwks_fetch_timeout_s,
+            minimum=0.05,
         ),
     )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import socket
 import ssl
 import threading
 from collections import Counter
@@ -175,8 +176,9 @@ async def test_issuer_down_keeps_last_good_keys_and_reports_degraded(
     await tv.prime()
     assert tv.health().ok and tv.health().fetched_at == NOW
     issuer.status = 503
-    clocks[0].advance(301)  # keys are stale: the next verify refetches and fails
+    clocks[0].advance(301)  # keys are stale: the next verify starts a refetch, which fails
     assert (await tv.verify(sign(key), None)).sub == "alice"
+    await source.idle()
     health = tv.health()
     assert not health.ok and health.fetched_at == NOW
     assert health.last_error is not None and "HTTP 503" in health.last_error
@@ -187,6 +189,7 @@ async def test_issuer_down_keeps_last_good_keys_and_reports_degraded(
     issuer.status = 200
     clocks[0].advance(30)
     await tv.verify(sign(key), None)
+    await source.idle()
     assert tv.health().ok and issuer.fetches() == 3
     assert source.fetch_count == 3
 
@@ -281,14 +284,79 @@ async def test_a_cache_file_for_another_issuer_or_a_symlink_is_ignored(
         ' "jwks": "{\\"keys\\": []}"}'
     )
     issuer.status = 503
-    source = JwksSource(
+
+    def source() -> JwksSource:
+        return JwksSource(
+            issuer.url + JWKS_PATH, ca_bundle=issuer.ca_bundle, clock=mono, wall_clock=wall,
+            cache_file=cache,
+        )  # fmt: skip
+
+    with pytest.raises(JwksError, match="jwks_unavailable: no key set loaded"):
+        await source().get_keys()
+    # a good copy of this issuer's keys, reachable only through a symlink: not read
+    good = tmp_path / "good.json"
+    good.write_text(
+        json.dumps(
+            {
+                "location": issuer.url + JWKS_PATH,
+                "fetched_at": "2026-11-26T12:00:00Z",
+                "jwks": jwks_bytes(new_key()).decode(),
+            }
+        )
+    )
+    direct = JwksSource(
         issuer.url + JWKS_PATH, ca_bundle=issuer.ca_bundle, clock=mono, wall_clock=wall,
-        cache_file=cache,
+        cache_file=good,
     )  # fmt: skip
+    assert len(list(await direct.get_keys())) == 1  # the same file, not through a link: used
+    cache.unlink()
+    cache.symlink_to(good)
     with pytest.raises(JwksError, match="jwks_unavailable: no key set loaded"):
-        await source.get_keys()
-    target = tmp_path / "elsewhere.json"
-    cache.rename(target)
-    cache.symlink_to(target)
-    with pytest.raises(JwksError, match="jwks_unavailable: no key set loaded"):
-        await source.get_keys()
+        await source().get_keys()
+
+
+@pytest.fixture
+def blackhole() -> Iterator[str]:
+    """An https URL whose server accepts TCP connections (the kernel's backlog) and never
+    answers: the issuer is blackholed, every fetch runs into its timeout."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+    try:
+        yield f"https://127.0.0.1:{listener.getsockname()[1]}{JWKS_PATH}"
+    finally:
+        listener.close()
+
+
+async def test_a_blackholed_issuer_never_delays_a_call_that_has_keys(
+    blackhole: str, clocks: tuple[FakeMonotonic, FakeWallClock], tmp_path: Path
+) -> None:
+    """A call waits for a fetch only when it needs one, and then at most the fetch timeout
+    (start-up, then the copy on disk; an unknown kid, then token_kid_unknown). Stale keys are
+    refetched in the background: the call answers from memory while the fetch still hangs."""
+    mono, wall = clocks
+    key = new_key()
+    cache = tmp_path / "jwks-cache.json"
+    cache.write_text(
+        json.dumps(
+            {"location": blackhole, "fetched_at": "2026-11-26T12:00:00Z",
+             "jwks": jwks_bytes(key).decode()}
+        )
+    )  # fmt: skip
+    source = JwksSource(
+        blackhole, clock=mono, wall_clock=wall, cache_file=cache, fetch_timeout_s=1.0,
+        min_refresh_interval_s=0,
+    )  # fmt: skip
+    tv = TokenVerifier(source, POLICY, wall)
+    assert (await asyncio.wait_for(tv.verify(sign(key), None), 10)).sub == "alice"
+    assert not tv.health().ok  # serving the copy on disk, and saying so
+    await source.idle()
+    assert tv.health().fetch_failures == 1 and "timed out" in (tv.health().last_error or "")
+    with pytest.raises(TokenError) as info:
+        await asyncio.wait_for(tv.verify(sign(key, kid="rotated-away"), None), 10)
+    assert info.value.code == "token_kid_unknown"
+    await source.idle()
+    assert tv.health().fetch_failures == 2
+    mono.advance(301)  # stale: a background refetch starts, the call answers from memory
+    assert (await tv.verify(sign(key, claims(sub="bob")), None)).sub == "bob"
+    assert source.fetch_count == 3 and tv.health().fetch_failures == 2  # still hanging
+    await source.idle()
+    assert tv.health().fetch_failures == 3

@@ -26,6 +26,7 @@ BASE = {
     "ztagent.timefmt",
     "ztagent.addresses",
     "ztagent.schedule",
+    "ztagent.failure_log",
 }
 BASE_GRPC = {"ztagent.rpc_status", "ztagent.signals", "ztagent._proto"}
 """Below every server too, but gRPC-facing: the one error-to-status mapping, waiting for

@@ -14,11 +14,12 @@ import asyncio
 import logging
 import ssl
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
 from ztagent.errors import TransportError, ZtagentError
+from ztagent.failure_log import FailureLog
 from ztagent.files import write_atomic
 from ztagent.pki.crl_update import MAX_CRL_BYTES, accept_crl_update
 from ztagent.pki.errors import CertError
@@ -31,6 +32,7 @@ class CrlFetchHealth:
     ok: bool
     last_error: str | None
     fetched_at: datetime | None
+    fetch_failures: int = 0
 
 
 class CrlFetcher:
@@ -42,9 +44,10 @@ class CrlFetcher:
         self._crl_path = crl_path
         self._timeout_s = timeout_s
         self._health = CrlFetchHealth(True, None, None)
+        self._failures = FailureLog(log, f"CRL fetch from {source} (keeping the last good CRL)")
 
     def health(self) -> CrlFetchHealth:
-        return self._health
+        return replace(self._health, fetch_failures=self._failures.failures)
 
     async def _download(self) -> bytes:
         source = self.source
@@ -86,6 +89,7 @@ class CrlFetcher:
         except Exception as exc:  # the network or the source: keep the last good CRL
             self._fail(str(TransportError("crl_unavailable", f"{type(exc).__name__}: {exc}")), now)
             return False
+        self._failures.succeeded()
         if update is None:
             self._health = CrlFetchHealth(True, None, now)
             return False
@@ -100,5 +104,5 @@ class CrlFetcher:
         return True
 
     def _fail(self, message: str, now: datetime) -> None:
-        log.warning("CRL fetch from %s failed, keeping the last good CRL: %s", self.source, message)
+        self._failures.failed(message)
         self._health = CrlFetchHealth(False, message, self._health.fetched_at)

@@ -4,14 +4,20 @@
 discovery: ``<issuer>/.well-known/openid-configuration`` names the ``jwks_uri``), and keeps
 it in memory:
 
-- the key set is reused for ``cache_ttl_s`` seconds, then refetched on the next
-  ``get_keys()``;
+- the key set is reused for ``cache_ttl_s`` seconds; after that the next ``get_keys()``
+  starts a refetch **in the background** and returns the keys it has: a slow or blackholed
+  issuer never delays a call that has keys;
+- a call waits for a fetch only when it cannot go on without one (no key set loaded yet,
+  or a token naming an unknown ``kid``), and then at most ``fetch_timeout_s``
+  (``tokens.jwks_fetch_timeout_s``, default 2 s); the HTTP request has the same timeout;
 - fetches are rate-limited: at most one attempt per ``min_refresh_interval_s`` seconds,
   whatever triggers it (a stale cache, an unknown ``kid``, a failing issuer), so a flood of
   tokens with random kids cannot flood the issuer; concurrent callers share one in-flight
   fetch;
-- when a fetch fails, the last good key set is kept and ``health()`` reports degraded;
-  with no key set ever loaded, ``get_keys()`` raises ``JwksError`` (``jwks_unavailable``).
+- when a fetch fails, the last good key set is kept and ``health()`` reports degraded; the
+  failure is logged once, then summarised (``FailureLog``), and counted
+  (``fetch_failures``); with no key set ever loaded (in memory or in ``cache_file``),
+  ``get_keys()`` raises ``JwksError`` (``jwks_unavailable``).
 
 Both intervals are measured with an injected monotonic clock, so tests do not sleep.
 HTTP is the stdlib (``urllib.request`` + ``ssl``) run in a worker thread: no redirects to
@@ -35,12 +41,16 @@ from typing import Any
 from joserfc.jwk import KeySet
 
 from ztagent.errors import ConfigError
+from ztagent.failure_log import FailureLog
 from ztagent.files import KEY_MODE, write_atomic
 from ztagent.timefmt import parse_rfc3339, rfc3339
 from ztagent.tokens.errors import JwksError
 from ztagent.tokens.jwks import DISCOVERY_PATH, MAX_DOCUMENT_BYTES, JwksHealth, parse_jwks
 
 log = logging.getLogger("ztagent.tokens")
+
+DEFAULT_FETCH_TIMEOUT_S = 2.0
+"""How long a call waits for a fetch it needs, and the HTTP timeout of every fetch."""
 
 DEFAULT_MAX_STALE_S = 30 * 86400.0
 """How long a key set fetched from the issuer stays usable while the issuer cannot be
@@ -121,7 +131,7 @@ class JwksSource:
         discover: bool = False,
         cache_ttl_s: float = 300.0,
         min_refresh_interval_s: float = 30.0,
-        timeout_s: float = 10.0,
+        fetch_timeout_s: float = DEFAULT_FETCH_TIMEOUT_S,
         max_bytes: int = MAX_DOCUMENT_BYTES,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], datetime] = _utcnow,
@@ -132,6 +142,8 @@ class JwksSource:
         self._max_stale = timedelta(seconds=max_stale_s)
         if max_stale_s <= 0:
             raise ConfigError("tokens.jwks_max_stale_s", f"{max_stale_s} (expected > 0)")
+        if fetch_timeout_s <= 0:
+            raise ConfigError("tokens.jwks_fetch_timeout_s", f"{fetch_timeout_s} (expected > 0)")
         if cache_ttl_s <= 0:
             raise ConfigError("tokens.jwks_cache_ttl_s", f"{cache_ttl_s} (expected > 0)")
         if min_refresh_interval_s < 0:
@@ -157,7 +169,7 @@ class JwksSource:
         self._location = text
         self._ttl = cache_ttl_s
         self._min_interval = min_refresh_interval_s
-        self._timeout = timeout_s
+        self._timeout = fetch_timeout_s
         self._max_bytes = max_bytes
         self._clock = clock
         self._wall_clock = wall_clock
@@ -170,6 +182,8 @@ class JwksSource:
         self._last_error: str | None = None
         self._inflight: asyncio.Task[bool] | None = None
         self._fetches = 0
+        self._cache_file_read = False
+        self._failures = FailureLog(log, f"JWKS fetch from {text}", clock=clock)
 
     @property
     def location(self) -> str:
@@ -182,21 +196,27 @@ class JwksSource:
 
     def health(self) -> JwksHealth:
         return JwksHealth(
-            ok=self._keys is not None and self._last_error is None,
+            ok=self._fetched_mono is not None and self._last_error is None,
             last_error=self._last_error,
             fetched_at=self._fetched_at,
+            fetch_failures=self._failures.failures,
         )
 
     async def get_keys(self) -> KeySet:
-        """The current key set; refetched when older than ``cache_ttl_s`` (rate-limited).
+        """The current key set. Older than ``cache_ttl_s``: a background refetch starts
+        (rate-limited) and the current set is returned at once.
 
-        A failed refetch keeps the last good set. Raise ``JwksError`` only when no key set
-        was ever loaded.
+        With no key set in memory, wait (at most ``fetch_timeout_s``) for a fetch, then fall
+        back to ``cache_file``. Raise ``JwksError`` when there is no key set at all, or when
+        the one there is was fetched more than ``max_stale_s`` ago.
         """
-        if self._keys is None or self._stale():
-            await self._refresh()
         if self._keys is None:
-            self._load_cache_file()
+            await self._refresh(wait=True)
+            if self._keys is None and not self._cache_file_read:
+                self._cache_file_read = True  # once: not a file read per refused call
+                self._load_cache_file()
+        elif self._stale():
+            await self._refresh(wait=False)
         if self._keys is None:
             reason = self._last_error or "not fetched yet"
             raise JwksError(
@@ -235,7 +255,7 @@ class JwksSource:
         log.warning(
             "issuer %s unreachable (%s): using the last good key set fetched at %s from %s",
             self._location,
-            self._last_error,
+            self._last_error or f"no answer within {self._timeout:g} s",
             rfc3339(fetched_at),
             path,
         )
@@ -258,16 +278,26 @@ class JwksSource:
             log.warning("cannot write the JWKS cache file %s: %s", path, exc)
 
     async def refresh_for_unknown_kid(self) -> bool:
-        """Refetch because a token named a kid the set lacks; True if a fetch succeeded.
+        """Refetch because a token named a kid the set lacks; True if a fetch succeeded
+        within ``fetch_timeout_s``.
 
         At most one fetch per ``min_refresh_interval_s``; False (no fetch) inside it.
         """
-        return await self._refresh()
+        return await self._refresh(wait=True)
+
+    async def idle(self) -> None:
+        """Wait until no fetch is in flight (a background refetch finished)."""
+        inflight = self._inflight
+        if inflight is not None:
+            await asyncio.shield(inflight)
 
     def _stale(self) -> bool:
         return self._fetched_mono is None or self._clock() - self._fetched_mono >= self._ttl
 
-    async def _refresh(self) -> bool:
+    async def _refresh(self, *, wait: bool) -> bool:
+        """Start a fetch (unless one is in flight or the rate limit says no); with ``wait``,
+        True if it succeeded within ``fetch_timeout_s``. The fetch itself is never cancelled
+        by a caller giving up: it finishes (or times out) in the background."""
         inflight = self._inflight
         if inflight is None:
             now = self._clock()
@@ -277,8 +307,13 @@ class JwksSource:
             self._fetches += 1
             inflight = asyncio.get_running_loop().create_task(self._fetch_and_store())
             self._inflight = inflight
-        # shield: a caller that is cancelled must not cancel the fetch the others wait for
-        return await asyncio.shield(inflight)
+        if not wait:
+            return False
+        try:
+            # shield: a caller that times out or is cancelled must not cancel the fetch
+            return await asyncio.wait_for(asyncio.shield(inflight), self._timeout)
+        except TimeoutError:
+            return False
 
     async def _fetch_and_store(self) -> bool:
         try:
@@ -290,17 +325,22 @@ class JwksSource:
             self._fetched_mono = self._clock()
             self._fetched_at = self._wall_clock()
             self._last_error = None
+            self._failures.succeeded()
             if self._cache_file is not None:  # every fetch: its time bounds the staleness
                 await asyncio.to_thread(self._store_cache_file, data)
             return True
         except JwksError as exc:
-            self._last_error = str(exc)
+            self._failed(str(exc))
             return False
         except Exception as exc:  # never let the shared task die with an unhandled error
-            self._last_error = f"jwks_unavailable: {type(exc).__name__}: {exc}"
+            self._failed(f"jwks_unavailable: {type(exc).__name__}: {exc}")
             return False
         finally:
             self._inflight = None
+
+    def _failed(self, reason: str) -> None:
+        self._last_error = reason
+        self._failures.failed(reason)
 
     async def _fetch(self) -> bytes:
         if self._path is not None:

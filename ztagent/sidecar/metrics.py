@@ -12,6 +12,7 @@ What is counted, per call and per attestation:
 - ``ztagent_upstream_errors_total{service, code}``: gRPC status of failed upstream calls.
 - ``ztagent_attestations_total{result, code}``: ``verified`` or ``refused`` with its code.
 - ``ztagent_decision_log_dropped_total``: decision-log lines dropped (queue full).
+- ``ztagent_trust_fetch_failures_total{source}``: failed CRL / JWKS fetches.
 - ``ztagent_admission_seconds`` and ``ztagent_policy_evaluation_seconds``: histograms.
 
 Labels never carry device ids, users or other per-caller values, and label sets that come
@@ -102,6 +103,13 @@ class Metrics:
             registry=r,
             multiprocess_mode="max",
         )
+        self.trust_fetch_failures = Counter(
+            "ztagent_trust_fetch_failures",
+            "Failed refreshes of a piece of trust: crl (CRL fetch), jwks (key set fetch)",
+            ["source"],
+            registry=r,
+        )
+        self._fetch_failures_seen: dict[str, int] = {}
         self.log_dropped = Counter(
             "ztagent_decision_log_dropped", "Decision-log lines dropped", registry=r
         )
@@ -127,6 +135,14 @@ class Metrics:
         if outcome in ("deny", "dry_run"):
             for reason in reasons:
                 self.denial_reasons.labels(self._reason(reason)).inc()
+
+    def fetch_failures(self, source: str, total: int) -> None:
+        """Bring the ``source`` fetch-failure counter up to ``total`` (the fetcher's own
+        count since start)."""
+        seen = self._fetch_failures_seen.get(source, 0)
+        if total > seen:
+            self.trust_fetch_failures.labels(source).inc(total - seen)
+            self._fetch_failures_seen[source] = total
 
     def refusal(self, code: str) -> None:
         self.refused.labels(self._code(code)).inc()

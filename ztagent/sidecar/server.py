@@ -391,9 +391,13 @@ class Sidecar:
         if crl_until is not None:
             expiry.labels("crl").set(crl_until.timestamp())
             synced.labels("crl").set(max(c.last_update_utc for c in crls).timestamp())
-        fetched = self.crl_fetcher.health().fetched_at if self.crl_fetcher else None
-        if fetched is not None:
-            synced.labels("crl").set(fetched.timestamp())
+        if self.crl_fetcher is not None:
+            crl_health = self.crl_fetcher.health()
+            self.metrics.fetch_failures("crl", crl_health.fetch_failures)
+            if crl_health.fetched_at is not None:
+                synced.labels("crl").set(crl_health.fetched_at.timestamp())
+        if self.pipeline.tokens is not None:
+            self.metrics.fetch_failures("jwks", self.pipeline.tokens.health().fetch_failures)
         jwks_until = self._jwks_usable_until()
         if jwks_until is not None and self.config.tokens is not None:
             stale = timedelta(seconds=self.config.tokens.jwks_max_stale_s)

@@ -33,6 +33,7 @@ def source_from_config(
         clock=monotonic,
         cache_file=tokens.jwks_cache_file,
         max_stale_s=tokens.jwks_max_stale_s,
+        fetch_timeout_s=tokens.jwks_fetch_timeout_s,
     )
 
 

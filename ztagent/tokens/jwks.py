@@ -26,11 +26,14 @@ class JwksHealth:
     """State of a key source, for health checks and metrics."""
 
     ok: bool
-    """A key set is loaded and the last fetch attempt succeeded."""
+    """A fetch succeeded since start and the last attempt did too (a key set read from
+    the cache file on disk alone is not ok: it is the last good copy, running down)."""
     last_error: str | None
     """Why the last fetch attempt failed (None after a success)."""
     fetched_at: datetime | None
     """Wall-clock time of the last successful fetch (None: never)."""
+    fetch_failures: int = 0
+    """Failed fetch attempts since start."""
 
 
 def parse_jwks(data: bytes, where: str = "JWKS") -> KeySet:

@@ -37,6 +37,8 @@ async def test_loads_and_caches_for_the_ttl(tmp_path: Path, clock: FakeMonotonic
     clock.advance(299)
     assert await source.get_keys() is keys and source.fetch_count == 1
     clock.advance(1)
+    assert await source.get_keys() is keys  # stale: refetched in the background, not awaited
+    await source.idle()
     assert [k.kid for k in await source.get_keys()] == [k2.kid]
     assert source.fetch_count == 2
 
@@ -49,6 +51,8 @@ async def test_unchanged_document_keeps_the_same_key_set_object(
     source = _source(path, clock)
     first = await source.get_keys()
     clock.advance(301)
+    assert await source.get_keys() is first
+    await source.idle()
     assert await source.get_keys() is first and source.fetch_count == 2
 
 
@@ -72,16 +76,19 @@ async def test_failed_refresh_keeps_last_good_keys(tmp_path: Path, clock: FakeMo
     path.write_text("{not json")
     clock.advance(301)
     assert await source.get_keys() is good
+    await source.idle()
     health = source.health()
     assert not health.ok and health.fetched_at == NOW
     assert health.last_error is not None and "jwks_invalid" in health.last_error
     path.unlink()
     clock.advance(30)
     assert await source.get_keys() is good
+    await source.idle()
     assert "jwks_unavailable" in (source.health().last_error or "")
     path.write_bytes(jwks_bytes(key))
     clock.advance(30)
     await source.get_keys()
+    await source.idle()
     assert source.health().ok and source.health().last_error is None
 
 

@@ -114,11 +114,14 @@ async def test_withdrawn_key_stops_cached_tokens(
     path, mono, wall = env
     old, new = new_key(), new_key()
     path.write_bytes(jwks_bytes(old))
-    tv = _verifier(path, mono, wall)
+    source = JwksSource(path, clock=mono, wall_clock=wall)
+    tv = TokenVerifier(source, POLICY, wall)
     token = sign(old)
     await tv.verify(token, None)
     path.write_bytes(jwks_bytes(new))
     mono.advance(301)
+    await tv.verify(token, None)  # the stale set still answers while the refetch runs
+    await source.idle()
     with pytest.raises(TokenError) as info:
         await tv.verify(token, None)
     assert info.value.code == "token_kid_unknown"
