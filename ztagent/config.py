@@ -176,6 +176,15 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class HealthConfig:
+    address: str | None = None
+    """host:port of a plain (no TLS, no client certificate) ``grpc.health.v1`` listener with
+    the same statuses as the mTLS port, for probes without a device certificate (the kubelet's
+    gRPC probe). Off by default; it reveals only SERVING / NOT_SERVING per service, so keep it
+    on loopback or behind a network policy."""
+
+
+@dataclass(frozen=True)
 class PostureConfig:
     enabled: bool = True
     """Serve the ztagent.v1.Attestation service and fill input.posture from attestations."""
@@ -221,6 +230,7 @@ class Config:
     decision_log: DecisionLogConfig = field(default_factory=DecisionLogConfig)
     posture: PostureConfig = field(default_factory=PostureConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
     source: Path | None = None
 
     def route_for(self, service: str) -> Route | None:
@@ -606,6 +616,15 @@ def _metrics(raw: Mapping[str, Any]) -> MetricsConfig:
     return MetricsConfig(enabled=_bool(raw, "enabled", "metrics.enabled", False), address=address)
 
 
+def _health(raw: Mapping[str, Any]) -> HealthConfig:
+    _check_keys(raw, "health", {"address"})
+    if "address" not in raw:
+        return HealthConfig()
+    address = _str(raw, "address", "health.address", "")
+    parse_host_port(address, "health.address")
+    return HealthConfig(address=address)
+
+
 def _posture(raw: Mapping[str, Any], base: Path) -> PostureConfig:
     keys = {
         "enabled", "max_age_s", "reference_values", "firmware_keys", "pcrs", "state_dir",
@@ -685,7 +704,7 @@ def parse_config(raw: Mapping[str, Any], base: Path, source: Path | None = None)
     """Builds a validated Config from an already-decoded TOML document."""
     allowed = {
         "listen", "tls", "identity", "routes", "tokens", "policy", "decision_log", "posture",
-        "metrics",
+        "metrics", "health",
     }  # fmt: skip
     for key in raw:
         if key not in allowed:
@@ -713,6 +732,7 @@ def parse_config(raw: Mapping[str, Any], base: Path, source: Path | None = None)
         ),
         posture=_posture(_expect_table(raw.get("posture", {}), "posture"), base),
         metrics=_metrics(_expect_table(raw.get("metrics", {}), "metrics")),
+        health=_health(_expect_table(raw.get("health", {}), "health")),
         source=source,
     )
 

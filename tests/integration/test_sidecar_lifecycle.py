@@ -312,8 +312,18 @@ async def test_overall_health_says_not_serving_when_the_crl_ran_out(
     pki: Pki, upstream: EchoUpstream
 ) -> None:
     """Health used to stay SERVING while every device was refused crl_expired (fail closed):
-    the overall status now follows the trust that would refuse everyone."""
-    from grpc_health.v1 import health, health_pb2
+    the overall status now follows the trust that would refuse everyone, on the mTLS port and
+    on the plain health listener a kubelet probe uses (no client certificate)."""
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    plain = '[health]\naddress = "127.0.0.1:0"\n'
+
+    async def probe(port: int) -> int:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            reply = await health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=10
+            )
+            return int(reply.status)
 
     now = datetime.now(UTC)
     expired = builders.build_crl(
@@ -324,7 +334,7 @@ async def test_overall_health_says_not_serving_when_the_crl_ran_out(
         next_update=now - timedelta(hours=1),
     )
     pki.layout.crl.write_bytes(expired.public_bytes(Encoding.PEM))
-    car = Sidecar(load_config(write_config(pki, {SERVICE: upstream.address})))
+    car = Sidecar(load_config(write_config(pki, {SERVICE: upstream.address}, extra=plain)))
     await car.start()
     try:
         assert car.trust_refusing(now) is not None
@@ -332,17 +342,24 @@ async def test_overall_health_says_not_serving_when_the_crl_ran_out(
         request = health_pb2.HealthCheckRequest(service="")
         status = await health.aio.HealthServicer.Check(car.health, request, None)
         assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert car.health_port != 0
+        assert await probe(car.health_port) == health_pb2.HealthCheckResponse.NOT_SERVING
     finally:
         await car.stop(0)
     fresh = builders.build_crl(
         pki.issuing, {}, number=501, this_update=now, next_update=now + timedelta(days=7)
     )
     pki.layout.crl.write_bytes(fresh.public_bytes(Encoding.PEM))
-    car = Sidecar(load_config(write_config(pki, {SERVICE: upstream.address})))
+    car = Sidecar(load_config(write_config(pki, {SERVICE: upstream.address}, extra=plain)))
     await car.start()
     try:
         assert car.trust_refusing(now) is None
         status = await health.aio.HealthServicer.Check(car.health, request, None)
         assert status.status == health_pb2.HealthCheckResponse.SERVING
+        port = car.health_port
+        assert await probe(port) == health_pb2.HealthCheckResponse.SERVING
     finally:
         await car.stop(0)
+    with pytest.raises(grpc.aio.AioRpcError) as info:  # stopped with the sidecar
+        await probe(port)
+    assert info.value.code() is grpc.StatusCode.UNAVAILABLE

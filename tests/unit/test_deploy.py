@@ -193,11 +193,16 @@ def test_listen_and_metrics_ports_match_the_container() -> None:
     assert port == 8443 and port in ports, f"listen port {port} is not a containerPort"
     assert ports[port].get("hostPort") == 8443, "devices reach the sidecar at <node>:8443"
     assert sidecar["livenessProbe"]["tcpSocket"]["port"] == port
-    assert config.metrics.enabled, "the readiness probe reads /metrics"
+    assert config.metrics.enabled
     m_host, m_port = parse_host_port(config.metrics.address, "metrics.address")
     assert m_host == "0.0.0.0" and m_port in ports and "hostPort" not in ports[m_port]
-    probe = sidecar["readinessProbe"]["httpGet"]
-    assert (probe["path"], probe["port"]) == ("/metrics", m_port)
+    # readiness follows the overall health (NOT_SERVING when stale trust refuses everyone),
+    # through the plain listener: the kubelet has no device certificate
+    assert config.health.address is not None, "the readiness probe needs [health] address"
+    h_host, h_port = parse_host_port(config.health.address, "health.address")
+    assert h_host == "0.0.0.0" and h_port in ports and "hostPort" not in ports[h_port]
+    probe = sidecar["readinessProbe"]["grpc"]
+    assert (probe["port"], probe.get("service", "")) == (h_port, "")
 
 
 def test_every_file_the_config_names_is_mounted_in_the_sidecar() -> None:

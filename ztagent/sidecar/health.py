@@ -4,7 +4,12 @@ Health used to bypass admission: a revoked device got ``SERVING`` and could hold
 stream open. Here ``Check`` and ``Watch`` first run the same device-certificate check as
 every proxied call (``UNAUTHENTICATED`` with the stable code otherwise), and a Watch stream
 re-checks the certificate every ``recheck_s`` seconds, so a device revoked later loses its
-stream. Local probes that have no device certificate use a plain loopback listener instead.
+stream.
+
+Probes that have no device certificate (the kubelet's native gRPC probe) use the plain
+listener at ``health.address`` instead: ``plain`` is a second servicer with the same statuses
+(every ``set`` goes to both), served without TLS and without the identity check. It says only
+SERVING or NOT_SERVING per service name, nothing about any device.
 """
 
 from __future__ import annotations
@@ -31,6 +36,16 @@ class IdentityCheckedHealth(health.aio.HealthServicer):  # type: ignore[misc]
         super().__init__()
         self._verify = verify
         self._recheck_s = recheck_s
+        self.plain = health.aio.HealthServicer()
+        """The same statuses, for the plain listener (``health.address``)."""
+
+    async def set(self, service: str, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        await super().set(service, status)
+        await self.plain.set(service, status)
+
+    async def enter_graceful_shutdown(self) -> None:
+        await super().enter_graceful_shutdown()
+        await self.plain.enter_graceful_shutdown()
 
     def _refused(self, context: grpc.aio.ServicerContext) -> ZtagentError | None:
         try:

@@ -163,6 +163,9 @@ class Sidecar:
         self.port = 0
         self.health = IdentityCheckedHealth(self._verify_peer, config.tls.reload_interval_s)
         self._server: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
+        self.health_port = 0
+        """The port of the plain health listener (``health.address``; 0: none)."""
         self._upstreams: Upstreams | None = None
         self.pipeline: Pipeline | None = None
         self._trust_files = TrustFiles(config.tls.client_ca, config.tls.crl)
@@ -260,6 +263,9 @@ class Sidecar:
             ) from exc
         if self.metrics is not None and self.metrics.registry is not None:
             self.metrics_endpoint = MetricsEndpoint(config.metrics.address, self.metrics.registry)
+        if config.health.address is not None:
+            self._health_server = self._plain_health(config.health.address)
+            await self._health_server.start()
         await server.start()
         self._server = server
         self._watcher = asyncio.create_task(self._watch_files())
@@ -409,6 +415,20 @@ class Sidecar:
             synced.labels("server_cert").set(self._server_cert_window[0])
             expiry.labels("server_cert").set(self._server_cert_window[1])
 
+    def _plain_health(self, address: str) -> grpc.aio.Server:
+        """The plain ``grpc.health.v1`` listener (``health.address``): the same statuses as
+        the mTLS port, for probes without a device certificate. Workers share the port."""
+        server = grpc.aio.server(
+            options=[("grpc.so_reuseport", 0 if self.worker is None else 1)],
+            maximum_concurrent_rpcs=64,
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.plain, server)
+        try:
+            self.health_port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise ConfigError("health.address", f"cannot bind {address}: {exc}") from exc
+        return server
+
     async def _fetch_crls(self, fetcher: CrlFetcher) -> None:
         while True:
             await asyncio.sleep(self.config.tls.crl_refresh_interval_s)
@@ -439,6 +459,9 @@ class Sidecar:
                     await task
         if self._server is not None:
             await self._server.stop(grace)
+        if self._health_server is not None:
+            await self._health_server.stop(0)
+            self._health_server = None
         if self._upstreams is not None:
             await self._upstreams.close()
         if self.metrics_endpoint is not None:
