@@ -5,7 +5,8 @@ need=()
 # swtpm + tpm2-tools: the software TPM the tests and `make run` use; libtss2-dev + pkg-config:
 # to build tpm2-pytss.
 # softhsm2: the PKCS#11 HSM the enrollment tests use.
-for pkg in python3-venv pkg-config swtpm swtpm-tools tpm2-tools libtss2-dev softhsm2; do
+# faketime (libfaketime): the 30-day offline test moves the sidecar's clock forward.
+for pkg in python3-venv pkg-config swtpm swtpm-tools tpm2-tools libtss2-dev softhsm2 faketime; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

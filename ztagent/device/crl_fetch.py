@@ -87,7 +87,7 @@ class CrlFetcher:
             self._fail(f"{err.code}: {err.message}", now)
             return False
         except Exception as exc:  # the network or the source: keep the last good CRL
-            self._fail(str(TransportError("crl_unavailable", f"{type(exc).__name__}: {exc}")), now)
+            self._fail(str(TransportError("crl_unavailable", _reason(exc))), now)
             return False
         self._failures.succeeded()
         if update is None:
@@ -106,3 +106,12 @@ class CrlFetcher:
     def _fail(self, message: str, now: datetime) -> None:
         self._failures.failed(message)
         self._health = CrlFetchHealth(False, message, self._health.fetched_at)
+
+
+def _reason(exc: Exception) -> str:
+    """One line for a failed download: a gRPC error's status and details (its ``str`` is a
+    multi-line dump), else the exception's type and message."""
+    code, details = getattr(exc, "code", None), getattr(exc, "details", None)
+    if callable(code) and callable(details):
+        return f"{getattr(code(), 'name', code())}: {details()}"
+    return f"{type(exc).__name__}: {exc}"

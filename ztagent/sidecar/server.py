@@ -44,6 +44,7 @@ from ztagent.sidecar.proxy import ProxyHandler
 from ztagent.sidecar.upstreams import Upstreams
 from ztagent.signals import wait_for_stop_signal
 from ztagent.timefmt import rfc3339
+from ztagent.tokens.errors import JwksError
 from ztagent.tokens.verifier import TokenVerifier
 
 log = logging.getLogger("ztagent.sidecar")
@@ -205,7 +206,13 @@ class Sidecar:
         self._policy_synced_at = time.time()
         tokens = build_tokens(config)
         if tokens is not None:
-            await tokens.prime()
+            try:
+                await tokens.prime()
+            except JwksError as err:
+                # Serve anyway: calls with a token are refused jwks_unavailable (logged,
+                # counted) and health says NOT_SERVING, instead of a crash loop that leaves
+                # no trace. Keys are fetched again on the next call with a token.
+                log.error("serving without usable user-token keys: %s", err)
         decision_log = build_decision_log(config, self.worker)
         posture = (
             PostureState.load(config.posture, shared=self.worker is not None)
@@ -368,6 +375,9 @@ class Sidecar:
         jwks_until = self._jwks_usable_until()
         if jwks_until is not None and now > jwks_until:
             return f"jwks_unavailable: the key set was usable until {rfc3339(jwks_until)}"
+        tokens = self.pipeline.tokens if self.pipeline is not None else None
+        if tokens is not None and tokens.health().fetched_at is None:
+            return f"jwks_unavailable: no key set loaded ({tokens.health().last_error})"
         return None
 
     def _crl_usable_until(self) -> datetime | None:
