@@ -1,8 +1,17 @@
-"""Atomic file writes: temp file in the same directory, fsync, rename, fsync directory."""
+"""Files ztagent writes: atomic replacement (temp file in the same directory, fsync, rename,
+fsync directory) and appends, neither ever through a symbolic link.
+
+A local attacker who can replace a state or log path with a symlink must not make ztagent
+write into the link's target: ``write_atomic`` refuses a path whose final component is a
+symlink (``os.replace`` would only replace the link, but a planted link is a sign of
+tampering the operator must see), and ``open_append`` opens with ``O_NOFOLLOW``. Both create
+files with the given mode whatever the umask (``fchmod`` after creation).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import shutil
@@ -24,10 +33,18 @@ def file_stamp(path: Path) -> FileStamp | None:
     return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
+def refuse_symlink(path: Path) -> None:
+    """Raise ``OSError(ELOOP)`` when ``path`` itself is a symbolic link."""
+    if path.is_symlink():
+        raise OSError(errno.ELOOP, "is a symbolic link (refusing to write through it)", str(path))
+
+
 def write_atomic(path: Path, data: bytes, mode: int = PUBLIC_MODE) -> None:
-    """Replace ``path`` with ``data``; the file is created with ``mode`` (never wider)."""
+    """Replace ``path`` with ``data``; the file is created with ``mode`` (never wider).
+    ``OSError(ELOOP)`` when ``path`` is a symlink."""
+    refuse_symlink(path)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:
         try:
             os.fchmod(fd, mode)  # the umask may have narrowed it; keys stay 0600 either way
@@ -47,6 +64,32 @@ def write_atomic(path: Path, data: bytes, mode: int = PUBLIC_MODE) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def open_append(path: Path, mode: int = KEY_MODE) -> int:
+    """A file descriptor appending to ``path``, never through a symlink (``OSError(ELOOP)``).
+
+    A new file is created with ``mode`` whatever the umask; an existing one keeps its mode
+    (an operator may have widened it for a log reader group on purpose).
+    """
+    flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError:
+        try:
+            return os.open(path, flags)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise OSError(
+                    errno.ELOOP, "is a symbolic link (refusing to write through it)", str(path)
+                ) from None
+            raise
+    try:
+        os.fchmod(fd, mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def empty_private_dir(directory: Path) -> None:
