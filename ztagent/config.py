@@ -95,7 +95,8 @@ class IdentityConfig:
 class TokensConfig:
     policy: TokenPolicy
     """What a user token must satisfy (issuer, audiences, algorithms, leeway, size, typ,
-    certificate binding): the verifier's own policy object, built at load."""
+    certificate binding, lifetime cap ``max_lifetime_s``): the verifier's own policy object,
+    built at load."""
     jwks_file: Path | None = None
     """JWKS of the issuer from a file (re-read when stale) ..."""
     jwks_url: str | None = None
@@ -469,7 +470,7 @@ def _tokens(raw: Mapping[str, Any], base: Path) -> TokensConfig:
         "issuer", "audience", "jwks_file", "jwks_url", "jwks_ca_bundle", "algorithms",
         "leeway_s", "max_token_bytes", "typ", "require_cert_binding", "jwks_cache_ttl_s",
         "jwks_min_refresh_interval_s", "jwks_cache_file", "jwks_max_stale_s",
-        "jwks_fetch_timeout_s",
+        "jwks_fetch_timeout_s", "max_lifetime_s",
     }  # fmt: skip
     _check_keys(raw, "tokens", keys)
     if ("jwks_file" in raw) == ("jwks_url" in raw):
@@ -494,6 +495,11 @@ def _tokens(raw: Mapping[str, Any], base: Path) -> TokensConfig:
             typ=_str(raw, "typ", "tokens.typ") if "typ" in raw else None,
             require_cert_binding=_bool(
                 raw, "require_cert_binding", "tokens.require_cert_binding", False
+            ),
+            max_lifetime_s=(
+                _number(raw, "max_lifetime_s", "tokens.max_lifetime_s", 0.0, minimum=None)
+                if "max_lifetime_s" in raw
+                else None
             ),
         )
     except TokenPolicyError as err:

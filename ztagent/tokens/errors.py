@@ -4,7 +4,8 @@
 
 ``token_malformed``, ``token_too_large``, ``token_alg_not_allowed``, ``token_kid_missing``,
 ``token_kid_unknown``, ``token_bad_signature``, ``token_expired``, ``token_not_yet_valid``,
-``token_iat_in_future``, ``token_wrong_issuer``, ``token_wrong_audience``,
+``token_iat_in_future``, ``token_lifetime_too_long`` (``exp - iat``, or ``exp - now`` without
+``iat``, above ``TokenPolicy.max_lifetime_s``), ``token_wrong_issuer``, ``token_wrong_audience``,
 ``token_typ_mismatch``, ``token_cnf_mismatch``, ``token_cnf_required``,
 ``token_claims_invalid``.
 
@@ -41,6 +42,7 @@ class TokenCode(StrEnum):
     TOKEN_IAT_IN_FUTURE = "token_iat_in_future"
     TOKEN_KID_MISSING = "token_kid_missing"
     TOKEN_KID_UNKNOWN = "token_kid_unknown"
+    TOKEN_LIFETIME_TOO_LONG = "token_lifetime_too_long"
     TOKEN_MALFORMED = "token_malformed"
     TOKEN_NOT_YET_VALID = "token_not_yet_valid"
     TOKEN_TOO_LARGE = "token_too_large"

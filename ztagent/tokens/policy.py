@@ -34,6 +34,8 @@ ALGORITHM_KEYS: Mapping[str, tuple[str, frozenset[str] | None]] = MappingProxyTy
 Only asymmetric signatures: ``none`` and HMAC (``HS*``) are absent on purpose."""
 
 MAX_LEEWAY_S = 300.0
+MIN_LIFETIME_S = 1.0
+"""``max_lifetime_s`` below this would refuse every token."""
 MIN_TOKEN_BYTES = 256
 """``max_token_bytes`` below this would refuse any real token."""
 
@@ -56,6 +58,9 @@ class TokenPolicy:
     """Required ``typ`` header (e.g. ``at+jwt``); None = not checked."""
     require_cert_binding: bool = False
     """Require ``cnf.x5t#S256`` (RFC 8705) matching the client certificate."""
+    max_lifetime_s: float | None = None
+    """Longest accepted lifetime, in seconds: ``exp - iat``, or ``exp - now`` when the token
+    has no ``iat``; longer is ``token_lifetime_too_long``. None = no cap (the default)."""
 
     def __post_init__(self) -> None:
         if not self.issuer:
@@ -81,6 +86,14 @@ class TokenPolicy:
             raise TokenPolicyError(
                 "max_token_bytes",
                 f"{self.max_token_bytes} (expected at least {MIN_TOKEN_BYTES} bytes)",
+            )
+        if self.max_lifetime_s is not None and not (
+            math.isfinite(self.max_lifetime_s) and self.max_lifetime_s >= MIN_LIFETIME_S
+        ):
+            raise TokenPolicyError(
+                "max_lifetime_s",
+                f"{self.max_lifetime_s} (expected a number >= {MIN_LIFETIME_S:g} seconds, "
+                "or leave it unset for no cap)",
             )
         if self.typ is not None and not self.typ.strip():
             raise TokenPolicyError("typ", "empty (expected e.g. 'at+jwt', or leave it unset)")

@@ -17,7 +17,9 @@ code:
 5. the signature, by joserfc (``token_bad_signature``);
 6. ``typ`` when configured (``token_typ_mismatch``; ``application/`` prefix and case ignored);
 7. the claims: ``iss``, ``aud`` (string or list; any configured audience matches), ``exp``
-   (required), ``nbf``, ``iat`` (not in the future beyond the leeway), ``sub`` (required),
+   (required), ``nbf``, ``iat`` (not in the future beyond the leeway), the lifetime cap
+   ``max_lifetime_s`` on ``exp - iat`` (``exp - now`` without ``iat``;
+   ``token_lifetime_too_long``), ``sub`` (required),
    ``scope``/``scp``, ``roles``; bad types are ``token_claims_invalid``;
 8. RFC 8705 certificate binding: ``cnf["x5t#S256"]`` must equal the thumbprint of the
    client certificate of the connection (``token_cnf_mismatch``); ``require_cert_binding``
@@ -374,7 +376,25 @@ def _check_times(claims: Mapping[str, Any], policy: TokenPolicy, now: datetime) 
             "token_iat_in_future",
             f"iat {_when(iat)} (expected at or before {_when(ts)}, leeway {leeway:g}s)",
         )
+    _check_lifetime(exp, iat, ts, policy.max_lifetime_s)
     return expires_at
+
+
+def _check_lifetime(exp: float, iat: float | None, ts: float, cap: float | None) -> None:
+    """``token_lifetime_too_long`` when ``exp - iat`` (``exp - now`` without ``iat``) is
+    above ``cap``; no leeway: the cap bounds what the issuer granted."""
+    if cap is None:
+        return
+    lifetime, since = (exp - ts, "now") if iat is None else (exp - iat, "iat")
+    if lifetime > cap:
+        raise TokenError(
+            "token_lifetime_too_long",
+            f"token lives {lifetime:g} s (exp {_when(exp)} - {since} "
+            f"{_when(ts if iat is None else iat)}; expected at most {cap:g} s, "
+            "tokens.max_lifetime_s)",
+            received=lifetime,
+            expected=cap,
+        )
 
 
 def _check_audience(claims: Mapping[str, Any], policy: TokenPolicy) -> tuple[str, ...]:
