@@ -10,8 +10,12 @@ not prove that the manifests apply to a live cluster or that the image builds.
 from __future__ import annotations
 
 import functools
+import json
+import os
 import posixpath
+import re
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -395,3 +399,245 @@ def test_network_policy_opens_only_the_sidecar_ports() -> None:
     _, metrics_port = parse_host_port(config.metrics.address, "metrics.address")
     assert set(ports) == {listen_port, metrics_port}
     assert ports[metrics_port].get("from"), "metrics have no authentication: restrict sources"
+
+
+# --- the image's build context ------------------------------------------------------------------
+#
+# The image is built with the repository root as its context (`docker build -f
+# deploy/Dockerfile .`), so Docker reads the repository's `.dockerignore`. These tests apply its
+# patterns with Docker's own semantics (moby/patternmatcher: paths relative to the context
+# root, `*` and `?` within one path component, `**` across any number of them, a pattern that
+# matches a directory excludes everything below it, `!` re-includes, the last match wins) and
+# expand every COPY / ADD of the Dockerfile against what is left.
+
+DOCKERFILE = ROOT / "deploy" / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+PRIVATE_KEY = re.compile(
+    rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----\s+[A-Za-z0-9+/=\s]{16,}"
+    rb"-----END [A-Z0-9 ]*PRIVATE KEY-----"
+)
+"""A PEM private key block (a base64 body between the markers, so a marker quoted in code or a
+test assertion is not one)."""
+
+
+def _pattern_regex(pattern: str) -> re.Pattern[str]:
+    """One `.dockerignore` pattern as a regex over `/`-separated context-relative paths."""
+    out, i = "^", 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "*" and pattern[i + 1 : i + 2] == "*":
+            i += 2
+            if pattern[i : i + 1] == "/":
+                i += 1
+            out += ".*" if i == len(pattern) else "(.*/)?"
+            continue
+        if ch == "*":
+            out += "[^/]*"
+        elif ch == "?":
+            out += "[^/]"
+        elif ch == "\\" and i + 1 < len(pattern):
+            i += 1
+            out += re.escape(pattern[i])
+        else:
+            out += re.escape(ch)
+        i += 1
+    return re.compile(out + "$")
+
+
+@dataclass(frozen=True)
+class DockerIgnore:
+    rules: tuple[tuple[bool, re.Pattern[str]], ...]
+    """(is an exception ``!``, pattern), in file order."""
+
+    @classmethod
+    def parse(cls, text: str) -> DockerIgnore:
+        rules: list[tuple[bool, re.Pattern[str]]] = []
+        for raw in text.splitlines():
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            negate = line.startswith("!")
+            line = line[1:].strip() if negate else line
+            cleaned = posixpath.normpath(line).lstrip("/")
+            if cleaned in {"", "."}:
+                continue
+            rules.append((negate, _pattern_regex(cleaned)))
+        return cls(tuple(rules))
+
+    def excludes(self, rel: str) -> bool:
+        """Whether the context-relative file ``rel`` is left out of the build context."""
+        candidates = _self_and_parents(rel)
+        excluded = False
+        for negate, regex in self.rules:
+            if any(regex.match(c) for c in candidates):
+                excluded = not negate
+        return excluded
+
+
+def dockerignore() -> DockerIgnore:
+    assert DOCKERIGNORE.is_file(), (
+        f"{DOCKERIGNORE.relative_to(ROOT)} is missing: the build context would carry "
+        "certs-dev/ keys, .venv/ and var/ to the builder"
+    )
+    return DockerIgnore.parse(DOCKERIGNORE.read_text(encoding="utf-8"))
+
+
+def dockerfile_copy_sources(text: str) -> list[str]:
+    """The context paths of every COPY / ADD that reads the build context (not --from)."""
+    logical = re.sub(r"\\\n", " ", text)
+    sources: list[str] = []
+    for line in logical.splitlines():
+        words = line.strip().split(maxsplit=1)
+        if len(words) < 2 or words[0].upper() not in {"COPY", "ADD"}:
+            continue
+        rest = words[1].strip()
+        flags = []
+        while rest.startswith("--"):
+            flag, _, rest = rest.partition(" ")
+            flags.append(flag)
+            rest = rest.strip()
+        if any(f.startswith("--from=") for f in flags):
+            continue
+        args = json.loads(rest) if rest.startswith("[") else rest.split()
+        assert len(args) >= 2, f"COPY/ADD without source and destination: {line!r}"
+        sources.extend(args[:-1])
+    return sources
+
+
+def context_files(root: Path, ignore: DockerIgnore) -> list[str]:
+    """Every regular file of ``root`` that reaches the build context (symlinks not followed)."""
+    found: list[str] = []
+    for directory, dirs, files in os.walk(root):
+        rel_dir = Path(directory).relative_to(root).as_posix()
+        prefix = "" if rel_dir == "." else rel_dir + "/"
+        dirs[:] = [d for d in dirs if not ignore.excludes(prefix + d) or _has_exception(ignore)]
+        found.extend(prefix + f for f in files if not ignore.excludes(prefix + f))
+    return sorted(found)
+
+
+def _has_exception(ignore: DockerIgnore) -> bool:
+    """With a ``!`` rule an excluded directory may hold re-included files: walk it."""
+    return any(negate for negate, _ in ignore.rules)
+
+
+def copied_files(root: Path, dockerfile_text: str, ignore: DockerIgnore) -> list[str]:
+    """The context files the Dockerfile's COPY / ADD instructions put into the image."""
+    in_context = context_files(root, ignore)
+    copied: set[str] = set()
+    for source in dockerfile_copy_sources(dockerfile_text):
+        src = posixpath.normpath(source).lstrip("/")
+        regex = _pattern_regex(src)  # COPY sources are globs too (filepath.Match)
+        hits = [f for f in in_context if any(regex.match(p) for p in _self_and_parents(f))]
+        assert hits, f"COPY {source}: nothing in the build context"
+        copied.update(hits)
+    return sorted(copied)
+
+
+def _self_and_parents(rel: str) -> list[str]:
+    """``a/b/c`` -> ``a``, ``a/b``, ``a/b/c``: a file is copied or ignored with its directory."""
+    parts = rel.split("/")
+    return ["/".join(parts[:n]) for n in range(1, len(parts) + 1)]
+
+
+def private_keys_in(root: Path, rels: list[str]) -> list[str]:
+    return [rel for rel in rels if PRIVATE_KEY.search((root / rel).read_bytes())]
+
+
+def test_the_readme_builds_with_the_repository_root_as_context() -> None:
+    """The .dockerignore sits where the documented build command makes Docker read it."""
+    command = "docker build -f deploy/Dockerfile -t ztagent:0.1.0 ."
+    assert command in (ROOT / "deploy" / "README.md").read_text(encoding="utf-8")
+    assert command in DOCKERFILE.read_text(encoding="utf-8")
+    assert not (ROOT / "deploy" / "Dockerfile.dockerignore").exists(), "one ignore file only"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "certs-dev/issuing-ca.key",
+        "certs-dev/README.md",  # certs-dev entirely, not only its keys
+        "certs-dev/devices/demo-device.pem",
+        ".venv/bin/python",
+        "var/storage/storage.key",
+        "var/state/ak-bindings.json",
+        "ztagent/stray.key",  # a key anywhere, also inside a copied directory
+        "tests/fixtures/some/deep/device.key",
+        ".git/config",
+        "ztagent/__pycache__/cli.cpython-311.pyc",
+        ".pytest_cache/v/cache/nodeids",
+        ".hypothesis/constants/x",
+        ".mypy_cache/3.11/cache.db",
+    ],
+)
+def test_dockerignore_leaves_keys_state_and_caches_out(path: str) -> None:
+    assert dockerignore().excludes(path), f"{path} would be sent to the builder"
+
+
+@pytest.mark.parametrize("path", ["pyproject.toml", "README.md", "ztagent/cli.py"])
+def test_dockerignore_keeps_what_the_image_needs(path: str) -> None:
+    assert not dockerignore().excludes(path)
+
+
+def test_no_file_the_dockerfile_copies_holds_a_private_key() -> None:
+    copied = copied_files(ROOT, DOCKERFILE.read_text(encoding="utf-8"), dockerignore())
+    assert "pyproject.toml" in copied and "ztagent/cli.py" in copied
+    assert not any(f.endswith((".key", ".pyc")) for f in copied)
+    assert private_keys_in(ROOT, copied) == []
+
+
+def test_the_build_context_holds_no_private_key() -> None:
+    """Not only what is copied: nothing the builder receives is a key (the dev PKI in
+    certs-dev/ and the devices' keys in var/ exist after `make run` / `make certs`)."""
+    assert private_keys_in(ROOT, context_files(ROOT, dockerignore())) == []
+
+
+def test_the_check_finds_a_planted_key(tmp_path: Path) -> None:
+    """The expansion and the key scan can fail: a key inside a copied directory is caught
+    without the ignore file, and left out with it."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    pem = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    (tmp_path / "ztagent").mkdir()
+    (tmp_path / "ztagent" / "cli.py").write_text("x = 1\n")
+    (tmp_path / "ztagent" / "leaked.key").write_bytes(pem)
+    (tmp_path / "certs-dev").mkdir()
+    (tmp_path / "certs-dev" / "root-ca.key").write_bytes(pem)
+    dockerfile = "FROM x\nCOPY ztagent ./ztagent\nCOPY --from=build /wheels /wheels\n"
+    nothing = DockerIgnore.parse("")
+    assert copied_files(tmp_path, dockerfile, nothing) == ["ztagent/cli.py", "ztagent/leaked.key"]
+    assert private_keys_in(tmp_path, copied_files(tmp_path, dockerfile, nothing)) == [
+        "ztagent/leaked.key"
+    ]
+    assert private_keys_in(tmp_path, context_files(tmp_path, nothing)) == [
+        "certs-dev/root-ca.key",
+        "ztagent/leaked.key",
+    ]
+    assert copied_files(tmp_path, dockerfile, dockerignore()) == ["ztagent/cli.py"]
+    assert context_files(tmp_path, dockerignore()) == ["ztagent/cli.py"]
+
+
+@pytest.mark.parametrize(
+    ("patterns", "path", "excluded"),
+    [
+        ("**/*.key", "a.key", True),
+        ("**/*.key", "a/b/c.key", True),
+        ("*.key", "a/b.key", False),  # `*` stays within one component
+        ("certs-dev", "certs-dev/x/y", True),  # a directory excludes what is below it
+        ("/var/", "var/log/x", True),  # leading and trailing slashes are cleaned
+        ("a/**/b", "a/b", True),
+        ("a/**/b", "a/x/y/b", True),
+        ("a?c", "abc", True),
+        ("a?c", "a/c", False),
+        ("certs-dev\n!certs-dev/README.md", "certs-dev/README.md", False),
+        ("certs-dev\n!certs-dev/README.md", "certs-dev/x.key", True),
+        ("!x\nx", "x", True),  # the last matching rule wins
+        ("# certs-dev\n\n", "certs-dev/x", False),
+    ],
+)
+def test_the_matcher_has_dockers_semantics(patterns: str, path: str, excluded: bool) -> None:
+    assert DockerIgnore.parse(patterns).excludes(path) is excluded
