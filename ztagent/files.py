@@ -96,3 +96,26 @@ def empty_private_dir(directory: Path) -> None:
     """Removes ``directory`` with everything in it and creates it again, empty, mode 0700."""
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+
+def make_private_dir(directory: Path, mode: int = 0o700) -> None:
+    """Creates ``directory`` and any missing parent with exactly ``mode`` whatever the umask
+    (``Path.mkdir(parents=True)`` gives parents the umask's default, 0777 under umask 0).
+    An existing directory, or a symlink to one an operator placed, is left as it is."""
+    missing: list[Path] = []
+    current = directory
+    while not os.path.lexists(current):
+        missing.append(current)
+        current = current.parent
+    for path in reversed(missing):
+        try:
+            os.mkdir(path, mode)
+        except FileExistsError:
+            continue  # made meanwhile by another process: not ours to chmod
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
+    if not directory.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "is not a directory", str(directory))

@@ -295,9 +295,13 @@ class ReplayStore:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         with self._lock:
-            fd = os.open(
-                self.path.with_name(self.path.name + ".lock"), os.O_WRONLY | os.O_CREAT, KEY_MODE
-            )
+            lock = self.path.with_name(self.path.name + ".lock")
+            try:
+                fd = os.open(
+                    lock, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, KEY_MODE
+                )
+            except OSError as exc:
+                raise EnrollError("ca_unavailable", f"cannot lock {lock}: {exc.strerror}") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 yield
@@ -347,4 +351,6 @@ class ReplayStore:
             try:
                 write_atomic(self.path, (json.dumps(doc, indent=1) + "\n").encode(), KEY_MODE)
             except OSError as exc:
-                raise EnrollError("ca_unavailable", f"cannot write {self.path}: {exc}") from None
+                raise EnrollError(
+                    "ca_unavailable", f"cannot write {self.path}: {exc.strerror}"
+                ) from None

@@ -43,7 +43,7 @@ from ztagent.ca.builders import (
     serial_hex,
     sign_leaf,
 )
-from ztagent.files import KEY_MODE, PUBLIC_MODE, write_atomic
+from ztagent.files import KEY_MODE, PUBLIC_MODE, make_private_dir, write_atomic
 from ztagent.pki.errors import CaError, CertError
 from ztagent.pki.spiffe import DeviceId, TrustDomain, device_spiffe_id
 from ztagent.timefmt import parse_rfc3339, rfc3339
@@ -97,9 +97,26 @@ class CaLayout:
         return self.devices_dir / f"{device_id}.key"
 
 
+def _write(path: Path, data: bytes, mode: int = PUBLIC_MODE) -> None:
+    """``write_atomic``, never through a symlink; ``ca_state_invalid`` naming the path when the
+    file cannot be written (a symlink planted at it is refused, not followed or replaced)."""
+    try:
+        write_atomic(path, data, mode)
+    except OSError as exc:
+        raise CaError("ca_state_invalid", f"cannot write {path}: {exc.strerror}") from None
+
+
+def _make_dir(path: Path) -> None:
+    """A CA directory (or subdirectory): 0700 whatever the umask, parents too."""
+    try:
+        make_private_dir(path)
+    except OSError as exc:
+        raise CaError("ca_state_invalid", f"cannot create {path}: {exc.strerror}") from None
+
+
 def _write_pair(cert_path: Path, key_path: Path, pair: KeyPair, *chain: x509.Certificate) -> None:
-    write_atomic(key_path, key_pem(pair.key), KEY_MODE)
-    write_atomic(cert_path, cert_pem(pair.cert, *chain), PUBLIC_MODE)
+    _write(key_path, key_pem(pair.key), KEY_MODE)
+    _write(cert_path, cert_pem(pair.cert, *chain), PUBLIC_MODE)
 
 
 # --- the CA directory -----------------------------------------------------------------------
@@ -182,7 +199,14 @@ class CaState:
 
 @contextlib.contextmanager
 def _locked(layout: CaLayout) -> Iterator[None]:
-    fd = os.open(layout.lock, os.O_WRONLY | os.O_CREAT, KEY_MODE)
+    try:
+        fd = os.open(layout.lock, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, KEY_MODE)
+    except FileNotFoundError:
+        raise CaError(
+            "ca_missing", f"no CA in {layout.dir}: the directory does not exist"
+        ) from None
+    except OSError as exc:
+        raise CaError("ca_state_invalid", f"cannot lock {layout.lock}: {exc.strerror}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -222,11 +246,11 @@ def init_ca(
     demo_device_id = _device_id(demo_device_id)
     moment = _now(now)
     layout = CaLayout(ca_dir)
-    ca_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _make_dir(ca_dir)
     with _locked(layout):
         if _ca_present(layout) and not force:
             raise CaError("ca_exists", f"a CA already exists in {ca_dir} (use force to replace it)")
-        layout.devices_dir.mkdir(exist_ok=True, mode=0o700)
+        _make_dir(layout.devices_dir)
         root, issuing = new_ca(f"ztagent dev ({trust_domain})", now=moment)
         start = moment - BACKDATE
         server = build_leaf(
@@ -247,7 +271,7 @@ def init_ca(
         )
         _write_pair(layout.root_cert, layout.root_key, root)
         _write_pair(layout.issuing_cert, layout.issuing_key, issuing)
-        write_atomic(layout.bundle, cert_pem(root.cert, issuing.cert))
+        _write(layout.bundle, cert_pem(root.cert, issuing.cert))
         _write_pair(layout.server_cert, layout.server_key, server, issuing.cert)
         _write_pair(
             layout.device_cert(demo_device_id),
@@ -256,7 +280,7 @@ def init_ca(
             issuing.cert,
         )
         _write_crl(layout, issuing, state, moment)
-        write_atomic(layout.state, state.to_json())
+        _write(layout.state, state.to_json())
     return layout
 
 
@@ -302,9 +326,9 @@ def issue_device_cert(
         state = load_state(layout)
         issuing = load_issuing(layout)
         device = build_device(issuing, state.trust_domain, device_id, now=_now(now), days=days)
-        out.parent.mkdir(parents=True, exist_ok=True)
+        _make_dir(out.parent)
         _write_pair(out, out.with_suffix(".key"), device, issuing.cert)
-        write_atomic(layout.state, state.with_issued(device.cert, "device", device_id).to_json())
+        _write(layout.state, state.with_issued(device.cert, "device", device_id).to_json())
     return device.cert
 
 
@@ -341,7 +365,7 @@ def issue_device_for_key(
             not_after=not_before + timedelta(days=days),
             extensions=extensions,
         )
-        write_atomic(layout.state, state.with_issued(cert, "device", device_id).to_json())
+        _write(layout.state, state.with_issued(cert, "device", device_id).to_json())
     return cert
 
 
@@ -359,7 +383,7 @@ def _write_crl(
         this_update=now,
         next_update=now + validity,
     )
-    write_atomic(layout.crl, crl.public_bytes(serialization.Encoding.PEM))
+    _write(layout.crl, crl.public_bytes(serialization.Encoding.PEM))
 
 
 def write_crl(
@@ -373,7 +397,7 @@ def write_crl(
         issuing = load_issuing(layout)
         state = CaState(state.trust_domain, state.crl_number + 1, state.revoked, state.issued)
         _write_crl(layout, issuing, state, moment, validity)
-        write_atomic(layout.state, state.to_json())
+        _write(layout.state, state.to_json())
     return x509.load_pem_x509_crl(layout.crl.read_bytes())
 
 
@@ -411,7 +435,7 @@ def revoke(
             revoked = (*revoked, RevokedEntry(serial, moment))
         state = CaState(state.trust_domain, state.crl_number + 1, revoked, state.issued)
         _write_crl(layout, issuing, state, moment, crl_validity)
-        write_atomic(layout.state, state.to_json())
+        _write(layout.state, state.to_json())
     return serial
 
 

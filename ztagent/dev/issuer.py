@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import os
 import secrets
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from joserfc import jwt
 from joserfc.jwk import ECKey
 
-from ztagent.files import KEY_MODE, PUBLIC_MODE, write_atomic
+from ztagent.files import KEY_MODE, PUBLIC_MODE, open_append, write_atomic
 from ztagent.pki.errors import CertError
 from ztagent.pki.spiffe import TrustDomain
 from ztagent.tokens.errors import DevIssuerError
@@ -77,12 +78,16 @@ def dev_issuer_url(trust_domain: str) -> str:
 
 @contextlib.contextmanager
 def _locked(ca_dir: Path) -> Iterator[None]:
-    with (ca_dir / ".token-issuer.lock").open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    path = ca_dir / ".token-issuer.lock"
+    try:
+        fd = open_append(path, KEY_MODE)  # never through a symlink
+    except OSError as exc:
+        raise DevIssuerError("dev_issuer_invalid", f"cannot lock {path}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
 
 
 def _public_jwk(key: ec.EllipticCurvePrivateKey) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from typing import Any
 from tpm2_pytss import ESAPI, ESYS_TR, TPM2_SU
 
 from ztagent.device.tpm import TpmError
+from ztagent.files import make_private_dir
 
 
 @dataclass
@@ -105,7 +106,7 @@ def start_swtpm(
     binary = shutil.which("swtpm")
     if binary is None:
         raise TpmError("tpm_unavailable", "swtpm not found on PATH (Debian package 'swtpm')")
-    state_dir.mkdir(parents=True, exist_ok=True)
+    make_private_dir(state_dir)
     log = state_dir / "swtpm.log"
     last = "no attempt made"
     for _ in range(attempts):

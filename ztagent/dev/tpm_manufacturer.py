@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID, ObjectIdentifier
 
 from ztagent.device.tpm import DeviceTpm
-from ztagent.files import KEY_MODE, write_atomic
+from ztagent.files import KEY_MODE, make_private_dir, write_atomic
 from ztagent.posture.quote import p256_public_key
 
 CA_CERT = "ek-ca.pem"
@@ -43,7 +43,7 @@ def init(directory: Path, *, name: str = "ztagent dev TPM manufacturer CA") -> P
     cert_path = directory / CA_CERT
     if cert_path.exists() and (directory / CA_KEY).exists():
         return cert_path
-    directory.mkdir(parents=True, exist_ok=True)
+    make_private_dir(directory)
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = datetime.now(UTC)

@@ -34,10 +34,11 @@ import grpc
 
 from ztagent._proto.v1 import attestation_pb2 as pb
 from ztagent._proto.v1 import attestation_pb2_grpc as pb_grpc
+from ztagent.device.errors import EnrollClientError
 from ztagent.device.host_facts import collect_host_facts
 from ztagent.device.tpm import DeviceTpm
 from ztagent.errors import ConfigError, TransportError, ZtagentError
-from ztagent.files import write_atomic
+from ztagent.files import make_private_dir, write_atomic
 from ztagent.posture.errors import PostureError
 from ztagent.schedule import Backoff, refresh_in
 
@@ -129,14 +130,21 @@ def read_binding(state_dir: Path) -> dict[str, Any] | None:
 
 def record_binding(state_dir: Path, ak_name: str, binding_id: str) -> None:
     """Write the ``ak-bound`` record: this device's AK (hex name) is bound, by ``binding_id``
-    (a sidecar's binding id, or the CA's enrollment id after TPM-bound enrollment)."""
-    state_dir.mkdir(parents=True, exist_ok=True)
+    (a sidecar's binding id, or the CA's enrollment id after TPM-bound enrollment).
+    Never through a symlink: ``device_dir_invalid`` names the file."""
+    path = state_dir / AK_BOUND_FILE
     doc = {
         "ak_name": ak_name,
         "binding_id": binding_id,
         "bound_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    write_atomic(state_dir / AK_BOUND_FILE, (json.dumps(doc, sort_keys=True) + "\n").encode())
+    try:
+        make_private_dir(state_dir)
+        write_atomic(path, (json.dumps(doc, sort_keys=True) + "\n").encode())
+    except OSError as exc:
+        raise EnrollClientError(
+            "device_dir_invalid", f"cannot write {exc.filename or path}: {exc.strerror}"
+        ) from None
 
 
 def _drop_binding(state_dir: Path) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ztagent.errors import TransportError, ZtagentError
 from ztagent.failure_log import FailureLog
-from ztagent.files import write_atomic
+from ztagent.files import make_private_dir, write_atomic
 from ztagent.pki.crl_update import MAX_CRL_BYTES, accept_crl_update
 from ztagent.pki.errors import CertError
 
@@ -94,8 +94,8 @@ class CrlFetcher:
             self._health = CrlFetchHealth(True, None, now)
             return False
         try:
-            self._crl_path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(self._crl_path, update)
+            make_private_dir(self._crl_path.parent)
+            write_atomic(self._crl_path, update)  # never through a symlink (ELOOP)
         except OSError as exc:
             self._fail(f"crl_unwritable: {self._crl_path}: {exc.strerror}", now)
             return False

@@ -34,7 +34,7 @@ from ztagent.device.keystores import (
 )
 from ztagent.device.tpm import DeviceTpm
 from ztagent.errors import ConfigError, ZtagentError
-from ztagent.files import write_atomic
+from ztagent.files import PUBLIC_MODE, make_private_dir, refuse_symlink, write_atomic
 from ztagent.timefmt import rfc3339
 
 log = logging.getLogger("ztagent.device.enroll")
@@ -123,8 +123,37 @@ def existing_enrollment(
     return cert, device_id, record
 
 
+def unwritable(path: Path, exc: OSError) -> EnrollClientError:
+    """``device_dir_invalid`` naming the file a device-directory write could not do (a
+    symlink planted at it is refused, never written through or replaced)."""
+    return EnrollClientError("device_dir_invalid", f"cannot write {path}: {exc.strerror}")
+
+
+def write_file(path: Path, data: bytes, mode: int = PUBLIC_MODE) -> None:
+    """One device-directory file, atomically with ``mode``, never through a symlink."""
+    try:
+        write_atomic(path, data, mode)
+    except OSError as exc:
+        raise unwritable(path, exc) from None
+
+
+def make_device_dir(dir: Path) -> None:
+    """The device directory: 0700 (parents too) whatever the umask."""
+    try:
+        make_private_dir(dir)
+    except OSError as exc:
+        raise EnrollClientError(
+            "device_dir_invalid", f"cannot create {dir}: {exc.strerror}"
+        ) from None
+
+
 def promote(tmp: Path, final: Path) -> None:
-    os.replace(tmp, final)
+    """Renames the new key file into place; a symlink at ``final`` is refused, not replaced."""
+    try:
+        refuse_symlink(final)
+        os.replace(tmp, final)
+    except OSError as exc:
+        raise unwritable(final, exc) from None
     fd = os.open(final.parent, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -153,9 +182,9 @@ def write_state(
     if isinstance(store, FileKeyStore) and store.path.name == NEW_KEY_FILE:
         promote(store.path, dir / DEVICE_KEY)
         store.path = dir / DEVICE_KEY
-    write_atomic(dir / DEVICE_CERT, chain_pem)
-    write_atomic(dir / CA_BUNDLE, bundle_pem)
-    write_atomic(dir / KEYSTORE_FILE, json_bytes(store.record()))
+    write_file(dir / DEVICE_CERT, chain_pem)
+    write_file(dir / CA_BUNDLE, bundle_pem)
+    write_file(dir / KEYSTORE_FILE, json_bytes(store.record()))
     doc = {
         "version": STATE_VERSION,
         "server": server,
@@ -169,7 +198,7 @@ def write_state(
     if ak_binding is not None:
         doc["ak_name"] = ak_binding[0]
         record_binding(dir, *ak_binding)
-    write_atomic(dir / ENROLLMENT_FILE, json_bytes(doc))
+    write_file(dir / ENROLLMENT_FILE, json_bytes(doc))
 
 
 def discard_key(store: KeyStore) -> None:
@@ -196,7 +225,7 @@ def new_key_store(
     tpm: DeviceTpm | None,
     previous: Mapping[str, Any] | None,
 ) -> KeyStore:
-    dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_device_dir(dir)
     if spec.kind == "file":
         return FileKeyStore.create(dir / NEW_KEY_FILE)
     if spec.kind == "tpm":

@@ -27,6 +27,7 @@ anything but ``https://``, a size cap and a timeout on every response.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import ssl
@@ -42,7 +43,7 @@ from joserfc.jwk import KeySet
 
 from ztagent.errors import ConfigError
 from ztagent.failure_log import FailureLog
-from ztagent.files import KEY_MODE, write_atomic
+from ztagent.files import KEY_MODE, make_private_dir, write_atomic
 from ztagent.timefmt import parse_rfc3339, rfc3339
 from ztagent.tokens.errors import JwksError
 from ztagent.tokens.jwks import DISCOVERY_PATH, MAX_DOCUMENT_BYTES, JwksHealth, parse_jwks
@@ -270,12 +271,17 @@ class JwksSource:
             "jwks": data.decode("utf-8", "replace"),
         }
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if path.is_symlink():
-                path.unlink()  # never write through a link
+            make_private_dir(path.parent)
             write_atomic(path, json.dumps(doc, sort_keys=True).encode(), KEY_MODE)
         except OSError as exc:
-            log.warning("cannot write the JWKS cache file %s: %s", path, exc)
+            if exc.errno == errno.ELOOP:  # planted by someone else: left alone, and said so
+                log.error(
+                    "refusing to write the JWKS cache file %s: it is a symbolic link (remove "
+                    "it; the last good key set is not kept on disk until then)",
+                    path,
+                )
+            else:
+                log.warning("cannot write the JWKS cache file %s: %s", path, exc.strerror)
 
     async def refresh_for_unknown_kid(self) -> bool:
         """Refetch because a token named a kid the set lacks; True if a fetch succeeded

@@ -126,10 +126,16 @@ class FileKeyStore:
 
     @classmethod
     def create(cls, path: Path) -> FileKeyStore:
-        """Generate a P-256 key and write it to ``path`` (replacing any file there)."""
+        """Generate a P-256 key and write it to ``path`` (replacing any file there, 0600
+        whatever the umask); a symlink at ``path`` is refused (``keystore_failed``)."""
         key = ec.generate_private_key(ec.SECP256R1())
         store = cls(path, key)
-        write_atomic(path, store.private_key_pem(), KEY_MODE)
+        try:
+            write_atomic(path, store.private_key_pem(), KEY_MODE)
+        except OSError as exc:
+            raise KeyStoreError(
+                "keystore_failed", f"cannot write the key file {path}: {exc.strerror}"
+            ) from None
         return store
 
     @classmethod

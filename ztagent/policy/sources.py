@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from ztagent.files import KEY_MODE, make_private_dir, refuse_symlink, write_atomic
 from ztagent.policy.errors import PolicyLoadError
 
 MAX_MEMBER_BYTES = 16 * 1024 * 1024
@@ -161,20 +162,26 @@ def sources_signature(path: Path) -> tuple[tuple[str, int, int, int], ...]:
 
 def save_last_good(source: Path, last_good_dir: Path) -> Path:
     """Copy the policy at ``source`` (directory or bundle file) into ``last_good_dir``,
-    replacing the previous copy only once the new one is complete; returns its path."""
-    last_good_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=last_good_dir))
+    replacing the previous copy only once the new one is complete; returns its path.
+
+    Directories are 0700 and files 0600 whatever the umask, and nothing is written through
+    a symlink: ``OSError(ELOOP)`` naming the path when ``current`` or ``.old`` is one (a
+    planted link is left alone; the caller logs it)."""
+    make_private_dir(last_good_dir)
+    current = last_good_dir / "current"
+    old = last_good_dir / ".old"
+    refuse_symlink(current)
+    refuse_symlink(old)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=last_good_dir))  # 0700, new
     try:
         if source.is_dir():
             target = staging / "policy"
+            make_private_dir(target)
             for rel in _walk_dir(source):
-                (target / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(source / rel, target / rel)
-            target.mkdir(exist_ok=True)
+                make_private_dir((target / rel).parent)
+                write_atomic(target / rel, (source / rel).read_bytes(), KEY_MODE)
         else:
-            shutil.copyfile(source, staging / "bundle.tar.gz")
-        current = last_good_dir / "current"
-        old = last_good_dir / ".old"
+            write_atomic(staging / "bundle.tar.gz", source.read_bytes(), KEY_MODE)
         shutil.rmtree(old, ignore_errors=True)
         if current.exists():
             current.rename(old)
@@ -186,10 +193,13 @@ def save_last_good(source: Path, last_good_dir: Path) -> Path:
 
 
 def last_good_path(last_good_dir: Path) -> Path | None:
-    """The saved last good policy (directory or bundle), or None when there is none."""
+    """The saved last good policy (directory or bundle), or None when there is none (or
+    when ``current`` is a symlink: a planted policy is never served)."""
     current = last_good_dir / "current"
+    if current.is_symlink():
+        return None
     for candidate in (current / "policy", current / "bundle.tar.gz"):
-        if candidate.exists():
+        if candidate.exists() and not candidate.is_symlink():
             return candidate
     return None
 

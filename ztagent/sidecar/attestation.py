@@ -14,13 +14,15 @@ import logging
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import grpc
 
 from ztagent._proto.v1 import attestation_pb2, attestation_pb2_grpc
 from ztagent.admission.call import Clock
 from ztagent.config import PostureConfig
-from ztagent.errors import ZtagentError
+from ztagent.errors import ConfigError, TransportError, ZtagentError
+from ztagent.files import make_private_dir
 from ztagent.pki.verify import VerifiedDevice
 from ztagent.posture.ak_binding import PendingBindings, begin_binding, complete_binding
 from ztagent.posture.ek_cert import EkTrust, check_ek_certificate
@@ -43,6 +45,18 @@ from ztagent.sidecar.shared_cache import SharedPostureCache
 from ztagent.sidecar.shared_nonces import SharedNonceStore
 
 log = logging.getLogger("ztagent.attestation")
+
+STATE_UNWRITABLE = "posture_state_unwritable"
+
+
+def state_unwritable(exc: OSError) -> TransportError:
+    """A posture state file could not be written (a symlink planted at its path is refused,
+    ``ELOOP``): logged naming the file; the device only learns that the sidecar failed."""
+    log.error("cannot write posture state %s: %s", exc.filename, exc.strerror)
+    return TransportError(
+        STATE_UNWRITABLE,
+        "the sidecar cannot write its posture state (its log names the file); try again later",
+    )
 
 
 def evidence_from_message(message: attestation_pb2.Evidence) -> Evidence:
@@ -79,9 +93,18 @@ class PostureState:
     def load(cls, config: PostureConfig, *, shared: bool = False) -> PostureState:
         """``shared``: postures and challenge nonces go through ``state_dir`` so that sidecar
         workers see each other's (``listen.workers > 1``)."""
-        assert config.reference_values is not None
         state_dir: Path = config.state_dir
-        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            return cls._load(config, state_dir, shared)
+        except OSError as exc:
+            raise ConfigError(
+                "posture.state_dir", f"{exc.filename or state_dir}: {exc.strerror}"
+            ) from None
+
+    @classmethod
+    def _load(cls, config: PostureConfig, state_dir: Path, shared: bool) -> PostureState:
+        assert config.reference_values is not None
+        make_private_dir(state_dir)  # 0700 (parents too) whatever the umask
         return cls(
             config=config,
             references=ReferenceValues.load(config.reference_values),
@@ -114,11 +137,19 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
             )
             raise AssertionError("unreachable") from err
 
+    @staticmethod
+    async def _abort(context: grpc.aio.ServicerContext, err: ZtagentError) -> NoReturn:
+        await context.abort(grpc_status_for(err), f"{err.code}: {err.message}", error_trailers(err))
+        raise AssertionError("unreachable") from err
+
     async def Challenge(
         self, request: attestation_pb2.ChallengeRequest, context: grpc.aio.ServicerContext
     ) -> attestation_pb2.ChallengeResponse:
         device = await self._device(context)
-        nonce, expires_at = self._state.nonces.issue(device.fingerprint_sha256, self._clock())
+        try:
+            nonce, expires_at = self._state.nonces.issue(device.fingerprint_sha256, self._clock())
+        except OSError as exc:
+            await self._abort(context, state_unwritable(exc))
         return attestation_pb2.ChallengeResponse(
             nonce=nonce, expires_at=int(expires_at.timestamp())
         )
@@ -146,6 +177,8 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
                 registry=state.registry,
                 rollback=state.rollback,
             )
+        except OSError as exc:  # the rollback high-water mark could not be recorded
+            await self._abort(context, state_unwritable(exc))
         except PostureError as err:
             # The newest evidence says no: a posture cached from an earlier attestation of
             # this certificate no longer stands.
@@ -157,7 +190,11 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
                 verified=False,
                 failures=[attestation_pb2.Failure(code=err.code, message=err.message)],
             )
-        state.cache.put(posture)
+        try:
+            state.cache.put(posture)
+        except OSError as exc:
+            state.cache.drop(device.fingerprint_sha256)
+            await self._abort(context, state_unwritable(exc))
         if isinstance(self._pipeline.metrics, Metrics):
             self._pipeline.metrics.attestation(True)
         log.info(
@@ -226,7 +263,10 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
         except PostureError as err:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{err.code}: {err.message}")
             raise AssertionError("unreachable") from err
-        self._state.registry.bind(device.device_id, ak_name)
+        try:
+            self._state.registry.bind(device.device_id, ak_name)
+        except OSError as exc:
+            await self._abort(context, state_unwritable(exc))
         log.info(
             "device %s: AK %s bound (MakeCredential/ActivateCredential)", device.device_id, ak_name
         )

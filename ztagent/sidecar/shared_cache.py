@@ -24,7 +24,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ztagent.files import KEY_MODE, FileStamp, empty_private_dir, file_stamp, write_atomic
+from ztagent.files import (
+    KEY_MODE,
+    FileStamp,
+    empty_private_dir,
+    file_stamp,
+    make_private_dir,
+    write_atomic,
+)
 from ztagent.posture.verifier import AttestedPosture
 
 log = logging.getLogger("ztagent.posture")
@@ -94,7 +101,7 @@ class SharedPostureCache:
 
     def __init__(self, state_dir: Path, max_entries: int = 10_000) -> None:
         self._dir = cache_dir(state_dir)
-        self._dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_private_dir(self._dir)
         self.max_entries = max_entries
         self._entries: dict[str, tuple[FileStamp, AttestedPosture]] = {}
         self._lock = threading.Lock()
@@ -105,6 +112,7 @@ class SharedPostureCache:
         return self._dir / f"{cert_fingerprint}.json"
 
     def put(self, posture: AttestedPosture) -> None:
+        """Writes the posture file (0600, never through a symlink: ``OSError(ELOOP)``)."""
         path = self._path(posture.cert_fingerprint)
         write_atomic(path, posture_to_json(posture), KEY_MODE)
         with self._lock:

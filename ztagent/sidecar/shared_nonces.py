@@ -22,7 +22,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from ztagent.files import empty_private_dir
+from ztagent.files import KEY_MODE, empty_private_dir, make_private_dir
 from ztagent.posture.errors import PostureError, short_hex
 from ztagent.posture.nonces import MIN_NONCE_BYTES
 
@@ -57,7 +57,7 @@ class SharedNonceStore:
                 f"max_per_cert >= 1 expected, got {ttl_s}, {nonce_bytes}, {max_per_cert}"
             )
         self._dir = nonce_dir(state_dir)
-        self._dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_private_dir(self._dir)
         self._ttl = timedelta(seconds=ttl_s)
         self._nonce_bytes = nonce_bytes
         self._max_per_cert = max_per_cert
@@ -78,8 +78,10 @@ class SharedNonceStore:
                 raise RuntimeError("nonce generator returned a short value")
             expires_at = now + self._ttl
             doc = {"fingerprint": cert_fingerprint, "expires_at": expires_at.isoformat()}
-            fd = os.open(self._dir / nonce.hex(), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(self._dir / nonce.hex(), flags, KEY_MODE)
             try:
+                os.fchmod(fd, KEY_MODE)  # 0600 whatever the umask
                 os.write(fd, json.dumps(doc).encode())
             finally:
                 os.close(fd)

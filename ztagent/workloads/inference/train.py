@@ -14,6 +14,7 @@ the same data and the same weights (training runs on one thread for that reason)
 from __future__ import annotations
 
 import argparse
+import io
 import statistics
 import sys
 import time
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ztagent.files import write_atomic
 from ztagent.workloads.inference.manifest import MANIFEST_SUFFIX, ModelManifest
 from ztagent.workloads.inference.models import sha256_hex
 from ztagent.workloads.inference.sensors import CHANNELS, INPUT_SHAPE, LABELS, generate_windows
@@ -158,7 +160,9 @@ def export(
         warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript: see models.py
         scripted = torch.jit.script(module)
         model_path = out / f"{name}.pt"
-        torch.jit.save(scripted, str(model_path))
+        buffer = io.BytesIO()
+        torch.jit.save(scripted, buffer)
+        write_atomic(model_path, buffer.getvalue())  # 0644, never through a symlink
     manifest = ModelManifest(
         name=name,
         version=MODEL_VERSION,
@@ -171,7 +175,7 @@ def export(
         metrics=metrics,
     )
     manifest_path = out / f"{name}{MANIFEST_SUFFIX}"
-    manifest_path.write_bytes(manifest.to_json())
+    write_atomic(manifest_path, manifest.to_json())
     return model_path, manifest_path, scripted
 
 

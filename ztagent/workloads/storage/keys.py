@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import json
 import os
 import secrets
@@ -123,7 +124,8 @@ def load_or_create_keys(path: Path) -> DataKeys:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
-        raise KeyFileError("key_file_invalid", f"{path}: cannot open ({exc.strerror})") from None
+        reason = "is a symbolic link (refused)" if exc.errno == errno.ELOOP else exc.strerror
+        raise KeyFileError("key_file_invalid", f"{path}: cannot open ({reason})") from None
     with os.fdopen(fd, "rb") as fh:
         check_key_file_mode(os.fstat(fh.fileno()).st_mode, path)
         data = fh.read()
@@ -140,7 +142,9 @@ def _create(path: Path) -> DataKeys:
         raise FileExistsError(path)
     keys = generate_keys()
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, KEY_FILE_MODE)
+    fd = os.open(
+        tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, KEY_FILE_MODE
+    )
     try:
         try:
             os.fchmod(fd, KEY_FILE_MODE)  # exact mode whatever the umask

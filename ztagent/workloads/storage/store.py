@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import logging
 import os
 import secrets
@@ -30,6 +31,7 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from ztagent import files
 from ztagent.errors import ConfigError
 from ztagent.workloads.storage.errors import (
     BackendError,
@@ -472,13 +474,30 @@ class _Transaction:
 
 
 def make_private_dir(path: Path) -> None:
-    """Creates ``path`` with mode 0700 if it is missing (parents too)."""
-    if path.is_dir():
-        return
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
+    """Creates ``path`` with mode 0700 if it is missing (parents too, 0700 whatever the
+    umask); ``storage_backend`` naming the path when it cannot."""
+    try:
+        files.make_private_dir(path)
+    except OSError as exc:
+        raise BackendError("storage_backend", f"{path}: cannot create ({exc.strerror})") from None
 
 
 def _touch_private(path: Path) -> None:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    """Creates the database file 0600 (whatever the umask) or opens the existing one, never
+    through a symlink: a planted link is refused with ``storage_backend`` naming the path."""
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        try:
+            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            fd = os.open(path, flags)
+        else:
+            try:
+                os.fchmod(fd, 0o600)
+            except BaseException:
+                os.close(fd)
+                raise
+    except OSError as exc:
+        reason = "is a symbolic link (refused)" if exc.errno == errno.ELOOP else exc.strerror
+        raise BackendError("storage_backend", f"{path}: cannot open ({reason})") from None
     os.close(fd)
