@@ -449,19 +449,76 @@ def cmd_policy_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_log_verify(args: argparse.Namespace) -> int:
+    from ztagent.policy.log_checkpoint import (
+        CHECKPOINT_PREFIX,
+        CheckpointKey,
+        verify_checkpoints,
+    )
     from ztagent.policy.log_verify import log_files, verify_files
 
+    keys = []
+    for key_file in args.key or []:
+        try:
+            keys.append(CheckpointKey.from_pem(key_file.read_bytes(), str(key_file)))
+        except OSError as exc:
+            raise ConfigError("--key", f"{key_file}: {exc.strerror or exc}") from None
     paths = [p for path in args.files for p in (log_files(path) if args.rotated else [path])]
     report = verify_files(paths)
+    anchors = verify_checkpoints(paths, keys, live=args.live) if keys and report.ok else None
     if args.json:
-        _print_json(vars(report))
-    elif report.ok:
+        out: dict[str, object] = {"chain": vars(report)}
+        if anchors is not None:
+            out["checkpoints"] = vars(anchors)
+        out["ok"] = report.ok and (anchors is None or anchors.ok)
+        _print_json(out)
+    elif not report.ok:
+        print(f"BROKEN {report.code}: {report.reason}")
+    elif anchors is None:
         print(f"OK: {report.lines} lines, hash chain intact ({', '.join(map(str, paths))})")
         if report.chain_continues_from:
             print(f"  chain continues from {report.chain_continues_from} (an earlier file)")
+        marked = sum(_count_lines_with(p, CHECKPOINT_PREFIX) for p in paths)
+        print(
+            f"  checkpoints NOT verified ({marked} checkpoint lines): pass --key PUB "
+            "(the signer's certificate or public key) to check signatures, positions and the tail"
+        )
+    elif not anchors.ok:
+        print(f"BROKEN {anchors.code}: {anchors.reason}")
     else:
-        print(f"BROKEN: {report.reason}")
-    return EXIT_OK if report.ok else EXIT_REJECTED
+        print(
+            f"OK: {report.lines} lines, hash chain intact, {anchors.checkpoints} checkpoints "
+            f"verified ({', '.join(map(str, paths))})"
+        )
+        if anchors.rotated_away:
+            print(
+                f"  rotated away: the first {anchors.rotated_away} lines of the chain are in "
+                f"files deleted by rotation; {paths[0]} continues from line "
+                f"{anchors.rotated_away + 1} (prev {report.chain_continues_from})"
+            )
+        elif report.chain_continues_from:
+            print(f"  chain continues from {report.chain_continues_from} (an earlier file)")
+        last = anchors.last_checkpoint
+        if anchors.sealed and last is not None:
+            print(f"  sealed: ends with a {last.reason} checkpoint written {last.time}")
+        elif last is not None and anchors.last_checkpoint_at is not None:
+            at_path, at_line = anchors.last_checkpoint_at
+            print(
+                f"  live: {anchors.unanchored} lines after the last checkpoint ({at_path} line "
+                f"{at_line}, {last.reason}, {last.time}) are unanchored (no signature covers "
+                "them yet)"
+            )
+        elif anchors.lines:
+            print(f"  live: no checkpoint yet, {anchors.unanchored} lines are unanchored")
+    ok = report.ok and (anchors is None or anchors.ok)
+    return EXIT_OK if ok else EXIT_REJECTED
+
+
+def _count_lines_with(path: Path, prefix: bytes) -> int:
+    try:
+        with path.open("rb") as f:
+            return sum(1 for line in f if line.startswith(prefix))
+    except OSError:
+        return 0
 
 
 # -- posture ------------------------------------------------------------------------------------
@@ -803,9 +860,26 @@ def build_parser() -> argparse.ArgumentParser:
     lg = sub.add_parser("log", help="decision log tools").add_subparsers(
         dest="log_command", required=True, metavar="SUBCOMMAND"
     )
-    p = lg.add_parser("verify", help="check the hash chain of a decision log")
+    p = lg.add_parser(
+        "verify", help="check the hash chain and signed checkpoints of a decision or audit log"
+    )
     p.add_argument("files", type=Path, nargs="+", help="log files, oldest first")
     p.add_argument("--rotated", action="store_true", help="also check FILE.N ... FILE.1")
+    p.add_argument(
+        "--key",
+        type=Path,
+        action="append",
+        metavar="PUB",
+        help="PEM certificate or public key of the checkpoint signer (the sidecar's server.pem,"
+        " the CA's issuing-ca.pem); repeat for a key change. Without it checkpoints are not"
+        " verified",
+    )
+    p.add_argument(
+        "--live",
+        action="store_true",
+        help="the log is still being written: lines after the last checkpoint and a missing"
+        " closing checkpoint are reported, not refused",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_log_verify)
 

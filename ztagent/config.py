@@ -165,6 +165,12 @@ class DecisionLogConfig:
     """Refusal lines one caller (device, or peer address) may write per
     ``refusal_interval_s``; further refusals are counted into one summary line."""
     refusal_interval_s: float = 60.0
+    checkpoint_every: int = 1000
+    """A signed checkpoint line after at most this many decision lines (and at every
+    rotation and clean stop); one signature per N lines on the writer thread."""
+    checkpoint_key: Path | None = None
+    """PEM private key (EC P-256 / P-384 or Ed25519) that signs the checkpoints; none: the
+    sidecar's ``tls.server_key`` (verify with ``tls.server_cert``)."""
 
 
 @dataclass(frozen=True)
@@ -585,11 +591,17 @@ def _input_headers(raw: Mapping[str, Any]) -> InputHeaders:
 def _decision_log(raw: Mapping[str, Any], base: Path) -> DecisionLogConfig:
     keys = {
         "enabled", "path", "max_bytes", "backups", "queue_size", "on_full", "fsync",
-        "max_input_bytes", "refusal_burst", "refusal_interval_s",
+        "max_input_bytes", "refusal_burst", "refusal_interval_s", "checkpoint_every",
+        "checkpoint_key",
     }  # fmt: skip
     _check_keys(raw, "decision_log", keys)
     d = DecisionLogConfig()
     path = _path(raw, "path", "decision_log.path", base, required=False) or base / d.path
+    checkpoint_key = _path(
+        raw, "checkpoint_key", "decision_log.checkpoint_key", base, required=False
+    )
+    if checkpoint_key is not None and not checkpoint_key.is_file():
+        raise ConfigError("decision_log.checkpoint_key", f"{checkpoint_key}: no such file")
     on_full = _choice(raw, "on_full", "decision_log.on_full", "drop", ("drop", "block"))
     return DecisionLogConfig(
         enabled=_bool(raw, "enabled", "decision_log.enabled", True),
@@ -612,6 +624,15 @@ def _decision_log(raw: Mapping[str, Any], base: Path) -> DecisionLogConfig:
             d.refusal_interval_s,
             minimum=0.001,
         ),
+        checkpoint_every=_bounded_int(
+            raw,
+            "checkpoint_every",
+            "decision_log.checkpoint_every",
+            d.checkpoint_every,
+            1,
+            1_000_000,
+        ),
+        checkpoint_key=checkpoint_key,
     )
 
 

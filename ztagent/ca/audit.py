@@ -20,10 +20,20 @@ Events and their fields:
 Appends are synchronous: the line is written with one ``write`` on an ``O_APPEND`` file
 under an exclusive ``flock`` (so the CLI and the server can both append), then ``fsync``.
 A partial last line (a crash mid-write) is truncated away before the next append.
+
+Signed checkpoints (``ztagent.policy.log_checkpoint``): ``AuditLog.for_ca`` signs with the
+CA's issuing key (``CaLayout.issuing_key``), and every event is followed, in the same
+``write``, by an ``append`` checkpoint that signs the chain up to it: the log is sealed
+after every append, so ``ztagent log verify --key issuing-ca.pem audit.jsonl`` notices an
+edited line with recomputed hashes, a dropped head and a cut tail (down to the last event).
+
+The file is created with mode 0640 whatever the umask and is never opened through a
+symbolic link (``OSError(ELOOP)`` naming the path).
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -39,6 +49,13 @@ from ztagent.ca import builders
 from ztagent.ca import store as ca_store
 from ztagent.pki.errors import CaError
 from ztagent.policy.decision_record import GENESIS_PREV, format_time, line_sha256
+from ztagent.policy.log_checkpoint import (
+    CheckpointError,
+    CheckpointReason,
+    CheckpointSigner,
+    position_after,
+    read_tail_position,
+)
 from ztagent.policy.log_verify import LogVerifyReport, verify_log
 
 AUDIT_FILE: Final = "audit.jsonl"
@@ -72,22 +89,78 @@ def _last_line_hash(fd: int) -> str:
     return line_sha256(buf[prev_nl + 1 : last_nl])
 
 
-class AuditLog:
-    """Appends hash-chained events to one file."""
+def _open_audit(path: Path) -> int:
+    """``path`` for reading and appending, created 0640 whatever the umask, never through a
+    symlink."""
+    flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    except FileExistsError:  # also a symlink: O_EXCL never follows one
+        try:
+            return os.open(path, flags)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise OSError(
+                    errno.ELOOP, "is a symbolic link (refusing to write through it)", str(path)
+                ) from None
+            raise
+    try:
+        os.fchmod(fd, FILE_MODE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
-    def __init__(self, path: Path) -> None:
+
+def _seal(fd: int, signer: CheckpointSigner, head: str, now: datetime) -> bytes:
+    """The ``append`` checkpoint for a line with hash ``head`` about to follow the file's
+    (complete) current content."""
+    tail = read_tail_position(fd, os.fstat(fd).st_size)
+    before = position_after(tail)
+    if before is None:  # no checkpoint yet: every line of the file counts
+        before = tail.after
+    file_start = 1
+    file_prev = tail.first_prev or GENESIS_PREV  # none: the event is the file's first line
+    if tail.checkpoint is not None:
+        file_start, file_prev = tail.checkpoint.file_start, tail.checkpoint.file_prev
+    checkpoint = signer.checkpoint(
+        CheckpointReason.APPEND,
+        lines=before + 1,
+        head=head,
+        file_start=file_start,
+        file_prev=file_prev,
+        now=now,
+    )
+    return signer.line(checkpoint)
+
+
+class AuditLog:
+    """Appends hash-chained events to one file; with a ``signer``, each one sealed by a
+    signed checkpoint."""
+
+    def __init__(self, path: Path, signer: CheckpointSigner | None = None) -> None:
         self.path = path
+        self.signer = signer
 
     @classmethod
     def for_ca(cls, ca_dir: Path) -> AuditLog:
-        return cls(audit_path(ca_dir))
+        """The CA's audit log, signed with its issuing key (``CaError`` when it is missing
+        or unreadable)."""
+        layout = ca_store.CaLayout(ca_dir)
+        key = ca_store.load_issuing(layout).key
+        try:
+            signer = CheckpointSigner(key, str(layout.issuing_key))
+        except CheckpointError as err:
+            raise CaError("ca_state_invalid", err.message) from None
+        return cls(audit_path(ca_dir), signer)
 
     def append(self, event: str, fields: Mapping[str, object], now: datetime) -> str:
-        """Append one event; return the SHA-256 of its line (the next line's ``prev``)."""
+        """Append one event (and its checkpoint); return the SHA-256 of the last line written
+        (the next line's ``prev``: the event's line, or its checkpoint's when signed)."""
         if now.tzinfo is None:
             raise ValueError("now must be timezone-aware")
         with _LOCK:
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, FILE_MODE)
+            fd = _open_audit(self.path)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 prev = _last_line_hash(fd)
@@ -95,13 +168,18 @@ class AuditLog:
                 doc.update(fields)
                 doc["prev_sha256"] = prev
                 line = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
-                data = memoryview(line + b"\n")
+                out = line + b"\n"
+                last = line
+                if self.signer is not None:
+                    last = _seal(fd, self.signer, line_sha256(line), now)
+                    out += last + b"\n"
+                data = memoryview(out)
                 while data:
                     data = data[os.write(fd, data) :]
                 os.fsync(fd)
             finally:
                 os.close(fd)  # releases the flock
-        return line_sha256(line)
+        return line_sha256(last)
 
     def issued(
         self,

@@ -6,7 +6,18 @@ record on a bounded queue; ONE background thread serialises, hashes and appends 
 files (the first line of a new file carries the hash of the last line of the rotated one).
 
 Files: ``path`` is the live file, ``path.1`` the newest rotated one ... ``path.<backups>``
-the oldest. New files get mode 0640; parent directories are created (0750).
+the oldest. New files get mode 0640 whatever the umask; parent directories are created
+(0750). No file is ever opened, written or rotated through a symbolic link: a symlink at
+``path`` stops ``start()`` (``decision_log_unavailable ... is a symbolic link``), and a
+symlink planted at a rotated name is replaced by the rename, its target untouched.
+
+Signed checkpoints (``policy.log_checkpoint``): with a ``signer``, the writer thread appends
+a checkpoint line after every ``checkpoint_every`` decision lines, as the last line of a file
+before it is rotated, and at ``close()`` (``interval``, ``rotate``, ``close``). Checkpoint
+lines are chained like decision lines and are not counted in ``LogStats.written`` (they are
+in ``LogStats.checkpoints``); the rotation checkpoint can take a file one line (about 500
+bytes) past ``max_bytes``. After a restart the positions continue from the last checkpoint
+of ``path`` (or of ``path.1``).
 
 Restart and crash recovery: ``start()`` continues the chain from the hash of the last
 *complete* line (one ending in a newline) of ``path``, or of ``path.1`` when ``path`` is
@@ -35,12 +46,23 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Final, Literal, Protocol
 
 from ztagent.errors import ConfigError, ZtagentError
 from ztagent.policy.decision_record import GENESIS_PREV, DecisionRecord, line_sha256
+from ztagent.policy.log_checkpoint import (
+    CHECKPOINT_PREFIX,
+    DEFAULT_EVERY,
+    CheckpointReason,
+    CheckpointSigner,
+    TailPosition,
+    position_after,
+    read_tail_position,
+    tail_position_of,
+)
 
 logger = logging.getLogger("ztagent.decision_log")
 
@@ -76,13 +98,15 @@ class LogStats:
     """Counters since ``start()``. ``written``: lines that reached the file whole;
     ``dropped``: records refused by ``submit`` (queue full in drop mode, or log closed);
     ``rotated``: completed rotations; ``queue_depth``: records waiting; ``errors``: write,
-    open, rotation and serialisation failures (events, not records)."""
+    open, rotation and serialisation failures (events, not records); ``checkpoints``: signed
+    checkpoint lines that reached the file."""
 
     written: int
     dropped: int
     rotated: int
     queue_depth: int
     errors: int
+    checkpoints: int = 0
 
 
 class DecisionSink(Protocol):
@@ -136,6 +160,8 @@ class DecisionLog:
     ``max_bytes``: the live file is rotated before a line would take it past this size (a
     single longer line gets a file of its own). ``backups``: rotated files kept (0 keeps
     none). ``fsync``: fsync after every batch (and the directory after every rotation).
+    ``signer``: signs the checkpoint lines (none: no checkpoints); ``checkpoint_every``:
+    decision lines between two checkpoints.
 
     Call ``close()`` after the server stopped taking requests; the writer thread is a daemon
     so a process that never calls it does not hang at exit, but loses what was queued.
@@ -151,8 +177,16 @@ class DecisionLog:
         on_full: OnFull = "drop",
         fsync: bool = False,
         max_input_bytes: int | None = DEFAULT_MAX_INPUT_BYTES,
+        signer: CheckpointSigner | None = None,
+        checkpoint_every: int = DEFAULT_EVERY,
     ) -> None:
         self._max_input_bytes = max_input_bytes
+        if checkpoint_every < 1:
+            raise ConfigError(
+                "decision_log.checkpoint_every", f"must be >= 1, got {checkpoint_every}"
+            )
+        self._signer = signer
+        self._every = checkpoint_every
         if max_bytes < 1:
             raise ConfigError("decision_log.max_bytes", f"must be >= 1, got {max_bytes}")
         if backups < 0:
@@ -176,6 +210,16 @@ class DecisionLog:
         self._fd: int | None = None
         self._size = 0
         self._prev = GENESIS_PREV
+        # checkpoint positions (writer thread): chain position of the last line, the current
+        # file's first position and first prev_sha256, decision lines since the last
+        # checkpoint, and the reason of the last line when it is a checkpoint
+        self._seq = 0
+        self._file_start = 1
+        self._file_prev = GENESIS_PREV
+        self._since = 0
+        self._last_reason: str | None = None
+        self._checkpoints = 0
+        self._now: Callable[[], datetime] = lambda: datetime.now(UTC)
         # counters: `dropped` is touched by submitters (under _count_lock), the rest by the
         # writer only
         self._written = 0
@@ -241,6 +285,7 @@ class DecisionLog:
             rotated=self._rotated,
             queue_depth=self._queue.qsize(),
             errors=self._errors,
+            checkpoints=self._checkpoints,
         )
 
     def close(self, timeout_s: float = 5.0) -> bool:
@@ -292,7 +337,39 @@ class DecisionLog:
                     self._close_fd()  # resync the chain head from the file next time
                     self._error(f"unexpected writer failure: {exc!r}", lost=len(batch))
             if stop or (self._closed and self._queue.empty()):
+                try:
+                    self._seal()
+                except Exception as exc:  # the writer must survive anything
+                    self._close_fd()
+                    self._error(f"closing checkpoint failed: {exc!r}", lost=0)
                 return
+
+    def _checkpoint_line(self, reason: CheckpointReason, head: str, seq: int) -> bytes:
+        assert self._signer is not None
+        checkpoint = self._signer.checkpoint(
+            reason,
+            lines=seq,
+            head=head,
+            file_start=self._file_start,
+            file_prev=self._file_prev,
+            now=self._now(),
+        )
+        return self._signer.line(checkpoint)
+
+    def _seal(self) -> None:
+        """The closing checkpoint (not when the log is empty or already ends with one)."""
+        if self._signer is None or self._seq == 0:
+            return
+        if self._since == 0 and self._last_reason == CheckpointReason.CLOSE:
+            return
+        if self._fd is None:
+            try:
+                self._open()
+            except OSError as exc:
+                self._error(f"cannot open {self.path} for the closing checkpoint: {exc}", lost=0)
+                return
+        line = self._checkpoint_line(CheckpointReason.CLOSE, self._prev, self._seq)
+        self._flush([line], unsent=0, tail_reason=CheckpointReason.CLOSE)
 
     def _write_batch(self, records: list[DecisionRecord]) -> None:
         if self._fd is None:
@@ -303,7 +380,8 @@ class DecisionLog:
                 return
         pending: list[bytes] = []
         pending_size = 0
-        prev = self._prev
+        prev, seq, since = self._prev, self._seq, self._since
+        tail_reason: CheckpointReason | None = None
         may_rotate = True
         for i, record in enumerate(records):
             try:
@@ -315,20 +393,38 @@ class DecisionLog:
             used = self._size + pending_size
             if may_rotate and used > 0 and used + n > self.max_bytes:
                 unsent = len(records) - i
-                if pending and not self._flush(pending, unsent=unsent):
+                if pending and not self._flush(pending, unsent=unsent, tail_reason=tail_reason):
                     return
                 pending, pending_size = [], 0
                 may_rotate = self._rotate(unsent=unsent)
                 if self._fd is None:  # rotated, but the new file could not be opened
                     return
+                if self._prev != prev:  # the rotated file got its checkpoint: chain to it
+                    prev, seq, since = self._prev, self._seq, self._since
+                    line = record.to_json_bytes(prev, self._max_input_bytes)
+                    n = len(line) + 1
             pending.append(line)
             pending_size += n
             prev = line_sha256(line)
+            seq += 1
+            since += 1
+            tail_reason = None
+            if self._signer is not None and since >= self._every:
+                checkpoint = self._checkpoint_line(CheckpointReason.INTERVAL, prev, seq)
+                pending.append(checkpoint)
+                pending_size += len(checkpoint) + 1
+                prev = line_sha256(checkpoint)
+                seq += 1
+                since = 0
+                tail_reason = CheckpointReason.INTERVAL
         if pending:
-            self._flush(pending, unsent=0)
+            self._flush(pending, unsent=0, tail_reason=tail_reason)
 
-    def _flush(self, lines: list[bytes], *, unsent: int) -> bool:
-        """Append ``lines``; on failure count what reached the file and resync from it."""
+    def _flush(
+        self, lines: list[bytes], *, unsent: int, tail_reason: CheckpointReason | None = None
+    ) -> bool:
+        """Append ``lines`` (``tail_reason``: the last one is a checkpoint of that reason); on
+        failure count what reached the file and resync the chain and positions from it."""
         assert self._fd is not None
         data = b"\n".join(lines) + b"\n"
         start = self._size
@@ -348,13 +444,24 @@ class DecisionLog:
                         if end > self._size:
                             break
                         whole += 1
-            self._written += whole
-            lost = len(lines) - whole + unsent
+            records = sum(1 for line in lines[:whole] if not line.startswith(CHECKPOINT_PREFIX))
+            self._written += records
+            self._checkpoints += whole - records
+            lost = sum(1 for line in lines if not line.startswith(CHECKPOINT_PREFIX)) - records
+            lost += unsent
             self._error(f"write to {self.path} failed: {exc}", lost=lost)
             return False
         self._size += len(data)
         self._prev = line_sha256(lines[-1])
-        self._written += len(lines)
+        for line in lines:
+            if line.startswith(CHECKPOINT_PREFIX):
+                self._checkpoints += 1
+                self._since = 0
+            else:
+                self._written += 1
+                self._since += 1
+        self._seq += len(lines)
+        self._last_reason = str(tail_reason) if tail_reason is not None else None
         return True
 
     def _write(self, fd: int, data: bytes) -> None:
@@ -367,18 +474,24 @@ class DecisionLog:
         """``path`` -> ``path.1`` -> ... -> ``path.<backups>``, then a fresh ``path``; the
         chain head (``_prev``) carries over. False on failure (counted): if a rename failed,
         the live file stays open and keeps growing; if the new file could not be opened,
-        ``_fd`` is None and the ``unsent`` records are lost."""
+        ``_fd`` is None and the ``unsent`` records are lost. With a signer, the file being
+        rotated first gets its ``rotate`` checkpoint. Renames and unlinks act on the names
+        themselves: a symlink at a rotated name is replaced, never followed."""
+        if self._signer is not None and self._seq > 0 and self._last_reason is None:
+            line = self._checkpoint_line(CheckpointReason.ROTATE, self._prev, self._seq)
+            if not self._flush([line], unsent=unsent, tail_reason=CheckpointReason.ROTATE):
+                return False
         try:
             if self.backups == 0:
                 self.path.unlink()
             else:
                 for i in range(self.backups - 1, 0, -1):
                     older = self._backup(i)
-                    if older.exists():
+                    if os.path.lexists(older):
                         os.replace(older, self._backup(i + 1))
                 os.replace(self.path, self._backup(1))
             extra = self.backups + 1
-            while self._backup(extra).is_file():  # left over from a larger `backups`
+            while _is_file_or_link(self._backup(extra)):  # left over from a larger `backups`
                 self._backup(extra).unlink()
                 extra += 1
         except OSError as exc:
@@ -386,6 +499,8 @@ class DecisionLog:
             return False
         self._close_fd()
         self._rotated += 1
+        self._file_start = self._seq + 1
+        self._file_prev = self._prev
         try:
             self._open_fresh()
         except OSError as exc:
@@ -401,12 +516,22 @@ class DecisionLog:
         return self.path.with_name(f"{self.path.name}.{n}")
 
     def _open_fd(self) -> int:
+        """``path`` for reading and appending, never through a symlink (``OSError(ELOOP)``)."""
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
-        flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC
+        flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
         try:
             fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, FILE_MODE)
-        except FileExistsError:
-            fd = os.open(self.path, flags)
+        except FileExistsError:  # also a symlink, dangling or not: O_EXCL never follows
+            try:
+                fd = os.open(self.path, flags)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise OSError(
+                        errno.ELOOP,
+                        "is a symbolic link (refusing to write through it)",
+                        str(self.path),
+                    ) from None
+                raise
         else:
             try:
                 os.fchmod(fd, FILE_MODE)  # exactly 0640, whatever the umask
@@ -440,11 +565,36 @@ class DecisionLog:
                 len(partial),
                 line_sha256(partial),
             )
+        tail = read_tail_position(fd, size)
+        older = tail_position_of(self._backup(1)) if self.backups > 0 else None
         if head is None:
             head = _last_line_hash(self._backup(1)) if self.backups > 0 else None
         self._fd = fd
         self._size = size
         self._prev = head or GENESIS_PREV
+        self._set_positions(tail, older)
+
+    def _set_positions(self, tail: TailPosition, older: TailPosition | None) -> None:
+        """Checkpoint positions after a (re)open, from the live file's last checkpoint, else
+        from ``path.1``'s; a log written before checkpoints counts from its files' lines."""
+        self._since = tail.after
+        if tail.checkpoint is not None:
+            cp = tail.checkpoint
+            self._seq = cp.lines + 1 + tail.after
+            self._file_start, self._file_prev = cp.file_start, cp.file_prev
+            self._last_reason = cp.reason if tail.after == 0 else None
+            return
+        older_end = 0
+        self._last_reason = None
+        if older is not None and tail.first_prev != GENESIS_PREV:
+            known = position_after(older)
+            older_end = known if known is not None else older.after
+            self._since += older.after
+            if tail.after == 0 and older.after == 0 and older.checkpoint is not None:
+                self._last_reason = older.checkpoint.reason
+        self._file_start = older_end + 1
+        self._file_prev = tail.first_prev if tail.first_prev is not None else self._prev
+        self._seq = older_end + tail.after
 
     def _close_fd(self) -> None:
         if self._fd is not None:
@@ -516,10 +666,19 @@ def _recover_tail(fd: int, size: int) -> tuple[str | None, int, bytes | None]:
     return line_sha256(line), size, partial
 
 
-def _last_line_hash(path: Path) -> str | None:
-    """Hash of the last complete line of a (rotated) file, read-only; None if none."""
+def _is_file_or_link(path: Path) -> bool:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return False
+    return stat.S_ISREG(mode) or stat.S_ISLNK(mode)
+
+
+def _last_line_hash(path: Path) -> str | None:
+    """Hash of the last complete line of a (rotated) file, read-only, never through a
+    symlink; None if none."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError:
         return None
     try:

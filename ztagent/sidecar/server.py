@@ -132,9 +132,24 @@ def worker_log_path(path: Path, index: int) -> Path:
 def build_decision_log(
     config: Config, worker: WorkerSlot | None = None
 ) -> DecisionLog | NullDecisionLog:
+    """The decision log; its checkpoints are signed with ``decision_log.checkpoint_key``, else
+    with the sidecar's ``tls.server_key`` (read once, at start: verify checkpoints written
+    before a key change with the certificate of the key then in use)."""
+    from ztagent.policy.log_checkpoint import CheckpointError, CheckpointSigner
+
     dl = config.decision_log
     if not dl.enabled:
         return NullDecisionLog()
+    key_name = "decision_log.checkpoint_key" if dl.checkpoint_key else "tls.server_key"
+    key_path = dl.checkpoint_key or config.tls.server_key
+    try:
+        signer = CheckpointSigner.from_pem(key_path.read_bytes(), str(key_path))
+    except OSError as exc:
+        raise ConfigError(key_name, f"{key_path}: {exc.strerror or exc}") from None
+    except CheckpointError as err:
+        raise ConfigError(
+            key_name, f"cannot sign decision-log checkpoints: {err.message}"
+        ) from None
     return DecisionLog(
         dl.path if worker is None else worker_log_path(dl.path, worker.index),
         max_bytes=dl.max_bytes,
@@ -143,6 +158,8 @@ def build_decision_log(
         on_full=dl.on_full,
         fsync=dl.fsync,
         max_input_bytes=dl.max_input_bytes,
+        signer=signer,
+        checkpoint_every=dl.checkpoint_every,
     )
 
 

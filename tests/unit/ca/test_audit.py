@@ -1,4 +1,5 @@
-"""The CA audit log: one hash-chained JSON line per event, verifiable by log_verify."""
+"""The CA audit log: one hash-chained JSON line per event, each sealed by a signed checkpoint
+line (tests/unit/ca/test_log_checkpoints_audit.py checks those), verifiable by log_verify."""
 
 from __future__ import annotations
 
@@ -30,8 +31,15 @@ def ca_dir(session_ca: Path, tmp_path: Path) -> Path:
     return target
 
 
-def _lines(ca_dir: Path) -> list[dict[str, object]]:
+def _all_lines(ca_dir: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in audit_path(ca_dir).read_text().splitlines()]
+
+
+def _lines(ca_dir: Path) -> list[dict[str, object]]:
+    """The event lines (every other line is the checkpoint sealing the event before it)."""
+    lines = _all_lines(ca_dir)
+    assert all("checkpoint" in line for line in lines[1::2])
+    return lines[0::2]
 
 
 def test_events_are_chained_and_verify(ca_dir: Path) -> None:
@@ -70,7 +78,7 @@ def test_events_are_chained_and_verify(ca_dir: Path) -> None:
     assert lines[2]["device_id"] == "dev-1"  # looked up in ca.json
     assert lines[2]["actor"] == "cli"
     report = verify_audit_log(ca_dir)
-    assert report.ok and report.lines == 3
+    assert report.ok and report.lines == 6
 
 
 def test_an_edited_line_breaks_the_chain(ca_dir: Path) -> None:
@@ -81,7 +89,7 @@ def test_an_edited_line_breaks_the_chain(ca_dir: Path) -> None:
     path.write_text(path.read_text().replace('"peer":"p1"', '"peer":"pX"'))
     report = verify_audit_log(ca_dir)
     assert not report.ok
-    assert (report.code, report.first_bad_line) == ("chain_broken", 3)
+    assert (report.code, report.first_bad_line) == ("chain_broken", 4)
 
 
 def test_a_new_writer_continues_the_chain_and_drops_a_partial_line(ca_dir: Path) -> None:
@@ -92,8 +100,8 @@ def test_a_new_writer_continues_the_chain_and_drops_a_partial_line(ca_dir: Path)
         f.write(b'{"time":"2026-11-26T12:00:01.000Z","ev')  # a crash mid-write
     AuditLog(path).refused("y_code", None, method="renew", peer="p", message="m", now=NOW)
     lines = path.read_bytes().splitlines()
-    assert len(lines) == 2
-    assert json.loads(lines[1])["prev_sha256"] == line_sha256(first.rstrip(b"\n"))
+    assert len(lines) == 3  # event, its checkpoint, then an unsigned writer's event
+    assert json.loads(lines[2])["prev_sha256"] == line_sha256(first.splitlines()[-1])
     assert verify_audit_log(ca_dir).ok
 
 
