@@ -681,7 +681,15 @@ def cmd_model_sign(args: argparse.Namespace) -> int:
 def cmd_workload_storage(args: argparse.Namespace) -> int:
     from ztagent.workloads.storage.server import run_storage
 
-    asyncio.run(run_storage(args.listen, args.data, max_value_bytes=args.max_value_bytes))
+    asyncio.run(
+        run_storage(
+            args.listen,
+            args.data,
+            trust_keys=args.trust_key,
+            socket_group=args.socket_group,
+            max_value_bytes=args.max_value_bytes,
+        )
+    )
     return EXIT_OK
 
 
@@ -958,6 +966,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", default="127.0.0.1:50061", help="loopback host:port or unix:PATH")
     p.add_argument("--data", type=Path, default=Path("var/storage"))
     p.add_argument("--max-value-bytes", type=int, default=4 * 1024 * 1024)
+    from ztagent.workloads.identity import add_trust_arguments
+
+    add_trust_arguments(p)
     p.set_defaults(func=cmd_workload_storage)
 
     p = wl.add_parser(

@@ -192,6 +192,26 @@ class HealthConfig:
 
 
 @dataclass(frozen=True)
+class AssertionConfig:
+    signing_key: Path | None = None
+    """PEM EC P-256 private key the sidecar signs identity assertions with (default
+    ``<posture.state_dir>/assertion.key``, generated at first start, its public key written
+    beside it as ``assertion.pub`` for the workloads' ``--trust-key``)."""
+    public_key: Path | None = None
+    """Where the sidecar writes the public key for the workloads' ``--trust-key`` (default
+    beside the signing key, ``.pub``); e.g. a directory the workloads share with the sidecar
+    while the private key stays in one only the sidecar mounts."""
+    lifetime_s: int = 30
+    """Seconds an assertion is valid: how long a captured one is worth anything."""
+
+    def key_path(self, state_dir: Path) -> Path:
+        return self.signing_key or state_dir / "assertion.key"
+
+    def public_path(self, state_dir: Path) -> Path:
+        return self.public_key or self.key_path(state_dir).with_suffix(".pub")
+
+
+@dataclass(frozen=True)
 class PostureConfig:
     enabled: bool = True
     """Serve the ztagent.v1.Attestation service and fill input.posture from attestations."""
@@ -238,6 +258,7 @@ class Config:
     posture: PostureConfig = field(default_factory=PostureConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    assertion: AssertionConfig = field(default_factory=AssertionConfig)
     source: Path | None = None
 
     def route_for(self, service: str) -> Route | None:
@@ -643,6 +664,20 @@ def _metrics(raw: Mapping[str, Any]) -> MetricsConfig:
     return MetricsConfig(enabled=_bool(raw, "enabled", "metrics.enabled", False), address=address)
 
 
+def _assertion(raw: Mapping[str, Any], base: Path) -> AssertionConfig:
+    _check_keys(raw, "assertion", {"signing_key", "public_key", "lifetime_s"})
+    lifetime = _int(
+        raw, "lifetime_s", "assertion.lifetime_s", AssertionConfig.lifetime_s, minimum=1
+    )
+    if not 1 <= lifetime <= 300:
+        raise ConfigError("assertion.lifetime_s", f"expected 1 to 300 seconds, got {lifetime}")
+    return AssertionConfig(
+        signing_key=_path(raw, "signing_key", "assertion.signing_key", base, required=False),
+        public_key=_path(raw, "public_key", "assertion.public_key", base, required=False),
+        lifetime_s=lifetime,
+    )
+
+
 def _health(raw: Mapping[str, Any]) -> HealthConfig:
     _check_keys(raw, "health", {"address"})
     if "address" not in raw:
@@ -731,7 +766,7 @@ def parse_config(raw: Mapping[str, Any], base: Path, source: Path | None = None)
     """Builds a validated Config from an already-decoded TOML document."""
     allowed = {
         "listen", "tls", "identity", "routes", "tokens", "policy", "decision_log", "posture",
-        "metrics", "health",
+        "metrics", "health", "assertion",
     }  # fmt: skip
     for key in raw:
         if key not in allowed:
@@ -760,6 +795,7 @@ def parse_config(raw: Mapping[str, Any], base: Path, source: Path | None = None)
         posture=_posture(_expect_table(raw.get("posture", {}), "posture"), base),
         metrics=_metrics(_expect_table(raw.get("metrics", {}), "metrics")),
         health=_health(_expect_table(raw.get("health", {}), "health")),
+        assertion=_assertion(_expect_table(raw.get("assertion", {}), "assertion"), base),
         source=source,
     )
 

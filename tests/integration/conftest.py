@@ -138,6 +138,12 @@ state_dir = "{pki.layout.dir.parent / "state"}"
     return path
 
 
+def sidecar_assertion_pub(pki: Pki) -> Path:
+    """The public key of the assertions a sidecar on ``write_config(pki, ...)`` signs (made
+    in its posture.state_dir at its first start): what its workloads' trust_keys name."""
+    return pki.layout.dir.parent / "state" / "assertion.pub"
+
+
 StartSidecar = Callable[..., "AsyncIterator[Sidecar]"]
 
 

@@ -195,7 +195,8 @@ async def test_enroll_renew_revoke_and_crl(pki: Pki, server: CaServer) -> None:
     # the audit log: chained, with every event
     report = verify_audit_log(ca_dir)
     assert report.ok, report.reason
-    events = [json.loads(line) for line in audit_path(ca_dir).read_text().splitlines()]
+    lines = [json.loads(line) for line in audit_path(ca_dir).read_text().splitlines()]
+    events = [e for e in lines if "checkpoint" not in e]  # each event is followed by one
     summary = [(e["event"], e.get("method"), e.get("code")) for e in events]
     assert summary == [
         ("refused", "enroll", "token_device_mismatch"),

@@ -22,7 +22,14 @@ from tests.fixtures.ci import require_module
 
 torch = require_module("torch")
 
-from tests.integration.conftest import SHIPPED_POLICIES, Pki, channel, write_config  # noqa: E402
+from tests.fixtures.assertions import SidecarKey, asserting_channel  # noqa: E402
+from tests.integration.conftest import (  # noqa: E402
+    SHIPPED_POLICIES,
+    Pki,
+    channel,
+    sidecar_assertion_pub,
+    write_config,
+)
 from ztagent._proto.workloads.v1 import (  # noqa: E402
     inference_pb2,
     inference_pb2_grpc,
@@ -34,6 +41,7 @@ from ztagent.dev.issuer import init_dev_issuer, mint_token  # noqa: E402
 from ztagent.errors import ConfigError  # noqa: E402
 from ztagent.rpc_status import ERROR_CODE_HEADER  # noqa: E402
 from ztagent.sidecar.server import Sidecar  # noqa: E402
+from ztagent.tokens.assertion import public_key_path  # noqa: E402
 from ztagent.workloads.inference.models import LoadedModel, encode_tensor, load_model  # noqa: E402
 from ztagent.workloads.inference.server import (  # noqa: E402
     SERVICE_NAME,
@@ -77,8 +85,22 @@ def windows() -> torch.Tensor:
 
 
 @pytest.fixture
-async def storage(tmp_path: Path) -> AsyncIterator[str]:
-    server, port = await start_storage_server("127.0.0.1:0", tmp_path / "storage")
+def key(tmp_path: Path) -> SidecarKey:
+    """The test's stand-in for the sidecar's assertion key (direct calls to the workloads)."""
+    return SidecarKey(tmp_path / "sidecar-key")
+
+
+@pytest.fixture
+def inference_key(tmp_path: Path) -> Path:
+    """Where the inference workload keeps the key it signs its outbox writes with."""
+    return tmp_path / "inference" / "assertion.key"
+
+
+@pytest.fixture
+async def storage(tmp_path: Path, key: SidecarKey, inference_key: Path) -> AsyncIterator[str]:
+    # the inference workload's .pub appears when it starts: storage picks it up then
+    trust = [key.pub, public_key_path(inference_key)]
+    server, port = await start_storage_server("127.0.0.1:0", tmp_path / "storage", trust_keys=trust)
     yield f"127.0.0.1:{port}"
     await stop_storage_server(server, 0)
 
@@ -90,17 +112,27 @@ class Workload:
 
 
 @pytest.fixture
-async def workload(trained: Path, storage: str) -> AsyncIterator[Workload]:
+async def workload(
+    trained: Path, storage: str, key: SidecarKey, inference_key: Path, pki: Pki
+) -> AsyncIterator[Workload]:
     server, port = await start_inference_server(
-        "127.0.0.1:0", trained, storage_target=storage, max_batch=8, max_wait_ms=20.0
+        "127.0.0.1:0",
+        trained,
+        storage_target=storage,
+        max_batch=8,
+        max_wait_ms=20.0,
+        trust_keys=[key.pub, sidecar_assertion_pub(pki)],
+        assertion_key=inference_key,
     )
     yield Workload(server, f"127.0.0.1:{port}")
     await stop_inference_server(server, 0)
 
 
 @pytest.fixture
-async def stub(workload: Workload) -> AsyncIterator[inference_pb2_grpc.InferenceAsyncStub]:
-    async with grpc.aio.insecure_channel(workload.address) as ch:
+async def stub(
+    workload: Workload, key: SidecarKey
+) -> AsyncIterator[inference_pb2_grpc.InferenceAsyncStub]:
+    async with asserting_channel(key, workload.address) as ch:
         yield inference_pb2_grpc.InferenceStub(ch)  # type: ignore[misc]
 
 
@@ -218,7 +250,7 @@ async def test_refusals_name_what_is_wrong(
     stub: inference_pb2_grpc.InferenceAsyncStub, windows: torch.Tensor
 ) -> None:
     cases = [
-        (request(INT8_NAME, windows[0]), None, "UNAUTHENTICATED", "missing x-ztagent-device-id"),
+        (request(INT8_NAME, windows[0]), None, "UNAUTHENTICATED", "no x-ztagent-assertion"),
         (request("resnet", windows[0]), AS_DEVICE, "NOT_FOUND", "model 'resnet' is not served"),
         (
             request(FLOAT_NAME, windows[0]),
@@ -293,6 +325,7 @@ async def test_escalated_result_lands_in_the_storage_outbox(
     stub: inference_pb2_grpc.InferenceAsyncStub,
     workload: Workload,
     storage: str,
+    key: SidecarKey,
     local: dict[str, LoadedModel],
     windows: torch.Tensor,
 ) -> None:
@@ -309,7 +342,7 @@ async def test_escalated_result_lands_in_the_storage_outbox(
     assert unsure.confidence < 0.8
     assert unsure.outbox_key.startswith(f"outbox/{INT8_NAME}/")
     await outbox_of(workload.server).close(5.0)  # type: ignore[union-attr]  # flush
-    async with grpc.aio.insecure_channel(storage) as ch:
+    async with asserting_channel(key, storage) as ch:
         store = storage_pb2_grpc.StorageStub(ch)
         listed = await store.List(storage_pb2.ListRequest(prefix="outbox/"), metadata=AS_DEVICE)
         assert list(listed.keys) == [unsure.outbox_key]
@@ -326,15 +359,25 @@ async def test_escalated_result_lands_in_the_storage_outbox(
 
 
 async def test_outbox_failure_never_fails_the_prediction(
-    trained: Path, local: dict[str, LoadedModel], windows: torch.Tensor
+    trained: Path,
+    local: dict[str, LoadedModel],
+    windows: torch.Tensor,
+    key: SidecarKey,
+    inference_key: Path,
 ) -> None:
-    storage_server, port = await start_storage_server("127.0.0.1:0", trained.parent / "gone")
+    storage_server, port = await start_storage_server(
+        "127.0.0.1:0", trained.parent / "gone", trust_keys=[key.pub]
+    )
     await stop_storage_server(storage_server, 0)  # a storage address nobody answers on
     server, inf_port = await start_inference_server(
-        "127.0.0.1:0", trained, storage_target=f"127.0.0.1:{port}"
+        "127.0.0.1:0",
+        trained,
+        storage_target=f"127.0.0.1:{port}",
+        trust_keys=[key.pub],
+        assertion_key=inference_key,
     )
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{inf_port}") as ch:
+        async with asserting_channel(key, f"127.0.0.1:{inf_port}") as ch:
             unsure = pick(local[INT8_NAME], windows, confident=False)
             response = await inference_pb2_grpc.InferenceStub(ch).Predict(
                 request(INT8_NAME, unsure), metadata=AS_DEVICE
@@ -348,14 +391,18 @@ async def test_outbox_failure_never_fails_the_prediction(
         await stop_inference_server(server, 0)
 
 
-async def test_tampered_model_refused_at_start(trained: Path, tmp_path: Path) -> None:
+async def test_tampered_model_refused_at_start(
+    trained: Path, tmp_path: Path, key: SidecarKey
+) -> None:
     models = Path(shutil.copytree(trained, tmp_path / "models"))
     data = bytearray((models / f"{INT8_NAME}.pt").read_bytes())
     data[-100] ^= 0xFF
     (models / f"{INT8_NAME}.pt").write_bytes(bytes(data))
-    server, port = await start_inference_server("127.0.0.1:0", models, storage_target=None)
+    server, port = await start_inference_server(
+        "127.0.0.1:0", models, storage_target=None, trust_keys=[key.pub]
+    )
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        async with asserting_channel(key, f"127.0.0.1:{port}") as ch:
             stub = inference_pb2_grpc.InferenceStub(ch)
             reply = await stub.ListModels(inference_pb2.ListModelsRequest(), metadata=AS_DEVICE)
             assert [m.name for m in reply.models] == [FLOAT_NAME]
@@ -366,14 +413,23 @@ async def test_tampered_model_refused_at_start(trained: Path, tmp_path: Path) ->
         await stop_inference_server(server, 0)
     (models / f"{FLOAT_NAME}.pt").write_bytes(b"replaced")
     with pytest.raises(ConfigError, match=r"models: no model can be served from .*SHA-256 is"):
-        await start_inference_server("127.0.0.1:0", models, storage_target=None)
+        await start_inference_server(
+            "127.0.0.1:0", models, storage_target=None, trust_keys=[key.pub]
+        )
 
 
-async def test_refuses_non_local_addresses(trained: Path) -> None:
+async def test_refuses_non_local_addresses(trained: Path, key: SidecarKey) -> None:
+    trust = [key.pub]
     with pytest.raises(ConfigError, match=r"listen: got '0\.0\.0\.0:0'"):
-        await start_inference_server("0.0.0.0:0", trained, storage_target=None)
+        await start_inference_server("0.0.0.0:0", trained, storage_target=None, trust_keys=trust)
     with pytest.raises(ConfigError, match=r"storage_target: got '10\.0\.0\.1:50061'"):
-        await start_inference_server("127.0.0.1:0", trained, storage_target="10.0.0.1:50061")
+        await start_inference_server(
+            "127.0.0.1:0", trained, storage_target="10.0.0.1:50061", trust_keys=trust
+        )
+    with pytest.raises(ConfigError, match="assertion_key: the outbox writes to storage"):
+        await start_inference_server(
+            "127.0.0.1:0", trained, storage_target="127.0.0.1:1", trust_keys=trust
+        )
 
 
 # -- through the sidecar -------------------------------------------------------------------
@@ -463,7 +519,11 @@ async def test_sidecar_policy_scope_and_critical_posture(
 
 
 async def test_sidecar_escalation_in_the_devices_outbox(
-    stack: Stack, storage: str, windows: torch.Tensor, local: dict[str, LoadedModel]
+    stack: Stack,
+    storage: str,
+    windows: torch.Tensor,
+    local: dict[str, LoadedModel],
+    key: SidecarKey,
 ) -> None:
     token = stack.token("alice", scope=["inference"])
     unsure = pick(local[INT8_NAME], windows, confident=False)
@@ -473,7 +533,7 @@ async def test_sidecar_escalation_in_the_devices_outbox(
         )
     assert response.escalate
     await outbox_of(stack.workload.server).close(5.0)  # type: ignore[union-attr]
-    async with grpc.aio.insecure_channel(storage) as ch:
+    async with asserting_channel(key, storage) as ch:
         got = await storage_pb2_grpc.StorageStub(ch).Get(
             storage_pb2.GetRequest(key=response.outbox_key),
             metadata=((DEVICE_ID_HEADER, "cam-7"),),

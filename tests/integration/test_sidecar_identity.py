@@ -9,6 +9,7 @@ UNAUTHENTICATED and the stable code. In every case the upstream must not see the
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -19,11 +20,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from tests.integration.conftest import Pki, channel
+from tests.integration.conftest import Pki, channel, sidecar_assertion_pub
 from tests.integration.echo_upstream import SERVICE, EchoUpstream
 from ztagent.ca import builders
 from ztagent.ca import store as ca_store
 from ztagent.sidecar.server import Sidecar
+from ztagent.tokens.assertion import AssertionVerifier
 
 pytestmark = pytest.mark.integration
 
@@ -49,6 +51,36 @@ async def test_valid_device_is_admitted_and_identified(
     md = dict(upstream.seen[-1].metadata)
     assert md["x-ztagent-device-id"] == "cam-7"
     assert md["x-ztagent-spiffe-id"] == "spiffe://ztagent.dev/device/cam-7"
+
+
+async def test_every_rpc_kind_carries_one_fresh_assertion_for_its_method(
+    pki: Pki, sidecar: Sidecar, upstream: EchoUpstream
+) -> None:
+    """The workload's only source of the caller's identity: an assertion the sidecar signs
+    per call, for that method, with the device of the certificate; a client's own
+    x-ztagent-assertion never reaches the upstream."""
+    verifier = AssertionVerifier([sidecar_assertion_pub(pki)])
+    forged = (("x-ztagent-assertion", "forged.by.client"),)
+
+    async def one() -> AsyncIterator[bytes]:
+        yield b"x"
+
+    async with channel(pki, sidecar.port, pki.mint("cam-7")) as ch:
+        m = f"/{SERVICE}/"
+        await ch.unary_unary(m + "Unary")(b"x", metadata=forged, timeout=5)
+        _ = [r async for r in ch.unary_stream(m + "ServerStream")(b"x", metadata=forged, timeout=5)]
+        await ch.stream_unary(m + "ClientStream")(one(), metadata=forged, timeout=5)
+        _ = [r async for r in ch.stream_stream(m + "Bidi")(one(), metadata=forged, timeout=5)]
+    seen = upstream.seen[-4:]
+    assert [s.method for s in seen] == ["Unary", "ServerStream", "ClientStream", "Bidi"]
+    decisions = set()
+    for call_seen in seen:
+        values = [v for k, v in call_seen.metadata if k == "x-ztagent-assertion"]
+        assert len(values) == 1 and values[0] != "forged.by.client"
+        who = verifier.verify(call_seen.metadata, f"/{SERVICE}/{call_seen.method}")
+        assert (who.device_id, who.spiffe_id) == ("cam-7", "spiffe://ztagent.dev/device/cam-7")
+        decisions.add(who.decision_id)
+    assert len(decisions) == 4  # one admission, one decision id, one assertion per call
 
 
 async def test_demo_device_from_ca_init_is_admitted(pki: Pki, sidecar: Sidecar) -> None:

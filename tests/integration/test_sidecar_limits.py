@@ -23,7 +23,7 @@ import grpc
 import psutil
 import pytest
 
-from tests.integration.conftest import Pki, write_config
+from tests.integration.conftest import Pki, sidecar_assertion_pub, write_config
 from ztagent._proto.workloads.v1 import storage_pb2
 from ztagent.workloads.storage.server import start_storage_server, stop_storage_server
 
@@ -103,7 +103,9 @@ def _load(
 
 
 async def test_refused_large_unary_calls_are_not_buffered(pki: Pki, tmp_path: Path) -> None:
-    storage, storage_port = await start_storage_server("127.0.0.1:0", tmp_path / "storage")
+    storage, storage_port = await start_storage_server(
+        "127.0.0.1:0", tmp_path / "storage", trust_keys=[sidecar_assertion_pub(pki)]
+    )
     config = write_config(pki, {STORAGE: f"127.0.0.1:{storage_port}"})
     config.write_text(
         config.read_text().replace(

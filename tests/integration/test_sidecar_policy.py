@@ -20,7 +20,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.fixtures.opa_standin import OpaStandin
-from tests.integration.conftest import SHIPPED_POLICIES, Pki, channel, write_config
+from tests.integration.conftest import (
+    SHIPPED_POLICIES,
+    Pki,
+    channel,
+    sidecar_assertion_pub,
+    write_config,
+)
 from ztagent._proto.workloads.v1 import storage_pb2
 from ztagent.ca import builders
 from ztagent.config import load_config
@@ -51,7 +57,8 @@ class Stack:
         return mint_token(self.pki.layout.dir, sub=sub, **kw)  # type: ignore[arg-type]
 
     def log_lines(self) -> list[dict[str, object]]:
-        return [json.loads(line) for line in self.log_path.read_text().splitlines()]
+        lines = [json.loads(line) for line in self.log_path.read_text().splitlines()]
+        return [line for line in lines if "checkpoint" not in line]  # decisions only
 
 
 def tokens_section(issuer: DevIssuer, *, extra: str = "") -> str:
@@ -62,8 +69,10 @@ def tokens_section(issuer: DevIssuer, *, extra: str = "") -> str:
 
 
 @pytest.fixture
-async def storage(tmp_path: Path) -> AsyncIterator[str]:
-    server, port = await start_storage_server("127.0.0.1:0", tmp_path / "storage")
+async def storage(tmp_path: Path, pki: Pki) -> AsyncIterator[str]:
+    server, port = await start_storage_server(
+        "127.0.0.1:0", tmp_path / "storage", trust_keys=[sidecar_assertion_pub(pki)]
+    )
     yield f"127.0.0.1:{port}"
     await stop_storage_server(server, 0)
 

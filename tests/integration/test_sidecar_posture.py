@@ -17,7 +17,13 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.integration.conftest import SHIPPED_POLICIES, Pki, channel, write_config
+from tests.integration.conftest import (
+    SHIPPED_POLICIES,
+    Pki,
+    channel,
+    sidecar_assertion_pub,
+    write_config,
+)
 from ztagent._proto.v1 import attestation_pb2 as pb
 from ztagent._proto.v1 import attestation_pb2_grpc as pb_grpc
 from ztagent._proto.workloads.v1 import storage_pb2
@@ -60,7 +66,9 @@ class Stack:
 
 @pytest.fixture
 async def stack(pki: Pki, tmp_path: Path) -> AsyncIterator[Stack]:
-    server, port = await start_storage_server("127.0.0.1:0", tmp_path / "storage")
+    server, port = await start_storage_server(
+        "127.0.0.1:0", tmp_path / "storage", trust_keys=[sidecar_assertion_pub(pki)]
+    )
     vendor_key, vendor_pub = generate_firmware_key(tmp_path / "vendor", "acme")
     issuer = init_dev_issuer(pki.layout.dir, "ztagent.dev", force=True)
     config = write_config(
@@ -160,7 +168,8 @@ async def test_good_device_attests_and_posture_routes_open(
     # The decision log links the decision to the attestation that backed it.
     log_path = stack.pki.layout.dir.parent / "decisions.jsonl"
     await stack.sidecar.stop(0)
-    last = json.loads(log_path.read_text().splitlines()[-1])
+    decisions = [json.loads(line) for line in log_path.read_text().splitlines()]
+    last = [d for d in decisions if "checkpoint" not in d][-1]  # the close checkpoint follows
     assert last["attestation"]["attestation_id"] == response.attestation_id
     assert last["attestation"]["quote_age_s"] >= 0
     posture = last["input"]["posture"]

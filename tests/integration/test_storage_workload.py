@@ -1,7 +1,10 @@
 """The storage workload as a real gRPC server on loopback and on a unix socket.
 
-Calls go through real grpc.aio channels, with the device-id metadata the sidecar would add.
-The crash test runs the workload as a separate process and kills it with SIGKILL.
+Calls go through real grpc.aio channels carrying the identity assertion the sidecar would add
+(``tests.fixtures.assertions``: a real key, a fresh assertion per call); the attacks on the
+workload itself (a bare device-id header, no assertion, an expired one, one for another
+method, one by another key, a replay) use plain channels. The crash test runs the workload as
+a separate process and kills it with SIGKILL.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.fixtures.assertions import SidecarKey, asserting_channel
 from ztagent._proto.workloads.v1 import storage_pb2, storage_pb2_grpc
 from ztagent.errors import ConfigError, TransportError
 from ztagent.rpc_status import ERROR_CODE_HEADER
@@ -49,21 +53,27 @@ def short_dir(tmp_path: Path) -> Iterator[Path]:
         yield Path(short)
 
 
+@pytest.fixture
+def key(tmp_path: Path) -> SidecarKey:
+    """The sidecar's assertion key, as the sidecar would have made it."""
+    return SidecarKey(tmp_path / "sidecar-state")
+
+
 @pytest.fixture(params=["tcp", "unix"])
 async def target(
-    request: pytest.FixtureRequest, tmp_path: Path, short_dir: Path
+    request: pytest.FixtureRequest, tmp_path: Path, short_dir: Path, key: SidecarKey
 ) -> AsyncIterator[str]:
     """A running storage server (stopped in the finalizer); yields the channel target."""
     if request.param == "tcp":
         server, port = await start_storage_server(
-            "127.0.0.1:0", tmp_path / "data", max_value_bytes=MAX_VALUE
+            "127.0.0.1:0", tmp_path / "data", trust_keys=[key.pub], max_value_bytes=MAX_VALUE
         )
         assert port > 0
         address = f"127.0.0.1:{port}"
     else:
         sock = short_dir / "storage.sock"
         server, port = await start_storage_server(
-            f"unix:{sock}", tmp_path / "data", max_value_bytes=MAX_VALUE
+            f"unix:{sock}", tmp_path / "data", trust_keys=[key.pub], max_value_bytes=MAX_VALUE
         )
         assert port == 0
         assert sock.exists()
@@ -75,13 +85,15 @@ async def target(
 
 
 @pytest.fixture
-async def stub(target: str) -> AsyncIterator[storage_pb2_grpc.StorageAsyncStub]:
-    async with grpc.aio.insecure_channel(target) as channel:
+async def stub(target: str, key: SidecarKey) -> AsyncIterator[storage_pb2_grpc.StorageAsyncStub]:
+    async with asserting_channel(key, target) as channel:
         yield storage_pb2_grpc.StorageStub(channel)  # type: ignore[misc]
 
 
 @pytest.fixture
-async def narrow_stub(target: str) -> AsyncIterator[storage_pb2_grpc.StorageAsyncStub]:
+async def narrow_stub(
+    target: str, key: SidecarKey
+) -> AsyncIterator[storage_pb2_grpc.StorageAsyncStub]:
     """A client whose HTTP/2 receive window stays at 64 KiB.
 
     By default gRPC grows the window by BDP probing, and its core then reads megabytes from
@@ -89,7 +101,7 @@ async def narrow_stub(target: str) -> AsyncIterator[storage_pb2_grpc.StorageAsyn
     fall behind. With probing off, what a client does not read stays in the server's queue.
     """
     options = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 65535)]
-    async with grpc.aio.insecure_channel(target, options=options) as channel:
+    async with asserting_channel(key, target, options) as channel:
         yield storage_pb2_grpc.StorageStub(channel)  # type: ignore[misc]
 
 
@@ -149,9 +161,9 @@ async def test_missing_device_id_is_unauthenticated(
         err = await _error(call)
         assert err.code() is grpc.StatusCode.UNAUTHENTICATED
         assert err.details() == (
-            "missing x-ztagent-device-id metadata: call the storage workload through the "
-            "ztagent sidecar"
+            "no x-ztagent-assertion (call this workload through the ztagent sidecar)"
         )
+        assert dict(err.trailing_metadata() or ())[ERROR_CODE_HEADER] == "assertion_missing"
     watch = stub.Watch(storage_pb2.WatchRequest())
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await watch.read()
@@ -296,13 +308,16 @@ async def test_health_is_serving(target: str) -> None:
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-async def test_bind_failure_and_non_loopback_are_refused(tmp_path: Path) -> None:
+async def test_bind_failure_and_non_loopback_are_refused(tmp_path: Path, key: SidecarKey) -> None:
+    trust = [key.pub]
     with pytest.raises(ConfigError, match=r"listen: got '0\.0\.0\.0:0'"):
-        await start_storage_server("0.0.0.0:0", tmp_path / "data")
-    server, port = await start_storage_server("127.0.0.1:0", tmp_path / "data")
+        await start_storage_server("0.0.0.0:0", tmp_path / "data", trust_keys=trust)
+    with pytest.raises(ConfigError, match="no --trust-key"):
+        await start_storage_server("127.0.0.1:0", tmp_path / "data", trust_keys=[])
+    server, port = await start_storage_server("127.0.0.1:0", tmp_path / "data", trust_keys=trust)
     try:
         with pytest.raises(TransportError, match=rf"cannot bind 127\.0\.0\.1:{port}"):
-            await start_storage_server(f"127.0.0.1:{port}", tmp_path / "data2")
+            await start_storage_server(f"127.0.0.1:{port}", tmp_path / "data2", trust_keys=trust)
     finally:
         await stop_storage_server(server, grace=None)
 
@@ -313,9 +328,10 @@ async def test_bind_failure_and_non_loopback_are_refused(tmp_path: Path) -> None
 class _Workload:
     """``python -m ztagent.workloads.storage`` on a unix socket, always reaped."""
 
-    def __init__(self, sock: Path, data_dir: Path) -> None:
+    def __init__(self, sock: Path, data_dir: Path, trust: Path) -> None:
         self.sock = sock
         self.data_dir = data_dir
+        self.trust = trust
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -328,6 +344,8 @@ class _Workload:
                 f"unix:{self.sock}",
                 "--data-dir",
                 str(self.data_dir),
+                "--trust-key",
+                str(self.trust),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -374,37 +392,112 @@ def workloads(short_dir: Path, tmp_path: Path) -> Iterator[list[_Workload]]:
 
 
 async def test_put_survives_kill_9(
-    workloads: list[_Workload], short_dir: Path, tmp_path: Path
+    workloads: list[_Workload], short_dir: Path, tmp_path: Path, key: SidecarKey
 ) -> None:
     sock = short_dir / "crash.sock"
-    first = _Workload(sock, tmp_path / "data")
+    first = _Workload(sock, tmp_path / "data", key.pub)
     workloads.append(first)
     first.start()
     await first.wait_serving()
-    async with grpc.aio.insecure_channel(f"unix:{sock}") as channel:
+    async with asserting_channel(key, f"unix:{sock}") as channel:
         stub = storage_pb2_grpc.StorageStub(channel)
         await stub.Put(storage_pb2.PutRequest(key="durable", value=b"yes"), metadata=DEV_A)
     assert first.proc is not None
     os.kill(first.proc.pid, signal.SIGKILL)
     assert first.proc.wait(timeout=10) == -signal.SIGKILL
 
-    second = _Workload(sock, tmp_path / "data")
+    second = _Workload(sock, tmp_path / "data", key.pub)
     workloads.append(second)
     second.start()
     await second.wait_serving()
-    async with grpc.aio.insecure_channel(f"unix:{sock}") as channel:
+    async with asserting_channel(key, f"unix:{sock}") as channel:
         stub = storage_pb2_grpc.StorageStub(channel)
         got = await stub.Get(storage_pb2.GetRequest(key="durable"), metadata=DEV_A)
     assert got.value == b"yes"
 
 
 async def test_sigterm_stops_cleanly(
-    workloads: list[_Workload], short_dir: Path, tmp_path: Path
+    workloads: list[_Workload], short_dir: Path, tmp_path: Path, key: SidecarKey
 ) -> None:
-    workload = _Workload(short_dir / "term.sock", tmp_path / "data")
+    workload = _Workload(short_dir / "term.sock", tmp_path / "data", key.pub)
     workloads.append(workload)
     workload.start()
     await workload.wait_serving()
     assert workload.proc is not None
     workload.proc.send_signal(signal.SIGTERM)
     assert workload.proc.wait(timeout=10) == 0
+
+
+# -- only the sidecar: every way around the assertion, on TCP and on the unix socket ---------
+
+
+async def test_direct_calls_without_a_valid_assertion_are_refused(
+    target: str, key: SidecarKey, tmp_path: Path
+) -> None:
+    """What a local attacker can send straight to the workload, each refused UNAUTHENTICATED
+    with its code, and nothing written into the device's namespace."""
+    put = f"/{SERVICE_NAME}/Put"
+    other = SidecarKey(tmp_path / "attacker")
+    # the right key, minted 40 s ago (lifetime 30 s)
+    expired = SidecarKey(tmp_path / "sidecar-state", clock=lambda: time.time() - 40)
+    replayed = key.mint("device-b", put)
+    cases = {
+        "forged header": (((DEVICE_ID_HEADER, "device-b"),), "assertion_missing"),
+        "no assertion": ((), "assertion_missing"),
+        "expired": (expired.metadata("device-b", put), "assertion_expired"),
+        "another method": (
+            key.metadata("device-b", f"/{SERVICE_NAME}/Get"),
+            "assertion_wrong_method",
+        ),
+        "another key": (other.metadata("device-b", put), "assertion_bad_signature"),
+        "garbage": ((("x-ztagent-assertion", "a.b.c"),), "assertion_malformed"),
+    }
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = storage_pb2_grpc.StorageStub(channel)
+        request = storage_pb2.PutRequest(key="k", value=b"attacker")
+        for name, (metadata, code) in cases.items():
+            err = await _error(stub.Put(request, metadata=metadata))
+            assert err.code() is grpc.StatusCode.UNAUTHENTICATED, name
+            assert dict(err.trailing_metadata() or ())[ERROR_CODE_HEADER] == code, name
+        # one valid assertion admits one call: captured and replayed, it is refused
+        replay = (("x-ztagent-assertion", replayed),)
+        await stub.Put(storage_pb2.PutRequest(key="k", value=b"sidecar"), metadata=replay)
+        err = await _error(stub.Put(request, metadata=replay))
+        assert dict(err.trailing_metadata() or ())[ERROR_CODE_HEADER] == "assertion_replayed"
+    async with asserting_channel(key, target) as channel:
+        got = await storage_pb2_grpc.StorageStub(channel).Get(
+            storage_pb2.GetRequest(key="k"), metadata=DEV_B
+        )
+    assert got.value == b"sidecar"
+
+
+async def test_the_unix_socket_is_private_whatever_the_umask(
+    short_dir: Path, tmp_path: Path, key: SidecarKey
+) -> None:
+    previous = os.umask(0)
+    try:
+        sock = short_dir / "private.sock"
+        server, _ = await start_storage_server(
+            f"unix:{sock}", tmp_path / "data", trust_keys=[key.pub]
+        )
+        try:
+            assert oct(sock.stat().st_mode & 0o777) == "0o600"
+        finally:
+            await stop_storage_server(server, grace=None)
+        shared = short_dir / "group.sock"
+        group = str(os.getgid())
+        server, _ = await start_storage_server(
+            f"unix:{shared}", tmp_path / "data2", trust_keys=[key.pub], socket_group=group
+        )
+        try:
+            st = shared.stat()
+            assert oct(st.st_mode & 0o777) == "0o660" and st.st_gid == os.getgid()
+        finally:
+            await stop_storage_server(server, grace=None)
+        with pytest.raises(ConfigError, match="socket_group: no group 'no-such-group-zt'"):
+            await start_storage_server(
+                f"unix:{short_dir / 'x.sock'}", tmp_path / "data3", trust_keys=[key.pub],
+                socket_group="no-such-group-zt",
+            )  # fmt: skip
+    finally:
+        os.umask(previous)

@@ -307,6 +307,21 @@ def test_storage_container_runs_the_storage_workload_on_the_node() -> None:
     assert "hostPath" in volume(mount["name"]), "storage data must outlive the pod"
 
 
+def test_storage_trusts_the_sidecars_assertion_key_and_never_sees_the_private_one() -> None:
+    """The workload verifies the sidecar's identity assertions with the public key the
+    sidecar publishes on a volume both mount; the private key is on one only the sidecar
+    mounts."""
+    config = cluster_config()
+    state = config.posture.state_dir
+    public, private = config.assertion.public_path(state), config.assertion.key_path(state)
+    storage, sidecar = container("storage"), container("sidecar")
+    assert arg_after(storage["args"], "--trust-key") == str(public)
+    theirs, ours = mount_for(storage, str(public)), mount_for(sidecar, str(public))
+    assert theirs is not None and ours is not None and theirs["name"] == ours["name"]
+    assert mount_for(sidecar, str(private)) is not None
+    assert mount_for(storage, str(private)) is None, "the storage container sees the signing key"
+
+
 # --- policies drift -----------------------------------------------------------------------------
 
 

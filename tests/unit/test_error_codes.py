@@ -30,6 +30,8 @@ FAMILIES = {
     "PolicyError": "ztagent.policy.errors",
     "PolicyLoadError": "ztagent.policy.errors",
     "DecisionLogError": "ztagent.policy.decision_log",
+    "CheckpointError": "ztagent.policy.log_checkpoint",
+    "AssertionError_": "ztagent.tokens.assertion",
     "InvalidRequestError": "ztagent.workloads.storage.errors",
     "KeyFileError": "ztagent.workloads.storage.errors",
     "BackendError": "ztagent.workloads.storage.errors",

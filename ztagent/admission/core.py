@@ -89,12 +89,26 @@ class Call:
 
 
 @dataclass(frozen=True)
+class Admitted:
+    """Who an allowed call was admitted for: what the sidecar's identity assertion states
+    to the workload (and what an in-process handler may read)."""
+
+    device_id: str
+    spiffe_id: str
+    decision_id: str
+    method: str
+    """The full ``/package.Service/Method``."""
+    user: str | None
+
+
+@dataclass(frozen=True)
 class Verdict:
-    """Allow with the headers to add upstream, or a refusal with its error; the decision-log
-    record is submitted either way."""
+    """Allow with the headers to add upstream and who was admitted, or a refusal with its
+    error; the decision-log record is submitted either way."""
 
     headers: tuple[tuple[str, str], ...] = ()
     error: ZtagentError | None = None
+    admitted: Admitted | None = None
 
     @property
     def allowed(self) -> bool:
@@ -475,6 +489,13 @@ class AdmissionCore:
                 (DEVICE_ID_HEADER, device.device_id),
                 (SPIFFE_ID_HEADER, device.spiffe_id),
                 *policy_headers(decision),
+            ),
+            admitted=Admitted(
+                device_id=device.device_id,
+                spiffe_id=device.spiffe_id,
+                decision_id=record.decision_id,
+                method=full_method,
+                user=record.user_sub,
             ),
         )
 

@@ -48,6 +48,8 @@ from ztagent.dev.pki import (
 )
 from ztagent.device.transport import device_credentials
 from ztagent.pki.device_check import cert_ak_name
+from ztagent.rpc_status import ERROR_CODE_HEADER
+from ztagent.tokens.assertion import public_key_path
 
 STORAGE = "ztagent.workloads.v1.Storage"
 DEMO_DEVICE = "demo-device"
@@ -255,15 +257,28 @@ def _ensure_dev_issuer(ca_dir: Path, trust_domain: str) -> None:
 
 
 def _verify_decision_log(config: Config) -> Outcome:
+    from ztagent.policy.log_checkpoint import CheckpointKey, verify_checkpoints
     from ztagent.policy.log_verify import log_files, verify_files
 
     path = config.decision_log.path
     if not config.decision_log.enabled or not path.exists():
         return Outcome(True, "(r) decision log disabled")
-    report = verify_files(log_files(path))
-    if report.ok:
-        return Outcome(True, f"(r) decision log {path}: {report.lines} lines, hash chain intact")
-    return Outcome(False, f"(r) decision log {path}: BROKEN: {report.reason}")
+    files = log_files(path)
+    report = verify_files(files)
+    if not report.ok:
+        return Outcome(False, f"(r) decision log {path}: BROKEN: {report.reason}")
+    # the sidecar has stopped: its log ends with a close checkpoint signed by its server key
+    cert = config.tls.server_cert
+    key = CheckpointKey.from_pem(cert.read_bytes(), str(cert))
+    anchors = verify_checkpoints(files, [key])
+    if not anchors.ok:
+        return Outcome(False, f"(r) decision log {path}: checkpoints refused: {anchors.reason}")
+    return Outcome(
+        True,
+        f"(r) decision log {path}: {report.lines} lines, hash chain intact, "
+        f"{anchors.checkpoints} signed checkpoints verified with {cert.name}"
+        + (f" ({anchors.rotated_away} older lines rotated away)" if anchors.rotated_away else ""),
+    )
 
 
 def _sign_models(ca_dir: Path, models: Path) -> Path:
@@ -286,6 +301,28 @@ def _sign_models(ca_dir: Path, models: Path) -> Path:
         except ModelLoadError:
             sign_manifest_file(manifest, key)
     return public
+
+
+def _direct_to_workload(upstream: str) -> Outcome:
+    """A local process going around the sidecar: straight to the storage socket, claiming to
+    be the demo device with the header the workload used to trust."""
+    from ztagent._proto.workloads.v1 import storage_pb2
+
+    request = storage_pb2.PutRequest(key="greeting", value=b"forged").SerializeToString()
+    forged = (("x-ztagent-device-id", DEMO_DEVICE),)
+    with grpc.insecure_channel(upstream) as channel:
+        try:
+            channel.unary_unary(f"/{STORAGE}/Put")(request, timeout=10, metadata=forged)
+        except grpc.RpcError as err:
+            code, details = err.code(), err.details()
+            trailers = dict(err.trailing_metadata() or ())
+            stable = trailers.get(ERROR_CODE_HEADER, "")
+            return Outcome(
+                code is grpc.StatusCode.UNAUTHENTICATED and stable == "assertion_missing",
+                f"(t) a direct call to the storage workload ({upstream}) as {DEMO_DEVICE!r} "
+                f"with a forged x-ztagent-device-id refused: {code.name} {stable}: {details}",
+            )
+    return Outcome(False, f"(t) a direct call to the storage workload ({upstream}): ACCEPTED")
 
 
 def _metrics_outcome(config: Config) -> Outcome:
@@ -358,8 +395,13 @@ def run_demo(config_path: Path, ca_dir: Path) -> int:
     (root / "var" / "run").mkdir(parents=True, exist_ok=True, mode=0o700)
     devices = root / "var" / "devices"
     ca_address = "127.0.0.1:8444"
+    # Who the workloads accept calls from: the sidecar's assertion key (made by the sidecar at
+    # its first start) and, for storage, the inference workload's (its outbox writes).
+    sidecar_pub = config.assertion.public_path(config.posture.state_dir)
+    inference_key = config.posture.state_dir / "inference-assertion.key"
     storage_args = ["workload", "storage", "--listen", local_target(route.upstream, "listen")]
-    storage_args += ["--data", str(root / "var" / "storage")]
+    storage_args += ["--data", str(root / "var" / "storage"), "--trust-key", str(sidecar_pub)]
+    storage_args += ["--trust-key", str(public_key_path(inference_key))]
     inference_route = config.route_for(INFERENCE)
     models = root / "var" / "models"
     if inference_route is not None and not (models / "vibration-anomaly.manifest.json").exists():
@@ -408,6 +450,10 @@ def run_demo(config_path: Path, ca_dir: Path) -> int:
                     str(model_pub),
                     "--confidence-threshold",
                     str(CONFIDENCE_THRESHOLD),
+                    "--trust-key",
+                    str(sidecar_pub),
+                    "--assertion-key",
+                    str(inference_key),
                 ],
                 logs / "inference.log",
             ) as inference,
@@ -514,6 +560,7 @@ def run_demo(config_path: Path, ca_dir: Path) -> int:
                         tokens,
                     )
                 ]
+            outcomes.append(_direct_to_workload(route.upstream))
             outcomes.append(_metrics_outcome(config))
     outcomes.append(_verify_decision_log(config))
     for outcome in outcomes:

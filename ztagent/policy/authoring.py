@@ -32,6 +32,7 @@ from ztagent.policy.embedded import (
     set_input,
 )
 from ztagent.policy.errors import PolicyError, PolicyLoadError
+from ztagent.policy.log_checkpoint import is_checkpoint
 from ztagent.policy.sources import PolicySources, load_sources
 from ztagent.policy.types import DEFAULT_DECISION_PATH, Decision
 
@@ -468,12 +469,15 @@ def replay(
         for line_no, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
-            total += 1
             try:
                 entry = json.loads(line)
             except ValueError as exc:
+                total += 1
                 errors.append(ReplayError(line_no, None, f"not JSON: {exc}"))
                 continue
+            if is_checkpoint(entry):  # a signed anchor of the chain, not a decision
+                continue
+            total += 1
             if not isinstance(entry, dict):
                 errors.append(ReplayError(line_no, None, "expected a JSON object"))
                 continue

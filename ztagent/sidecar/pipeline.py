@@ -12,6 +12,7 @@ import grpc
 from ztagent.admission.call import peer_certificate_pem
 from ztagent.admission.core import AdmissionCore, Call, Metadata
 from ztagent.pki.verify import VerifiedDevice
+from ztagent.tokens.assertion import ASSERTION_HEADER, AssertionSigner
 
 
 def call_of(context: grpc.aio.ServicerContext, full_method: str) -> Call:
@@ -25,18 +26,33 @@ def call_of(context: grpc.aio.ServicerContext, full_method: str) -> Call:
 
 
 class Pipeline(AdmissionCore):
-    """``AdmissionCore`` for the sidecar's proxy (the ``Admission`` it calls per request)."""
+    """``AdmissionCore`` for the sidecar's proxy (the ``Admission`` it calls per request).
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    ``signer``: every allowed call also gets an ``x-ztagent-assertion`` for the workload, a
+    short-lived signed statement of who was admitted for which method (tokens.assertion).
+    """
+
+    def __init__(self, *args: Any, signer: AssertionSigner | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("node", socket.gethostname())
         super().__init__(*args, **kwargs)
+        self.signer = signer
 
     async def admit(self, context: grpc.aio.ServicerContext, full_method: str) -> Metadata:
         """The identity headers to add upstream; raises the verdict's ZtagentError to refuse."""
         verdict = await self.decide(call_of(context, full_method))
         if verdict.error is not None:
             raise verdict.error
-        return verdict.headers
+        admitted = verdict.admitted
+        if self.signer is None or admitted is None:
+            return verdict.headers
+        assertion = self.signer.mint(
+            device_id=admitted.device_id,
+            spiffe_id=admitted.spiffe_id,
+            method=admitted.method,
+            decision_id=admitted.decision_id,
+            user=admitted.user,
+        )
+        return (*verdict.headers, (ASSERTION_HEADER, assertion))
 
     def verify_device(self, auth_context: Mapping[str, Sequence[bytes]]) -> VerifiedDevice:
         """The identity check alone (the attestation service and health use it)."""

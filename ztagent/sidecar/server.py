@@ -44,6 +44,7 @@ from ztagent.sidecar.proxy import ProxyHandler
 from ztagent.sidecar.upstreams import Upstreams
 from ztagent.signals import wait_for_stop_signal
 from ztagent.timefmt import rfc3339
+from ztagent.tokens.assertion import AssertionSigner
 from ztagent.tokens.errors import JwksError
 from ztagent.tokens.verifier import TokenVerifier
 
@@ -247,6 +248,7 @@ class Sidecar:
             self._clock,
             posture_cache=posture.cache if posture is not None else None,
             metrics=self.metrics,
+            signer=assertion_signer(config),
         )
         self._upstreams = Upstreams(config.routes, config.listen.max_message_bytes)
 
@@ -497,6 +499,21 @@ class Sidecar:
         if self.pipeline is not None:
             await self.pipeline.engine.close()
             await asyncio.to_thread(self.pipeline.decision_log.close)
+
+
+def assertion_signer(config: Config) -> AssertionSigner:
+    """The identity-assertion key (``[assertion] signing_key``), made at first start."""
+    path = config.assertion.key_path(config.posture.state_dir)
+    public = config.assertion.public_path(config.posture.state_dir)
+    key = "assertion.signing_key"
+    try:
+        signer = AssertionSigner.from_file(path, config.assertion.lifetime_s, public)
+    except OSError as exc:
+        raise ConfigError(key, f"{path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise ConfigError(key, str(exc)) from None
+    log.info("identity assertions signed with %s (workloads trust %s)", path, public)
+    return signer
 
 
 async def run_sidecar(

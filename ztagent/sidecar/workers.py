@@ -294,6 +294,10 @@ def _pid(worker: _Worker) -> int:
 def supervise(config_path: Path, config: Config) -> int:
     """Runs ``config.listen.workers`` sidecar workers until SIGTERM/SIGINT; the exit code."""
     count = config.listen.workers
+    # One assertion key for every worker: made here, before any worker could race to make it.
+    from ztagent.sidecar.server import assertion_signer
+
+    assertion_signer(config)
     holder, host, port = reserve_address(config.listen.address)
     supervisor = Supervisor(config_path, config, [_Worker(i) for i in range(count)])
     supervisor.address = _join(host, port)

@@ -177,6 +177,8 @@ def test_outbox_key_and_record() -> None:
     assert outbox_key("m", when, "abc") == "outbox/m/20261126T190001.250000Z-abc"
     record = EscalatedResult(
         device_id="cam-1",
+        spiffe_id="spiffe://ztagent.dev/device/cam-1",
+        decision_id="d-1",
         model="m",
         model_version="1.0.0",
         label="normal",
@@ -188,6 +190,7 @@ def test_outbox_key_and_record() -> None:
     )
     assert json.loads(record_json(record)) == {
         "device_id": "cam-1",
+        "decision_id": "d-1",
         "model": "m",
         "model_version": "1.0.0",
         "label": "normal",

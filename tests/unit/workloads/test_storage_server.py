@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import grpc
 import pytest
 
+from tests.fixtures.assertions import SidecarKey
 from ztagent.addresses import local_target
 from ztagent.errors import ConfigError, VerificationError
 from ztagent.rpc_status import grpc_status_for
+from ztagent.tokens.assertion import AssertionError_, AssertionVerifier
 from ztagent.workloads.storage.errors import (
     InvalidRequestError,
     StorageIntegrityError,
@@ -63,27 +66,47 @@ def test_local_target_refuses_non_local(addr: str, why: str) -> None:
     assert repr(addr) in info.value.message
 
 
-def test_device_namespace() -> None:
-    assert device_namespace([("x-ztagent-device-id", "dev-1"), ("other", "x")]) == "dev-1"
+class _Context:
+    def __init__(self, metadata: list[tuple[str, str]] | None) -> None:
+        self._metadata = metadata
+
+    def invocation_metadata(self) -> list[tuple[str, str]] | None:
+        return self._metadata
+
+
+@pytest.fixture
+def key(tmp_path: Path) -> SidecarKey:
+    return SidecarKey(tmp_path)
+
+
+def test_device_namespace_is_the_asserted_device(key: SidecarKey) -> None:
+    verifier = AssertionVerifier([key.pub])
+    put = "/ztagent.workloads.v1.Storage/Put"
+    forged = [("x-ztagent-device-id", "dev-b"), *key.metadata("dev-1", put)]
+    assert device_namespace(verifier, _Context(forged), "Put") == "dev-1"
 
 
 @pytest.mark.parametrize(
     "metadata",
-    [None, [], [("other", "x")], [("x-ztagent-device-id", "")]],
+    [None, [], [("other", "x")], [("x-ztagent-device-id", "dev-1")]],
 )
-def test_device_namespace_missing(metadata: list[tuple[str, str]] | None) -> None:
-    with pytest.raises(VerificationError, match="missing x-ztagent-device-id metadata: call the"):
-        device_namespace(metadata)
+def test_device_namespace_without_an_assertion(
+    key: SidecarKey, metadata: list[tuple[str, str]] | None
+) -> None:
+    verifier = AssertionVerifier([key.pub])
+    with pytest.raises(AssertionError_) as info:
+        device_namespace(verifier, _Context(metadata), "Put")
+    assert info.value.code == "assertion_missing"
+    assert info.value.message == (
+        "no x-ztagent-assertion (call this workload through the ztagent sidecar)"
+    )
 
 
-def test_device_namespace_refuses_two_values() -> None:
-    with pytest.raises(VerificationError, match="got 2 x-ztagent-device-id values"):
-        device_namespace([("x-ztagent-device-id", "a"), ("x-ztagent-device-id", "b")])
-
-
-def test_device_namespace_refuses_nul() -> None:
-    with pytest.raises(VerificationError, match="NUL"):
-        device_namespace([("x-ztagent-device-id", "a\x00b")])
+def test_device_namespace_refuses_an_unusable_asserted_id(key: SidecarKey) -> None:
+    verifier = AssertionVerifier([key.pub])
+    md = key.metadata("a\x00b", "/ztagent.workloads.v1.Storage/Get")
+    with pytest.raises(VerificationError, match=r"asserted device id: .*NUL"):
+        device_namespace(verifier, _Context(list(md)), "Get")
 
 
 def test_status_mapping() -> None:

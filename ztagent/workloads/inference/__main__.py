@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from ztagent.errors import ZtagentError, exit_code_for
+from ztagent.workloads.identity import add_trust_arguments
 from ztagent.workloads.inference import require_torch
 
 
@@ -47,6 +48,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         help="PEM public keys of trusted model signers: serve only signed manifests",
     )
+    add_trust_arguments(parser)
+    parser.add_argument(
+        "--assertion-key",
+        type=Path,
+        default=None,
+        help="PEM P-256 key this workload signs its outbox writes to storage with, on the "
+        "device's behalf (made if missing, public key beside it as .pub: give that to the "
+        "storage workload's --trust-key); required with --storage",
+    )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -64,6 +74,9 @@ def run(args: argparse.Namespace) -> None:
             max_wait_ms=args.max_wait_ms,
             threads=args.threads,
             model_keys=args.model_keys,
+            trust_keys=args.trust_key,
+            socket_group=args.socket_group,
+            assertion_key=args.assertion_key,
         )
     )
 

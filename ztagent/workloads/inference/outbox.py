@@ -2,12 +2,17 @@
 
 A result below the confidence threshold is queued here and written by a background task to
 the storage workload through its gRPC API (``ztagent.workloads.v1.Storage/Put``), in the
-namespace of the device that asked (its ``x-ztagent-device-id`` is forwarded), under
+namespace of the device that asked, under
 ``outbox/<model>/<UTC timestamp>-<random>``. The value is a JSON record (see
 :func:`record_json`).
 
 The outbox never slows or fails a prediction: the queue is bounded (a full queue drops the
 record), and a write that fails is logged and counted (:class:`OutboxStats`), not retried.
+
+Each write carries an identity assertion the workload signs itself (its ``--assertion-key``),
+for the device it acts for and the decision id of the sidecar's admission of the original
+call: the storage workload accepts it because it trusts that key, and only for
+``Storage/Put``.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import grpc
 
 from ztagent._proto.workloads.v1 import storage_pb2, storage_pb2_grpc
 from ztagent.timefmt import rfc3339
-from ztagent.workloads.storage.server import DEVICE_ID_HEADER
+from ztagent.tokens.assertion import ASSERTION_HEADER, AssertionSigner
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +38,15 @@ OUTBOX_PREFIX = "outbox/"
 MAX_PENDING = 1024
 """Records queued for writing before new ones are dropped."""
 PUT_TIMEOUT_S = 5.0
+PUT_METHOD = "/ztagent.workloads.v1.Storage/Put"
 
 
 @dataclass(frozen=True)
 class EscalatedResult:
     device_id: str
+    spiffe_id: str
+    decision_id: str
+    """The sidecar's decision id for the call that produced this result."""
     model: str
     model_version: str
     label: str
@@ -65,6 +74,7 @@ def record_json(result: EscalatedResult) -> bytes:
     """The stored value: what was decided, by which model version, for which device."""
     doc = {
         "device_id": result.device_id,
+        "decision_id": result.decision_id,
         "model": result.model,
         "model_version": result.model_version,
         "label": result.label,
@@ -83,11 +93,13 @@ class Outbox:
     def __init__(
         self,
         target: str,
+        signer: AssertionSigner,
         *,
         max_pending: int = MAX_PENDING,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.target = target
+        self._signer = signer
         self.stats = OutboxStats()
         self._clock = clock
         self._queue: asyncio.Queue[tuple[str, EscalatedResult]] = asyncio.Queue(max_pending)
@@ -131,6 +143,14 @@ class Outbox:
             self.stats.dropped += left
             log.warning("outbox stopped with %d records unwritten", left)
 
+    def _assertion(self, result: EscalatedResult) -> str:
+        return self._signer.mint(
+            device_id=result.device_id,
+            spiffe_id=result.spiffe_id,
+            method=PUT_METHOD,
+            decision_id=result.decision_id,
+        )
+
     async def _drain(self) -> None:
         assert self._channel is not None
         stub = storage_pb2_grpc.StorageStub(self._channel)
@@ -139,7 +159,7 @@ class Outbox:
             try:
                 await stub.Put(
                     storage_pb2.PutRequest(key=key, value=record_json(result)),
-                    metadata=((DEVICE_ID_HEADER, result.device_id),),
+                    metadata=((ASSERTION_HEADER, self._assertion(result)),),
                     timeout=PUT_TIMEOUT_S,
                 )
             except grpc.aio.AioRpcError as err:

@@ -30,10 +30,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ztagent._proto.workloads.v1 import inference_pb2, inference_pb2_grpc
 from ztagent.addresses import local_target
-from ztagent.errors import ConfigError, TransportError, ZtagentError
+from ztagent.errors import ConfigError, ZtagentError
 from ztagent.posture.firmware import load_trusted_keys
 from ztagent.rpc_status import error_trailers, grpc_status_for
 from ztagent.signals import wait_for_stop_signal
+from ztagent.tokens.assertion import AssertedIdentity, AssertionSigner, AssertionVerifier
+from ztagent.workloads.identity import bind_local, caller, trust_verifier
 from ztagent.workloads.inference.batching import Batcher
 from ztagent.workloads.inference.errors import (
     InvalidInputError,
@@ -43,7 +45,6 @@ from ztagent.workloads.inference.errors import (
 from ztagent.workloads.inference.models import LoadedModel, decode_tensor, load_models
 from ztagent.workloads.inference.outbox import EscalatedResult, Outbox
 from ztagent.workloads.inference.tensors import MAX_TENSOR_BYTES, check_tensor
-from ztagent.workloads.storage.server import device_namespace
 
 log = logging.getLogger(__name__)
 
@@ -138,12 +139,20 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     """Implements ``ztagent.workloads.v1.Inference`` over batchers, one per model."""
 
     def __init__(
-        self, batchers: dict[str, Batcher], outbox: Outbox | None, threshold: float
+        self,
+        batchers: dict[str, Batcher],
+        outbox: Outbox | None,
+        threshold: float,
+        verifier: AssertionVerifier,
     ) -> None:
+        self._verifier = verifier
         self._batchers = batchers
         self._outbox = outbox
         self._threshold = threshold
         self.counters = Counters()
+
+    def _caller(self, context: grpc.aio.ServicerContext, method: str) -> AssertedIdentity:
+        return caller(self._verifier, context, f"/{SERVICE_NAME}/{method}")
 
     def _admit(
         self, request: inference_pb2.PredictRequest, header: str | None
@@ -165,7 +174,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         return batcher, decode_tensor(tensor.data, tensor.shape)
 
     async def _predict(
-        self, batcher: Batcher, tensor: torch.Tensor, request_id: str, device_id: str
+        self, batcher: Batcher, tensor: torch.Tensor, request_id: str, who: AssertedIdentity
     ) -> inference_pb2.PredictResponse:
         row = await batcher.predict(tensor)
         manifest = batcher.model.manifest
@@ -191,7 +200,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             if self._outbox is not None:
                 response.outbox_key = self._outbox.submit(
                     EscalatedResult(
-                        device_id=device_id,
+                        device_id=who.device_id,
+                        spiffe_id=who.spiffe_id,
+                        decision_id=who.decision_id,
                         model=manifest.name,
                         model_version=manifest.version,
                         label=response.label,
@@ -210,9 +221,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     ) -> inference_pb2.PredictResponse:
         try:
             metadata = context.invocation_metadata()
-            device_id = device_namespace(metadata)
+            who = self._caller(context, "Predict")
             batcher, tensor = self._admit(request, model_header(metadata))
-            return await self._predict(batcher, tensor, request.request_id, device_id)
+            return await self._predict(batcher, tensor, request.request_id, who)
         except ZtagentError as err:
             self.counters.refused += 1
             await _abort(context, err)
@@ -225,7 +236,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         """Results in the order the windows came; up to STREAM_WINDOW of them in flight."""
         try:
             metadata = context.invocation_metadata()
-            device_id = device_namespace(metadata)
+            who = self._caller(context, "PredictStream")
             header = model_header(metadata)
         except ZtagentError as err:
             await _abort(context, err)
@@ -240,7 +251,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                     batcher, tensor = self._admit(request, header)
                     await queue.put(
                         asyncio.ensure_future(
-                            self._predict(batcher, tensor, request.request_id, device_id)
+                            self._predict(batcher, tensor, request.request_id, who)
                         )
                     )
             except Exception as exc:  # a bad window, or the client's stream failing
@@ -276,7 +287,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self, request: inference_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.ListModelsResponse:
         try:
-            device_namespace(context.invocation_metadata())
+            self._caller(context, "ListModels")
         except ZtagentError as err:
             await _abort(context, err)
         return inference_pb2.ListModelsResponse(
@@ -330,6 +341,9 @@ async def start_inference_server(
     max_wait_ms: float = 2.0,
     threads: int = 1,
     model_keys: Sequence[Path] = (),
+    trust_keys: Sequence[Path],
+    socket_group: str | None = None,
+    assertion_key: Path | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Loads the models in ``models_dir`` and starts serving on ``listen``.
 
@@ -338,14 +352,30 @@ async def start_inference_server(
     bound port (0 for a unix socket). Stop it with :func:`stop_inference_server`.
     ``model_keys``: PEM public keys of trusted model signers; when given, only models whose
     manifest carries a valid signature by one of them are served.
+    ``trust_keys``: whose identity assertions are accepted (the sidecar's assertion.pub);
+    ``assertion_key``: the key the outbox signs its writes to storage with (required with
+    ``storage_target``; made if missing).
     """
     address = local_target(listen, "listen")
+    verifier = trust_verifier(trust_keys)
     trusted = load_trusted_keys(model_keys, "model_keys") if model_keys else None
     options = InferenceOptions(confidence_threshold, max_batch, max_wait_ms, threads)
     options.check()
     outbox_target = None
     if storage_target is not None:
         outbox_target = local_target(storage_target, "storage_target")
+    signer = None
+    if storage_target is not None:
+        if assertion_key is None:
+            raise ConfigError(
+                "assertion_key",
+                "the outbox writes to storage on the device's behalf: give --assertion-key "
+                "(and the storage workload the matching .pub in --trust-key)",
+            )
+        try:
+            signer = AssertionSigner.from_file(assertion_key)
+        except (OSError, ValueError) as exc:
+            raise ConfigError("assertion_key", f"{assertion_key}: {exc}") from None
 
     loop = asyncio.get_running_loop()
     # set_num_threads is per OpenMP thread: set it where the forward passes run.
@@ -375,8 +405,12 @@ async def start_inference_server(
         )
         for model in loaded.models.values()
     ]
-    outbox = Outbox(outbox_target) if outbox_target is not None else None
-    servicer = InferenceServicer({b.model.name: b for b in batchers}, outbox, confidence_threshold)
+    outbox = (
+        Outbox(outbox_target, signer) if outbox_target is not None and signer is not None else None
+    )
+    servicer = InferenceServicer(
+        {b.model.name: b for b in batchers}, outbox, confidence_threshold, verifier
+    )
     limit = MAX_TENSOR_BYTES + RECEIVE_HEADROOM_BYTES
     server = grpc.aio.server(
         options=[
@@ -394,10 +428,7 @@ async def start_inference_server(
             batcher.start()
         if outbox is not None:
             outbox.start()
-        try:
-            port = server.add_insecure_port(address)
-        except RuntimeError as exc:
-            raise TransportError("listen_failed", f"cannot bind {address}: {exc}") from None
+        port = bind_local(server, address, group=socket_group)
         await server.start()
         for service in ("", SERVICE_NAME):
             await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -405,7 +436,7 @@ async def start_inference_server(
         await _shutdown(running, grace=None)
         raise
     _RUNNING[id(server)] = running
-    bound = 0 if address.startswith("unix:") else int(port)
+    bound = port
     log.info(
         "inference workload serving %s on %s (port %d); outbox %s",
         sorted(loaded.models),
@@ -448,6 +479,9 @@ async def run_inference(
     max_wait_ms: float = 2.0,
     threads: int = 1,
     model_keys: Sequence[Path] = (),
+    trust_keys: Sequence[Path],
+    socket_group: str | None = None,
+    assertion_key: Path | None = None,
 ) -> None:
     """Serves until SIGTERM or SIGINT, then stops with a 5 s grace."""
     server, _ = await start_inference_server(
@@ -459,6 +493,9 @@ async def run_inference(
         max_wait_ms=max_wait_ms,
         threads=threads,
         model_keys=model_keys,
+        trust_keys=trust_keys,
+        socket_group=socket_group,
+        assertion_key=assertion_key,
     )
     try:
         await wait_for_stop_signal()

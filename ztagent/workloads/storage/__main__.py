@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from ztagent.errors import ZtagentError, exit_code_for
+from ztagent.workloads.identity import add_trust_arguments
 from ztagent.workloads.storage.server import DEFAULT_LISTEN, run_storage
 from ztagent.workloads.storage.store import DEFAULT_MAX_VALUE_BYTES
 
@@ -25,10 +26,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listen", default=DEFAULT_LISTEN, help="unix:/path or loopback HOST:PORT")
     parser.add_argument("--data-dir", type=Path, required=True, help="created 0700 if missing")
     parser.add_argument("--max-value-bytes", type=int, default=DEFAULT_MAX_VALUE_BYTES)
+    add_trust_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
-        asyncio.run(run_storage(args.listen, args.data_dir, max_value_bytes=args.max_value_bytes))
+        asyncio.run(
+            run_storage(
+                args.listen,
+                args.data_dir,
+                trust_keys=args.trust_key,
+                socket_group=args.socket_group,
+                max_value_bytes=args.max_value_bytes,
+            )
+        )
     except ZtagentError as err:
         print(f"error: {err}", file=sys.stderr)
         return exit_code_for(err)

@@ -1,7 +1,10 @@
 """The gRPC face of the storage workload: ``ztagent.workloads.v1.Storage`` plus health.
 
-The caller's namespace is the device id the sidecar puts in ``x-ztagent-device-id``; a call
-without it is refused, so callers can never pick a namespace. SQLite work runs on one worker
+The caller's namespace is the device id of the identity assertion the sidecar signs for each
+call it forwards (``ztagent.workloads.identity``): a call without a valid assertion minted for
+that very method is refused, so callers can never pick a namespace, whatever header they
+send and whatever transport they reach the workload on. A unix socket is created 0600 (0660
+with ``socket_group``) whatever the umask. SQLite work runs on one worker
 thread, in order, off the event loop. Watch fans committed changes out to subscribers through
 bounded per-watcher queues: a watcher that falls behind is dropped with RESOURCE_EXHAUSTED
 and never slows writers down. The workload binds loopback or a unix socket only.
@@ -27,6 +30,8 @@ from ztagent.addresses import local_target
 from ztagent.errors import ConfigError, TransportError, VerificationError, ZtagentError
 from ztagent.rpc_status import ERROR_CODE_HEADER, error_trailers, grpc_status_for
 from ztagent.signals import wait_for_stop_signal
+from ztagent.tokens.assertion import AssertionVerifier
+from ztagent.workloads.identity import bind_local, caller, trust_verifier
 from ztagent.workloads.storage.errors import (
     InvalidRequestError,
     WatchOverflowError,
@@ -59,11 +64,6 @@ BULK_MAX_ITEMS = 10_000
 """Most PutRequests one BulkPut may carry."""
 
 _T = TypeVar("_T")
-
-_MISSING_DEVICE_ID = (
-    f"missing {DEVICE_ID_HEADER} metadata: call the storage workload through the ztagent sidecar"
-)
-
 
 # -- listen addresses -----------------------------------------------------------------------
 
@@ -160,24 +160,17 @@ class ChangeHub:
 # -- the servicer ---------------------------------------------------------------------------
 
 
-def device_namespace(metadata: Sequence[tuple[str, Any]] | None) -> str:
-    """The caller's namespace: the single ``x-ztagent-device-id`` value the sidecar added."""
-    values = [value for key, value in metadata or () if key == DEVICE_ID_HEADER]
-    if not values or not values[0]:
-        raise VerificationError("missing_device_id", _MISSING_DEVICE_ID)
-    if len(values) > 1:
-        raise VerificationError(
-            "ambiguous_device_id",
-            f"got {len(values)} {DEVICE_ID_HEADER} values, expected exactly one from the sidecar",
-        )
-    value = values[0]
-    if not isinstance(value, str):
-        raise VerificationError("bad_device_id", f"{DEVICE_ID_HEADER} must be text")
+def device_namespace(
+    verifier: AssertionVerifier, context: grpc.aio.ServicerContext | Any, method: str
+) -> str:
+    """The caller's namespace: the device id of the call's verified identity assertion for
+    ``/ztagent.workloads.v1.Storage/<method>``."""
+    identity = caller(verifier, context, f"/{SERVICE_NAME}/{method}")
     try:
-        validate_namespace(value)
+        validate_namespace(identity.device_id)
     except InvalidRequestError as err:
-        raise VerificationError("bad_device_id", f"{DEVICE_ID_HEADER}: {err.message}") from None
-    return value
+        raise VerificationError("bad_device_id", f"asserted device id: {err.message}") from None
+    return identity.device_id
 
 
 async def _abort(context: grpc.aio.ServicerContext, err: ZtagentError) -> NoReturn:
@@ -188,10 +181,17 @@ async def _abort(context: grpc.aio.ServicerContext, err: ZtagentError) -> NoRetu
 class StorageServicer(storage_pb2_grpc.StorageServicer):
     """Implements ``ztagent.workloads.v1.Storage`` over a :class:`Store`."""
 
-    def __init__(self, store: Store, hub: ChangeHub, executor: ThreadPoolExecutor) -> None:
+    def __init__(
+        self,
+        store: Store,
+        hub: ChangeHub,
+        executor: ThreadPoolExecutor,
+        verifier: AssertionVerifier,
+    ) -> None:
         self._store = store
         self._hub = hub
         self._executor = executor
+        self._verifier = verifier
 
     async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
         loop = asyncio.get_running_loop()
@@ -201,7 +201,7 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
         self, request: storage_pb2.PutRequest, context: grpc.aio.ServicerContext
     ) -> storage_pb2.PutResponse:
         try:
-            ns = device_namespace(context.invocation_metadata())
+            ns = device_namespace(self._verifier, context, "Put")
             revision = await self._run(self._store.put, ns, request.key, request.value)
         except ZtagentError as err:
             await _abort(context, err)
@@ -211,7 +211,7 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
         self, request: storage_pb2.GetRequest, context: grpc.aio.ServicerContext
     ) -> storage_pb2.GetResponse:
         try:
-            ns = device_namespace(context.invocation_metadata())
+            ns = device_namespace(self._verifier, context, "Get")
             record = await self._run(self._store.get, ns, request.key)
         except ZtagentError as err:
             await _abort(context, err)
@@ -221,7 +221,7 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
         self, request: storage_pb2.DeleteRequest, context: grpc.aio.ServicerContext
     ) -> storage_pb2.DeleteResponse:
         try:
-            ns = device_namespace(context.invocation_metadata())
+            ns = device_namespace(self._verifier, context, "Delete")
             revision = await self._run(self._store.delete, ns, request.key)
         except ZtagentError as err:
             await _abort(context, err)
@@ -231,7 +231,7 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
         self, request: storage_pb2.ListRequest, context: grpc.aio.ServicerContext
     ) -> storage_pb2.ListResponse:
         try:
-            ns = device_namespace(context.invocation_metadata())
+            ns = device_namespace(self._verifier, context, "List")
             page = await self._run(
                 self._store.list_keys, ns, request.prefix, request.page_size, request.page_token
             )
@@ -245,7 +245,7 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
         context: grpc.aio.ServicerContext,
     ) -> storage_pb2.BulkPutResponse:
         try:
-            ns = device_namespace(context.invocation_metadata())
+            ns = device_namespace(self._verifier, context, "BulkPut")
             items: list[tuple[str, bytes]] = []
             async for request in request_iterator:
                 self._store.check_value(request.key, request.value)  # fail before buffering more
@@ -267,7 +267,7 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
         self, request: storage_pb2.WatchRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[storage_pb2.WatchEvent]:
         try:
-            ns = device_namespace(context.invocation_metadata())
+            ns = device_namespace(self._verifier, context, "Watch")
             validate_prefix(request.prefix)
         except ZtagentError as err:
             await _abort(context, err)
@@ -353,14 +353,22 @@ _RUNNING: dict[int, _Running] = {}
 
 
 async def start_storage_server(
-    listen: str, data_dir: Path, *, max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
+    listen: str,
+    data_dir: Path,
+    *,
+    trust_keys: Sequence[Path],
+    socket_group: str | None = None,
+    max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
 ) -> tuple[grpc.aio.Server, int]:
-    """Opens the store in ``data_dir`` and starts serving on ``listen``.
+    """Opens the store in ``data_dir`` and starts serving on ``listen``, accepting calls
+    whose identity assertion is signed by one of ``trust_keys`` (PEM public keys or
+    certificates: the sidecar's ``assertion.pub``, the inference workload's).
 
     Returns the started server and its bound port (0 for a unix socket). Stop it with
     :func:`stop_storage_server`, which also closes the database.
     """
     address = local_target(listen, "listen")
+    verifier = trust_verifier(trust_keys)
     if max_value_bytes < 1:
         raise ConfigError(
             "max_value_bytes", f"got {max_value_bytes}, expected a positive number of bytes"
@@ -389,15 +397,14 @@ async def start_storage_server(
             ("grpc.max_send_message_length", limit),
         ]
     )
-    storage_pb2_grpc.add_StorageServicer_to_server(StorageServicer(store, hub, executor), server)
+    storage_pb2_grpc.add_StorageServicer_to_server(
+        StorageServicer(store, hub, executor, verifier), server
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     running = _Running(server, store, hub, health_servicer, executor)
     try:
-        try:
-            port = server.add_insecure_port(address)
-        except RuntimeError as exc:
-            raise TransportError("listen_failed", f"cannot bind {address}: {exc}") from None
+        port = bind_local(server, address, group=socket_group)
         await server.start()
         for service in ("", SERVICE_NAME):
             await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -405,7 +412,7 @@ async def start_storage_server(
         await _shutdown(running, grace=None)
         raise
     _RUNNING[id(server)] = running
-    bound = 0 if address.startswith("unix:") else int(port)
+    bound = port
     log.info("storage workload serving on %s (port %d), data in %s", address, bound, data_dir)
     return server, bound
 
@@ -430,10 +437,21 @@ async def _shutdown(running: _Running, grace: float | None) -> None:
 
 
 async def run_storage(
-    listen: str, data_dir: Path, *, max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
+    listen: str,
+    data_dir: Path,
+    *,
+    trust_keys: Sequence[Path],
+    socket_group: str | None = None,
+    max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
 ) -> None:
     """Serves until SIGTERM or SIGINT, then stops with a 5 s grace and closes the DB."""
-    server, _ = await start_storage_server(listen, data_dir, max_value_bytes=max_value_bytes)
+    server, _ = await start_storage_server(
+        listen,
+        data_dir,
+        trust_keys=trust_keys,
+        socket_group=socket_group,
+        max_value_bytes=max_value_bytes,
+    )
     try:
         await wait_for_stop_signal()
         log.info("storage workload stopping")
