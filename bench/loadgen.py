@@ -9,6 +9,7 @@ import asyncio
 import multiprocessing
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,11 @@ class Target:
     """None: plain (insecure) channel."""
     cert: Path | None = None
     key: Path | None = None
+    assertion_key: Path | None = None
+    """Direct legs: each call carries a fresh identity assertion for ``assert_as`` signed with
+    this key, minted by the load generator as the sidecar would (the workload verifies one on
+    every call and refuses a replay)."""
+    assert_as: str = ""
 
 
 @dataclass
@@ -54,6 +60,26 @@ def _channel(target: Target, *, private: bool = False) -> grpc.aio.Channel:
     return grpc.aio.secure_channel(target.address, _credentials(target), options=options)
 
 
+def _minter(target: Target) -> Callable[[], tuple[str, str]] | None:
+    if target.assertion_key is None:
+        return None
+    from ztagent.tokens.assertion import ASSERTION_HEADER, AssertionSigner
+
+    signer = AssertionSigner.from_file(target.assertion_key)
+    device = target.assert_as
+
+    def mint() -> tuple[str, str]:
+        token = signer.mint(
+            device_id=device,
+            spiffe_id=f"spiffe://ztagent.dev/device/{device}",
+            method=target.method,
+            decision_id="bench",
+        )
+        return (ASSERTION_HEADER, token)
+
+    return mint
+
+
 def _cpu() -> float:
     t = os.times()
     return t.user + t.system
@@ -66,6 +92,7 @@ async def _calls(
     async with _channel(target) as channel:
         call = channel.unary_unary(target.method)
         metadata = target.metadata or None
+        mint = _minter(target)
         start = time.monotonic()
         measure_from = start + warmup_s
         end = measure_from + duration_s
@@ -79,7 +106,8 @@ async def _calls(
                 if t0 >= end_ns:
                     return
                 try:
-                    await call(target.request, metadata=metadata, timeout=10)
+                    md = metadata if mint is None else (*(metadata or ()), mint())
+                    await call(target.request, metadata=md, timeout=10)
                 except grpc.aio.AioRpcError as err:
                     if t0 >= from_ns:
                         result.errors += 1

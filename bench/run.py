@@ -32,7 +32,6 @@ from bench import micro
 from bench.loadgen import LoadResult, Target, run_load
 from bench.stack import DEVICE_ID, REPO, STORAGE, Stack, running_stack
 from ztagent._proto.workloads.v1 import storage_pb2
-from ztagent.admission.call import DEVICE_ID_HEADER
 from ztagent.sidecar.server import worker_log_path
 
 NOTES_MARKER = "<!-- hand-written notes below this line are kept by bench/run.py -->"
@@ -93,14 +92,14 @@ def _version(dist: str) -> str:
 
 
 def targets(st: Stack, request: bytes) -> dict[str, Target]:
-    ident = ((DEVICE_ID_HEADER, DEVICE_ID),)
+    asserted = {"assertion_key": st.assertion_key, "assert_as": DEVICE_ID}
     auth = (("authorization", f"Bearer {st.token}"),)
     method = f"/{STORAGE}/Get"
     mtls = {"ca_bundle": st.bundle, "cert": st.device_cert, "key": st.device_key}
     return {
-        "a": Target("a direct", f"127.0.0.1:{st.workload_tcp}", method, request, ident),
+        "a": Target("a direct", f"127.0.0.1:{st.workload_tcp}", method, request, **asserted),  # type: ignore[arg-type]
         "b": Target(
-            "b direct mTLS", f"127.0.0.1:{st.workload_mtls}", method, request, ident, **mtls
+            "b direct mTLS", f"127.0.0.1:{st.workload_mtls}", method, request, **asserted, **mtls
         ),  # type: ignore[arg-type]
         "c": Target("c bare proxy", f"127.0.0.1:{st.bare_port}", method, request, auth, **mtls),  # type: ignore[arg-type]
         "d": Target("d sidecar", f"127.0.0.1:{st.sidecar_port}", method, request, auth, **mtls),  # type: ignore[arg-type]
@@ -246,11 +245,18 @@ def main(argv: list[str] | None = None) -> int:
             if args.workers == 1
             else [worker_log_path(st.decision_log, i) for i in range(args.workers)]
         )
-        last = max((p.read_text().splitlines()[-1] for p in logs if p.exists()), key=len)
-        real_input = json.loads(last)["input"]
+        decisions = [
+            line
+            for p in logs
+            if p.exists()
+            for line in p.read_text().splitlines()
+            if '"checkpoint"' not in line[:20]  # signed anchors carry no input
+        ]
+        real_input = json.loads(max(decisions[-50:], key=len))["input"]
         print("micro-benchmarks ...", flush=True)
         rows: list[micro.Row] = []
         rows += micro.cert_rows(st)
+        rows += micro.assertion_rows(st)
         rows += micro.token_rows(st)
         policy_rows, vm_note = micro.policy_rows(st, real_input)
         rows += policy_rows

@@ -7,7 +7,7 @@ of the bare proxy and of the sidecar).
 
 ``bare-proxy``: leg (c), the sidecar's own proxy code (``ProxyHandler`` + ``Upstreams``) on an
 mTLS port with the same server options, but an admission that checks nothing: it adds a fixed
-device-id header (the workload needs one) and lets every call through.
+identity assertion for a fixed device (the workload needs one) and lets every call through.
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ztagent._proto.workloads.v1 import storage_pb2_grpc
-from ztagent.admission.call import DEVICE_ID_HEADER
 from ztagent.config import Route
 from ztagent.sidecar.proxy import ProxyHandler
 from ztagent.sidecar.upstreams import Upstreams
+from ztagent.tokens.assertion import ASSERTION_HEADER, AssertionSigner
+from ztagent.workloads.identity import trust_verifier
 from ztagent.workloads.storage.server import ChangeHub, StorageServicer
 from ztagent.workloads.storage.store import Store
 
@@ -58,7 +59,10 @@ async def run_workload(args: argparse.Namespace) -> None:
         executor, lambda: Store.open(args.data, on_change=hub.publish_threadsafe)
     )
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    storage_pb2_grpc.add_StorageServicer_to_server(StorageServicer(store, hub, executor), server)
+    verifier = trust_verifier(args.trust_key)
+    storage_pb2_grpc.add_StorageServicer_to_server(
+        StorageServicer(store, hub, executor, verifier), server
+    )
     servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     server.add_insecure_port(f"127.0.0.1:{args.tcp_port}")
@@ -73,15 +77,24 @@ async def run_workload(args: argparse.Namespace) -> None:
 
 
 class NoChecks:
-    """Admits every call: the bare pass-through proxy of leg (c)."""
+    """Admits every call: the bare pass-through proxy of leg (c). It only signs the identity
+    assertion the workload requires (what any proxy in front of it must do now), for a fixed
+    device."""
 
-    def __init__(self, device_id: str) -> None:
-        self._identity = ((DEVICE_ID_HEADER, device_id),)
+    def __init__(self, device_id: str, assertion_key: Path) -> None:
+        self._device = device_id
+        self._signer = AssertionSigner.from_file(assertion_key)
 
     async def admit(
         self, context: grpc.aio.ServicerContext, full_method: str
     ) -> tuple[tuple[str, str], ...]:
-        return self._identity
+        token = self._signer.mint(
+            device_id=self._device,
+            spiffe_id=f"spiffe://ztagent.dev/device/{self._device}",
+            method=full_method,
+            decision_id="bench",
+        )
+        return ((ASSERTION_HEADER, token),)
 
 
 async def run_bare_proxy(args: argparse.Namespace) -> None:
@@ -96,7 +109,9 @@ async def run_bare_proxy(args: argparse.Namespace) -> None:
     )
     servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    server.add_generic_rpc_handlers((ProxyHandler(NoChecks(args.device_id), upstreams),))
+    server.add_generic_rpc_handlers(
+        (ProxyHandler(NoChecks(args.device_id, args.assertion_key), upstreams),)
+    )
     server.add_secure_port(f"127.0.0.1:{args.port}", _mtls(args.ca_dir))
     await server.start()
     await servicer.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -114,10 +129,12 @@ def main() -> None:
     w.add_argument("--tcp-port", type=int, required=True)
     w.add_argument("--mtls-port", type=int, required=True)
     w.add_argument("--unix", required=True)
+    w.add_argument("--trust-key", type=Path, action="append", required=True)
     p = sub.add_parser("bare-proxy")
     p.add_argument("--ca-dir", type=Path, required=True)
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--upstream", required=True)
+    p.add_argument("--assertion-key", type=Path, required=True)
     p.add_argument("--device-id", required=True)
     args = parser.parse_args()
     asyncio.run(run_workload(args) if args.cmd == "workload" else run_bare_proxy(args))

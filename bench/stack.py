@@ -32,6 +32,7 @@ from ztagent.device.attest import attest_once
 from ztagent.device.enroll import enroll
 from ztagent.device.tpm import DeviceTpm
 from ztagent.posture.firmware import generate_firmware_key, sign_manifest
+from ztagent.tokens.assertion import ensure_signing_key, public_key_path
 
 REPO = Path(__file__).resolve().parents[1]
 POLICIES = REPO / "policies"
@@ -72,6 +73,8 @@ class Stack:
     bare_port: int
     sidecar_port: int
     workers: int
+    assertion_key: Path
+    """The direct legs' and the bare proxy's stand-in for the sidecar's assertion key."""
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     swtpm: SwtpmProcess | None = None
     enrollment: Enrollment | None = None
@@ -245,7 +248,9 @@ def running_stack(root: Path, *, enroll_count: int = 20, workers: int = 1) -> It
         sidecar_port=free_port(),
         workers=workers,
         enrollment=enrollment,
+        assertion_key=root / "bench-assertion" / "assertion.key",
     )
+    ensure_signing_key(st.assertion_key)
     st.config.write_text(_config_text(st, issuer, vendor_pub))
     try:
         _spawn(
@@ -265,6 +270,10 @@ def running_stack(root: Path, *, enroll_count: int = 20, workers: int = 1) -> It
                 str(st.workload_mtls),
                 "--unix",
                 st.workload_unix,
+                "--trust-key",  # the sidecar's key, made in its state_dir at its start
+                str(st.root / "state" / "assertion.pub"),
+                "--trust-key",
+                str(public_key_path(st.assertion_key)),
             ],
         )
         with grpc.insecure_channel(f"127.0.0.1:{st.workload_tcp}") as ch:
@@ -284,6 +293,8 @@ def running_stack(root: Path, *, enroll_count: int = 20, workers: int = 1) -> It
                 f"unix:{st.workload_unix}",
                 "--device-id",
                 DEVICE_ID,
+                "--assertion-key",
+                str(st.assertion_key),
             ],
         )
         _spawn(st, "sidecar", ["-m", "ztagent", "serve", "--config", str(st.config)])

@@ -1000,5 +1000,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ZtagentError as err:
         print(f"ztagent: error: {err.code}: {err.message}", file=sys.stderr)
         return exit_code_for(err)
+    except OSError as exc:  # a file the command was told to read or write: one line, no traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"ztagent: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130

@@ -66,13 +66,15 @@ def write_atomic(path: Path, data: bytes, mode: int = PUBLIC_MODE) -> None:
         os.close(dir_fd)
 
 
-def open_append(path: Path, mode: int = KEY_MODE) -> int:
-    """A file descriptor appending to ``path``, never through a symlink (``OSError(ELOOP)``).
+def open_append(path: Path, mode: int = KEY_MODE, *, read: bool = False) -> int:
+    """A file descriptor appending to ``path`` (and reading it, with ``read``), never
+    through a symlink (``OSError(ELOOP)``).
 
     A new file is created with ``mode`` whatever the umask; an existing one keeps its mode
     (an operator may have widened it for a log reader group on purpose).
     """
-    flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+    access = os.O_RDWR if read else os.O_WRONLY
+    flags = access | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
         fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, mode)
     except FileExistsError:

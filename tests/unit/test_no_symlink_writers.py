@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import stat
@@ -30,6 +31,7 @@ from ztagent.device.errors import EnrollClientError
 from ztagent.device.jwks_fetch import JwksSource
 from ztagent.device.keystores import FileKeyStore, KeyStoreError
 from ztagent.enrollment import EnrollError
+from ztagent.errors import ConfigError
 from ztagent.files import make_private_dir
 from ztagent.pki.errors import CaError
 from ztagent.policy.sources import last_good_path, save_last_good
@@ -429,3 +431,41 @@ def test_make_private_dir_creates_every_missing_level_0700(tmp_path: Path) -> No
     (tmp_path / "file").write_text("x")
     with pytest.raises(NotADirectoryError):
         make_private_dir(tmp_path / "file")
+
+
+def test_posture_state_lock_and_file_are_never_followed(tmp_path: Path, victim: Path) -> None:
+    from ztagent.posture.state import RollbackStore
+
+    state = tmp_path / "state" / "firmware-svn.json"
+    lock = plant(state.with_name(state.name + ".lock"), victim)
+    store = RollbackStore(state)
+    with pytest.raises(OSError) as info:  # the lock: O_NOFOLLOW
+        store.check_and_record("cam-1", 3)
+    assert info.value.errno == errno.ELOOP
+    untouched(victim, lock)
+    lock.unlink()
+    plant(state, victim)
+    with pytest.raises(ConfigError, match=REFUSED):  # neither read nor written through
+        RollbackStore(state).check_and_record("cam-1", 3)
+    untouched(victim, state)
+
+
+def test_cli_file_errors_are_one_line_not_a_traceback(
+    tmp_path: Path, victim: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ztagent.cli import main
+
+    keys = tmp_path / "vendor"
+    assert main(["firmware", "keygen", "--out", str(keys), "--name", "acme"]) == 0
+    out = tmp_path / "refs.json"
+    link = plant(out, victim)
+    firmware = tmp_path / "fw.bin"
+    firmware.write_bytes(b"firmware")
+    code = main(
+        ["firmware", "sign", str(firmware), "--key", str(keys / "acme.key"), "--name", "fw",
+         "--version", "1.0", "--svn", "1", "--out", str(link)]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("ztagent: error: ") and REFUSED in err, err
+    assert "Traceback" not in err
+    untouched(victim, link)

@@ -33,7 +33,6 @@ symbolic link (``OSError(ELOOP)`` naming the path).
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os
@@ -47,6 +46,7 @@ from cryptography import x509
 
 from ztagent.ca import builders
 from ztagent.ca import store as ca_store
+from ztagent.files import open_append
 from ztagent.pki.errors import CaError
 from ztagent.policy.decision_record import GENESIS_PREV, format_time, line_sha256
 from ztagent.policy.log_checkpoint import (
@@ -92,24 +92,7 @@ def _last_line_hash(fd: int) -> str:
 def _open_audit(path: Path) -> int:
     """``path`` for reading and appending, created 0640 whatever the umask, never through a
     symlink."""
-    flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
-    try:
-        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, FILE_MODE)
-    except FileExistsError:  # also a symlink: O_EXCL never follows one
-        try:
-            return os.open(path, flags)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise OSError(
-                    errno.ELOOP, "is a symbolic link (refusing to write through it)", str(path)
-                ) from None
-            raise
-    try:
-        os.fchmod(fd, FILE_MODE)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    return open_append(path, FILE_MODE, read=True)
 
 
 def _seal(fd: int, signer: CheckpointSigner, head: str, now: datetime) -> bytes:

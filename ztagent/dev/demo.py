@@ -14,6 +14,7 @@ import base64
 import contextlib
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -47,6 +48,7 @@ from ztagent.dev.pki import (
     ensure_dev_tpm_manufacturer,
 )
 from ztagent.device.transport import device_credentials
+from ztagent.files import KEY_MODE, make_private_dir
 from ztagent.pki.device_check import cert_ak_name
 from ztagent.rpc_status import ERROR_CODE_HEADER
 from ztagent.tokens.assertion import public_key_path
@@ -90,8 +92,9 @@ def _wait_healthy(channel: grpc.Channel, what: str, proc: subprocess.Popen[bytes
 
 @contextlib.contextmanager
 def _process(args: list[str], log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("wb") as log:
+    make_private_dir(log_path.parent)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+    with os.fdopen(os.open(log_path, flags, KEY_MODE), "wb") as log:  # never through a link
         proc = subprocess.Popen(
             [sys.executable, "-m", "ztagent", *args], stdout=log, stderr=subprocess.STDOUT
         )

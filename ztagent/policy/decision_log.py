@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Final, Literal, Protocol
 
 from ztagent.errors import ConfigError, ZtagentError
+from ztagent.files import open_append
 from ztagent.policy.decision_record import GENESIS_PREV, DecisionRecord, line_sha256
 from ztagent.policy.log_checkpoint import (
     CHECKPOINT_PREFIX,
@@ -516,29 +517,10 @@ class DecisionLog:
         return self.path.with_name(f"{self.path.name}.{n}")
 
     def _open_fd(self) -> int:
-        """``path`` for reading and appending, never through a symlink (``OSError(ELOOP)``)."""
+        """``path`` for reading and appending, never through a symlink (``OSError(ELOOP)``),
+        created exactly 0640 whatever the umask."""
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
-        flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
-        try:
-            fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, FILE_MODE)
-        except FileExistsError:  # also a symlink, dangling or not: O_EXCL never follows
-            try:
-                fd = os.open(self.path, flags)
-            except OSError as exc:
-                if exc.errno == errno.ELOOP:
-                    raise OSError(
-                        errno.ELOOP,
-                        "is a symbolic link (refusing to write through it)",
-                        str(self.path),
-                    ) from None
-                raise
-        else:
-            try:
-                os.fchmod(fd, FILE_MODE)  # exactly 0640, whatever the umask
-            except OSError:
-                os.close(fd)
-                raise
-        return fd
+        return open_append(self.path, FILE_MODE, read=True)
 
     def _open_fresh(self) -> None:
         fd = self._open_fd()

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from ztagent.errors import ConfigError
-from ztagent.files import KEY_MODE, PUBLIC_MODE, write_atomic
+from ztagent.files import KEY_MODE, PUBLIC_MODE, make_private_dir, write_atomic
 from ztagent.posture.errors import PostureError, short_hex
 
 FirmwarePublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey
@@ -236,7 +236,7 @@ def generate_firmware_key(out_dir: Path, name: str, alg: str = "Ed25519") -> tup
     for path in (private_path, public_path):
         if path.exists():
             raise ConfigError("firmware.key", f"{path} exists; refusing to overwrite a key")
-    out.mkdir(parents=True, exist_ok=True)
+    make_private_dir(out)
     private: ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey = (
         ed25519.Ed25519PrivateKey.generate()
         if alg == "Ed25519"

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ztagent.errors import ConfigError
-from ztagent.files import file_stamp, write_atomic
+from ztagent.files import file_stamp, make_private_dir, write_atomic
 from ztagent.posture.errors import PostureError
 
 log = logging.getLogger("ztagent.posture")
@@ -58,8 +58,10 @@ class _JsonStore:
     def _changing(self) -> Iterator[None]:
         """Thread lock, then the cross-process file lock, then fresh contents."""
         with self._lock:
-            self._path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            make_private_dir(self._path.parent)
+            fd = os.open(
+                self._lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+            )
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 self._refresh()
@@ -68,6 +70,10 @@ class _JsonStore:
                 os.close(fd)  # releases the flock
 
     def _read(self) -> dict[str, Any]:
+        if self._path.is_symlink():  # planted state (an AK binding, a lower SVN) is refused
+            raise ConfigError(
+                self._key, f"{self._path} is a symbolic link (refusing to read or write it)"
+            )
         try:
             raw = self._path.read_bytes()
         except FileNotFoundError:
