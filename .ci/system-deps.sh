@@ -6,7 +6,9 @@ need=()
 # to build tpm2-pytss.
 # softhsm2: the PKCS#11 HSM the enrollment tests use.
 # faketime (libfaketime): the 30-day offline test moves the sidecar's clock forward.
-for pkg in python3-venv pkg-config swtpm swtpm-tools tpm2-tools libtss2-dev softhsm2 faketime; do
+# postgresql: initdb/pg_ctl/postgres under /usr/lib/postgresql/<ver>/bin for the CA's PostgreSQL
+# backend tests (tests/fixtures/postgres.py starts its own server; the Debian cluster is unused).
+for pkg in python3-venv pkg-config swtpm swtpm-tools tpm2-tools libtss2-dev softhsm2 faketime postgresql; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
