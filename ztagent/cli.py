@@ -127,6 +127,7 @@ def cmd_ca_serve(args: argparse.Namespace) -> int:
     asyncio.run(
         run_ca_server(
             args.dir,
+            crl_http=args.crl_http,
             listen=args.listen,
             renew_listen=args.renew_listen,
             lifetime_days=args.lifetime_days,
@@ -770,6 +771,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--ek-ca-bundle",
         type=Path,
         help="TPM-manufacturer CA certificates (PEM): TPM enrollment then needs an EK certificate",
+    )
+    p.add_argument(
+        "--crl-http",
+        metavar="ADDR",
+        help="also serve the CRL over HTTPS at HOST:PORT (/crl.der, /crl.pem)",
     )
     p.set_defaults(func=cmd_ca_serve)
 

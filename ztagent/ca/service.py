@@ -74,6 +74,7 @@ from ztagent.ca import builders
 from ztagent.ca import store as ca_store
 from ztagent.ca.audit import AuditLog
 from ztagent.ca.bootstrap import BootstrapClaims, ReplayStore, verify_bootstrap_token
+from ztagent.ca.crl_http import CrlHttpServer, start_crl_http
 from ztagent.ca.issuance import (
     DEFAULT_LIFETIME_DAYS,
     MAX_LIFETIME_DAYS,
@@ -553,8 +554,12 @@ class CaServer:
     service: EnrollmentService
     enroll_port: int
     renew_port: int
+    crl_http: CrlHttpServer | None = None
+    """The CRL over HTTPS (``crl_http=``), closed with the server."""
 
     async def stop(self, grace: float | None = STOP_GRACE_S) -> None:
+        if self.crl_http is not None:
+            await asyncio.to_thread(self.crl_http.close)
         await self.server.stop(grace)
 
 
@@ -574,13 +579,16 @@ async def start_ca_server(
     clock: Clock = _utc_now,
     ek_ca_bundle: Path | None = None,
     crl_validity_days: float = builders.CRL_LIFETIME.days,
+    crl_http: str | None = None,
 ) -> CaServer:
     """Check the CA and the settings, bind both ports, start serving.
 
     ``ConfigError`` for a bad lifetime (``ca.lifetime_days``) or an address that cannot be
     bound (``ca.listen`` / ``ca.renew_listen``); ``CaError`` if the CA files are missing.
     ``clock`` is the service's time (token checks, issuance, TPM enrollment expiry; tests
-    move it); TLS uses the real time.
+    move it); TLS uses the real time. ``crl_http`` (``HOST:PORT``): also serve the CRL
+    ``GetCRL`` serves over HTTPS there (``ztagent.ca.crl_http``, ``/crl.der`` and
+    ``/crl.pem``, with ``server.pem``); ``ConfigError`` ``ca.crl_http`` if it cannot bind.
     """
     policy = IssuancePolicy(lifetime_days=lifetime_days)
     layout = ca_store.CaLayout(ca_dir)
@@ -619,9 +627,19 @@ async def start_ca_server(
             await server.stop(None)
             raise ConfigError(setting, f"cannot bind {address!r}: {exc}") from None
     service.renew_port = ports[1]
+    crl_server = None
+    if crl_http is not None:
+        tls = (layout.server_cert, layout.server_key)
+        try:
+            crl_server = await asyncio.to_thread(
+                start_crl_http, crl_http, service.current_crl_pem, tls=tls, clock=clock
+            )
+        except ConfigError:
+            await server.stop(None)
+            raise
     await server.start()
     log.info("CA enrollment on port %d, renewal (mTLS) on port %d", ports[0], ports[1])
-    return CaServer(server, service, ports[0], ports[1])
+    return CaServer(server, service, ports[0], ports[1], crl_server)
 
 
 async def run_ca_server(
@@ -632,6 +650,7 @@ async def run_ca_server(
     lifetime_days: int = DEFAULT_LIFETIME_DAYS,
     ek_ca_bundle: Path | None = None,
     crl_validity_days: float = builders.CRL_LIFETIME.days,
+    crl_http: str | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then stop with a 5 s grace."""
     running = await start_ca_server(
@@ -641,6 +660,7 @@ async def run_ca_server(
         lifetime_days=lifetime_days,
         ek_ca_bundle=ek_ca_bundle,
         crl_validity_days=crl_validity_days,
+        crl_http=crl_http,
     )
     try:
         await wait_for_stop_signal()
