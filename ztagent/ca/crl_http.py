@@ -49,7 +49,7 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from email.utils import format_datetime, parsedate_to_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -292,7 +292,8 @@ class _CrlHttpd(ThreadingHTTPServer):
         self._max_age_s = max_age_s
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._failures = FailureLog(log, "serving the CRL over HTTP (answering 503)")
-        self._memo_lock = threading.Lock()
+        self._lock = threading.Lock()
+        """Guards ``_memo`` and ``_failures`` (requests run in threads)."""
         self._memo: tuple[bytes, CrlResponse] | None = None
         super().__init__(address, _Handler)
 
@@ -300,26 +301,21 @@ class _CrlHttpd(ThreadingHTTPServer):
         """The response for the CRL the callable returns now; None (logged) if it fails."""
         try:
             pem = self._crl_pem()
-            with self._memo_lock:
+            with self._lock:
                 memo = self._memo
-            if memo is not None and memo[0] == pem:
-                parsed = memo[1]
-            else:
-                parsed = crl_response(pem, self._clock(), max_age_s=self._max_age_s)
-                with self._memo_lock:
-                    self._memo = (pem, parsed)
+            if memo is None or memo[0] != pem:
+                memo = (pem, crl_response(pem, self._clock(), max_age_s=self._max_age_s))
+                with self._lock:
+                    self._memo = memo
         except Exception as exc:  # a missing file, a CA error, a broken CRL: 503
-            self._failures.failed(f"{type(exc).__name__}: {exc}")
+            with self._lock:
+                self._failures.failed(f"{type(exc).__name__}: {exc}")
             return None
-        self._failures.succeeded()
-        now = self._clock()
-        return CrlResponse(
-            parsed.der,
-            parsed.pem,
-            parsed.etag,
-            parsed.this_update,
-            parsed.next_update,
-            cache_max_age(parsed.next_update, now, self._max_age_s),
+        with self._lock:
+            self._failures.succeeded()
+        parsed = memo[1]
+        return replace(
+            parsed, max_age_s=cache_max_age(parsed.next_update, self._clock(), self._max_age_s)
         )
 
     def process_request(self, request: Any, client_address: Any) -> None:
