@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-certs-dev/ca.json: | $(VENV)/.installed
+certs-dev/root-ca.pem: | $(VENV)/.installed
 	$(BIN)/ztagent ca init --dir certs-dev
 
 certs: $(VENV)/.installed
@@ -35,7 +35,7 @@ $(MODEL): | $(VENV)/.installed
 model: $(VENV)/.installed
 	$(PY) -m ztagent.workloads.inference.train --out var/models --seed 0
 
-run: $(VENV)/.installed certs-dev/ca.json $(MODEL)
+run: $(VENV)/.installed certs-dev/root-ca.pem $(MODEL)
 	$(BIN)/ztagent demo --config $(CONFIG)
 
 lint: $(VENV)/.installed
@@ -61,5 +61,5 @@ clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
 
 # Benchmarks (not part of `make test`): starts the real stack, writes bench/results.md.
-bench: $(VENV)/.installed certs-dev/ca.json
+bench: $(VENV)/.installed certs-dev/root-ca.pem
 	$(PY) -m bench.run

@@ -31,7 +31,7 @@ def _print_json(obj: object) -> None:
 def cmd_ca_init(args: argparse.Namespace) -> int:
     from ztagent.dev.pki import init_dev_pki
 
-    made = init_dev_pki(args.dir, args.trust_domain, force=args.force)
+    made = init_dev_pki(args.dir, args.trust_domain, force=args.force, db=args.db)
     print(f"dev PKI created in {args.dir} (trust domain {args.trust_domain})")
     for name, path in sorted(vars(made.layout).items()):
         print(f"  {name:<18} {path}")
@@ -55,7 +55,9 @@ def cmd_ca_issue(args: argparse.Namespace) -> int:
     from ztagent.ca import builders
     from ztagent.ca import store as ca_store
 
-    cert = ca_store.issue_device_cert(args.dir, args.device_id, args.out, days=args.days)
+    cert = ca_store.issue_device_cert(
+        args.dir, args.device_id, args.out, days=args.days, db=args.db
+    )
     from ztagent.timefmt import rfc3339
 
     until = rfc3339(cert.not_valid_after_utc)
@@ -64,6 +66,15 @@ def cmd_ca_issue(args: argparse.Namespace) -> int:
         f"(serial {builders.serial_hex(cert.serial_number)}, valid until {until})"
     )
     return EXIT_OK
+
+
+def _db_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--db",
+        metavar="DSN",
+        help="the CA's state: postgresql://user@host/db (several `ca serve` replicas share "
+        "it), or a SQLite file; default <dir>/ca.db",
+    )
 
 
 def _device_id(text: str) -> str:
@@ -108,8 +119,9 @@ def cmd_ca_revoke(args: argparse.Namespace) -> int:
         serial=args.serial,
         cert_path=args.cert,
         crl_validity=timedelta(days=args.crl_validity),
+        db=args.db,
     )
-    audit_revocation(args.dir, serial)
+    audit_revocation(args.dir, serial, db=args.db)
     print(f"revoked serial {builders.serial_hex(serial)}; CRL rewritten at {args.dir / 'crl.pem'}")
     return EXIT_OK
 
@@ -117,7 +129,7 @@ def cmd_ca_revoke(args: argparse.Namespace) -> int:
 def cmd_ca_token(args: argparse.Namespace) -> int:
     from ztagent.ca.bootstrap import issue_bootstrap_token
 
-    print(issue_bootstrap_token(args.dir, args.device_id, ttl_s=args.ttl))
+    print(issue_bootstrap_token(args.dir, args.device_id, ttl_s=args.ttl, db=args.db))
     return EXIT_OK
 
 
@@ -133,7 +145,20 @@ def cmd_ca_serve(args: argparse.Namespace) -> int:
             lifetime_days=args.lifetime_days,
             ek_ca_bundle=args.ek_ca_bundle,
             crl_validity_days=args.crl_validity,
+            db=args.db,
         )
+    )
+    return EXIT_OK
+
+
+def cmd_ca_migrate(args: argparse.Namespace) -> int:
+    from ztagent.ca.migrate import migrate_from_json
+
+    report = migrate_from_json(args.from_json, db=args.db)
+    print(
+        f"imported {args.from_json}: {report.issued} certificates, {report.revoked} revocations, "
+        f"{report.tokens} used bootstrap tokens, CRL number {report.crl_number} -> "
+        f"{report.location}"
     )
     return EXIT_OK
 
@@ -729,12 +754,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--trust-domain", type=_trust_domain, default="ztagent.dev", help="SPIFFE trust domain"
     )
     p.add_argument("--force", action="store_true", help="overwrite an existing CA")
+    _db_argument(p)
     p.set_defaults(func=cmd_ca_init)
     p = ca.add_parser("issue", help="sign a device certificate directly (dev/test)")
     p.add_argument("--dir", type=Path, required=True)
     p.add_argument("--device-id", type=_device_id, required=True, help="the device's id")
     p.add_argument("--out", type=Path, required=True, help="certificate path; key goes to .key")
     p.add_argument("--days", type=int, default=30)
+    _db_argument(p)
     p.set_defaults(func=cmd_ca_issue)
     p = ca.add_parser("revoke", help="revoke a certificate and rewrite the CRL")
     p.add_argument("--dir", type=Path, required=True)
@@ -744,12 +771,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--crl-validity", type=float, default=62, help="validity of the re-signed CRL, in days"
     )
+    _db_argument(p)
     p.set_defaults(func=cmd_ca_revoke)
 
     p = ca.add_parser("token", help="a signed one-time bootstrap token for enrollment")
     p.add_argument("--dir", type=Path, required=True)
     p.add_argument("--device-id", type=_device_id, required=True, help="the device's id")
     p.add_argument("--ttl", type=_parse_duration, default=900, help="e.g. 15m (default), 1h")
+    _db_argument(p)
     p.set_defaults(func=cmd_ca_token)
     p = ca.add_parser("serve", help="the enrollment service (Enroll, Renew, GetCACerts, GetCRL)")
     p.add_argument("--dir", type=Path, required=True)
@@ -772,12 +801,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="TPM-manufacturer CA certificates (PEM): TPM enrollment then needs an EK certificate",
     )
+    _db_argument(p)
     p.add_argument(
         "--crl-http",
         metavar="ADDR",
         help="also serve the CRL over HTTPS at HOST:PORT (/crl.der, /crl.pem)",
     )
     p.set_defaults(func=cmd_ca_serve)
+    p = ca.add_parser(
+        "migrate", help="import a CA from before the database (ca.json, bootstrap-used.json)"
+    )
+    p.add_argument("--from-json", type=Path, required=True, metavar="DIR", help="the CA directory")
+    _db_argument(p)
+    p.set_defaults(func=cmd_ca_migrate)
 
     p = sub.add_parser("enroll", help="device onboarding with a one-time bootstrap token")
     p.add_argument("--server", required=True, help="CA enrollment address (host:port)")

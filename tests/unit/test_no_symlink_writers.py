@@ -30,7 +30,6 @@ from ztagent.device.crl_fetch import CrlFetcher
 from ztagent.device.errors import EnrollClientError
 from ztagent.device.jwks_fetch import JwksSource
 from ztagent.device.keystores import FileKeyStore, KeyStoreError
-from ztagent.enrollment import EnrollError
 from ztagent.errors import ConfigError
 from ztagent.files import make_private_dir
 from ztagent.pki.errors import CaError
@@ -93,7 +92,7 @@ def ca_dir(tmp_path: Path) -> Path:
     return directory
 
 
-@pytest.mark.parametrize("name", ["ca.json", "crl.pem", "root-ca.key", "server.pem"])
+@pytest.mark.parametrize("name", ["crl.pem", "root-ca.key", "server.pem"])
 def test_ca_init_refuses_a_symlinked_file(tmp_path: Path, victim: Path, name: str) -> None:
     link = plant(tmp_path / "ca" / name, victim)
     with pytest.raises(CaError, match=rf"^ca_state_invalid: cannot write {link}: {REFUSED}"):
@@ -101,16 +100,23 @@ def test_ca_init_refuses_a_symlinked_file(tmp_path: Path, victim: Path, name: st
     untouched(victim, link)
 
 
-def test_ca_revoke_refuses_a_symlinked_state(ca_dir: Path, victim: Path) -> None:
+def test_the_ca_database_is_never_opened_through_a_symlink(ca_dir: Path, victim: Path) -> None:
+    """A planted ca.db link would let an attacker swap the CA's whole state (which serials
+    are revoked, which tokens were used): every entry point refuses it."""
     layout = ca_store.CaLayout(ca_dir)
-    serial = ca_store.load_state(layout).issued[-1].serial
-    state = layout.state.read_bytes()
-    victim.write_bytes(state)  # the link resolves to a valid ca.json: still not written
-    victim.chmod(0o644)
+    real = layout.state.with_name("real.db")
+    layout.state.rename(real)
     link = plant(layout.state, victim)
-    with pytest.raises(CaError, match=rf"cannot write {link}: {REFUSED}"):
-        ca_store.revoke(ca_dir, serial=serial, now=NOW)
-    assert victim.read_bytes() == state and link.is_symlink()
+    calls = [
+        lambda: ca_store.revoke(ca_dir, serial=1, now=NOW),
+        lambda: ca_store.write_crl(ca_dir, NOW),
+        lambda: ReplayStore.for_ca(ca_dir),
+        lambda: ca_store.init_ca(ca_dir, now=NOW, force=True),
+    ]
+    for call in calls:
+        with pytest.raises(CaError, match=rf"^ca_state_invalid: {link} is a symbolic link"):
+            call()
+    untouched(victim, link)
 
 
 def test_ca_crl_refuses_a_symlinked_crl(ca_dir: Path, victim: Path) -> None:
@@ -132,25 +138,8 @@ def test_ca_lock_is_never_followed(ca_dir: Path, victim: Path) -> None:
     layout = ca_store.CaLayout(ca_dir)
     link = plant(layout.lock, victim)
     with pytest.raises(CaError, match=rf"^ca_state_invalid: cannot lock {link}"):
-        ca_store.write_crl(ca_dir, NOW)
+        ca_store.init_ca(ca_dir, now=NOW, force=True)
     untouched(victim, link)
-
-
-def test_bootstrap_replay_store_refuses_a_symlink(ca_dir: Path, victim: Path) -> None:
-    replay = ReplayStore.for_ca(ca_dir)
-    used = b'{"version": 1, "used": {}}\n'
-    victim.write_bytes(used)  # the link resolves to a valid replay store: still not written
-    link = plant(replay.path, victim)
-    with pytest.raises(EnrollError, match=rf"^ca_unavailable: cannot write {link}: {REFUSED}"):
-        replay.consume("jti-1", int(NOW.timestamp()) + 600, NOW)
-    assert victim.read_bytes() == used and link.is_symlink()
-    victim.write_bytes(VICTIM)
-    # its lock file neither
-    link.unlink()
-    lock = plant(replay.path.with_name(replay.path.name + ".lock"), victim)
-    with pytest.raises(EnrollError, match=rf"^ca_unavailable: cannot lock {lock}"):
-        replay.consume("jti-1", int(NOW.timestamp()) + 600, NOW)
-    untouched(victim, lock)
 
 
 def test_ca_files_and_dirs_have_their_modes_under_umask_0(tmp_path: Path) -> None:
@@ -161,8 +150,8 @@ def test_ca_files_and_dirs_have_their_modes_under_umask_0(tmp_path: Path) -> Non
     assert mode(layout.dir) == mode(layout.devices_dir) == 0o700
     for key in (layout.root_key, layout.issuing_key, layout.server_key, layout.lock):
         assert mode(key) == 0o600, key
-    assert mode(layout.dir / "bootstrap-used.json") == 0o600
-    for public in (layout.root_cert, layout.bundle, layout.crl, layout.state):
+    assert mode(layout.state) == 0o600  # the database (its -wal and -shm get its mode)
+    for public in (layout.root_cert, layout.bundle, layout.crl):
         assert mode(public) == 0o644, public
 
 

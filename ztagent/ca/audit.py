@@ -13,7 +13,7 @@ Events and their fields:
 - ``issued``: ``device_id``, ``serial`` (lowercase hex), ``not_after`` (RFC 3339),
   ``method`` (``enroll`` | ``renew``), ``peer``, then ``jti`` (enroll) or
   ``previous_serial`` (renew);
-- ``revoked``: ``serial``, ``device_id`` (from ``ca.json``; null if unknown), ``actor``;
+- ``revoked``: ``serial``, ``device_id`` (from the CA database; null if unknown), ``actor``;
 - ``refused``: ``code``, ``device_id`` (null when not known yet), ``method``, ``peer``,
   ``message``.
 
@@ -209,17 +209,22 @@ class AuditLog:
 
 
 def audit_revocation(
-    ca_dir: Path, serial: int, *, actor: str = "cli", now: datetime | None = None
+    ca_dir: Path,
+    serial: int,
+    *,
+    actor: str = "cli",
+    now: datetime | None = None,
+    db: ca_store.DbArg = None,
 ) -> str:
     """Log a revocation done by ``ztagent.ca.store.revoke`` (call it right after, with the
-    serial ``revoke`` returned). The device id is looked up in ``ca.json``."""
+    serial ``revoke`` returned). The device id is looked up in the CA database."""
     device_id: str | None = None
     try:
-        state = ca_store.load_state(ca_store.CaLayout(ca_dir))
+        with ca_store.database(ca_dir, db) as store:
+            entry = store.issued(serial)
+        device_id = entry.device_id if entry is not None else None
     except CaError:
-        state = None
-    if state is not None:
-        device_id = next((i.device_id for i in state.issued if i.serial == serial), None)
+        pass
     moment = now if now is not None else datetime.now(UTC)
     return AuditLog.for_ca(ca_dir).revoked(serial, device_id, actor=actor, now=moment)
 

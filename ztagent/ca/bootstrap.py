@@ -12,24 +12,20 @@ Claims: ``iss`` (``spiffe://<trust domain>``), ``sub`` and ``device_id`` (the sa
 otherwise. The token authenticates its holder for exactly one device id: the device id of a
 certificate issued on enrollment comes from the token, never from the CSR.
 
-``ReplayStore`` is the IO edge that makes a token single-use: a JSON file of consumed ``jti``
-with their ``exp``, written atomically (mode 0600) before ``consume`` returns, so a token stays
-used across restarts. Entries are pruned once the token could no longer pass verification
-anyway (``exp`` + leeway, plus an hour of margin for clock steps).
+``ReplayStore`` is the IO edge that makes a token single-use: the consumed ``jti`` with their
+``exp`` in the CA database, committed before ``consume`` returns, so a token stays used across
+restarts and replicas. Entries are pruned a day after the token could no longer pass
+verification anyway.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
-import fcntl
 import json
-import os
 import re
 import secrets
-import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,9 +38,9 @@ from joserfc.errors import BadSignatureError, JoseError
 from joserfc.jwk import ECKey
 
 from ztagent.ca import store as ca_store
+from ztagent.ca.db import CaDatabase
 from ztagent.enrollment import EnrollError
 from ztagent.errors import ConfigError
-from ztagent.files import KEY_MODE, write_atomic
 from ztagent.pki.errors import CaError, CertError
 from ztagent.pki.spiffe import DeviceId
 from ztagent.timefmt import rfc3339_from_timestamp as _when
@@ -58,9 +54,7 @@ LEEWAY_S: Final = 30
 """A token is accepted until ``exp + LEEWAY_S`` and from ``iat - LEEWAY_S``."""
 MAX_TOKEN_CHARS: Final = 4096
 REPLAY_FILE: Final = "bootstrap-used.json"
-"""The replay store's file name inside the CA directory."""
-PRUNE_MARGIN_S: Final = 3600
-_STORE_VERSION = 1
+"""Where a CA from before the database kept its used tokens (``ca migrate`` imports it)."""
 _SEGMENT = re.compile(r"[A-Za-z0-9_-]*")
 _JTI = re.compile(r"[0-9a-f]{32}")
 
@@ -103,7 +97,12 @@ def _unix(now: datetime) -> int:
 
 
 def issue_bootstrap_token(
-    ca_dir: Path, device_id: str, ttl_s: int = DEFAULT_TTL_S, now: datetime | None = None
+    ca_dir: Path,
+    device_id: str,
+    ttl_s: int = DEFAULT_TTL_S,
+    now: datetime | None = None,
+    *,
+    db: ca_store.DbArg = None,
 ) -> str:
     """A fresh single-use token for ``device_id``, signed by the issuing CA of ``ca_dir``.
 
@@ -117,10 +116,9 @@ def issue_bootstrap_token(
     if isinstance(ttl_s, bool) or not isinstance(ttl_s, int) or not 1 <= ttl_s <= MAX_TTL_S:
         raise ConfigError("ttl", f"{ttl_s!r} seconds (expected 1 to {MAX_TTL_S})")
     layout = ca_store.CaLayout(ca_dir)
-    state = ca_store.load_state(layout)
+    td = ca_store.trust_domain_of(ca_dir, db)
     issuing = ca_store.load_issuing(layout)
     iat = _unix(now if now is not None else datetime.now(UTC))
-    td = state.trust_domain
     claims = {
         "iss": trust_domain_uri(td),
         "sub": device_id,
@@ -277,80 +275,35 @@ def _check_claims(
 
 
 class ReplayStore:
-    """The consumed ``jti`` of bootstrap tokens, persisted in one JSON file.
+    """The consumed ``jti`` of bootstrap tokens, in the CA database (``used_tokens``).
 
-    ``consume`` is atomic across threads (a lock) and processes (``flock`` on
-    ``<path>.lock``). An unreadable file fails closed: every ``consume`` raises
-    ``ca_unavailable`` until it is repaired.
+    One-time use is the database's: ``INSERT ... ON CONFLICT DO NOTHING`` on the primary
+    key, so a token redeemed at two threads, processes or replicas at once is accepted once.
+    A database that cannot be reached fails closed (``ca_unavailable``).
     """
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._lock = threading.Lock()
+    def __init__(self, db: CaDatabase) -> None:
+        self._db = db
 
     @classmethod
-    def for_ca(cls, ca_dir: Path) -> ReplayStore:
-        return cls(ca_dir / REPLAY_FILE)
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        with self._lock:
-            lock = self.path.with_name(self.path.name + ".lock")
-            try:
-                fd = os.open(
-                    lock, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, KEY_MODE
-                )
-            except OSError as exc:
-                raise EnrollError("ca_unavailable", f"cannot lock {lock}: {exc.strerror}") from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                yield
-            finally:
-                os.close(fd)
-
-    def _load(self) -> dict[str, int]:
-        try:
-            data = self.path.read_bytes()
-        except FileNotFoundError:
-            return {}
-        except OSError as exc:
-            raise EnrollError("ca_unavailable", f"cannot read {self.path}: {exc}") from None
-        try:
-            doc = json.loads(data)
-            if doc.get("version") != _STORE_VERSION:
-                raise ValueError(f"version {doc.get('version')!r} (expected {_STORE_VERSION})")
-            used = doc["used"]
-            if not isinstance(used, dict) or not all(
-                isinstance(k, str) and isinstance(v, int) for k, v in used.items()
-            ):
-                raise ValueError("'used' is not an object of jti -> exp seconds")
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise EnrollError(
-                "ca_unavailable", f"{self.path}: replay store unreadable ({exc}); refusing tokens"
-            ) from None
-        return dict(used)
+    def for_ca(cls, ca_dir: Path, db: ca_store.DbArg = None) -> ReplayStore:
+        return cls(db if isinstance(db, CaDatabase) else ca_store.open_ca_database(ca_dir, db))
 
     def is_used(self, jti: str) -> bool:
-        with self._locked():
-            return jti in self._load()
+        return _available(lambda: self._db.token_used(jti))
 
     def consume(self, jti: str, exp: int, now: datetime) -> None:
         """Record ``jti`` as used (until ``exp``); ``token_reused`` if it already was."""
-        moment = _unix(now)
-        with self._locked():
-            used = self._load()
-            if jti in used:
-                raise EnrollError(
-                    "token_reused",
-                    f"token jti {jti[:8]}… was already used (expected a token never used before; "
-                    "ask the operator for a new one)",
-                )
-            kept = {k: v for k, v in used.items() if v + LEEWAY_S + PRUNE_MARGIN_S >= moment}
-            kept[jti] = exp
-            doc = {"version": _STORE_VERSION, "used": dict(sorted(kept.items()))}
-            try:
-                write_atomic(self.path, (json.dumps(doc, indent=1) + "\n").encode(), KEY_MODE)
-            except OSError as exc:
-                raise EnrollError(
-                    "ca_unavailable", f"cannot write {self.path}: {exc.strerror}"
-                ) from None
+        if not _available(lambda: self._db.consume_token(jti, exp, _unix(now))):
+            raise EnrollError(
+                "token_reused",
+                f"token jti {jti[:8]}… was already used (expected a token never used before; "
+                "ask the operator for a new one)",
+            )
+
+
+def _available(fn: Callable[[], bool]) -> bool:
+    try:
+        return fn()
+    except CaError as exc:
+        raise EnrollError("ca_unavailable", f"replay store: {exc.code}: {exc.message}") from None

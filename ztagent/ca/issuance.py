@@ -17,8 +17,8 @@ never copied, but a CSR that names *another* device is refused, because it shows
 equal the device id, and every URI SAN in its extensionRequest must be the device's SPIFFE ID.
 An empty subject and no SAN is fine; DNS/IP/email SANs are ignored (never copied).
 
-``check_csr`` and ``check_csr_names`` are pure; ``issue_for`` writes ``ca.json`` under the CA
-lock (through ``ztagent.ca.store.issue_device_for_key``).
+``check_csr`` and ``check_csr_names`` are pure; ``issue_for`` signs and records the certificate
+in the CA database (through ``ztagent.ca.store.issue_device_for_key``).
 """
 
 from __future__ import annotations
@@ -163,8 +163,9 @@ def issue_for(
     now: datetime,
     *,
     ak_name: str | None = None,
+    db: ca_store.DbArg = None,
 ) -> x509.Certificate:
-    """Issue a device certificate for ``public_key`` and record it in ``ca.json``.
+    """Issue a device certificate for ``public_key`` and record it in the CA database.
 
     ``ak_name`` (hex TPM name of an AK proven to live in the device's TPM) goes into the
     non-critical AK-name extension (``ztagent.pki.device_check.AK_NAME_OID``). The key is
@@ -181,6 +182,8 @@ def issue_for(
             days=lifetime_days(policy),
             now=now,
             extensions=extensions,
+            ak_name=ak_name,
+            db=db,
         )
     except CaError as exc:
         raise EnrollError("ca_unavailable", f"cannot issue: {exc.code}: {exc.message}") from None

@@ -67,6 +67,7 @@ from typing import Final, NoReturn, TypeVar
 
 import grpc
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from ztagent._proto.v1 import enrollment_pb2, enrollment_pb2_grpc
 from ztagent.admission.call import peer_certificate_pem
@@ -75,6 +76,7 @@ from ztagent.ca import store as ca_store
 from ztagent.ca.audit import AuditLog
 from ztagent.ca.bootstrap import BootstrapClaims, ReplayStore, verify_bootstrap_token
 from ztagent.ca.crl_http import CrlHttpServer, start_crl_http
+from ztagent.ca.db import CaDatabase
 from ztagent.ca.issuance import (
     DEFAULT_LIFETIME_DAYS,
     MAX_LIFETIME_DAYS,
@@ -209,6 +211,7 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         clock: Clock = _utc_now,
         ek_trust: EkTrust | None = None,
         crl_validity: timedelta = builders.CRL_LIFETIME,
+        db: ca_store.DbArg = None,
     ) -> None:
         self.layout = ca_store.CaLayout(ca_dir)
         self.policy = policy or IssuancePolicy()
@@ -217,7 +220,9 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         self.renew_port = 0
         """The bound renewal port, announced in every EnrollResponse (set at start)."""
         self.crl_validity = crl_validity
-        self.replay = ReplayStore.for_ca(ca_dir)
+        self.db = db if isinstance(db, CaDatabase) else ca_store.open_ca_database(ca_dir, db)
+        """The CA's state: SQLite in the CA directory, or PostgreSQL shared by replicas."""
+        self.replay = ReplayStore(self.db)
         self.audit = AuditLog.for_ca(ca_dir)
         self.pending_tpm = PendingTpmEnrollments()
         self._clock = clock
@@ -321,16 +326,16 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
                     "Enroll does not bind a TPM (got ek_public/ak_public; expected "
                     "BeginTpmEnroll then CompleteTpmEnroll for a TPM-bound certificate)",
                 )
-            state = _ca_call(lambda: ca_store.load_state(self.layout))
+            td = _ca_call(self.db.trust_domain)
             issuing = _ca_call(lambda: ca_store.load_issuing(self.layout))
-            claims = verify_bootstrap_token(
-                request.bootstrap_token, issuing.cert, state.trust_domain, now
-            )
+            claims = verify_bootstrap_token(request.bootstrap_token, issuing.cert, td, now)
             device_id = claims.device_id
             csr = check_csr(request.csr)
-            check_csr_names(csr, device_id, state.trust_domain, "token_device_mismatch")
+            check_csr_names(csr, device_id, td, "token_device_mismatch")
             self.replay.consume(claims.jti, claims.expires_at, now)
-            cert = issue_for(self.layout.dir, device_id, csr.public_key(), self.policy, now)
+            cert = issue_for(
+                self.layout.dir, device_id, csr.public_key(), self.policy, now, db=self.db
+            )
         except EnrollError as err:
             self._audit_refusal(err, device_id, "enroll", peer)
             raise
@@ -338,7 +343,7 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
             cert, device_id, method="enroll", peer=peer, now=now, extra={"jti": claims.jti}
         )
         log.info("enrolled %s (serial %x) for %s", device_id, cert.serial_number, peer)
-        return self._response(cert, issuing.cert, device_id, state.trust_domain)
+        return self._response(cert, issuing.cert, device_id, td)
 
     def _begin_tpm_enroll(
         self, request: enrollment_pb2.EnrollRequest, peer: str
@@ -346,14 +351,12 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         now = self._clock()
         device_id: str | None = None
         try:
-            state = _ca_call(lambda: ca_store.load_state(self.layout))
+            td = _ca_call(self.db.trust_domain)
             issuing = _ca_call(lambda: ca_store.load_issuing(self.layout))
-            claims = verify_bootstrap_token(
-                request.bootstrap_token, issuing.cert, state.trust_domain, now
-            )
+            claims = verify_bootstrap_token(request.bootstrap_token, issuing.cert, td, now)
             device_id = claims.device_id
             csr = check_csr(request.csr)
-            check_csr_names(csr, device_id, state.trust_domain, "token_device_mismatch")
+            check_csr_names(csr, device_id, td, "token_device_mismatch")
             if self.replay.is_used(claims.jti):
                 raise EnrollError(
                     "token_reused",
@@ -406,9 +409,9 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
                 ak_name = complete_binding(pending.binding, request.secret)
             except PostureError as exc:
                 raise EnrollError("ak_binding_failed", exc.message) from None
-            state = _ca_call(lambda: ca_store.load_state(self.layout))
+            td = _ca_call(self.db.trust_domain)
             issuing = _ca_call(lambda: ca_store.load_issuing(self.layout))
-            claims = self._recheck_token(pending, issuing.cert, state.trust_domain, now)
+            claims = self._recheck_token(pending, issuing.cert, td, now)
             self.replay.consume(claims.jti, claims.expires_at, now)
             cert = issue_for(
                 self.layout.dir,
@@ -417,6 +420,7 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
                 self.policy,
                 now,
                 ak_name=ak_name,
+                db=self.db,
             )
         except EnrollError as err:
             self._audit_refusal(err, device_id, "complete_tpm_enroll", peer)
@@ -432,7 +436,7 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         log.info(
             "enrolled %s (serial %x, AK %s) for %s", device_id, cert.serial_number, ak_name, peer
         )
-        return self._response(cert, issuing.cert, device_id, state.trust_domain)
+        return self._response(cert, issuing.cert, device_id, td)
 
     @staticmethod
     def _recheck_token(
@@ -456,13 +460,19 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
                     "no client certificate in the TLS session (expected mTLS with the current "
                     "device certificate, on the renewal port)",
                 )
-            state = _ca_call(lambda: ca_store.load_state(self.layout))
+            td = _ca_call(self.db.trust_domain)
             issuing = _ca_call(lambda: ca_store.load_issuing(self.layout))
-            leaf, device_id, ak_name = self._check_peer(leaf_pem, state, now)
+            leaf, device_id, ak_name = self._check_peer(leaf_pem, td, now)
             csr = check_csr(request.csr)
-            check_csr_names(csr, device_id, state.trust_domain, "csr_device_mismatch")
+            check_csr_names(csr, device_id, td, "csr_device_mismatch")
             cert = issue_for(
-                self.layout.dir, device_id, csr.public_key(), self.policy, now, ak_name=ak_name
+                self.layout.dir,
+                device_id,
+                csr.public_key(),
+                self.policy,
+                now,
+                ak_name=ak_name,
+                db=self.db,
             )
         except EnrollError as err:
             self._audit_refusal(err, device_id, "renew", peer)
@@ -475,10 +485,10 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         log.info(
             "renewed %s (serial %s -> %x) for %s", device_id, previous, cert.serial_number, peer
         )
-        return self._response(cert, issuing.cert, device_id, state.trust_domain)
+        return self._response(cert, issuing.cert, device_id, td)
 
     def _check_peer(
-        self, leaf_pem: bytes, state: ca_store.CaState, now: datetime
+        self, leaf_pem: bytes, td: str, now: datetime
     ) -> tuple[x509.Certificate, str, str | None]:
         """The peer's leaf, device id and AK name (None without the AK-name extension)."""
         try:
@@ -493,32 +503,31 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
             trust = TrustMaterial.from_pem(bundle, crl_pem)
         except ConfigError as exc:
             raise EnrollError("ca_unavailable", f"CA bundle or CRL: {exc.message}") from None
-        policy = DevicePolicy(
-            trust_domain=state.trust_domain, max_lifetime=timedelta(days=MAX_LIFETIME_DAYS)
-        )
+        policy = DevicePolicy(trust_domain=td, max_lifetime=timedelta(days=MAX_LIFETIME_DAYS))
         try:
             device = verify_device_cert(leaf, trust, policy, now)
         except CertError as exc:
             code = "renew_cert_revoked" if exc.code == "cert_revoked" else "renew_cert_invalid"
             raise EnrollError(code, f"{exc.code}: {exc.message}") from None
-        revoked = next((r for r in state.revoked if r.serial == leaf.serial_number), None)
-        if revoked is not None:
+        revoked_at = _ca_call(lambda: self.db.revocation(leaf.serial_number))
+        if revoked_at is not None:
             raise EnrollError(
                 "renew_cert_revoked",
                 f"certificate serial {builders.serial_hex(leaf.serial_number)} was revoked at "
-                f"{rfc3339(revoked.revoked_at)} (in {self.layout.state})",
+                f"{rfc3339(revoked_at)} (in {self.db.location})",
             )
         return leaf, device.device_id, device.ak_name
 
     def current_crl_pem(self) -> bytes:
-        """``crl.pem``, re-signed first (``crl_validity`` from now) when less than half of
-        its validity is left."""
+        """The newest CRL any replica signed (from the database), re-signed first
+        (``crl_validity`` from now) when less than half of its validity is left."""
         now = self._clock()
-        data = self.layout.crl.read_bytes()
+        latest = self.db.latest_crl()
+        data = latest[1] if latest is not None else self.layout.crl.read_bytes()
         if crl_needs_resigning(data, now):
-            log.info("re-signing %s (less than half its validity left)", self.layout.crl)
-            ca_store.write_crl(self.layout.dir, now, validity=self.crl_validity)
-            data = self.layout.crl.read_bytes()
+            log.info("re-signing the CRL (less than half its validity left)")
+            crl = ca_store.write_crl(self.layout.dir, now, validity=self.crl_validity, db=self.db)
+            data = crl.public_bytes(serialization.Encoding.PEM)
         return data
 
     def _response(
@@ -580,6 +589,7 @@ async def start_ca_server(
     ek_ca_bundle: Path | None = None,
     crl_validity_days: float = builders.CRL_LIFETIME.days,
     crl_http: str | None = None,
+    db: str | None = None,
 ) -> CaServer:
     """Check the CA and the settings, bind both ports, start serving.
 
@@ -592,7 +602,8 @@ async def start_ca_server(
     """
     policy = IssuancePolicy(lifetime_days=lifetime_days)
     layout = ca_store.CaLayout(ca_dir)
-    ca_store.load_state(layout)
+    database = ca_store.open_ca_database(ca_dir, db)
+    database.trust_domain()  # a CA is there
     ca_store.load_issuing(layout)
     key, chain, bundle = _read(layout.server_key), _read(layout.server_cert), _read(layout.bundle)
     ek_trust = EkTrust.load(ek_ca_bundle, "ca.ek_ca_bundle") if ek_ca_bundle else None
@@ -604,6 +615,7 @@ async def start_ca_server(
         clock=clock,
         ek_trust=ek_trust,
         crl_validity=timedelta(days=crl_validity_days),
+        db=database,
     )
     server = grpc.aio.server(
         options=[
@@ -650,6 +662,7 @@ async def run_ca_server(
     lifetime_days: int = DEFAULT_LIFETIME_DAYS,
     ek_ca_bundle: Path | None = None,
     crl_validity_days: float = builders.CRL_LIFETIME.days,
+    db: str | None = None,
     crl_http: str | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then stop with a 5 s grace."""
@@ -660,6 +673,7 @@ async def run_ca_server(
         lifetime_days=lifetime_days,
         ek_ca_bundle=ek_ca_bundle,
         crl_validity_days=crl_validity_days,
+        db=db,
         crl_http=crl_http,
     )
     try:

@@ -2,22 +2,23 @@
 
 Library functions used by ``ztagent ca ...`` and by the tests. Layout of a CA directory is
 ``CaLayout`` (documented in ``certs-dev/README.md``). All keys are EC P-256, written as
-PKCS#8 PEM with mode 0600; every file is written atomically. ``ca.json`` holds the state:
-trust domain, CRL number, revoked serials with dates, issued serials with device ids.
-Mutating operations hold an exclusive lock on ``.ca.lock``.
+PKCS#8 PEM with mode 0600; every file is written atomically. The CA's state — trust domain,
+CRL number, issued and revoked serials, used bootstrap tokens, the signed CRLs — is in its
+database (``ztagent.ca.db``: ``<dir>/ca.db`` by default, or PostgreSQL with ``db=``); every
+function takes ``db`` as a DSN / SQLite path or an open ``CaDatabase``. ``crl.pem`` in the
+directory is a copy of the newest CRL for file-based consumers. ``init_ca`` holds an
+exclusive lock on ``.ca.lock`` while it writes the key files.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -40,15 +41,18 @@ from ztagent.ca.builders import (
     cert_pem,
     key_pem,
     new_ca,
-    serial_hex,
     sign_leaf,
 )
+from ztagent.ca.db import CaDatabase, IssuedEntry, RevokedEntry, open_database
 from ztagent.files import KEY_MODE, PUBLIC_MODE, make_private_dir, write_atomic
 from ztagent.pki.errors import CaError, CertError
 from ztagent.pki.spiffe import DeviceId, TrustDomain, device_spiffe_id
-from ztagent.timefmt import parse_rfc3339, rfc3339
 
-STATE_VERSION = 1
+__all__ = ["CaLayout", "IssuedEntry", "RevokedEntry", "database"]
+
+DbArg = CaDatabase | str | None
+"""Where the CA's state is: an open database, a ``postgresql://`` DSN or SQLite path, or
+None for ``<ca dir>/ca.db``."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,9 @@ class CaLayout:
     server_key: Path = field(init=False)
     crl: Path = field(init=False)
     state: Path = field(init=False)
+    """The SQLite database (the default engine)."""
+    legacy_state: Path = field(init=False)
+    """``ca.json``: the state of a CA from before the database (``ca migrate``)."""
     devices_dir: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -79,7 +86,8 @@ class CaLayout:
             "server_cert": "server.pem",
             "server_key": "server.key",
             "crl": "crl.pem",
-            "state": "ca.json",
+            "state": "ca.db",
+            "legacy_state": "ca.json",
             "devices_dir": "devices",
         }
         for attr, name in names.items():
@@ -122,79 +130,28 @@ def _write_pair(cert_path: Path, key_path: Path, pair: KeyPair, *chain: x509.Cer
 # --- the CA directory -----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class RevokedEntry:
-    serial: int
-    revoked_at: datetime
+def open_ca_database(ca_dir: Path, db: str | None = None) -> CaDatabase:
+    """``open_database``, after importing a CA from before the database (``ca.json``) into
+    the default SQLite file the first time it is opened."""
+    layout = CaLayout(ca_dir)
+    if db is None and not layout.state.exists() and layout.legacy_state.exists():
+        from ztagent.ca.migrate import migrate_from_json
+
+        migrate_from_json(ca_dir)
+    return open_database(ca_dir, db)
 
 
-@dataclass(frozen=True)
-class IssuedEntry:
-    serial: int
-    kind: str  # "server" | "device"
-    device_id: str | None
-    not_after: datetime
-
-
-@dataclass(frozen=True)
-class CaState:
-    """The contents of ``ca.json``."""
-
-    trust_domain: str
-    crl_number: int
-    revoked: tuple[RevokedEntry, ...] = ()
-    issued: tuple[IssuedEntry, ...] = ()
-
-    def to_json(self) -> bytes:
-        doc = {
-            "version": STATE_VERSION,
-            "trust_domain": self.trust_domain,
-            "crl_number": self.crl_number,
-            "revoked": [
-                {"serial": serial_hex(r.serial), "revoked_at": rfc3339(r.revoked_at)}
-                for r in self.revoked
-            ],
-            "issued": [
-                {
-                    "serial": serial_hex(i.serial),
-                    "kind": i.kind,
-                    "device_id": i.device_id,
-                    "not_after": rfc3339(i.not_after),
-                }
-                for i in self.issued
-            ],
-        }
-        return (json.dumps(doc, indent=2) + "\n").encode()
-
-    @classmethod
-    def from_json(cls, data: bytes, source: Path) -> CaState:
-        try:
-            doc: Any = json.loads(data)
-            if doc.get("version") != STATE_VERSION:
-                raise ValueError(f"version {doc.get('version')!r} (expected {STATE_VERSION})")
-            return cls(
-                trust_domain=str(doc["trust_domain"]),
-                crl_number=int(doc["crl_number"]),
-                revoked=tuple(
-                    RevokedEntry(int(r["serial"], 16), parse_rfc3339(r["revoked_at"]))
-                    for r in doc["revoked"]
-                ),
-                issued=tuple(
-                    IssuedEntry(
-                        int(i["serial"], 16),
-                        str(i["kind"]),
-                        i.get("device_id"),
-                        parse_rfc3339(i["not_after"]),
-                    )
-                    for i in doc["issued"]
-                ),
-            )
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise CaError("ca_state_invalid", f"{source}: cannot read CA state: {exc}") from None
-
-    def with_issued(self, cert: x509.Certificate, kind: str, device_id: str | None) -> CaState:
-        entry = IssuedEntry(cert.serial_number, kind, device_id, cert.not_valid_after_utc)
-        return CaState(self.trust_domain, self.crl_number, self.revoked, (*self.issued, entry))
+@contextlib.contextmanager
+def database(ca_dir: Path, db: DbArg = None) -> Iterator[CaDatabase]:
+    """The CA database: ``db`` itself when it is open (left open), else opened and closed."""
+    if isinstance(db, CaDatabase):
+        yield db
+        return
+    opened = open_ca_database(ca_dir, db)
+    try:
+        yield opened
+    finally:
+        opened.close()
 
 
 @contextlib.contextmanager
@@ -215,7 +172,7 @@ def _locked(layout: CaLayout) -> Iterator[None]:
 
 
 def _ca_present(layout: CaLayout) -> bool:
-    return any(p.exists() for p in (layout.root_cert, layout.root_key, layout.state))
+    return any(p.exists() for p in (layout.root_cert, layout.root_key, layout.legacy_state))
 
 
 def _trust_domain(trust_domain: str) -> TrustDomain:
@@ -240,16 +197,19 @@ def init_ca(
     force: bool = False,
     demo_device_id: str = "demo-device",
     now: datetime | None = None,
+    db: DbArg = None,
 ) -> CaLayout:
-    """Create root CA, issuing CA, server cert, a demo device cert and an empty CRL."""
+    """Create root CA, issuing CA, server cert, a demo device cert and an empty CRL, and a
+    fresh CA database (``db``; ``force`` empties an existing one)."""
     trust_domain = _trust_domain(trust_domain)
     demo_device_id = _device_id(demo_device_id)
     moment = _now(now)
     layout = CaLayout(ca_dir)
     _make_dir(ca_dir)
-    with _locked(layout):
+    with _locked(layout), database(ca_dir, db) as store:
         if _ca_present(layout) and not force:
             raise CaError("ca_exists", f"a CA already exists in {ca_dir} (use force to replace it)")
+        store.initialise(trust_domain, replace=force)
         _make_dir(layout.devices_dir)
         root, issuing = new_ca(f"ztagent dev ({trust_domain})", now=moment)
         start = moment - BACKDATE
@@ -264,11 +224,8 @@ def init_ca(
             ips=["127.0.0.1", "::1"],
         )
         device = build_device(issuing, trust_domain, demo_device_id, now=moment)
-        state = (
-            CaState(trust_domain, crl_number=1)
-            .with_issued(server.cert, "server", None)
-            .with_issued(device.cert, "device", demo_device_id)
-        )
+        store.record_issued(_entry(server.cert, "server", None), moment)
+        store.record_issued(_entry(device.cert, "device", demo_device_id), moment)
         _write_pair(layout.root_cert, layout.root_key, root)
         _write_pair(layout.issuing_cert, layout.issuing_key, issuing)
         _write(layout.bundle, cert_pem(root.cert, issuing.cert))
@@ -279,9 +236,14 @@ def init_ca(
             device,
             issuing.cert,
         )
-        _write_crl(layout, issuing, state, moment)
-        _write(layout.state, state.to_json())
+        _sign_crl(layout, store, issuing, *store.next_crl(), moment, CRL_LIFETIME)
     return layout
+
+
+def _entry(
+    cert: x509.Certificate, kind: str, device_id: str | None, ak_name: str | None = None
+) -> IssuedEntry:
+    return IssuedEntry(cert.serial_number, kind, device_id, cert.not_valid_after_utc, ak_name)
 
 
 def load_issuing(layout: CaLayout) -> KeyPair:
@@ -298,12 +260,9 @@ def load_issuing(layout: CaLayout) -> KeyPair:
     return KeyPair(cert, key)
 
 
-def load_state(layout: CaLayout) -> CaState:
-    try:
-        data = layout.state.read_bytes()
-    except FileNotFoundError:
-        raise CaError("ca_missing", f"no CA in {layout.dir}: {layout.state} not found") from None
-    return CaState.from_json(data, layout.state)
+def trust_domain_of(ca_dir: Path, db: DbArg = None) -> str:
+    with database(ca_dir, db) as store:
+        return store.trust_domain()
 
 
 def issue_device_cert(
@@ -313,6 +272,7 @@ def issue_device_cert(
     *,
     days: int = DEVICE_DAYS,
     now: datetime | None = None,
+    db: DbArg = None,
 ) -> x509.Certificate:
     """Sign a device cert; write ``out`` (leaf + issuing CA) and ``out.with_suffix('.key')``.
 
@@ -322,13 +282,13 @@ def issue_device_cert(
     if days < 1:
         raise CaError("days_invalid", f"days is {days} (expected at least 1)")
     layout = CaLayout(ca_dir)
-    with _locked(layout):
-        state = load_state(layout)
+    moment = _now(now)
+    with database(ca_dir, db) as store:
         issuing = load_issuing(layout)
-        device = build_device(issuing, state.trust_domain, device_id, now=_now(now), days=days)
+        device = build_device(issuing, store.trust_domain(), device_id, now=moment, days=days)
         _make_dir(out.parent)
         _write_pair(out, out.with_suffix(".key"), device, issuing.cert)
-        _write(layout.state, state.with_issued(device.cert, "device", device_id).to_json())
+        store.record_issued(_entry(device.cert, "device", device_id), moment)
     return device.cert
 
 
@@ -340,65 +300,81 @@ def issue_device_for_key(
     days: int = DEVICE_DAYS,
     now: datetime | None = None,
     extensions: Sequence[x509.ExtensionType] = (),
+    ak_name: str | None = None,
+    db: DbArg = None,
+    issuing: KeyPair | None = None,
 ) -> x509.Certificate:
-    """Sign a device cert (as ``build_device``) for a key the CA never sees; record it in
-    ``ca.json`` under the CA lock, so ``revoke`` knows it. Writes no certificate file.
-    ``extensions`` are added non-critical (the AK-name extension of TPM-bound enrollment).
+    """Sign a device cert (as ``build_device``) for a key the CA never sees and record it in
+    the CA database, so ``revoke`` knows it. Writes no certificate file. ``extensions`` are
+    added non-critical (the AK-name extension of TPM-bound enrollment; ``ak_name`` is
+    recorded with the certificate).
 
     The caller (the enrollment service) checks the key type and caps ``days``.
     """
     device_id = _device_id(device_id)
     if days < 1:
         raise CaError("days_invalid", f"days is {days} (expected at least 1)")
-    layout = CaLayout(ca_dir)
-    not_before = _now(now) - BACKDATE
-    with _locked(layout):
-        state = load_state(layout)
-        issuing = load_issuing(layout)
+    moment = _now(now)
+    not_before = moment - BACKDATE
+    with database(ca_dir, db) as store:
+        signer = issuing or load_issuing(CaLayout(ca_dir))
         cert = sign_leaf(
-            issuing,
+            signer,
             public_key,
             subject_cn=device_id,
-            uris=[device_spiffe_id(state.trust_domain, device_id)],
+            uris=[device_spiffe_id(store.trust_domain(), device_id)],
             eku=[ExtendedKeyUsageOID.CLIENT_AUTH],
             not_before=not_before,
             not_after=not_before + timedelta(days=days),
             extensions=extensions,
         )
-        _write(layout.state, state.with_issued(cert, "device", device_id).to_json())
+        store.record_issued(_entry(cert, "device", device_id, ak_name), moment)
     return cert
 
 
-def _write_crl(
+def _sign_crl(
     layout: CaLayout,
+    store: CaDatabase,
     issuing: KeyPair,
-    state: CaState,
+    number: int,
+    revoked: dict[int, datetime],
     now: datetime,
-    validity: timedelta = CRL_LIFETIME,
-) -> None:
-    crl = build_crl(
-        issuing,
-        {r.serial: r.revoked_at for r in state.revoked},
-        number=state.crl_number,
-        this_update=now,
-        next_update=now + validity,
-    )
-    _write(layout.crl, crl.public_bytes(serialization.Encoding.PEM))
+    validity: timedelta,
+) -> x509.CertificateRevocationList:
+    """Sign CRL ``number`` listing ``revoked``, store it in the database (where every
+    replica serves the newest from) and copy it to ``crl.pem`` unless a newer one is there."""
+    crl = build_crl(issuing, revoked, number=number, this_update=now, next_update=now + validity)
+    pem = crl.public_bytes(serialization.Encoding.PEM)
+    store.store_crl(number, pem, now + validity)
+    if _crl_number_of(layout.crl) < number:
+        _write(layout.crl, pem)
+    return crl
+
+
+def _crl_number_of(path: Path) -> int:
+    """The CRL number of ``path`` (-1: missing or unreadable)."""
+    try:
+        crl = x509.load_pem_x509_crl(path.read_bytes())
+        ext = crl.extensions.get_extension_for_class(x509.CRLNumber)
+    except (OSError, ValueError, x509.ExtensionNotFound):
+        return -1
+    return int(ext.value.crl_number)
 
 
 def write_crl(
-    ca_dir: Path, now: datetime | None = None, *, validity: timedelta = CRL_LIFETIME
+    ca_dir: Path,
+    now: datetime | None = None,
+    *,
+    validity: timedelta = CRL_LIFETIME,
+    db: DbArg = None,
+    issuing: KeyPair | None = None,
 ) -> x509.CertificateRevocationList:
-    """Re-sign ``crl.pem`` with the next CRL number and nextUpdate ``validity`` from now."""
+    """Re-sign the CRL with the next CRL number and nextUpdate ``validity`` from now."""
     layout = CaLayout(ca_dir)
     moment = _now(now)
-    with _locked(layout):
-        state = load_state(layout)
-        issuing = load_issuing(layout)
-        state = CaState(state.trust_domain, state.crl_number + 1, state.revoked, state.issued)
-        _write_crl(layout, issuing, state, moment, validity)
-        _write(layout.state, state.to_json())
-    return x509.load_pem_x509_crl(layout.crl.read_bytes())
+    with database(ca_dir, db) as store:
+        signer = issuing or load_issuing(layout)
+        return _sign_crl(layout, store, signer, *store.next_crl(), moment, validity)
 
 
 def revoke(
@@ -408,6 +384,7 @@ def revoke(
     cert_path: Path | None = None,
     now: datetime | None = None,
     crl_validity: timedelta = CRL_LIFETIME,
+    db: DbArg = None,
 ) -> int:
     """Revoke one cert (by serial or file) and re-sign the CRL; return the serial.
 
@@ -418,24 +395,13 @@ def revoke(
         raise CaError("revoke_target", "give exactly one of serial or cert_path")
     layout = CaLayout(ca_dir)
     moment = _now(now)
-    with _locked(layout):
-        state = load_state(layout)
+    with database(ca_dir, db) as store:
         issuing = load_issuing(layout)
         if cert_path is not None:
             serial = _serial_of_file(cert_path, issuing)
         assert serial is not None
-        revoked = state.revoked
-        if not any(r.serial == serial for r in revoked):
-            if not any(i.serial == serial for i in state.issued):
-                raise CaError(
-                    "cert_not_found",
-                    f"serial {serial_hex(serial)} was not issued by this CA "
-                    f"(not in {layout.state})",
-                )
-            revoked = (*revoked, RevokedEntry(serial, moment))
-        state = CaState(state.trust_domain, state.crl_number + 1, revoked, state.issued)
-        _write_crl(layout, issuing, state, moment, crl_validity)
-        _write(layout.state, state.to_json())
+        number, revoked = store.revoke(serial, moment)
+        _sign_crl(layout, store, issuing, number, revoked, moment, crl_validity)
     return serial
 
 

@@ -27,10 +27,12 @@ class DevPki:
     model_publisher_key: Path
 
 
-def init_dev_pki(ca_dir: Path, trust_domain: str, *, force: bool = False) -> DevPki:
+def init_dev_pki(
+    ca_dir: Path, trust_domain: str, *, force: bool = False, db: str | None = None
+) -> DevPki:
     """The dev CA in ``ca_dir`` (refused over an existing one without ``force``) and the dev
     token issuer, firmware vendor, TPM manufacturer and model publisher next to it."""
-    layout = store.init_ca(ca_dir, trust_domain, force=force)
+    layout = store.init_ca(ca_dir, trust_domain, force=force, db=db)
     return DevPki(
         layout=layout,
         issuer=init_dev_issuer(ca_dir, trust_domain, force=True),

@@ -8,9 +8,9 @@
 ``spiffe_id_not_device``, ``cert_revoked``, ``crl_missing``, ``crl_bad_signature``,
 ``crl_expired``.
 
-``CaError`` codes: ``ca_exists``, ``ca_missing``, ``ca_state_invalid``, ``cert_not_found``,
-``cert_not_from_ca``, ``device_id_invalid``, ``trust_domain_invalid``, ``days_invalid``,
-``revoke_target``.
+``CaError`` codes: ``ca_exists``, ``ca_missing``, ``ca_state_invalid``, ``ca_unavailable``,
+``cert_not_found``, ``cert_not_from_ca``, ``device_id_invalid``, ``trust_domain_invalid``,
+``days_invalid``, ``revoke_target``.
 
 ``DevicePolicyError`` (``device_policy_invalid``): a ``DevicePolicy`` that cannot be used; its
 ``key`` names the ``[identity]`` setting.
@@ -53,6 +53,8 @@ class CaCode(StrEnum):
     CA_EXISTS = "ca_exists"
     CA_MISSING = "ca_missing"
     CA_STATE_INVALID = "ca_state_invalid"
+    CA_UNAVAILABLE = "ca_unavailable"
+    """The CA database cannot be reached or read (SQLite error, PostgreSQL down)."""
     CERT_NOT_FOUND = "cert_not_found"
     CERT_NOT_FROM_CA = "cert_not_from_ca"
     DAYS_INVALID = "days_invalid"

@@ -29,6 +29,7 @@ from ztagent.ca.bootstrap import (
     ski_hex,
     verify_bootstrap_token,
 )
+from ztagent.ca.db import SqliteDatabase
 from ztagent.ca.issuance import check_csr_names
 from ztagent.enrollment import EnrollError
 from ztagent.errors import ConfigError
@@ -223,25 +224,23 @@ def test_a_token_is_reusable_never_even_after_a_restart(ca_dir: Path) -> None:
 
 
 def test_replay_store_prunes_only_tokens_that_can_no_longer_verify(tmp_path: Path) -> None:
-    store = ReplayStore(tmp_path / "used.json")
+    db = SqliteDatabase(tmp_path / "ca.db")
+    store = ReplayStore(db)
     t0 = int(NOW.timestamp())
     store.consume("a" * 32, t0 + 60, NOW)
     store.consume("b" * 32, t0 + 7200, NOW)
-    store.consume("c" * 32, t0 + 7200, NOW + timedelta(hours=1, seconds=61))
-    used = json.loads((tmp_path / "used.json").read_text())["used"]
-    assert used == {"a" * 32: t0 + 60, "b" * 32: t0 + 7200, "c" * 32: t0 + 7200}
-    store.consume("d" * 32, t0 + 9000, NOW + timedelta(hours=1, minutes=2))
-    used = json.loads((tmp_path / "used.json").read_text())["used"]
-    assert "a" * 32 not in used  # expired for longer than leeway + margin
-    assert {"b" * 32, "c" * 32, "d" * 32} <= used.keys()
-    assert (tmp_path / "used.json").stat().st_mode & 0o777 == 0o600
+    assert db.token_used("a" * 32) and db.token_used("b" * 32)
+    # a day past its expiry a token can no longer verify anyway: its entry goes
+    store.consume("c" * 32, t0 + 90000, NOW + timedelta(days=1, seconds=61))
+    assert not db.token_used("a" * 32)
+    assert db.token_used("b" * 32) and db.token_used("c" * 32)
+    assert (tmp_path / "ca.db").stat().st_mode & 0o777 == 0o600
 
 
-def test_corrupt_replay_store_fails_closed(tmp_path: Path) -> None:
-    path = tmp_path / "used.json"
-    path.write_text("{not json")
-    with pytest.raises(EnrollError, match=r"^ca_unavailable: .*replay store unreadable"):
-        ReplayStore(path).consume("a" * 32, int(NOW.timestamp()) + 60, NOW)
+def test_an_unreadable_database_fails_closed(tmp_path: Path) -> None:
+    (tmp_path / "ca.db").write_bytes(b"not a database at all, " * 100)
+    with pytest.raises(CaError, match=r"^ca_unavailable: .*ca\.db"):
+        ReplayStore.for_ca(tmp_path)
 
 
 # --- device binding ------------------------------------------------------------------------

@@ -190,9 +190,9 @@ def test_issue_for_rechecks_the_key(ca_dir: Path) -> None:
 def test_issuance_is_recorded_so_revoke_finds_it(ca_dir: Path, tmp_path: Path) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     cert = issue_for(ca_dir, "dev-7", key.public_key(), IssuancePolicy(), NOW)
-    state = ca_store.load_state(ca_store.CaLayout(ca_dir))
-    entry = next(i for i in state.issued if i.serial == cert.serial_number)
-    assert (entry.kind, entry.device_id) == ("device", "dev-7")
+    with ca_store.database(ca_dir) as store:
+        entry = store.issued(cert.serial_number)
+    assert entry is not None and (entry.kind, entry.device_id) == ("device", "dev-7")
     pem_file = tmp_path / "dev-7.pem"
     pem_file.write_bytes(builders.cert_pem(cert))
     assert ca_store.revoke(ca_dir, cert_path=pem_file, now=NOW) == cert.serial_number

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import stat
 from datetime import timedelta
 from pathlib import Path
@@ -27,7 +26,8 @@ def test_layout_lists_its_paths(session_pki: Pki) -> None:
     paths = vars(session_pki.layout)
     assert paths["crl"] == session_pki.dir / "crl.pem"
     assert paths["devices_dir"] == session_pki.dir / "devices"
-    assert len(paths) == 11
+    assert paths["state"] == session_pki.dir / "ca.db"
+    assert len(paths) == 12
 
 
 def test_init_writes_the_documented_files(session_pki: Pki) -> None:
@@ -41,7 +41,7 @@ def test_init_writes_the_documented_files(session_pki: Pki) -> None:
         "server.pem",
         "server.key",
         "crl.pem",
-        "ca.json",
+        "ca.db",
         "devices",
         "devices/demo-device.pem",
         "devices/demo-device.key",
@@ -121,8 +121,7 @@ def test_demo_device_cert_shape(session_pki: Pki) -> None:
 
 def test_init_with_custom_trust_domain(tmp_path: Path) -> None:
     layout = ca_store.init_ca(tmp_path / "ca", "factory.example", demo_device_id="cam-1", now=NOW)
-    state = json.loads(layout.state.read_text())
-    assert state["trust_domain"] == "factory.example"
+    assert ca_store.trust_domain_of(layout.dir) == "factory.example"
     policy = DevicePolicy("factory.example")
     trust = TrustMaterial.from_pem(layout.bundle.read_bytes(), layout.crl.read_bytes())
     got = explain(layout.device_cert("cam-1").read_bytes(), None, trust, policy, NOW)
@@ -138,10 +137,10 @@ def test_issue_device_cert_writes_cert_and_key(pki: Pki) -> None:
     assert _mode(out.with_suffix(".key")) == 0o600
     assert x509.load_pem_x509_certificates(out.read_bytes())[0] == cert
     assert cert.not_valid_after_utc - cert.not_valid_before_utc == timedelta(days=120)
-    state = json.loads(pki.layout.state.read_text())
-    assert {"serial": format(cert.serial_number, "x"), "device_id": "dev-3"}.items() <= (
-        state["issued"][-1].items()
-    )
+    with ca_store.database(pki.dir) as store:
+        entry = store.issued(cert.serial_number)
+    assert entry is not None and (entry.kind, entry.device_id) == ("device", "dev-3")
+    assert entry.not_after == cert.not_valid_after_utc
     with pytest.raises(CaError, match="is not 1-128 characters") as info:
         ca_store.issue_device_cert(pki.dir, "../evil", out, now=NOW)
     assert info.value.code == "device_id_invalid"
@@ -173,10 +172,11 @@ def test_revoke_rewrites_crl_and_is_idempotent(pki: Pki, policy: DevicePolicy) -
     entry2 = crl2.get_revoked_certificate_by_serial_number(cert.serial_number)
     assert entry2 is not None and entry2.revocation_date_utc == NOW
     assert crl2.next_update_utc == later + builders.CRL_LIFETIME
-    state = json.loads(pki.layout.state.read_text())
-    assert state["revoked"] == [
-        {"serial": format(cert.serial_number, "x"), "revoked_at": "2026-11-26T12:00:00Z"}
-    ]
+    with ca_store.database(pki.dir) as store:
+        assert store.revocation(cert.serial_number) == NOW
+        assert store.counts()[1] == 1
+        latest = store.latest_crl()
+    assert latest is not None and latest[1] == pki.layout.crl.read_bytes()  # served from the db
     with pytest.raises(CertError, match="cert_revoked"):
         verify_device_cert(cert, pki.trust(), policy, NOW + timedelta(hours=1))
 
