@@ -27,7 +27,10 @@ BASE = {
     "ztagent.addresses",
     "ztagent.schedule",
     "ztagent.failure_log",
+    "ztagent.pkcs11_keys",
 }
+"""``pkcs11_keys`` is base so that ``device/`` (key stores) and ``ca/`` (a token-held issuing
+key) share one PKCS#11 session registry without importing each other."""
 BASE_GRPC = {"ztagent.rpc_status", "ztagent.signals", "ztagent._proto"}
 """Below every server too, but gRPC-facing: the one error-to-status mapping, waiting for
 SIGTERM, the generated stubs. Servers, sides and the face use them; checks never do."""
@@ -186,6 +189,9 @@ def test_every_module_belongs_to_a_layer() -> None:
         ("ztagent.errors", "ztagent.pki.policy", "base imports only base"),
         ("ztagent.tokens.policy", "ztagent.tokens.jwks", "domain policies import only base"),
         ("ztagent.device.enroll", "ztagent.ca.store", "ca/ and device/ are independent"),
+        ("ztagent.ca.ca_keys", "ztagent.device.keystores", "ca/ and device/ are independent"),
+        ("ztagent.pkcs11_keys", "ztagent.device.keystores", "base imports only base"),
+        ("ztagent.pkcs11_keys", "ztagent.ca.ca_keys", "base imports only base"),
         ("ztagent.ca.service", "ztagent.sidecar.server", "sides never import servers"),
         ("ztagent.sidecar.server", "ztagent.dev.issuer", "servers never import dev tooling"),
         ("ztagent.sidecar.server", "ztagent.cli", "nothing below the face imports the CLI"),
@@ -203,6 +209,8 @@ def test_allowed_imports_pass() -> None:
         ("ztagent.pki.verify", "ztagent.errors"),
         ("ztagent.policy.embedded", "ztagent.tokens.verify"),
         ("ztagent.device.enroll", "ztagent.enrollment"),
+        ("ztagent.device.keystores", "ztagent.pkcs11_keys"),
+        ("ztagent.ca.ca_keys", "ztagent.pkcs11_keys"),
         ("ztagent.dev.boot_sim", "ztagent.device.tpm"),
         ("ztagent.sidecar.server", "ztagent.device.crl_fetch"),
         ("ztagent.cli", "ztagent.dev.demo"),
