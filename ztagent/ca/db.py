@@ -154,8 +154,24 @@ class CaDatabase(ABC):
             self._trust_domain = str(row[0])
         return self._trust_domain
 
-    def record_issued(self, entry: IssuedEntry, now: datetime) -> None:
+    def record_issued(
+        self, entry: IssuedEntry, now: datetime, *, token: tuple[str, int] | None = None
+    ) -> bool:
+        """Record a certificate. With ``token`` (jti, exp) the bootstrap token is consumed in
+        the same transaction: False, and nothing recorded, when it was already used (the
+        certificate must then not be handed out). A replica that dies between the two can
+        never leave a token spent without its certificate, or the reverse."""
         with self._transaction() as cur:
+            if token is not None:
+                jti, expires_at = token
+                inserted = self._run(
+                    cur,
+                    "INSERT INTO used_tokens (jti, expires_at) VALUES (?, ?)"
+                    " ON CONFLICT (jti) DO NOTHING",
+                    (jti, expires_at),
+                ).rowcount
+                if inserted != 1:
+                    return False
             self._run(
                 cur,
                 "INSERT INTO issued (serial, kind, device_id, not_after, ak_name, issued_at)"
@@ -165,6 +181,7 @@ class CaDatabase(ABC):
                     entry.ak_name, rfc3339(now),
                 ),
             )  # fmt: skip
+        return True
 
     def record_issued_many(self, entries: Sequence[IssuedEntry], now: datetime) -> None:
         """Bulk insert (imports and benchmarks)."""

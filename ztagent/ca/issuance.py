@@ -164,6 +164,7 @@ def issue_for(
     *,
     ak_name: str | None = None,
     db: ca_store.DbArg = None,
+    token: tuple[str, int] | None = None,
 ) -> x509.Certificate:
     """Issue a device certificate for ``public_key`` and record it in the CA database.
 
@@ -184,6 +185,7 @@ def issue_for(
             extensions=extensions,
             ak_name=ak_name,
             db=db,
+            token=token,
         )
     except CaError as exc:
         raise EnrollError("ca_unavailable", f"cannot issue: {exc.code}: {exc.message}") from None

@@ -332,9 +332,15 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
             device_id = claims.device_id
             csr = check_csr(request.csr)
             check_csr_names(csr, device_id, td, "token_device_mismatch")
-            self.replay.consume(claims.jti, claims.expires_at, now)
+            # the token is consumed with the recording of the certificate, in one transaction
             cert = issue_for(
-                self.layout.dir, device_id, csr.public_key(), self.policy, now, db=self.db
+                self.layout.dir,
+                device_id,
+                csr.public_key(),
+                self.policy,
+                now,
+                db=self.db,
+                token=(claims.jti, claims.expires_at),
             )
         except EnrollError as err:
             self._audit_refusal(err, device_id, "enroll", peer)
@@ -412,7 +418,6 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
             td = _ca_call(self.db.trust_domain)
             issuing = _ca_call(lambda: ca_store.load_issuing(self.layout))
             claims = self._recheck_token(pending, issuing.cert, td, now)
-            self.replay.consume(claims.jti, claims.expires_at, now)
             cert = issue_for(
                 self.layout.dir,
                 device_id,
@@ -421,6 +426,7 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
                 now,
                 ak_name=ak_name,
                 db=self.db,
+                token=(claims.jti, claims.expires_at),
             )
         except EnrollError as err:
             self._audit_refusal(err, device_id, "complete_tpm_enroll", peer)

@@ -44,6 +44,7 @@ from ztagent.ca.builders import (
     sign_leaf,
 )
 from ztagent.ca.db import CaDatabase, IssuedEntry, RevokedEntry, open_database
+from ztagent.enrollment import EnrollError
 from ztagent.files import KEY_MODE, PUBLIC_MODE, make_private_dir, write_atomic
 from ztagent.pki.errors import CaError, CertError
 from ztagent.pki.spiffe import DeviceId, TrustDomain, device_spiffe_id
@@ -303,13 +304,16 @@ def issue_device_for_key(
     ak_name: str | None = None,
     db: DbArg = None,
     issuing: KeyPair | None = None,
+    token: tuple[str, int] | None = None,
 ) -> x509.Certificate:
     """Sign a device cert (as ``build_device``) for a key the CA never sees and record it in
     the CA database, so ``revoke`` knows it. Writes no certificate file. ``extensions`` are
     added non-critical (the AK-name extension of TPM-bound enrollment; ``ak_name`` is
     recorded with the certificate).
 
-    The caller (the enrollment service) checks the key type and caps ``days``.
+    The caller (the enrollment service) checks the key type and caps ``days``. ``token``
+    (jti, exp) is the bootstrap token consumed with the recording, in one transaction:
+    ``token_reused`` (and the certificate never recorded nor returned) if it already was.
     """
     device_id = _device_id(device_id)
     if days < 1:
@@ -328,7 +332,13 @@ def issue_device_for_key(
             not_after=not_before + timedelta(days=days),
             extensions=extensions,
         )
-        store.record_issued(_entry(cert, "device", device_id, ak_name), moment)
+        if not store.record_issued(_entry(cert, "device", device_id, ak_name), moment, token=token):
+            assert token is not None
+            raise EnrollError(
+                "token_reused",
+                f"token jti {token[0][:8]}… was already used (expected a token never used "
+                "before; ask the operator for a new one)",
+            )
     return cert
 
 
