@@ -287,6 +287,15 @@ def main(argv: list[str] | None = None) -> int:
         args.workers,
     )
     text = report.markdown()
+    if not args.quick:
+        from bench import ca_scale
+
+        print("CA cost against fleet size ...", flush=True)
+        with tempfile.TemporaryDirectory(prefix="ztagent-ca-scale-") as scale_tmp:
+            scales, crl_s = ca_scale.measure(Path(scale_tmp))
+        scale_text = ca_scale.markdown(scales, crl_s)
+        print(scale_text)
+        text += "\n" + scale_text
     print(
         f"\nenrollment: {enrollment.rate:.1f} devices/s; sidecar RSS {rss_rest:.0f} MB at rest, "
         f"{peak:.0f} MB peak under load; total {elapsed:.0f} s"
