@@ -29,12 +29,25 @@ def _print_json(obj: object) -> None:
 
 
 def cmd_ca_init(args: argparse.Namespace) -> int:
+    from ztagent.ca.ca_keys import keystore_path
     from ztagent.dev.pki import init_dev_pki
 
-    made = init_dev_pki(args.dir, args.trust_domain, force=args.force, db=args.db)
+    made = init_dev_pki(
+        args.dir,
+        args.trust_domain,
+        force=args.force,
+        db=args.db,
+        key_store=args.key_store,
+        pin_file=args.pin_file,
+    )
     print(f"dev PKI created in {args.dir} (trust domain {args.trust_domain})")
+    on_token = args.key_store != "file"
     for name, path in sorted(vars(made.layout).items()):
-        print(f"  {name:<18} {path}")
+        if on_token and name == "issuing_key":
+            store_file = keystore_path(made.layout.dir)
+            print(f"  {name:<18} on the token: {args.key_store} (recorded in {store_file})")
+        else:
+            print(f"  {name:<18} {path}")
     issuer = made.issuer
     print(f"  {'token_issuer':<18} {issuer.jwks_path} (DEVELOPMENT ONLY: {issuer.issuer})")
     print(
@@ -754,6 +767,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--trust-domain", type=_trust_domain, default="ztagent.dev", help="SPIFFE trust domain"
     )
     p.add_argument("--force", action="store_true", help="overwrite an existing CA")
+    p.add_argument(
+        "--key-store",
+        default="file",
+        help="where the issuing CA key lives: file (default) or pkcs11:token=LABEL;object=NAME",
+    )
+    p.add_argument("--pin-file", type=Path, help="PKCS#11 user PIN (or env ZTAGENT_PKCS11_PIN)")
     _db_argument(p)
     p.set_defaults(func=cmd_ca_init)
     p = ca.add_parser("issue", help="sign a device certificate directly (dev/test)")

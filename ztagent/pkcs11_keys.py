@@ -233,11 +233,14 @@ def _acquire_session(module: str, uri: Pkcs11Uri, pin: str) -> _SharedSession:
         return shared
 
 
-def _release_session(module: str, uri: Pkcs11Uri) -> None:
+def _release_session(module: str, uri: Pkcs11Uri, owned: _SharedSession | None = None) -> None:
+    """One user less on the token's shared session (closed with its last user). ``owned``:
+    only if it is still that session (a store outliving ``close_all_sessions`` must not
+    release a newer session of the same token)."""
     key = _session_key(module, uri)
     with _sessions_lock:
         shared = _sessions.get(key)
-        if shared is None:
+        if shared is None or (owned is not None and shared is not owned):
             return
         shared.users -= 1
         if shared.users > 0:
@@ -375,6 +378,13 @@ class Pkcs11KeyStore:
             _release_session(module, parsed)
             raise
 
+    def is_open(self) -> bool:
+        """Not closed, and its shared session is still the token's (``close_all_sessions``
+        or a re-initialised module ends it)."""
+        with _sessions_lock:
+            live = _sessions.get(_session_key(self.module, self.uri)) is self._shared
+        return live and not self._closed
+
     @property
     def private_key_object(self) -> Any:
         """The token's private key object (python-pkcs11), e.g. to read its attributes."""
@@ -417,7 +427,7 @@ class Pkcs11KeyStore:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            _release_session(self.module, self.uri)
+            _release_session(self.module, self.uri, self._shared)
 
 
 # --- PINs ------------------------------------------------------------------------------------

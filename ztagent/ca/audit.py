@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Final
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from ztagent.ca import builders
 from ztagent.ca import store as ca_store
@@ -127,12 +128,17 @@ class AuditLog:
 
     @classmethod
     def for_ca(cls, ca_dir: Path) -> AuditLog:
-        """The CA's audit log, signed with its issuing key (``CaError`` when it is missing
-        or unreadable)."""
+        """The CA's audit log, signed with its issuing key, in a file or on a token
+        (``CaError`` when it is missing or unreadable)."""
         layout = ca_store.CaLayout(ca_dir)
         key = ca_store.load_issuing(layout).key
+        source = (
+            str(layout.issuing_key)
+            if isinstance(key, ec.EllipticCurvePrivateKey)
+            else key.description()  # on a token: it signs each checkpoint's digest
+        )
         try:
-            signer = CheckpointSigner(key, str(layout.issuing_key))
+            signer = CheckpointSigner(key, source)
         except CheckpointError as err:
             raise CaError("ca_state_invalid", err.message) from None
         return cls(audit_path(ca_dir), signer)

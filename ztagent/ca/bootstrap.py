@@ -37,6 +37,7 @@ from joserfc import jws
 from joserfc.errors import BadSignatureError, JoseError
 from joserfc.jwk import ECKey
 
+from ztagent.ca import ca_keys
 from ztagent.ca import store as ca_store
 from ztagent.ca.db import CaDatabase
 from ztagent.enrollment import EnrollError
@@ -130,7 +131,20 @@ def issue_bootstrap_token(
     }
     header = {"alg": ALG, "typ": TOKEN_TYP, "kid": ski_hex(issuing.cert)}
     payload = json.dumps(claims, separators=(",", ":")).encode()
-    return jws.serialize_compact(header, payload, ECKey.import_key(issuing.key), algorithms=[ALG])
+    if isinstance(issuing.key, ec.EllipticCurvePrivateKey):
+        return jws.serialize_compact(
+            header, payload, ECKey.import_key(issuing.key), algorithms=[ALG]
+        )
+    # the key is on a token: sign the JWS through the seam, and check it before handing it out
+    token = ca_keys.sign_compact_es256(issuing.key, header, payload)
+    try:
+        verify_bootstrap_token(token, issuing.cert, td, datetime.fromtimestamp(iat, UTC))
+    except EnrollError as err:
+        raise CaError(
+            "ca_state_invalid",
+            f"the token signed with {issuing.key.description()} does not verify: {err.message}",
+        ) from None
+    return token
 
 
 # --- verifying (pure) -----------------------------------------------------------------------

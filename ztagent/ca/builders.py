@@ -2,6 +2,11 @@
 
 No IO: every function takes what it needs (an issuer ``KeyPair``, the time) and returns
 the object; ``ztagent.ca.store`` keeps the CA directory, its state and its lock.
+
+An issuer's key is a ``SigningKey`` (``ztagent.ca.ca_keys``): a ``cryptography`` private key,
+which signs as ever, or a ``CaKey`` held on a token, whose certificates and CRLs are assembled
+around a signature made on the token and verified before they are returned. ``_sign_cert`` and
+``_sign_crl`` are the one place that tells the two apart.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
+from ztagent.ca import ca_keys
+from ztagent.ca.ca_keys import SigningKey
 from ztagent.pki.errors import CaError
 from ztagent.pki.spiffe import device_spiffe_id
 
@@ -35,10 +42,10 @@ BACKDATE = timedelta(minutes=5)
 
 @dataclass(frozen=True)
 class KeyPair:
-    """A certificate with its private key."""
+    """A certificate with its private key (in memory, or a ``CaKey`` on a token)."""
 
     cert: x509.Certificate
-    key: ec.EllipticCurvePrivateKey
+    key: SigningKey
 
 
 # --- building blocks (no IO) -------------------------------------------------------------
@@ -85,6 +92,24 @@ def _leaf_key_usage() -> x509.KeyUsage:
     )
 
 
+def _sign_cert(
+    builder: x509.CertificateBuilder, key: SigningKey, verify_with: object
+) -> x509.Certificate:
+    """``builder`` signed with ``key`` (ECDSA with SHA-256); a token key's result is checked
+    with ``verify_with``, the issuer's public key."""
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return builder.sign(key, hashes.SHA256())
+    return ca_keys.sign_certificate(builder, key, verify_with)
+
+
+def _sign_crl(
+    builder: x509.CertificateRevocationListBuilder, issuer: KeyPair
+) -> x509.CertificateRevocationList:
+    if isinstance(issuer.key, ec.EllipticCurvePrivateKey):
+        return builder.sign(issuer.key, hashes.SHA256())
+    return ca_keys.sign_crl(builder, issuer.key, issuer.cert.public_key())
+
+
 def _aki(issuer: KeyPair) -> x509.AuthorityKeyIdentifier:
     ski = issuer.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
@@ -97,26 +122,30 @@ def build_ca(
     not_after: datetime,
     parent: KeyPair | None = None,
     path_length: int | None = None,
+    key: SigningKey | None = None,
 ) -> KeyPair:
-    """A CA certificate: self-signed root when ``parent`` is None, else an intermediate."""
-    key = new_key()
+    """A CA certificate: self-signed root when ``parent`` is None, else an intermediate.
+
+    ``key``: the CA's key (a fresh P-256 key by default; a ``CaKey`` for a key on a token)."""
+    key = key if key is not None else new_key()
+    public = key.public_key()
     subject = _name(subject_cn)
     builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
         .issuer_name(parent.cert.subject if parent else subject)
-        .public_key(key.public_key())
+        .public_key(public)
         .serial_number(x509.random_serial_number())
         .not_valid_before(not_before)
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
         .add_extension(_ca_key_usage(), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
     )
     if parent is not None:
         builder = builder.add_extension(_aki(parent), critical=False)
-    signer = parent.key if parent else key
-    return KeyPair(builder.sign(signer, hashes.SHA256()), key)
+        return KeyPair(_sign_cert(builder, parent.key, parent.cert.public_key()), key)
+    return KeyPair(_sign_cert(builder, key, public), key)
 
 
 def build_leaf(
@@ -188,7 +217,7 @@ def sign_leaf(
         builder = builder.add_extension(x509.ExtendedKeyUsage(list(eku)), critical=False)
     for extension in extensions:
         builder = builder.add_extension(extension, critical=False)
-    return builder.sign(issuer.key, hashes.SHA256())
+    return _sign_cert(builder, issuer.key, issuer.cert.public_key())
 
 
 def build_device(
@@ -206,8 +235,11 @@ def build_device(
     )
 
 
-def new_ca(name: str, *, now: datetime) -> tuple[KeyPair, KeyPair]:
-    """A root CA and an issuing CA (path length 0) under it, in memory."""
+def new_ca(
+    name: str, *, now: datetime, issuing_key: SigningKey | None = None
+) -> tuple[KeyPair, KeyPair]:
+    """A root CA and an issuing CA (path length 0) under it, in memory; ``issuing_key`` is
+    the issuing CA's key when it is not a fresh one (a ``CaKey`` on a token)."""
     start = _trunc(now) - BACKDATE
     root = build_ca(f"{name} root CA", not_before=start, not_after=start + ROOT_LIFETIME)
     issuing = build_ca(
@@ -216,6 +248,7 @@ def new_ca(name: str, *, now: datetime) -> tuple[KeyPair, KeyPair]:
         not_after=start + ISSUING_LIFETIME,
         parent=root,
         path_length=0,
+        key=issuing_key,
     )
     return root, issuing
 
@@ -241,7 +274,7 @@ def build_crl(
         builder = builder.add_revoked_certificate(
             x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
         )
-    return builder.sign(issuer.key, hashes.SHA256())
+    return _sign_crl(builder, issuer)
 
 
 # --- serialisation helpers ----------------------------------------------------------------
@@ -261,7 +294,10 @@ def cert_pem(*certs: x509.Certificate) -> bytes:
     return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
 
 
-def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+def key_pem(key: SigningKey) -> bytes:
+    """PKCS#8 PEM of a key in memory (``ca_state_invalid`` for a key held on a token)."""
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise CaError("ca_state_invalid", f"the {key.description()} cannot be written to a file")
     return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,

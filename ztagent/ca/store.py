@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from ztagent.ca import ca_keys
 from ztagent.ca.builders import (
     BACKDATE,
     CRL_LIFETIME,
@@ -199,45 +200,67 @@ def init_ca(
     demo_device_id: str = "demo-device",
     now: datetime | None = None,
     db: DbArg = None,
+    key_store: str = "file",
+    pin: str | None = None,
+    pin_file: Path | None = None,
 ) -> CaLayout:
     """Create root CA, issuing CA, server cert, a demo device cert and an empty CRL, and a
-    fresh CA database (``db``; ``force`` empties an existing one)."""
+    fresh CA database (``db``; ``force`` empties an existing one).
+
+    ``key_store`` is where the issuing CA key lives: ``file`` (``issuing-ca.key``) or
+    ``pkcs11:token=<label>;object=<name>`` (generated on the token, non-extractable and
+    sensitive, recorded in ``issuing-ca.keystore.json``; no key file is written). The token's
+    PIN is ``pin``, else the first line of ``pin_file`` (whose path is recorded, never the
+    PIN), else ``ZTAGENT_PKCS11_PIN``. The root CA key is a file either way."""
     trust_domain = _trust_domain(trust_domain)
     demo_device_id = _device_id(demo_device_id)
+    token_uri = None if key_store == "file" else ca_keys.parse_token_spec(key_store)
+    if token_uri is not None:
+        pin = ca_keys.token_pin(pin, pin_file, f"key store {key_store}")
     moment = _now(now)
     layout = CaLayout(ca_dir)
+    record = ca_keys.keystore_path(ca_dir)
     _make_dir(ca_dir)
     with _locked(layout), database(ca_dir, db) as store:
         if _ca_present(layout) and not force:
             raise CaError("ca_exists", f"a CA already exists in {ca_dir} (use force to replace it)")
-        store.initialise(trust_domain, replace=force)
-        _make_dir(layout.devices_dir)
-        root, issuing = new_ca(f"ztagent dev ({trust_domain})", now=moment)
-        start = moment - BACKDATE
-        server = build_leaf(
-            issuing,
-            subject_cn="ztagent sidecar",
-            uris=[],
-            eku=[ExtendedKeyUsageOID.SERVER_AUTH],
-            not_before=start,
-            not_after=start + SERVER_LIFETIME,
-            dns=["localhost"],
-            ips=["127.0.0.1", "::1"],
-        )
-        device = build_device(issuing, trust_domain, demo_device_id, now=moment)
-        store.record_issued(_entry(server.cert, "server", None), moment)
-        store.record_issued(_entry(device.cert, "device", demo_device_id), moment)
-        _write_pair(layout.root_cert, layout.root_key, root)
-        _write_pair(layout.issuing_cert, layout.issuing_key, issuing)
-        _write(layout.bundle, cert_pem(root.cert, issuing.cert))
-        _write_pair(layout.server_cert, layout.server_key, server, issuing.cert)
-        _write_pair(
-            layout.device_cert(demo_device_id),
-            layout.device_key(demo_device_id),
-            device,
-            issuing.cert,
-        )
-        _sign_crl(layout, store, issuing, *store.next_crl(), moment, CRL_LIFETIME)
+        with ca_keys.new_issuing_key(token_uri, pin) as token_key:
+            store.initialise(trust_domain, replace=force)
+            _make_dir(layout.devices_dir)
+            root, issuing = new_ca(
+                f"ztagent dev ({trust_domain})", now=moment, issuing_key=token_key
+            )
+            start = moment - BACKDATE
+            server = build_leaf(
+                issuing,
+                subject_cn="ztagent sidecar",
+                uris=[],
+                eku=[ExtendedKeyUsageOID.SERVER_AUTH],
+                not_before=start,
+                not_after=start + SERVER_LIFETIME,
+                dns=["localhost"],
+                ips=["127.0.0.1", "::1"],
+            )
+            device = build_device(issuing, trust_domain, demo_device_id, now=moment)
+            store.record_issued(_entry(server.cert, "server", None), moment)
+            store.record_issued(_entry(device.cert, "device", demo_device_id), moment)
+            _write_pair(layout.root_cert, layout.root_key, root)
+            if token_key is None:
+                _write_pair(layout.issuing_cert, layout.issuing_key, issuing)
+                record.unlink(missing_ok=True)  # an older token CA's record
+            else:
+                _write(layout.issuing_cert, cert_pem(issuing.cert), PUBLIC_MODE)
+                ca_keys.write_record(record, token_key, pin_file)
+                layout.issuing_key.unlink(missing_ok=True)  # an older file CA's key
+            _write(layout.bundle, cert_pem(root.cert, issuing.cert))
+            _write_pair(layout.server_cert, layout.server_key, server, issuing.cert)
+            _write_pair(
+                layout.device_cert(demo_device_id),
+                layout.device_key(demo_device_id),
+                device,
+                issuing.cert,
+            )
+            _sign_crl(layout, store, issuing, *store.next_crl(), moment, CRL_LIFETIME)
     return layout
 
 
@@ -247,10 +270,17 @@ def _entry(
     return IssuedEntry(cert.serial_number, kind, device_id, cert.not_valid_after_utc, ak_name)
 
 
-def load_issuing(layout: CaLayout) -> KeyPair:
-    """The issuing CA certificate and key of an existing CA directory."""
+def load_issuing(layout: CaLayout, *, pin: str | None = None) -> KeyPair:
+    """The issuing CA certificate and key of an existing CA directory.
+
+    With ``issuing-ca.keystore.json`` the key is the one on the token it names (a
+    ``ca_keys.TokenCaKey``, checked to match the certificate); its PIN is ``pin``, else the
+    recorded ``pin_file``, else ``ZTAGENT_PKCS11_PIN``."""
+    record = ca_keys.keystore_path(layout.dir)
     try:
         cert = x509.load_pem_x509_certificate(layout.issuing_cert.read_bytes())
+        if record.exists() or record.is_symlink():
+            return KeyPair(cert, ca_keys.load_token_key(record, cert, pin))
         key = serialization.load_pem_private_key(layout.issuing_key.read_bytes(), None)
     except FileNotFoundError as exc:
         raise CaError("ca_missing", f"no CA in {layout.dir}: {exc.filename} not found") from None

@@ -28,11 +28,20 @@ class DevPki:
 
 
 def init_dev_pki(
-    ca_dir: Path, trust_domain: str, *, force: bool = False, db: str | None = None
+    ca_dir: Path,
+    trust_domain: str,
+    *,
+    force: bool = False,
+    db: str | None = None,
+    key_store: str = "file",
+    pin_file: Path | None = None,
 ) -> DevPki:
-    """The dev CA in ``ca_dir`` (refused over an existing one without ``force``) and the dev
-    token issuer, firmware vendor, TPM manufacturer and model publisher next to it."""
-    layout = store.init_ca(ca_dir, trust_domain, force=force, db=db)
+    """The dev CA in ``ca_dir`` (refused over an existing one without ``force``; the issuing
+    key in ``key_store``, see ``init_ca``) and the dev token issuer, firmware vendor, TPM
+    manufacturer and model publisher next to it."""
+    layout = store.init_ca(
+        ca_dir, trust_domain, force=force, db=db, key_store=key_store, pin_file=pin_file
+    )
     return DevPki(
         layout=layout,
         issuer=init_dev_issuer(ca_dir, trust_domain, force=True),

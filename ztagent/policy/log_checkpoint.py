@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Final
+from typing import Final, Protocol
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -108,6 +108,17 @@ class CheckpointError(ZtagentError):
 
 PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
 PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+
+
+class DigestSigningKey(Protocol):
+    """An EC key held elsewhere (an HSM: the CA's token-held issuing key) that signs digests:
+    ``sign_digest`` gets the digest of the message under the curve's hash (SHA-256 for P-256)
+    and returns the DER ``ECDSA-Sig-Value``."""
+
+    def public_key(self) -> ec.EllipticCurvePublicKey: ...
+
+    def sign_digest(self, digest: bytes) -> bytes: ...
+
 
 _EC_ALGS: Final = {
     "secp256r1": ("ES256", hashes.SHA256, 32),
@@ -189,11 +200,19 @@ class CheckpointKey:
 
 
 class CheckpointSigner:
-    """Signs checkpoint lines with one private key (the writer thread's only crypto)."""
+    """Signs checkpoint lines with one private key (the writer thread's only crypto), or with
+    a ``DigestSigningKey`` (an EC key on a token; each signature is checked before use)."""
 
-    def __init__(self, private_key: PrivateKey, source: str = "key") -> None:
+    def __init__(self, private_key: PrivateKey | DigestSigningKey, source: str = "key") -> None:
         self._key = private_key
         public = CheckpointKey.from_public_key(private_key.public_key(), source)
+        external = not isinstance(
+            private_key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+        )
+        if external and not isinstance(public.public_key, ec.EllipticCurvePublicKey):
+            raise CheckpointError(
+                "checkpoint_key_invalid", f"{source}: a digest-signing key must be EC"
+            )
         self.kid = public.kid
         self.alg = public.alg
         self.public = public
@@ -217,9 +236,24 @@ class CheckpointSigner:
     def sign(self, message: bytes) -> bytes:
         if isinstance(self._key, ed25519.Ed25519PrivateKey):
             return self._key.sign(message)
-        _, hash_cls, size = _EC_ALGS[self._key.curve.name]
-        r, s = decode_dss_signature(self._key.sign(message, ec.ECDSA(hash_cls())))
-        return r.to_bytes(size, "big") + s.to_bytes(size, "big")
+        if isinstance(self._key, ec.EllipticCurvePrivateKey):
+            _, hash_cls, size = _EC_ALGS[self._key.curve.name]
+            r, s = decode_dss_signature(self._key.sign(message, ec.ECDSA(hash_cls())))
+            return r.to_bytes(size, "big") + s.to_bytes(size, "big")
+        return self._sign_external(self._key, message)
+
+    def _sign_external(self, key: DigestSigningKey, message: bytes) -> bytes:
+        _, hash_cls, size = _EC_ALGS[key.public_key().curve.name]
+        digest = hashes.Hash(hash_cls())
+        digest.update(message)
+        r, s = decode_dss_signature(key.sign_digest(digest.finalize()))
+        signature = r.to_bytes(size, "big") + s.to_bytes(size, "big")
+        if not self.public.verify(signature, message):
+            raise CheckpointError(
+                "checkpoint_key_invalid",
+                f"the signature made with key {self.kid[:16]}… does not verify with it",
+            )
+        return signature
 
     def checkpoint(
         self,
