@@ -8,7 +8,9 @@ need=()
 # faketime (libfaketime): the 30-day offline test moves the sidecar's clock forward.
 # postgresql: initdb/pg_ctl/postgres under /usr/lib/postgresql/<ver>/bin for the CA's PostgreSQL
 # backend tests (tests/fixtures/postgres.py starts its own server; the Debian cluster is unused).
-for pkg in python3-venv pkg-config swtpm swtpm-tools tpm2-tools libtss2-dev softhsm2 faketime postgresql; do
+# nginx: the policy bundle server of the bundle tests (tests/fixtures/nginx.py runs its own, on
+# loopback, with its own config; the Debian service is unused).
+for pkg in python3-venv pkg-config swtpm swtpm-tools tpm2-tools libtss2-dev softhsm2 faketime postgresql nginx; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
