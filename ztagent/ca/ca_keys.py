@@ -93,16 +93,6 @@ def keystore_path(ca_dir: Path) -> Path:
     return ca_dir / KEYSTORE_FILE
 
 
-def public_key_of(key: SigningKey) -> ec.EllipticCurvePublicKey:
-    return key.public_key()
-
-
-def describe(key: SigningKey) -> str:
-    if isinstance(key, ec.EllipticCurvePrivateKey):
-        return f"EC {key.curve.name} private key"
-    return key.description()
-
-
 def sign_digest(key: SigningKey, digest: bytes) -> bytes:
     """ECDSA over a SHA-256 digest with either kind of key; the DER signature."""
     if isinstance(key, ec.EllipticCurvePrivateKey):
