@@ -118,6 +118,28 @@ class TokensConfig:
     stale set is refetched in the background), and the HTTP timeout of every fetch."""
 
 
+BUNDLE_KEY_ALGORITHMS = (
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA",
+)  # fmt: skip
+"""JWS algorithms a bundle verification key may have (OPA's list without the HMAC ones:
+a shared secret on every edge node could sign bundles). ``ztagent.policy.bundle_sign``
+implements exactly these."""
+
+
+@dataclass(frozen=True)
+class BundleKeyConfig:
+    """One ``[policy.keys.<key id>]`` table: a key that may sign OPA bundles."""
+
+    key_id: str
+    """The table name; a bundle's JWT names it in its ``kid`` header (or ``keyid`` claim)."""
+    key: Path
+    """PEM public key (or certificate), resolved against the config file's directory."""
+    algorithm: str = "RS256"
+    """The one JWS algorithm this key verifies (OPA's default is RS256)."""
+    scope: str | None = None
+    """When set, the JWT's ``scope`` claim must equal it; unset, the JWT must carry none."""
+
+
 @dataclass(frozen=True)
 class PolicyConfig:
     engine: Literal["embedded", "opa"] = "embedded"
@@ -145,6 +167,12 @@ class PolicyConfig:
     """embedded: answer repeated decisions from an exact cache keyed by what the policy reads
     of its input (``ztagent.policy.decision_cache``)."""
     decision_cache_size: int = 10_000
+    keys: Mapping[str, BundleKeyConfig] = field(default_factory=dict)
+    """embedded: ``[policy.keys.<id>]``, the keys that may sign bundles. With keys, every
+    bundle must carry a valid ``.signatures.json``; directories only when they have one or
+    ``require_signature`` is set."""
+    require_signature: bool = False
+    """embedded: refuse unsigned policy directories too (needs ``keys``)."""
 
 
 @dataclass(frozen=True)
@@ -567,7 +595,7 @@ def _policy(raw: Mapping[str, Any], base: Path) -> PolicyConfig:
     keys = {
         "engine", "path", "opa_url", "decision_path", "timeout_ms", "failure_mode", "dry_run",
         "reload_interval_s", "input_headers", "decision_cache", "decision_cache_size",
-        "last_good_dir",
+        "last_good_dir", "keys", "require_signature",
     }  # fmt: skip
     _check_keys(raw, "policy", keys)
     d = PolicyConfig()
@@ -580,6 +608,17 @@ def _policy(raw: Mapping[str, Any], base: Path) -> PolicyConfig:
     if not re.fullmatch(r"data(\.[A-Za-z_][A-Za-z0-9_]*)+", decision_path):
         raise ConfigError(
             "policy.decision_path", f"expected data.<package>.<rule>, got {decision_path!r}"
+        )
+    bundle_keys = _policy_keys(raw.get("keys", {}), base)
+    require_signature = _bool(raw, "require_signature", "policy.require_signature", False)
+    if require_signature and not bundle_keys:
+        raise ConfigError(
+            "policy.require_signature", "needs at least one [policy.keys.<key id>] table"
+        )
+    if bundle_keys and engine == "opa":
+        raise ConfigError(
+            "policy.keys",
+            "bundle keys apply to the embedded engine (configure an OPA server's own keys)",
         )
     return PolicyConfig(
         engine="opa" if engine == "opa" else "embedded",
@@ -598,7 +637,33 @@ def _policy(raw: Mapping[str, Any], base: Path) -> PolicyConfig:
         decision_cache_size=_int(
             raw, "decision_cache_size", "policy.decision_cache_size", 10_000, minimum=1
         ),
+        keys=bundle_keys,
+        require_signature=require_signature,
     )
+
+
+def _policy_keys(raw: object, base: Path) -> dict[str, BundleKeyConfig]:
+    """``[policy.keys.<key id>]`` tables: ``key`` (PEM path), ``algorithm``, ``scope``."""
+    tables = _expect_table(raw, "policy.keys")
+    found: dict[str, BundleKeyConfig] = {}
+    for key_id, table in tables.items():
+        name = f"policy.keys.{key_id}"
+        if not key_id or not key_id.isprintable():
+            raise ConfigError(name, f"expected a printable, non-empty key id, got {key_id!r}")
+        entry = _expect_table(table, name)
+        _check_keys(entry, name, {"key", "algorithm", "scope"})
+        path = _path(entry, "key", f"{name}.key", base)
+        assert path is not None
+        algorithm = _str(entry, "algorithm", f"{name}.algorithm", "RS256")
+        if algorithm not in BUNDLE_KEY_ALGORITHMS:
+            raise ConfigError(
+                f"{name}.algorithm",
+                f"expected one of {', '.join(BUNDLE_KEY_ALGORITHMS)}, got {algorithm!r}"
+                + (" (HMAC keys are not accepted)" if algorithm.startswith("HS") else ""),
+            )
+        scope = _str(entry, "scope", f"{name}.scope") if "scope" in entry else None
+        found[key_id] = BundleKeyConfig(key_id, path, algorithm, scope)
+    return found
 
 
 def _input_headers(raw: Mapping[str, Any]) -> InputHeaders:
