@@ -121,3 +121,19 @@ def local_target(text: str, key: str, base: Path | None = None) -> str:
         return parse_address(text, base=base, local=True).target
     except AddressError as err:
         raise ConfigError(key, err.message) from None
+
+
+def check_bundle_url(url: str, key: str = "policy.bundle_url") -> None:
+    """``https://...``, or ``http://`` to a loopback host (a bundle server on the node);
+    ``ConfigError`` naming ``key`` otherwise."""
+    if url.startswith("https://"):
+        return
+    if url.startswith("http://"):
+        host = url.removeprefix("http://").split("/", 1)[0]
+        try:
+            if parse_address(host, local=True).host is not None:
+                return
+        except AddressError:
+            pass
+        raise ConfigError(key, f"{url!r}: plain http is allowed only to a loopback host")
+    raise ConfigError(key, f"{url!r} (expected an https:// URL)")

@@ -7,6 +7,7 @@ naming the key (``tls.client_ca``, ``routes[1].upstream``) before any socket ope
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import tomllib
 from collections.abc import Mapping
@@ -15,7 +16,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-from ztagent.addresses import local_target, parse_host_port
+from ztagent.addresses import check_bundle_url, local_target, parse_host_port
 from ztagent.admission.headers import DEFAULT_INPUT_HEADERS, InputHeaders, InputHeadersError
 from ztagent.errors import ConfigError
 from ztagent.pki.errors import DevicePolicyError
@@ -141,6 +142,27 @@ class BundleKeyConfig:
 
 
 @dataclass(frozen=True)
+class BundleConfig:
+    """``[policy] bundle_*``: the policy comes from a bundle server (``ztagent.device.
+    bundle_fetch``); ``policy.path`` is then the node's copy of the bundle."""
+
+    url: str
+    ca_bundle: Path | None = None
+    """PEM CAs of the bundle server's TLS (default: the system trust store)."""
+    token_file: Path | None = None
+    """A bearer token, read on every request."""
+    client_cert: Path | None = None
+    """The node's own mTLS identity for the server (PEM certificate chain) ..."""
+    client_key: Path | None = None
+    """... and its key (a PEM file)."""
+    min_delay_s: float = 60.0
+    max_delay_s: float = 120.0
+    """Polls are spread uniformly between the two, so a fleet does not poll in step."""
+    max_bytes: int = 16 * 1024 * 1024
+    timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
 class PolicyConfig:
     engine: Literal["embedded", "opa"] = "embedded"
     """embedded: Regorus in-process; opa: an OPA server over its REST API."""
@@ -173,6 +195,8 @@ class PolicyConfig:
     ``require_signature`` is set."""
     require_signature: bool = False
     """embedded: refuse unsigned policy directories too (needs ``keys``)."""
+    bundle: BundleConfig | None = None
+    """Download the policy from a bundle server (None: ``path`` is local only)."""
 
 
 @dataclass(frozen=True)
@@ -595,12 +619,19 @@ def _policy(raw: Mapping[str, Any], base: Path) -> PolicyConfig:
     keys = {
         "engine", "path", "opa_url", "decision_path", "timeout_ms", "failure_mode", "dry_run",
         "reload_interval_s", "input_headers", "decision_cache", "decision_cache_size",
-        "last_good_dir", "keys", "require_signature",
+        "last_good_dir", "keys", "require_signature", *BUNDLE_KEYS,
     }  # fmt: skip
     _check_keys(raw, "policy", keys)
     d = PolicyConfig()
     engine = _choice(raw, "engine", "policy.engine", "embedded", ("embedded", "opa"))
-    path = _path(raw, "path", "policy.path", base, required=False) or base / "policies"
+    bundle = _bundle(raw, base)
+    path = _path(raw, "path", "policy.path", base, required=False)
+    if bundle is None:
+        path = path or base / "policies"
+    elif path is not None and not path.name.endswith((".tar.gz", ".tgz")):
+        raise ConfigError(
+            "policy.path", f"{path}: with policy.bundle_url it is the bundle's copy (a .tar.gz)"
+        )
     opa_url = _str(raw, "opa_url", "policy.opa_url", d.opa_url)
     if not re.match(r"^https?://[^/\s]+", opa_url):
         raise ConfigError("policy.opa_url", f"expected http(s)://host:port, got {opa_url!r}")
@@ -639,6 +670,59 @@ def _policy(raw: Mapping[str, Any], base: Path) -> PolicyConfig:
         ),
         keys=bundle_keys,
         require_signature=require_signature,
+        bundle=bundle,
+    )
+
+
+BUNDLE_KEYS = (
+    "bundle_url", "bundle_ca_bundle", "bundle_token_file", "bundle_client_cert",
+    "bundle_client_key", "bundle_min_delay_s", "bundle_max_delay_s", "bundle_max_bytes",
+    "bundle_timeout_s",
+)  # fmt: skip
+
+
+def _bundle(raw: Mapping[str, Any], base: Path) -> BundleConfig | None:
+    if "bundle_url" not in raw:
+        stray = [k for k in BUNDLE_KEYS if k in raw]
+        if stray:
+            raise ConfigError(f"policy.{stray[0]}", "is set but policy.bundle_url is not")
+        return None
+    url = _str(raw, "bundle_url", "policy.bundle_url", "")
+    check_bundle_url(url)
+    d = BundleConfig(url)
+    cert = _path(raw, "bundle_client_cert", "policy.bundle_client_cert", base, required=False)
+    key = _path(raw, "bundle_client_key", "policy.bundle_client_key", base, required=False)
+    if (cert is None) != (key is None):
+        raise ConfigError(
+            "policy.bundle_client_key" if key is None else "policy.bundle_client_cert",
+            "give both policy.bundle_client_cert and policy.bundle_client_key",
+        )
+    low = _number(
+        raw, "bundle_min_delay_s", "policy.bundle_min_delay_s", d.min_delay_s, minimum=0.05
+    )
+    high = _number(
+        raw, "bundle_max_delay_s", "policy.bundle_max_delay_s", d.max_delay_s, minimum=0.05
+    )
+    if high < low:
+        raise ConfigError(
+            "policy.bundle_max_delay_s", f"{high} is below policy.bundle_min_delay_s ({low})"
+        )
+    return BundleConfig(
+        url=url,
+        ca_bundle=_path(raw, "bundle_ca_bundle", "policy.bundle_ca_bundle", base, required=False),
+        token_file=_path(
+            raw, "bundle_token_file", "policy.bundle_token_file", base, required=False
+        ),
+        client_cert=cert,
+        client_key=key,
+        min_delay_s=low,
+        max_delay_s=high,
+        max_bytes=_int(
+            raw, "bundle_max_bytes", "policy.bundle_max_bytes", d.max_bytes, minimum=1024
+        ),
+        timeout_s=_number(
+            raw, "bundle_timeout_s", "policy.bundle_timeout_s", d.timeout_s, minimum=0.1
+        ),
     )
 
 
@@ -847,17 +931,21 @@ def parse_config(raw: Mapping[str, Any], base: Path, source: Path | None = None)
         raise ConfigError("tls.crl", "is required while identity.check_crl = true")
     routes = _routes(raw.get("routes", []), base)
     tokens = _tokens(_expect_table(raw["tokens"], "tokens"), base) if "tokens" in raw else None
+    policy = _policy(_expect_table(raw.get("policy", {}), "policy"), base)
+    posture = _posture(_expect_table(raw.get("posture", {}), "posture"), base)
+    if policy.bundle is not None and policy.path is None:  # the downloaded bundle's copy
+        policy = dataclasses.replace(policy, path=posture.state_dir / "policy-bundle.tar.gz")
     return Config(
         listen=listen,
         tls=tls,
         identity=identity,
         routes=routes,
         tokens=tokens,
-        policy=_policy(_expect_table(raw.get("policy", {}), "policy"), base),
+        policy=policy,
         decision_log=_decision_log(
             _expect_table(raw.get("decision_log", {}), "decision_log"), base
         ),
-        posture=_posture(_expect_table(raw.get("posture", {}), "posture"), base),
+        posture=posture,
         metrics=_metrics(_expect_table(raw.get("metrics", {}), "metrics")),
         health=_health(_expect_table(raw.get("health", {}), "health")),
         assertion=_assertion(_expect_table(raw.get("assertion", {}), "assertion"), base),
@@ -910,5 +998,12 @@ def check_files(config: Config) -> None:
             if not path.is_file():
                 raise ConfigError(key, f"file not found: {path}")
     policy = config.policy
-    if policy.engine == "embedded" and (policy.path is None or not policy.path.exists()):
+    # A downloaded bundle's copy may be missing: the first download makes it, or the engine
+    # serves the last good policy (and health says so).
+    downloaded = policy.bundle is not None
+    if (
+        policy.engine == "embedded"
+        and not downloaded
+        and (policy.path is None or not policy.path.exists())
+    ):
         raise ConfigError("policy.path", f"policy directory or bundle not found: {policy.path}")

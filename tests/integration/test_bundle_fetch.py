@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.nginx import NginxServer, nginx_server
-from ztagent.device.bundle_fetch import BundleFetcher, check_bundle_url
+from ztagent.addresses import check_bundle_url
+from ztagent.device.bundle_fetch import BundleFetcher
 from ztagent.errors import ConfigError
 from ztagent.policy.errors import PolicyLoadError
 

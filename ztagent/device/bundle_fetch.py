@@ -40,7 +40,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ztagent.addresses import parse_address
+from ztagent.addresses import check_bundle_url
 from ztagent.errors import ConfigError, TransportError, ZtagentError
 from ztagent.failure_log import FailureLog
 from ztagent.files import KEY_MODE, make_private_dir, refuse_symlink, write_atomic
@@ -66,21 +66,6 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
         raise TransportError(
             "bundle_unavailable", f"the bundle server redirected to {newurl!r} (not followed)"
         )
-
-
-def check_bundle_url(url: str, key: str = "policy.bundle_url") -> None:
-    """``https://...``, or ``http://`` to a loopback host; ``ConfigError`` naming ``key``."""
-    if url.startswith("https://"):
-        return
-    if url.startswith("http://"):
-        host = url.removeprefix("http://").split("/", 1)[0]
-        try:
-            if parse_address(host, local=True).host is not None:
-                return
-        except ZtagentError:
-            pass
-        raise ConfigError(key, f"{url!r}: plain http is allowed only to a loopback host")
-    raise ConfigError(key, f"{url!r} (expected an https:// URL)")
 
 
 class BundleFetcher:

@@ -28,6 +28,7 @@ from ztagent._proto.v1 import attestation_pb2_grpc
 from ztagent._proto.workloads.v1 import inference_pb2, storage_pb2  # noqa: F401
 from ztagent.admission.call import Clock, utc_now
 from ztagent.config import Config, check_files
+from ztagent.device.bundle_fetch import BundleFetcher
 from ztagent.device.crl_fetch import CrlFetcher
 from ztagent.errors import ConfigError, TransportError, ZtagentError
 from ztagent.files import FileStamp, file_stamp
@@ -200,12 +201,17 @@ class Sidecar:
         self.metrics_endpoint: MetricsEndpoint | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._crl_task: asyncio.Task[None] | None = None
+        self._bundle_task: asyncio.Task[None] | None = None
         # Among workers only the first fetches CRLs; the others reload the file it writes.
         fetches = worker is None or worker.index == 0
         self.crl_fetcher = (
             CrlFetcher(config.tls.crl_source, config.tls.client_ca, config.tls.crl)
             if fetches and config.tls.crl_source is not None and config.tls.crl is not None
             else None
+        )
+        # Likewise only the first worker downloads bundles; the others reload the copy.
+        self.bundle_fetcher = (
+            _bundle_fetcher(config) if fetches and config.policy.bundle is not None else None
         )
 
     # -- start-up ---------------------------------------------------------------------------
@@ -214,6 +220,9 @@ class Sidecar:
         config = self.config
         if self.crl_fetcher is not None:  # freshest CRL first; else the last good one on disk
             await self.crl_fetcher.fetch_once(self._clock())
+        if self.bundle_fetcher is not None and not self.bundle_fetcher.dest.exists():
+            # no copy yet: try the server once (bounded by its timeout); else the last good
+            await self.bundle_fetcher.fetch_once()
         check_files(config)
         self._tls_signature = file_signature(self._tls_paths)
         initial = _server_cert_config(config)
@@ -297,6 +306,8 @@ class Sidecar:
         self._watcher = asyncio.create_task(self._watch_files())
         if self.crl_fetcher is not None:
             self._crl_task = asyncio.create_task(self._fetch_crls(self.crl_fetcher))
+        if self.bundle_fetcher is not None:
+            self._bundle_task = asyncio.create_task(self._fetch_bundles(self.bundle_fetcher))
         self._started = True
         await self._report_health()  # the overall status too: SERVING unless trust ran out
         log.info(
@@ -367,7 +378,9 @@ class Sidecar:
         assert self.pipeline is not None
         serving = health_pb2.HealthCheckResponse.SERVING
         not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
-        policy_ok = self.pipeline.engine.health().ok
+        policy_ok = self.pipeline.engine.health().ok and (
+            self.bundle_fetcher is None or self.bundle_fetcher.health().ok
+        )
         await self.health.set(POLICY_HEALTH, serving if policy_ok else not_serving)
         if self.pipeline.tokens is not None:
             tokens_ok = self.pipeline.tokens.health().ok
@@ -433,6 +446,11 @@ class Sidecar:
                 synced.labels("crl").set(crl_health.fetched_at.timestamp())
         if self.pipeline.tokens is not None:
             self.metrics.fetch_failures("jwks", self.pipeline.tokens.health().fetch_failures)
+        if self.bundle_fetcher is not None:
+            bundle = self.bundle_fetcher.health()
+            self.metrics.fetch_failures("bundle", bundle.fetch_failures)
+            if bundle.fetched_at is not None:
+                synced.labels("policy").set(bundle.fetched_at.timestamp())
         jwks_until = self._jwks_usable_until()
         if jwks_until is not None and self.config.tokens is not None:
             stale = timedelta(seconds=self.config.tokens.jwks_max_stale_s)
@@ -458,6 +476,13 @@ class Sidecar:
             raise ConfigError("health.address", f"cannot bind {address}: {exc}") from exc
         return server
 
+    async def _fetch_bundles(self, fetcher: BundleFetcher) -> None:
+        while True:
+            await asyncio.sleep(fetcher.next_delay())
+            if await fetcher.fetch_once():
+                self.reload()  # at once, not at the next file poll
+            await self._report_health()
+
     async def _fetch_crls(self, fetcher: CrlFetcher) -> None:
         while True:
             await asyncio.sleep(self.config.tls.crl_refresh_interval_s)
@@ -481,7 +506,7 @@ class Sidecar:
         if grace is None:
             grace = self.config.listen.grace_period_s
         await self.health.enter_graceful_shutdown()
-        for task in (self._watcher, self._crl_task):
+        for task in (self._watcher, self._crl_task, self._bundle_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -499,6 +524,46 @@ class Sidecar:
         if self.pipeline is not None:
             await self.pipeline.engine.close()
             await asyncio.to_thread(self.pipeline.decision_log.close)
+
+
+def _bundle_fetcher(config: Config) -> BundleFetcher:
+    """The bundle download of ``[policy] bundle_url`` into ``policy.path``; a bundle is
+    installed only after it loaded and compiled like the engine will load it."""
+    bundle = config.policy.bundle
+    assert bundle is not None and config.policy.path is not None
+
+    def validate(candidate: Path) -> str:
+        """Runs in the fetcher's worker thread. Regorus engines must be dropped on the thread
+        that made them, so neither the engine nor a traceback holding it leaves here."""
+        import gc
+
+        from ztagent.policy.embedded import EmbeddedEngine
+
+        error: ZtagentError | None = None
+        revision = ""
+        try:
+            revision = EmbeddedEngine.load(candidate, config.policy.decision_path).revision
+        except ZtagentError as err:
+            error = type(err)(err.code, err.message)  # no traceback, no frames, no engine
+        gc.collect()
+        if error is not None:
+            raise error
+        return revision
+
+    return BundleFetcher(
+        bundle.url,
+        config.policy.path,
+        validate,
+        ca_bundle=bundle.ca_bundle,
+        token_file=bundle.token_file,
+        client_cert=(bundle.client_cert, bundle.client_key)
+        if bundle.client_cert is not None and bundle.client_key is not None
+        else None,
+        min_delay_s=bundle.min_delay_s,
+        max_delay_s=bundle.max_delay_s,
+        max_bytes=bundle.max_bytes,
+        timeout_s=bundle.timeout_s,
+    )
 
 
 def assertion_signer(config: Config) -> AssertionSigner:
