@@ -23,7 +23,8 @@ base      ``config`` (one validated object), ``errors`` (the root error and its 
           share), ``files`` (atomic writes, file stamps), ``timefmt`` (the one RFC 3339
           formatter), ``addresses`` (the one address parser), ``schedule`` (refresh at
           2/3, backoff with jitter), ``failure_log`` (a failing dependency logged once,
-          then summarised); gRPC-facing base:
+          then summarised), ``pkcs11_keys`` (PKCS#11 sessions and key stores: device and
+          CA keys on one token share them); gRPC-facing base:
           ``rpc_status`` (the one error-to-status mapping), ``signals``, ``_proto``
 ========  ===========================================================================
 
