@@ -53,7 +53,9 @@ policy objects (so each rule is stated once, in the domain) and wraps their erro
 key's name. These modules import only base and their own package's errors and SPIFFE rules."""
 DOMAIN_POLICY_DEPS = {"ztagent.pki.errors", "ztagent.pki.spiffe", "ztagent.tokens.errors"}
 SIDES = {"ztagent.ca", "ztagent.device", "ztagent.dev"}
-SERVERS = {"ztagent.sidecar", "ztagent.workloads"}
+SERVERS = {"ztagent.sidecar", "ztagent.workloads", "ztagent.upload"}
+"""``upload``: the shippers (decision logs, the MQTT outbox) are processes of their own, like
+the workloads: they read what servers wrote to disk and talk to the uplink."""
 FACE = {"ztagent.cli", "ztagent.__main__"}
 DEMO_PREFIX = "ztagent.dev.demo"
 """The demo is face too (it starts every server), though it lives with the dev tooling."""

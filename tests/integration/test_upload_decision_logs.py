@@ -1,0 +1,212 @@
+"""Decision logs to a collector: OPA's decision-log format, across outages, none lost.
+
+The collector is a small HTTP server on loopback (the test's own) that checks what any OPA
+decision-log collector would — POST, ``Content-Encoding: gzip``, a JSON array of events with
+``decision_id``, ``timestamp``, ``labels`` — and, for ztagent's part, that the lines it
+received chain (``prev_sha256``). The log is written by the real ``DecisionLog`` writer
+(rotations and signed checkpoints included). Scenarios: normal delivery; the collector down
+while records accumulate, then back; the shipper killed mid-batch (a POST that reached the
+collector but whose answer never came back) and restarted; lines rotated away before upload.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import itertools
+import json
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from ztagent.errors import TransportError
+from ztagent.policy.decision_log import DecisionLog
+from ztagent.policy.decision_record import GENESIS_PREV, DecisionRecord
+from ztagent.policy.log_checkpoint import CheckpointSigner
+from ztagent.upload.decision_logs import DecisionLogShipper, ShipperSettings
+
+pytestmark = pytest.mark.integration
+
+NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+
+
+@dataclass
+class Collector:
+    url: str = ""
+    status: int = 200
+    events: list[dict[str, object]] = field(default_factory=list)
+    posts: int = 0
+    drop_reply: bool = False
+    """Store the batch, then cut the connection: the shipper never sees the 2xx."""
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def lines(self) -> list[str]:
+        with self.lock:
+            return [e["ztagent"]["line"] for e in self.events if "line" in e["ztagent"]]  # type: ignore[index,operator]
+
+
+def _handler(c: Collector) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            assert self.path == "/logs"
+            assert self.headers["Content-Encoding"] == "gzip"
+            assert self.headers["Content-Type"] == "application/json"
+            events = json.loads(gzip.decompress(body))
+            assert isinstance(events, list) and events
+            for event in events:
+                assert isinstance(event["decision_id"], str) and event["labels"]["app"] == "ztagent"
+            with c.lock:
+                c.posts += 1
+                if c.status == 200:
+                    c.events.extend(events)
+            if c.drop_reply:
+                self.connection.close()
+                return
+            self.send_response(c.status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    return Handler
+
+
+@pytest.fixture
+def collector() -> Iterator[Collector]:
+    state = Collector()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    state.url = f"http://127.0.0.1:{server.server_address[1]}/logs"
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def _record(i: int) -> DecisionRecord:
+    return DecisionRecord(
+        decision_id=f"{i:032x}", time=NOW + timedelta(milliseconds=i), device_id=f"dev-{i % 3}",
+        user_sub=None, service="ztagent.workloads.v1.Storage", method="Get", allow=True,
+        enforced=True, dry_run=False, reasons=("ok",), failure=None, policy_revision="rev-7",
+        latency_us=100, input={"device": {"id": f"dev-{i % 3}"}, "request": {"peer": "ipv4:1"}},
+    )  # fmt: skip
+
+
+def _write(path: Path, start: int, count: int, **kw: object) -> None:
+    signer = CheckpointSigner(ec.generate_private_key(ec.SECP256R1()))
+    log = DecisionLog(path, signer=signer, checkpoint_every=7, **kw)  # type: ignore[arg-type]
+    log.start()
+    for i in range(start, start + count):
+        assert log.submit(_record(i))
+    assert log.close()
+
+
+def _chained(lines: list[str]) -> bool:
+    unique = list(dict.fromkeys(lines))  # duplicates only by id: the same line twice
+    for before, after in itertools.pairwise(unique):
+        if json.loads(after)["prev_sha256"] != hashlib.sha256(before.encode()).hexdigest():
+            return False
+    return True
+
+
+def _settings(collector: Collector, **kw: object) -> ShipperSettings:
+    return ShipperSettings(collector.url, node_id="edge-7", batch_max_age_s=0, **kw)  # type: ignore[arg-type]
+
+
+def _drain(shipper: DecisionLogShipper) -> None:
+    for _ in range(1000):
+        if not shipper.ship_once(force=True):
+            return
+    pytest.fail("the shipper never drained")
+
+
+def test_delivery_in_opa_format_with_the_chain_and_checkpoints(
+    collector: Collector, tmp_path: Path
+) -> None:
+    path = tmp_path / "decisions.jsonl"
+    _write(path, 0, 40)
+    shipper = DecisionLogShipper(path, _settings(collector, batch_max_bytes=4096), version="t")
+    _drain(shipper)
+    written = path.read_text().splitlines()
+    assert collector.lines() == written  # every line, in order, once
+    assert _chained(collector.lines()) and json.loads(written[0])["prev_sha256"] == GENESIS_PREV
+    assert collector.posts > 1  # batched by size
+    decision = next(e for e in collector.events if "checkpoint" not in e["ztagent"])  # type: ignore[operator]
+    assert decision["decision_id"] == f"{0:032x}"
+    assert decision["path"] == "ztagent/authz/decision"
+    assert decision["bundles"] == {"ztagent": {"revision": "rev-7"}}
+    assert decision["labels"] == {"id": "edge-7", "app": "ztagent", "version": "t"}
+    assert decision["timestamp"] == "2026-12-01T12:00:00.000Z"
+    assert decision["result"]["allow"] is True  # type: ignore[index]
+    assert sum(1 for e in collector.events if e["ztagent"].get("checkpoint")) >= 5  # type: ignore[union-attr]
+    assert shipper.stats.delivered == 40 + sum(
+        1 for e in collector.events if e["ztagent"].get("checkpoint")
+    )  # type: ignore[union-attr]
+
+
+def test_the_collector_down_then_back_loses_nothing_and_keeps_order(
+    collector: Collector, tmp_path: Path
+) -> None:
+    path = tmp_path / "decisions.jsonl"
+    _write(path, 0, 10)
+    shipper = DecisionLogShipper(path, _settings(collector))
+    collector.status = 503
+    for _ in range(3):
+        with pytest.raises(TransportError) as info:
+            shipper.ship_once(force=True)
+        assert info.value.code == "upload_refused"
+    _write(path, 10, 15)  # decisions go on while the uplink is down
+    collector.status = 200
+    _drain(shipper)
+    assert collector.lines() == path.read_text().splitlines()
+    assert _chained(collector.lines())
+
+
+def test_a_batch_whose_acknowledgement_was_lost_is_sent_again_and_nothing_else(
+    collector: Collector, tmp_path: Path
+) -> None:
+    """As if the shipper died after the collector stored a batch but before the 2xx reached
+    it: the restarted shipper sends that batch again (duplicates only by id), then goes on."""
+    path = tmp_path / "decisions.jsonl"
+    _write(path, 0, 30)
+    collector.drop_reply = True
+    first = DecisionLogShipper(path, _settings(collector, batch_max_bytes=2048))
+    with pytest.raises(TransportError):
+        first.ship_once(force=True)
+    stored = len(collector.lines())
+    assert stored > 0
+    collector.drop_reply = False
+    restarted = DecisionLogShipper(path, _settings(collector, batch_max_bytes=2048))
+    _drain(restarted)
+    lines = collector.lines()
+    assert len(lines) == len(path.read_text().splitlines()) + stored  # one batch twice
+    assert list(dict.fromkeys(lines)) == path.read_text().splitlines()
+    assert _chained(lines)
+
+
+def test_lines_rotated_away_before_upload_are_reported_as_a_gap(
+    collector: Collector, tmp_path: Path
+) -> None:
+    path = tmp_path / "decisions.jsonl"
+    _write(path, 0, 5, max_bytes=100_000, backups=0)
+    shipper = DecisionLogShipper(path, _settings(collector))
+    _drain(shipper)  # acknowledged up to here
+    _write(path, 5, 400, max_bytes=20_000, backups=0)  # rotations delete unshipped lines
+    _drain(shipper)
+    gaps = [e for e in collector.events if "gap" in e["ztagent"]]  # type: ignore[operator]
+    assert len(gaps) == 1 and shipper.stats.dropped == 1
+    assert gaps[0]["ztagent"]["gap"]["reason"] == "rotated away before upload"  # type: ignore[index]
+    # what remained on disk after the gap arrived, complete and chained
+    tail = collector.lines()[-len(path.read_text().splitlines()) :]
+    assert tail == path.read_text().splitlines() and _chained(tail)
