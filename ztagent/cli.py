@@ -739,6 +739,16 @@ def cmd_workload_inference(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_ship(args: argparse.Namespace) -> int:
+    from importlib.metadata import version
+
+    from ztagent.config import load_config
+    from ztagent.upload.run import run_ship
+
+    asyncio.run(run_ship(load_config(args.config), version("ztagent")))
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from ztagent.dev.demo import run_demo
 
@@ -1039,6 +1049,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(p)
     p.set_defaults(func=cmd_workload_inference)
+
+    p = sub.add_parser(
+        "ship", help="send decision logs and escalations upstream ([upload]), until SIGTERM"
+    )
+    p.add_argument(
+        "--config", type=Path, default=Path("ztagent.toml"), help="the sidecar's config file"
+    )
+    p.set_defaults(func=cmd_ship)
 
     p = sub.add_parser("demo", help="run the whole stack and show allowed and refused calls")
     p.add_argument("--config", type=Path, default=Path("ztagent.toml"))

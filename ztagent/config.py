@@ -244,6 +244,38 @@ class HealthConfig:
 
 
 @dataclass(frozen=True)
+class UploadConfig:
+    """``[upload]``: what ``ztagent ship`` sends upstream (``ztagent.upload``)."""
+
+    decision_log_url: str | None = None
+    """OPA decision-log collector (``https://``, or ``http://`` to loopback)."""
+    decision_log_ca_bundle: Path | None = None
+    decision_log_token_file: Path | None = None
+    client_cert: Path | None = None
+    """The node's mTLS identity for the collector (PEM chain) ..."""
+    client_key: Path | None = None
+    """... and its key (a PEM file)."""
+    batch_max_bytes: int = 256 * 1024
+    batch_max_age_s: float = 5.0
+    timeout_s: float = 10.0
+    node_id: str | None = None
+    """``labels.id`` of every event and ``{node}`` of the MQTT topic (default: host name)."""
+    mqtt: Mapping[str, Any] = field(default_factory=dict)
+    """The ``mqtt_*`` and outbox keys, checked by ``ztagent.upload.mqtt`` when it starts."""
+
+
+UPLOAD_DECISION_KEYS = (
+    "decision_log_url", "decision_log_ca_bundle", "decision_log_token_file", "client_cert",
+    "client_key", "batch_max_bytes", "batch_max_age_s", "timeout_s", "node_id",
+)  # fmt: skip
+UPLOAD_MQTT_KEYS = (
+    "mqtt_url", "mqtt_ca_bundle", "mqtt_topic", "mqtt_client_id", "device_dir",
+    "storage_data_dir", "max_spool_records", "poll_interval_s", "retry_initial_s",
+    "retry_max_s",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
 class AssertionConfig:
     signing_key: Path | None = None
     """PEM EC P-256 private key the sidecar signs identity assertions with (default
@@ -311,6 +343,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     assertion: AssertionConfig = field(default_factory=AssertionConfig)
+    upload: UploadConfig = field(default_factory=UploadConfig)
     source: Path | None = None
 
     def route_for(self, service: str) -> Route | None:
@@ -827,6 +860,42 @@ def _assertion(raw: Mapping[str, Any], base: Path) -> AssertionConfig:
     )
 
 
+def _upload(raw: Mapping[str, Any], base: Path) -> UploadConfig:
+    _check_keys(raw, "upload", {*UPLOAD_DECISION_KEYS, *UPLOAD_MQTT_KEYS})
+    d = UploadConfig()
+    url = _str(raw, "decision_log_url", "upload.decision_log_url", "") or None
+    if url is not None:
+        check_bundle_url(url, "upload.decision_log_url")
+    cert = _path(raw, "client_cert", "upload.client_cert", base, required=False)
+    key = _path(raw, "client_key", "upload.client_key", base, required=False)
+    if (cert is None) != (key is None):
+        raise ConfigError(
+            "upload.client_key" if key is None else "upload.client_cert",
+            "give both upload.client_cert and upload.client_key",
+        )
+    node = _str(raw, "node_id", "upload.node_id", "") or None
+    return UploadConfig(
+        decision_log_url=url,
+        decision_log_ca_bundle=_path(
+            raw, "decision_log_ca_bundle", "upload.decision_log_ca_bundle", base, required=False
+        ),
+        decision_log_token_file=_path(
+            raw, "decision_log_token_file", "upload.decision_log_token_file", base, required=False
+        ),
+        client_cert=cert,
+        client_key=key,
+        batch_max_bytes=_int(
+            raw, "batch_max_bytes", "upload.batch_max_bytes", d.batch_max_bytes, minimum=1024
+        ),
+        batch_max_age_s=_number(
+            raw, "batch_max_age_s", "upload.batch_max_age_s", d.batch_max_age_s, minimum=0
+        ),
+        timeout_s=_number(raw, "timeout_s", "upload.timeout_s", d.timeout_s, minimum=0.1),
+        node_id=node,
+        mqtt={k: v for k, v in raw.items() if k in UPLOAD_MQTT_KEYS},
+    )
+
+
 def _health(raw: Mapping[str, Any]) -> HealthConfig:
     _check_keys(raw, "health", {"address"})
     if "address" not in raw:
@@ -915,7 +984,7 @@ def parse_config(raw: Mapping[str, Any], base: Path, source: Path | None = None)
     """Builds a validated Config from an already-decoded TOML document."""
     allowed = {
         "listen", "tls", "identity", "routes", "tokens", "policy", "decision_log", "posture",
-        "metrics", "health", "assertion",
+        "metrics", "health", "assertion", "upload",
     }  # fmt: skip
     for key in raw:
         if key not in allowed:
@@ -949,6 +1018,7 @@ def parse_config(raw: Mapping[str, Any], base: Path, source: Path | None = None)
         metrics=_metrics(_expect_table(raw.get("metrics", {}), "metrics")),
         health=_health(_expect_table(raw.get("health", {}), "health")),
         assertion=_assertion(_expect_table(raw.get("assertion", {}), "assertion"), base),
+        upload=_upload(_expect_table(raw.get("upload", {}), "upload"), base),
         source=source,
     )
 

@@ -80,6 +80,11 @@ _TAIL_CHUNK = 64 * 1024
 OnFull = Literal["drop", "block"]
 
 
+def worker_log_path(path: Path, index: int) -> Path:
+    """Each sidecar worker keeps its own hash chain: decisions.jsonl -> decisions.worker1.jsonl."""
+    return path.with_name(f"{path.stem}.worker{index}{path.suffix}")
+
+
 class DecisionLogCode(StrEnum):
     """Every ``DecisionLogError`` code."""
 

@@ -35,7 +35,7 @@ from ztagent.files import FileStamp, file_stamp
 from ztagent.pki.trust_files import TrustFiles
 from ztagent.pki.verify import DeviceChecker
 from ztagent.policy.decision_cache import CachedEngine
-from ztagent.policy.decision_log import DecisionLog, NullDecisionLog
+from ztagent.policy.decision_log import DecisionLog, NullDecisionLog, worker_log_path
 from ztagent.policy.types import PolicyEngine
 from ztagent.sidecar.attestation import AttestationService, PostureState
 from ztagent.sidecar.health import IdentityCheckedHealth
@@ -124,11 +124,6 @@ class WorkerSlot:
 
     index: int
     count: int
-
-
-def worker_log_path(path: Path, index: int) -> Path:
-    """Each worker keeps its own hash chain: decisions.jsonl -> decisions.worker1.jsonl."""
-    return path.with_name(f"{path.stem}.worker{index}{path.suffix}")
 
 
 def build_decision_log(
