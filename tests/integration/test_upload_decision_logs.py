@@ -44,6 +44,10 @@ class Collector:
     posts: int = 0
     drop_reply: bool = False
     """Store the batch, then cut the connection: the shipper never sees the 2xx."""
+    hold_first: bool = False
+    """Store the first batch, then hold its answer until ``release`` is set."""
+    held: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def lines(self) -> list[str]:
@@ -66,6 +70,11 @@ def _handler(c: Collector) -> type[BaseHTTPRequestHandler]:
                 c.posts += 1
                 if c.status == 200:
                     c.events.extend(events)
+                hold = c.hold_first and not c.held.is_set()
+                if hold:
+                    c.held.set()
+            if hold:
+                c.release.wait(20)
             if c.drop_reply:
                 self.connection.close()
                 return
@@ -210,3 +219,73 @@ def test_lines_rotated_away_before_upload_are_reported_as_a_gap(
     # what remained on disk after the gap arrived, complete and chained
     tail = collector.lines()[-len(path.read_text().splitlines()) :]
     assert tail == path.read_text().splitlines() and _chained(tail)
+
+
+def test_ztagent_ship_killed_mid_batch_and_restarted_loses_nothing(
+    collector: Collector, tmp_path: Path
+) -> None:
+    """The real process: ``ztagent ship`` SIGKILLed while the collector holds its POST (the
+    batch is stored, the answer never sent), then started again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from ztagent.ca import store as ca_store
+
+    ca = ca_store.init_ca(tmp_path / "ca")
+    log_path = tmp_path / "decisions.jsonl"
+    _write(log_path, 0, 60)
+    config = tmp_path / "ztagent.toml"
+    config.write_text(
+        f"""
+[tls]
+server_cert = "{ca.server_cert}"
+server_key = "{ca.server_key}"
+client_ca = "{ca.bundle}"
+crl = "{ca.crl}"
+
+[decision_log]
+path = "{log_path}"
+
+[upload]
+decision_log_url = "{collector.url}"
+batch_max_bytes = 4096
+batch_max_age_s = 0
+node_id = "edge-kill"
+"""
+    )
+    collector.hold_first = True
+    held, release = collector.held, collector.release
+
+    def start() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "ztagent", "ship", "--config", str(config)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+
+    first = start()
+    try:
+        assert held.wait(20), "the shipper never posted"
+        os.kill(first.pid, signal.SIGKILL)
+        assert first.wait(10) == -signal.SIGKILL
+    finally:
+        if first.poll() is None:
+            first.kill()
+        release.set()
+    stored_before = len(collector.lines())
+    second = start()
+    try:
+        deadline = time.monotonic() + 30
+        expected = log_path.read_text().splitlines()
+        while list(dict.fromkeys(collector.lines())) != expected:
+            assert time.monotonic() < deadline, "not everything arrived after the restart"
+            assert second.poll() is None, second.stderr.read().decode() if second.stderr else ""
+            time.sleep(0.05)
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.wait(15)
+    lines = collector.lines()
+    assert len(lines) == len(expected) + stored_before  # the held batch twice, nothing else
+    assert _chained(lines)
