@@ -863,7 +863,11 @@ def _assertion(raw: Mapping[str, Any], base: Path) -> AssertionConfig:
 def _upload(raw: Mapping[str, Any], base: Path) -> UploadConfig:
     _check_keys(raw, "upload", {*UPLOAD_DECISION_KEYS, *UPLOAD_MQTT_KEYS})
     d = UploadConfig()
-    url = _str(raw, "decision_log_url", "upload.decision_log_url", "") or None
+    url = (
+        _str(raw, "decision_log_url", "upload.decision_log_url")
+        if "decision_log_url" in raw
+        else None
+    )
     if url is not None:
         check_bundle_url(url, "upload.decision_log_url")
     cert = _path(raw, "client_cert", "upload.client_cert", base, required=False)
@@ -873,7 +877,7 @@ def _upload(raw: Mapping[str, Any], base: Path) -> UploadConfig:
             "upload.client_key" if key is None else "upload.client_cert",
             "give both upload.client_cert and upload.client_key",
         )
-    node = _str(raw, "node_id", "upload.node_id", "") or None
+    node = _str(raw, "node_id", "upload.node_id") if "node_id" in raw else None
     return UploadConfig(
         decision_log_url=url,
         decision_log_ca_bundle=_path(

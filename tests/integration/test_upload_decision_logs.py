@@ -289,3 +289,91 @@ node_id = "edge-kill"
     lines = collector.lines()
     assert len(lines) == len(expected) + stored_before  # the held batch twice, nothing else
     assert _chained(lines)
+
+
+async def test_the_sidecar_reports_what_ztagent_ship_says(
+    collector: Collector, tmp_path: Path
+) -> None:
+    """``ztagent ship`` writes its status beside the sidecar's state; the sidecar exports it
+    (``ztagent_upload_*``) and reports ``ztagent.upload``: SERVING while the uplink answers,
+    NOT_SERVING once it does not (or the shipper stopped reporting)."""
+    import asyncio
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from grpc_health.v1 import health, health_pb2
+
+    from tests.integration.conftest import ALLOW_ALL
+    from ztagent.ca import store as ca_store
+    from ztagent.config import load_config
+    from ztagent.sidecar.server import Sidecar
+
+    ca = ca_store.init_ca(tmp_path / "ca")
+    config = tmp_path / "ztagent.toml"
+    config.write_text(
+        f"""
+[listen]
+address = "127.0.0.1:0"
+[tls]
+server_cert = "{ca.server_cert}"
+server_key = "{ca.server_key}"
+client_ca = "{ca.bundle}"
+crl = "{ca.crl}"
+reload_interval_s = 0.2
+[policy]
+path = "{ALLOW_ALL}"
+reload_interval_s = 0.2
+[decision_log]
+path = "{tmp_path / "decisions.jsonl"}"
+[posture]
+enabled = false
+state_dir = "{tmp_path / "state"}"
+[metrics]
+enabled = true
+address = "127.0.0.1:0"
+[upload]
+decision_log_url = "{collector.url}"
+batch_max_age_s = 0
+"""
+    )
+    car = Sidecar(load_config(config))
+    await car.start()
+    ship = subprocess.Popen(
+        [sys.executable, "-m", "ztagent", "ship", "--config", str(config)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    request = health_pb2.HealthCheckRequest(service="ztagent.upload")
+
+    async def upload_status() -> int:
+        await car._report_health()
+        return int((await health.aio.HealthServicer.Check(car.health, request, None)).status)
+
+    try:
+        deadline = time.monotonic() + 20
+        while await upload_status() != health_pb2.HealthCheckResponse.SERVING:
+            assert time.monotonic() < deadline, "ztagent.upload never SERVING"
+            await asyncio.sleep(0.1)
+        collector.status = 503  # the collector refuses from now on; a decision to ship:
+        import grpc
+
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=ca.bundle.read_bytes(),
+            private_key=ca.device_key("demo-device").read_bytes(),
+            certificate_chain=ca.device_cert("demo-device").read_bytes(),
+        )
+        async with grpc.aio.secure_channel(f"127.0.0.1:{car.port}", creds) as ch:
+            with pytest.raises(grpc.aio.AioRpcError):  # no route: refused, and logged
+                await ch.unary_unary("/x.v1.Nowhere/Get")(b"", timeout=10)
+        deadline = time.monotonic() + 20
+        while await upload_status() != health_pb2.HealthCheckResponse.NOT_SERVING:
+            assert time.monotonic() < deadline, "ztagent.upload never NOT_SERVING"
+            await asyncio.sleep(0.1)
+        assert car.metrics is not None
+        retried = car.metrics.upload["retried"].labels("decision_log")._value.get()
+        assert retried >= 1
+    finally:
+        ship.send_signal(signal.SIGTERM)
+        ship.wait(15)
+        await car.stop(0)

@@ -110,6 +110,23 @@ class Metrics:
             registry=r,
         )
         self._fetch_failures_seen: dict[str, int] = {}
+        self.upload = {
+            name: Gauge(
+                f"ztagent_upload_{name}",
+                f"ztagent ship, per shipper kind (decision_log, mqtt): {doc}",
+                ["kind"],
+                registry=r,
+                multiprocess_mode="max",
+            )
+            for name, doc in (
+                ("pending_records", "records waiting on disk for the uplink"),
+                ("pending_bytes", "bytes waiting on disk for the uplink"),
+                ("oldest_pending_seconds", "age of the oldest record waiting"),
+                ("delivered", "records the upstream acknowledged since the shipper started"),
+                ("retried", "failed deliveries that will be retried, since start"),
+                ("dropped", "records dropped (spool full or rotated away), since start"),
+            )
+        }
         self.log_dropped = Counter(
             "ztagent_decision_log_dropped", "Decision-log lines dropped", registry=r
         )

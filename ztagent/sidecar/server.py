@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import time
@@ -48,6 +49,7 @@ from ztagent.timefmt import rfc3339
 from ztagent.tokens.assertion import AssertionSigner
 from ztagent.tokens.errors import JwksError
 from ztagent.tokens.verifier import TokenVerifier
+from ztagent.upload.run import STATUS_STALE_S, status_path, upload_configured
 
 log = logging.getLogger("ztagent.sidecar")
 
@@ -87,6 +89,7 @@ def _server_cert_config(config: Config) -> object:
 
 
 POLICY_HEALTH = "ztagent.policy"
+UPLOAD_HEALTH = "ztagent.upload"
 TOKENS_HEALTH = "ztagent.tokens"
 REVOCATION_HEALTH = "ztagent.revocation"
 
@@ -383,6 +386,9 @@ class Sidecar:
         if self.crl_fetcher is not None:
             crl_ok = self.crl_fetcher.health().ok
             await self.health.set(REVOCATION_HEALTH, serving if crl_ok else not_serving)
+        if upload_configured(self.config):
+            upload_ok = self._report_upload()
+            await self.health.set(UPLOAD_HEALTH, serving if upload_ok else not_serving)
         self._report_trust()
         if self._started:
             refusing = self.trust_refusing(self._clock())
@@ -390,6 +396,35 @@ class Sidecar:
                 log.error("NOT_SERVING: %s", refusing)
             self._refusing_logged = refusing
             await self.health.set("", not_serving if refusing else serving)
+
+    def _report_upload(self) -> bool:
+        """``ztagent ship``'s status file into the ``ztagent_upload_*`` gauges; True when it
+        is fresh and every shipper reached its upstream last time."""
+        try:
+            doc = json.loads(status_path(self.config).read_text(encoding="utf-8"))
+            fresh = time.time() - float(doc["time"]) < STATUS_STALE_S
+            entries = list(doc["shippers"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        ok = fresh and bool(entries)
+        pending: dict[str, dict[str, float]] = {}
+        for entry in entries:
+            kind = str(entry.get("kind", "other"))
+            ok = ok and bool(entry.get("connected", False))
+            into = pending.setdefault(kind, {})
+            for field_name, key in (
+                ("pending_records", "pending_lines"), ("pending_records", "pending_records"),
+                ("pending_bytes", "pending_bytes"), ("oldest_pending_seconds", "oldest_pending_s"),
+                ("delivered", "delivered"), ("retried", "retried"), ("dropped", "dropped"),
+            ):  # fmt: skip
+                value = entry.get(key)
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    into[field_name] = into.get(field_name, 0.0) + float(value)
+        if self.metrics is not None:
+            for kind, values in pending.items():
+                for name, value in values.items():
+                    self.metrics.upload[name].labels(kind).set(value)
+        return ok
 
     def trust_refusing(self, now: datetime) -> str | None:
         """Why every device (or every token) is being refused for stale trust, or None: the

@@ -1,6 +1,10 @@
 """``ztagent ship --config ztagent.toml``: every shipper ``[upload]`` configures, in one
 process beside the sidecar, until SIGTERM.
 
+Every ``STATUS_INTERVAL_S`` it writes ``<posture.state_dir>/upload-status.json`` (what is
+pending, delivered, retried, dropped, whether the uplink answers); the sidecar exports it as
+``ztagent_upload_*`` metrics and the health service ``ztagent.upload``.
+
 It reads the node's state the sidecar and the workloads write (the decision log files, the
 storage outbox) and never takes part in a request: an unreachable uplink only makes what
 waits on disk grow, within its bounds.
@@ -9,17 +13,36 @@ waits on disk grow, within its bounds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import importlib
+import json
 import logging
 import socket
+import time
 from pathlib import Path
+from typing import Any
 
 from ztagent.config import Config
+from ztagent.files import write_atomic
 from ztagent.policy.decision_log import worker_log_path
 from ztagent.signals import wait_for_stop_signal
 from ztagent.upload.decision_logs import DecisionLogShipper, ShipperSettings
 
 log = logging.getLogger("ztagent.upload")
+
+STATUS_FILE = "upload-status.json"
+STATUS_INTERVAL_S = 2.0
+STATUS_STALE_S = 30.0
+"""A status older than this means the shipper is not running."""
+
+
+def status_path(config: Config) -> Path:
+    return config.posture.state_dir / STATUS_FILE
+
+
+def upload_configured(config: Config) -> bool:
+    return config.upload.decision_log_url is not None or bool(config.upload.mqtt.get("mqtt_url"))
 
 
 def decision_log_paths(config: Config) -> list[Path]:
@@ -53,21 +76,59 @@ def decision_log_shippers(config: Config, version: str) -> list[DecisionLogShipp
     return [DecisionLogShipper(p, settings, version=version) for p in decision_log_paths(config)]
 
 
+def _stats(obj: Any) -> dict[str, Any]:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    return {k: v for k, v in vars(obj).items() if isinstance(v, int | float | bool | str)}
+
+
+def write_status(config: Config, entries: list[dict[str, Any]]) -> None:
+    doc = {"time": time.time(), "shippers": entries}
+    write_atomic(status_path(config), json.dumps(doc, sort_keys=True).encode())
+
+
 async def run_ship(config: Config, version: str) -> None:
     stop = asyncio.Event()
+    shippers = decision_log_shippers(config, version)
     tasks = [
         asyncio.create_task(shipper.run(stop), name=f"ship {shipper.log_path.name}")
-        for shipper in decision_log_shippers(config, version)
+        for shipper in shippers
     ]
+    outbox: Any = None
     if config.upload.mqtt.get("mqtt_url"):
         mqtt = importlib.import_module("ztagent.upload.mqtt")
         base = config.source.parent if config.source is not None else Path.cwd()
         mqtt_config = mqtt.parse_mqtt_config(config.upload.mqtt, base)
-        tasks.append(asyncio.create_task(mqtt.run_outbox_shipper(mqtt_config, stop=stop)))
+        outbox = mqtt.OutboxShipper(mqtt_config) if hasattr(mqtt, "OutboxShipper") else None
+        runner = (
+            outbox.run(stop)
+            if outbox is not None
+            else mqtt.run_outbox_shipper(mqtt_config, stop=stop)
+        )
+        tasks.append(asyncio.create_task(runner))
     if not tasks:
         log.warning("nothing to ship: set upload.decision_log_url and/or upload.mqtt_url")
         return
     log.info("shipping to the uplink: %d shipper(s)", len(tasks))
+
+    def status() -> list[dict[str, Any]]:
+        entries = [
+            {"kind": "decision_log", "name": s.log_path.name, **_stats(s.stats)} for s in shippers
+        ]
+        if outbox is not None and hasattr(outbox, "stats"):
+            entries.append({"kind": "mqtt", "name": "outbox", **_stats(outbox.stats)})
+        return entries
+
+    async def report() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(write_status, config, status())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), STATUS_INTERVAL_S)
+
+    reporter = asyncio.create_task(report())
     await wait_for_stop_signal()
     stop.set()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.gather(*tasks, reporter, return_exceptions=True)
+    with contextlib.suppress(OSError):
+        write_status(config, status())
