@@ -364,14 +364,51 @@ def cmd_token_verify(args: argparse.Namespace) -> int:
 # -- policy ------------------------------------------------------------------------------------
 
 
+def _verification_keys(args: argparse.Namespace) -> Any:
+    """Bundle verification keys from ``--config`` ([policy.keys]) and/or
+    ``--verification-key`` (OPA's flag names); None when neither is given."""
+    from ztagent.policy.bundle_sign import BundleKeyError, VerificationKey
+    from ztagent.policy.sources import load_bundle_keys
+
+    keys: dict[str, Any] = {}
+    if getattr(args, "config", None) is not None:
+        from ztagent.config import load_config
+
+        keys.update(load_bundle_keys(load_config(args.config).policy.keys))
+    if getattr(args, "verification_key", None) is not None:
+        key_id = args.verification_key_id
+        try:
+            keys[key_id] = VerificationKey.from_pem(
+                key_id, args.verification_key.read_bytes(), args.verification_alg
+            )
+        except BundleKeyError as exc:
+            raise ConfigError(str(args.verification_key), str(exc)) from None
+    return keys or None
+
+
+def _signature_line(path: Path, keys: Any) -> tuple[str, dict[str, Any]]:
+    from ztagent.policy.authoring import signature_status
+
+    status = signature_status(path, keys=keys)
+    return f"signature: {status}", {
+        "status": status.status,
+        "key_id": status.key_id,
+        "error": status.error,
+        "dry_run": status.dry_run,
+    }
+
+
 def cmd_policy_test(args: argparse.Namespace) -> int:
     from ztagent.policy.authoring import run_tests
 
-    report = run_tests(args.dir, coverage=args.coverage)
+    keys = _verification_keys(args)
+    report = run_tests(args.dir, coverage=args.coverage, keys=keys)
+    signature_text, signature = _signature_line(args.dir, keys)
     if args.json:
         _print_json(
             {
                 "ok": report.ok,
+                "signature": signature,
                 "results": [vars(r) for r in report.results],
                 "coverage": None
                 if report.coverage is None
@@ -384,6 +421,7 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
         line = f"{r.status:<5} {package}.{r.name} ({r.file})"
         print(line + (f": {r.message}" if r.message else ""))
     passed, failed, errors = report.count("PASS"), report.count("FAIL"), report.count("ERROR")
+    print(signature_text)
     print(f"{passed} passed, {failed} failed, {errors} errors")
     if report.coverage is not None:
         for f in report.coverage.files:
@@ -396,14 +434,60 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
 def cmd_policy_check(args: argparse.Namespace) -> int:
     from ztagent.policy.authoring import check
 
-    problems = check(args.dir)
+    keys = _verification_keys(args)
+    problems = check(args.dir, keys=keys)
+    signature_text, signature = _signature_line(args.dir, keys)
     if args.json:
-        _print_json({"ok": not problems, "problems": [vars(p) for p in problems]})
+        _print_json(
+            {"ok": not problems, "problems": [vars(p) for p in problems], "signature": signature}
+        )
     else:
         for problem in problems:
             print(problem)
+        print(signature_text)
         print(f"{args.dir}: {'ok' if not problems else f'{len(problems)} problem(s)'}")
     return EXIT_REJECTED if problems else EXIT_OK
+
+
+def cmd_policy_build(args: argparse.Namespace) -> int:
+    from ztagent.files import write_atomic
+    from ztagent.policy.authoring import build_bundle
+    from ztagent.policy.bundle_sign import BundleKeyError, load_signing_key
+
+    signing_key = None
+    if args.signing_key is not None:
+        try:
+            signing_key = load_signing_key(args.signing_key.read_bytes(), args.signing_alg)
+        except BundleKeyError as exc:
+            raise ConfigError(str(args.signing_key), str(exc)) from None
+    built = build_bundle(
+        args.dir,
+        revision=args.revision,
+        roots=args.roots,
+        signing_key=signing_key,
+        signing_alg=args.signing_alg,
+        key_id=args.keyid or "",
+        dry_run=args.shadow,
+    )
+    write_atomic(args.out, built.content, 0o644)
+    signed = "unsigned"
+    if built.signed_by:
+        signed = f"signed by key {built.signed_by} ({args.signing_alg})"
+    shadow = ", SHADOW (decisions logged, not enforced)" if args.shadow else ""
+    if args.json:
+        _print_json(
+            {
+                "out": str(args.out),
+                "revision": built.revision,
+                "files": list(built.files),
+                "signed_by": built.signed_by,
+                "dry_run": args.shadow,
+                "bytes": len(built.content),
+            }
+        )
+    else:
+        print(f"{args.out}: revision {built.revision}, {len(built.files)} files, {signed}{shadow}")
+    return EXIT_OK
 
 
 def _read_json(path: Path) -> object:
@@ -456,10 +540,13 @@ def cmd_policy_eval(args: argparse.Namespace) -> int:
 def cmd_policy_replay(args: argparse.Namespace) -> int:
     from ztagent.policy.authoring import replay
 
-    report = replay(args.log, args.policy)
+    keys = _verification_keys(args)
+    report = replay(args.log, args.policy, keys=keys)
+    signature_text, signature = _signature_line(args.policy, keys)
     if args.json:
         _print_json(
             {
+                "signature": signature,
                 "total": report.total,
                 "refused": report.refused,
                 "truncated": report.truncated,
@@ -478,6 +565,7 @@ def cmd_policy_replay(args: argparse.Namespace) -> int:
             )
         for e in report.errors:
             print(f"line {e.line_no}: error: {e.message}")
+        print(signature_text)
         print(
             f"{report.total} decisions replayed against {args.policy} "
             f"(revision {report.revision}): {len(report.changed)} would change, "
@@ -914,10 +1002,18 @@ def build_parser() -> argparse.ArgumentParser:
     pol = sub.add_parser("policy", help="Rego policy authoring").add_subparsers(
         dest="policy_command", required=True, metavar="SUBCOMMAND"
     )
+
+    def verification_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", type=Path, help="verify bundles with its [policy.keys]")
+        p.add_argument("--verification-key", type=Path, help="PEM public key (as opa run)")
+        p.add_argument("--verification-key-id", default="default", help="its key id")
+        p.add_argument("--verification-alg", default="RS256", help="its algorithm")
+
     p = pol.add_parser("test", help="run every test_* rule (like opa test)")
     p.add_argument("dir", type=Path, nargs="?", default=Path("policies"))
     p.add_argument("--coverage", action="store_true")
     p.add_argument("--json", action="store_true")
+    verification_flags(p)
     p.set_defaults(func=cmd_policy_test)
     p = pol.add_parser("eval", help="evaluate the decision for an input document")
     p.add_argument("--input", type=Path, required=True)
@@ -929,11 +1025,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = pol.add_parser("check", help="report parse and compile errors as file:line:col")
     p.add_argument("dir", type=Path, nargs="?", default=Path("policies"))
     p.add_argument("--json", action="store_true")
+    verification_flags(p)
     p.set_defaults(func=cmd_policy_check)
+    p = pol.add_parser("build", help="write an OPA bundle (.tar.gz), signed like opa build")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--signing-key", type=Path, help="PEM private key")
+    p.add_argument("--signing-alg", default="RS256", help="JWS algorithm (default RS256)")
+    p.add_argument("--keyid", help="key id in the JWT (required with --signing-key)")
+    p.add_argument("--revision")
+    p.add_argument("--roots", nargs="+", help="manifest roots (default: everything)")
+    p.add_argument("--shadow", action="store_true", help="metadata.ztagent.dry_run = true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_policy_build)
     p = pol.add_parser("replay", help="re-evaluate logged decisions against a candidate policy")
     p.add_argument("--log", type=Path, required=True, help="decision log (JSON lines)")
     p.add_argument("--policy", type=Path, required=True, help="candidate policy dir or bundle")
     p.add_argument("--json", action="store_true")
+    verification_flags(p)
     p.set_defaults(func=cmd_policy_replay)
 
     lg = sub.add_parser("log", help="decision log tools").add_subparsers(

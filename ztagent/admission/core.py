@@ -38,6 +38,7 @@ from ztagent.pki.errors import CertError
 from ztagent.pki.verify import DeviceChecker, VerifiedDevice
 from ztagent.policy.decision_log import DecisionLog, NullDecisionLog
 from ztagent.policy.decision_record import DecisionRecord, new_decision_id
+from ztagent.policy.embedded import serves_shadow
 from ztagent.policy.errors import PolicyError
 from ztagent.policy.types import Decision, PolicyEngine
 from ztagent.posture.verifier import PostureStore
@@ -423,6 +424,9 @@ class AdmissionCore:
                 "allow" if allow else "deny",
             )
         policy_s = time.perf_counter() - policy_started
+        if not modes.dry_run and serves_shadow(self.engine, decision.revision):
+            # a shadow bundle (.manifest metadata.ztagent.dry_run): logged, never enforced
+            modes = RouteModes(modes.failure_mode, dry_run=True)
         enforced = decision.allow or modes.dry_run
         unrouted: RouteError | None = None
         if enforced and service not in self._routed:

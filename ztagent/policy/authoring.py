@@ -1,4 +1,4 @@
-"""Library side of ``ztagent policy test | check | eval`` and decision-log replay.
+"""Library side of ``ztagent policy test | check | eval | build`` and decision-log replay.
 
 Each function returns a typed result and prints nothing; the CLI formats them. Rule lists
 come from Regorus' own AST (``get_ast_as_json``), not from regular expressions.
@@ -14,15 +14,26 @@ since other VM errors may be VM limitations rather than policy errors.
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 import re
-from collections.abc import Mapping
+import tarfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import regorus
 
+from ztagent.policy.bundle_sign import (
+    MANIFEST_FILE,
+    SIGNATURES_FILE,
+    PrivateKey,
+    VerificationKey,
+    sign_bundle,
+    verify_bundle,
+)
 from ztagent.policy.embedded import (
     EngineErrorInfo,
     eval_path,
@@ -31,9 +42,9 @@ from ztagent.policy.embedded import (
     parse_engine_error,
     set_input,
 )
-from ztagent.policy.errors import PolicyError, PolicyLoadError
+from ztagent.policy.errors import PolicyError, PolicyLoadCode, PolicyLoadError
 from ztagent.policy.log_checkpoint import is_checkpoint
-from ztagent.policy.sources import PolicySources, load_sources
+from ztagent.policy.sources import Keys, PolicySources, load_dir, load_sources
 from ztagent.policy.types import DEFAULT_DECISION_PATH, Decision
 
 TestStatus = Literal["PASS", "FAIL", "ERROR"]
@@ -152,11 +163,12 @@ class TestReport:
         return all(r.status == "PASS" for r in self.results)
 
 
-def run_tests(path: Path, *, coverage: bool = False) -> TestReport:
+def run_tests(path: Path, *, coverage: bool = False, keys: Keys | None = None) -> TestReport:
     """Like ``opa test``: evaluates every ``test_*`` rule of every package (modules and
-    ``*_test.rego`` files under ``path``). PASS when defined and not false, FAIL when false or
-    undefined, ERROR on an engine error. Raises PolicyLoadError when a file does not parse."""
-    sources = load_sources(path, include_tests=True)
+    ``*_test.rego`` files under ``path``, a directory or a bundle, verified against ``keys``).
+    PASS when defined and not false, FAIL when false or undefined, ERROR on an engine error.
+    Raises PolicyLoadError when a file does not parse or the signature is refused."""
+    sources = load_sources(path, include_tests=True, keys=keys)
     engine = new_engine(path, sources)
     engine.set_gather_prints(True)
     if coverage:
@@ -219,11 +231,12 @@ _UNKNOWN_FUNCTION = re.compile(
 )
 
 
-def check(path: Path) -> tuple[Problem, ...]:
+def check(path: Path, *, keys: Keys | None = None) -> tuple[Problem, ...]:
     """Parse and compile problems of every module (tests included) and of the data files,
-    sorted by file, line and column. An empty tuple means the sources are clean."""
+    sorted by file, line and column; a refused signature (``keys``) is the one problem. An
+    empty tuple means the sources are clean."""
     try:
-        sources = load_sources(path, include_tests=True)
+        sources = load_sources(path, include_tests=True, keys=keys)
     except PolicyLoadError as exc:
         m = _LOAD_LOCATION.match(exc.message)
         if m:
@@ -447,13 +460,18 @@ class ReplayReport:
 
 
 def replay(
-    log_path: Path, policy_path: Path, *, decision_path: str = DEFAULT_DECISION_PATH
+    log_path: Path,
+    policy_path: Path,
+    *,
+    decision_path: str = DEFAULT_DECISION_PATH,
+    keys: Keys | None = None,
 ) -> ReplayReport:
-    """Re-evaluates every logged input against the candidate policy at ``policy_path`` and
-    reports each line whose ``allow`` or (sorted) ``reasons`` would change. Lines that are not
-    JSON objects with an ``input`` object, or on which the candidate policy fails, are reported
-    as errors with their line number; replay goes on."""
-    sources = load_sources(policy_path)
+    """Re-evaluates every logged input against the candidate policy at ``policy_path`` (a
+    directory or a bundle, verified against ``keys``; a shadow bundle's decisions are compared
+    like any other) and reports each line whose ``allow`` or (sorted) ``reasons`` would
+    change. Lines that are not JSON objects with an ``input`` object, or on which the
+    candidate policy fails, are reported as errors with their line number; replay goes on."""
+    sources = load_sources(policy_path, keys=keys)
     engine = new_engine(policy_path, sources)
     engine.set_gather_prints(True)
     total = refused = truncated = 0
@@ -514,3 +532,143 @@ def replay(
             if new.allow != old_allow or new.reasons != old:
                 changed.append(ReplayChange(line_no, did, old_allow, new.allow, old, new.reasons))
     return ReplayReport(total, tuple(changed), tuple(errors), sources.revision, refused, truncated)
+
+
+# --- signature status ---------------------------------------------------------------------------
+
+SIGNATURE_CODES = frozenset(
+    {
+        PolicyLoadCode.BUNDLE_SIGNATURE_MISSING,
+        PolicyLoadCode.BUNDLE_SIGNATURE_INVALID,
+        PolicyLoadCode.BUNDLE_KEY_UNKNOWN,
+        PolicyLoadCode.BUNDLE_FILE_UNLISTED,
+        PolicyLoadCode.BUNDLE_FILE_MISSING,
+        PolicyLoadCode.BUNDLE_HASH_MISMATCH,
+    }
+)
+
+
+@dataclass(frozen=True)
+class SignatureStatus:
+    """What ``policy check`` / ``test`` / ``replay`` say about a policy's signature."""
+
+    status: Literal["signed", "unsigned", "refused"]
+    key_id: str | None = None
+    error: str | None = None
+    """The refusal (``code: message``) when refused."""
+    dry_run: bool = False
+    """A shadow bundle."""
+
+    def __str__(self) -> str:
+        shadow = " (shadow bundle: decisions logged, not enforced)" if self.dry_run else ""
+        if self.status == "signed":
+            return f"signed by key {self.key_id}{shadow}"
+        if self.status == "unsigned":
+            return f"unsigned{shadow}"
+        return f"refused: {self.error}"
+
+
+def signature_status(path: Path, *, keys: Keys | None = None) -> SignatureStatus:
+    """Loads ``path`` as the sidecar would with ``keys`` and says whether it is signed, by
+    whom, or why its signature is refused. Other load errors are not this report's business
+    (``check`` reports them): they give ``unsigned`` unless a signature was verified."""
+    try:
+        sources = load_sources(path, keys=keys)
+    except PolicyLoadError as exc:
+        if exc.code in SIGNATURE_CODES:
+            return SignatureStatus("refused", error=f"{exc.code}: {exc.message}")
+        return SignatureStatus("unsigned")
+    if sources.signed_by is not None:
+        return SignatureStatus("signed", sources.signed_by, dry_run=sources.dry_run)
+    return SignatureStatus("unsigned", dry_run=sources.dry_run)
+
+
+# --- build --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BuiltBundle:
+    content: bytes
+    """The ``.tar.gz``: the same bytes for the same inputs."""
+    revision: str
+    files: tuple[str, ...]
+    """Member names (bundle-relative, without the leading ``/`` OPA writes)."""
+    signed_by: str | None = None
+
+
+def build_bundle(
+    source: Path,
+    *,
+    revision: str | None = None,
+    roots: Sequence[str] | None = None,
+    signing_key: PrivateKey | None = None,
+    signing_alg: str = "RS256",
+    key_id: str = "",
+    dry_run: bool = False,
+) -> BuiltBundle:
+    """Like ``opa build -b DIR [--signing-key ...]``: every ``.rego`` under ``source`` (tests
+    too, as ``opa build`` keeps them) at its relative path, all ``data.json`` documents merged
+    into one root ``/data.json``, a ``/.manifest`` with ``revision`` (default: the source's
+    manifest revision, else its content hash), ``roots`` (default: the source manifest's, else
+    ``[""]``, everything) and, with ``dry_run``, ``metadata.ztagent.dry_run = true`` (a shadow
+    bundle); signed with ``signing_key`` into ``/.signatures.json`` as ``opa build`` signs
+    (JWT header ``kid`` = ``key_id``, payload ``files`` + the deprecated ``keyid``).
+
+    Reproducible: members sorted by name, mode 0644, uid/gid 0, no user names, mtime 0, USTAR
+    headers, gzip with mtime 0 and no file name. The result is loaded back (and with a key,
+    verified) before it is returned. Raises PolicyLoadError."""
+    if signing_key is not None and not key_id:
+        raise PolicyLoadError(
+            "bundle_invalid",
+            "a signed bundle needs a key id (--keyid): the sidecar picks the verification key "
+            "by the JWT's kid, as OPA does",
+        )
+    sources = load_dir(source, include_tests=True)
+    manifest: dict[str, Any] = {
+        "revision": revision or sources.revision,
+        "roots": list(roots) if roots is not None else _source_roots(source),
+    }
+    if dry_run:
+        manifest["metadata"] = {"ztagent": {"dry_run": True}}
+    files: dict[str, bytes] = {rel: text.encode("utf-8") for rel, text in sources.modules}
+    files["data.json"] = _compact(sources.data)
+    files[MANIFEST_FILE] = _compact(manifest)
+    if signing_key is not None:
+        files[SIGNATURES_FILE] = sign_bundle(files, signing_key, signing_alg, key_id=key_id)
+    signed_by = None
+    if signing_key is not None:  # what a sidecar holding the public key will check
+        public = VerificationKey(key_id, signing_alg, signing_key.public_key())
+        unsigned = {name: data for name, data in files.items() if name != SIGNATURES_FILE}
+        signed_by = verify_bundle(unsigned, files[SIGNATURES_FILE], {key_id: public}).key_id
+    return BuiltBundle(_tar_gz(files), manifest["revision"], tuple(sorted(files)), signed_by)
+
+
+def _source_roots(source: Path) -> list[str]:
+    path = source / MANIFEST_FILE
+    if path.is_file():
+        doc = json.loads(path.read_bytes())  # load_dir has validated it
+        roots = doc.get("roots") if isinstance(doc, dict) else None
+        if isinstance(roots, list):
+            return [str(r) for r in roots]
+    return [""]
+
+
+def _compact(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _tar_gz(files: Mapping[str, bytes]) -> bytes:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name in sorted(files):
+            info = tarfile.TarInfo("/" + name)  # opa build's names: "/data.json"
+            info.size = len(files[name])
+            info.mode = 0o644
+            info.mtime = 0
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            tar.addfile(info, io.BytesIO(files[name]))
+    out = io.BytesIO()
+    with gzip.GzipFile(filename="", mode="wb", fileobj=out, mtime=0, compresslevel=9) as gz:
+        gz.write(raw.getvalue())
+    return out.getvalue()

@@ -28,6 +28,7 @@ import regorus
 
 from ztagent.policy.errors import PolicyError, PolicyLoadError
 from ztagent.policy.sources import (
+    Keys,
     PolicySources,
     last_good_path,
     load_sources,
@@ -184,6 +185,22 @@ def set_input(engine: Any, input_doc: Mapping[str, Any]) -> None:
 class _Compiled:
     engine: Any
     revision: str
+    signed_by: str | None = None
+    dry_run: bool = False
+    """A shadow bundle: its decisions are logged and not enforced (``serves_shadow``)."""
+
+
+def serves_shadow(engine: object, revision: str) -> bool:
+    """True when ``engine`` (an EmbeddedEngine, or a wrapper of one exposing it as ``inner``,
+    such as the decision cache) now serves a shadow bundle of exactly ``revision``: a
+    decision of that revision is then logged, not enforced. A revision that just changed
+    under a concurrent reload answers False (enforce)."""
+    while not isinstance(engine, EmbeddedEngine) and hasattr(engine, "inner"):
+        engine = engine.inner
+    if not isinstance(engine, EmbeddedEngine):
+        return False
+    current = engine._current
+    return current.dry_run and current.revision == revision
 
 
 class EmbeddedEngine:
@@ -196,6 +213,9 @@ class EmbeddedEngine:
         compiled: _Compiled,
         signature: Any,
         last_good_dir: Path | None = None,
+        *,
+        keys: Keys | None = None,
+        require_signature: bool = False,
     ):
         self._path = path
         self._decision_path = decision_path
@@ -203,6 +223,8 @@ class EmbeddedEngine:
         self._signature = signature
         self._last_error: str | None = None
         self._last_good_dir = last_good_dir
+        self._keys = keys
+        self._require_signature = require_signature
 
     @classmethod
     def load(
@@ -211,9 +233,16 @@ class EmbeddedEngine:
         decision_path: str = DEFAULT_DECISION_PATH,
         *,
         last_good_dir: Path | None = None,
+        keys: Keys | None = None,
+        require_signature: bool = False,
     ) -> EmbeddedEngine:
         """Loads and compiles the sources at ``path`` (directory or .tar.gz bundle); raises
         PolicyLoadError naming the file and line when they cannot be used.
+
+        With ``keys`` (``sources.load_bundle_keys``), a bundle is served only once its
+        ``.signatures.json`` verifies (``sources.load_bundle``): a bad or missing signature is
+        refused exactly like a policy that does not compile, here, at every reload, and for
+        the last good copy.
 
         With ``last_good_dir``, every policy that loads is copied there, and a start with a
         broken (or missing) policy serves that last good copy instead of failing: the error is
@@ -221,13 +250,21 @@ class EmbeddedEngine:
         policy is at ``path`` again."""
         signature = sources_signature(path)
         try:
-            compiled = _compile(path, decision_path)
+            compiled = _compile(path, decision_path, keys, require_signature)
         except PolicyLoadError as exc:
             saved = last_good_path(last_good_dir) if last_good_dir is not None else None
             if saved is None:
                 raise
-            compiled = _compile(saved, decision_path)
-            engine = cls(path, decision_path, compiled, signature, last_good_dir)
+            compiled = _compile(saved, decision_path, keys, require_signature)
+            engine = cls(
+                path,
+                decision_path,
+                compiled,
+                signature,
+                last_good_dir,
+                keys=keys,
+                require_signature=require_signature,
+            )
             engine._last_error = f"{exc} (serving the last good policy from {saved})"
             logger.error(
                 "policy at %s refused at start: %s; serving the last good policy from %s "
@@ -238,7 +275,15 @@ class EmbeddedEngine:
                 compiled.revision,
             )
             return engine
-        engine = cls(path, decision_path, compiled, signature, last_good_dir)
+        engine = cls(
+            path,
+            decision_path,
+            compiled,
+            signature,
+            last_good_dir,
+            keys=keys,
+            require_signature=require_signature,
+        )
         engine._save_last_good()
         return engine
 
@@ -259,6 +304,16 @@ class EmbeddedEngine:
     @property
     def decision_path(self) -> str:
         return self._decision_path
+
+    @property
+    def signed_by(self) -> str | None:
+        """The key id that signed the serving policy (None: unsigned)."""
+        return self._current.signed_by
+
+    @property
+    def dry_run(self) -> bool:
+        """The serving policy is a shadow bundle (``metadata.ztagent.dry_run``)."""
+        return self._current.dry_run
 
     def ast_json(self) -> str:
         """The current policy's AST (Regorus ``get_ast_as_json``), for the decision cache."""
@@ -304,7 +359,9 @@ class EmbeddedEngine:
             return False
         self._signature = signature  # recorded first: a racing write shows up as a change
         try:
-            compiled = _compile(self._path, self._decision_path)
+            compiled = _compile(
+                self._path, self._decision_path, self._keys, self._require_signature
+            )
         except PolicyLoadError as exc:
             self._last_error = str(exc)
             logger.error(
@@ -323,7 +380,12 @@ class EmbeddedEngine:
         self._last_error = None
         self._save_last_good()
         logger.info(
-            "policy reloaded from %s: revision %s -> %s", self._path, previous, compiled.revision
+            "policy reloaded from %s: revision %s -> %s%s%s",
+            self._path,
+            previous,
+            compiled.revision,
+            f", signed by key {compiled.signed_by!r}" if compiled.signed_by else "",
+            ", SHADOW bundle (decisions logged, not enforced)" if compiled.dry_run else "",
         )
         return True
 
@@ -331,11 +393,21 @@ class EmbeddedEngine:
         """Drops the Regorus engine here, on the owning thread: Regorus engines are
         thread-bound ("unsendable"), and left to the garbage collector they may be dropped
         on whichever thread runs the next collection. Evaluating after close raises."""
-        self._current = _Compiled(engine=None, revision=self._current.revision)
+        self._current = _Compiled(
+            engine=None,
+            revision=self._current.revision,
+            signed_by=self._current.signed_by,
+            dry_run=self._current.dry_run,
+        )
 
 
-def _compile(path: Path, decision_path: str) -> _Compiled:
-    sources = load_sources(path)
+def _compile(
+    path: Path,
+    decision_path: str,
+    keys: Keys | None = None,
+    require_signature: bool = False,
+) -> _Compiled:
+    sources = load_sources(path, keys=keys, require_signature=require_signature)
     engine = new_engine(path, sources)
     engine.set_gather_prints(True)  # print() output goes to the debug log, never to stderr
     set_input(engine, SAMPLE_INPUT)
@@ -347,4 +419,9 @@ def _compile(path: Path, decision_path: str) -> _Compiled:
             "policy_compile_error", f"{exc.message} (probed at load with a sample input)"
         ) from None
     engine.take_prints()
-    return _Compiled(engine=engine, revision=sources.revision)
+    return _Compiled(
+        engine=engine,
+        revision=sources.revision,
+        signed_by=sources.signed_by,
+        dry_run=sources.dry_run,
+    )

@@ -8,12 +8,32 @@ documents into an immutable ``PolicySources``; compiling and evaluating live in
   (``a/b/data.json`` -> ``data.a.b``); a key defined by two files is refused, naming both.
 - ``*_test.rego`` modules are skipped unless ``include_tests``; hidden files and directories
   (names starting with ``.``) are skipped, except the root ``.manifest``.
-- A bundle's ``.manifest`` may give ``revision`` (used as the policy revision) and ``roots``
-  (every package and data path must lie under one of them).
+- A bundle's ``.manifest`` may give ``revision`` (used as the policy revision), ``roots``
+  (every package and data path must lie under one of them) and
+  ``metadata.ztagent.dry_run = true``: a shadow bundle, whose decisions are logged and not
+  enforced (``PolicySources.dry_run``).
 - Bundle members are read in memory, never extracted. Refused with ``bundle_invalid``:
   drive-letter or '//' names, ``..`` components, symlinks, hard links and other non-regular members,
   duplicate names, a member over ``MAX_MEMBER_BYTES`` or a total over ``MAX_BUNDLE_BYTES``.
-  Bundle signatures (``.signatures.json``) are not verified.
+
+Signatures (OPA's ``.signatures.json``, checked by ``ztagent.policy.bundle_sign``):
+
+- ``load_bundle(path, *, include_tests=False, keys=None, require_signature=False)`` reads
+  every member of the ``.tar.gz`` (not only the ``.rego`` / ``data.json`` / ``.manifest`` it
+  loads) and, when ``keys`` (key id -> ``VerificationKey``, see ``load_bundle_keys``) are
+  given, verifies the bundle against them before anything is parsed: an unsigned bundle is
+  ``bundle_signature_missing``, and every other refusal has its ``bundle_*`` code. This is
+  the one call that decides whether a bundle file may be served: the sidecar's loader and a
+  bundle downloader (verify a fetched file before installing it) both call it.
+- A signed bundle with no keys is refused (``bundle_key_unknown``), as OPA refuses one with
+  no verification key configured.
+- A directory is verified the same way (every regular file under it except
+  ``.signatures.json`` must be listed) when it has a ``.signatures.json``, or when
+  ``require_signature``; otherwise a directory stays unsigned even with keys.
+- ``PolicySources.signed_by`` is the key id of a verified signature (None: unsigned), and the
+  revision of a signed bundle comes from its signed ``.manifest``.
+- ``save_last_good`` keeps ``.signatures.json`` (and, for a signed directory, every file it
+  covers), so the last good copy verifies again at the next start.
 """
 
 from __future__ import annotations
@@ -25,12 +45,22 @@ import os
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from ztagent.config import BundleKeyConfig
+from ztagent.errors import ConfigError
 from ztagent.files import KEY_MODE, make_private_dir, refuse_symlink, write_atomic
+from ztagent.policy.bundle_sign import (
+    SIGNATURES_FILE,
+    BundleKeyError,
+    SignatureReport,
+    VerificationKey,
+    signature_key_id,
+    verify_bundle,
+)
 from ztagent.policy.errors import PolicyLoadError
 
 MAX_MEMBER_BYTES = 16 * 1024 * 1024
@@ -52,18 +82,56 @@ class PolicySources:
     revision: str
     """The manifest's ``revision`` if any, else ``sha256:`` + 16 hex over modules and data."""
     tests_included: bool
+    signed_by: str | None = None
+    """The key id whose signature verified (``.signatures.json``); None when unsigned."""
+    dry_run: bool = False
+    """A shadow bundle (``.manifest`` ``metadata.ztagent.dry_run = true``): its decisions are
+    logged, never enforced."""
+    signature: SignatureReport | None = None
+    """What the verified signature covers (None when unsigned)."""
+
+
+Keys = Mapping[str, VerificationKey]
+"""Bundle verification keys by key id (``load_bundle_keys`` builds them from the config)."""
+
+
+def load_bundle_keys(configs: Mapping[str, BundleKeyConfig]) -> dict[str, VerificationKey]:
+    """Reads each ``[policy.keys.<id>]`` PEM file; ConfigError naming ``policy.keys.<id>.key``
+    when it is missing, unreadable or does not fit its algorithm."""
+    keys: dict[str, VerificationKey] = {}
+    for key_id, config in configs.items():
+        name = f"policy.keys.{key_id}.key"
+        try:
+            pem = config.key.read_bytes()
+        except OSError as exc:
+            raise ConfigError(name, f"cannot read {config.key}: {exc.strerror}") from None
+        try:
+            keys[key_id] = VerificationKey.from_pem(key_id, pem, config.algorithm, config.scope)
+        except BundleKeyError as exc:
+            raise ConfigError(name, f"{config.key}: {exc}") from None
+    return keys
 
 
 def is_bundle(path: Path) -> bool:
     return path.name.endswith((".tar.gz", ".tgz"))
 
 
-def load_sources(path: Path, include_tests: bool = False) -> PolicySources:
-    """Loads a policy directory or a ``.tar.gz`` bundle."""
+def load_sources(
+    path: Path,
+    include_tests: bool = False,
+    *,
+    keys: Keys | None = None,
+    require_signature: bool = False,
+) -> PolicySources:
+    """Loads a policy directory or a ``.tar.gz`` bundle (signatures as in the module doc)."""
     if path.is_dir():
-        return load_dir(path, include_tests=include_tests)
+        return load_dir(
+            path, include_tests=include_tests, keys=keys, require_signature=require_signature
+        )
     if path.is_file() and is_bundle(path):
-        return load_bundle(path, include_tests=include_tests)
+        return load_bundle(
+            path, include_tests=include_tests, keys=keys, require_signature=require_signature
+        )
     if not path.exists():
         raise PolicyLoadError(
             "policy_data_invalid",
@@ -74,15 +142,29 @@ def load_sources(path: Path, include_tests: bool = False) -> PolicySources:
     )
 
 
-def load_dir(path: Path, *, include_tests: bool = False) -> PolicySources:
+def load_dir(
+    path: Path,
+    *,
+    include_tests: bool = False,
+    keys: Keys | None = None,
+    require_signature: bool = False,
+) -> PolicySources:
     """Reads every ``*.rego`` and ``data.json`` under ``path`` (and a root ``.manifest``)."""
     if not path.is_dir():
         raise PolicyLoadError("policy_data_invalid", f"{path}: not a directory")
+    signatures_path = path / SIGNATURES_FILE
+    signatures = _read_file(signatures_path) if signatures_path.is_file() else None
+    report: SignatureReport | None = None
+    if signatures is not None or require_signature:
+        files = {rel: _read_file(path / rel) for rel in _walk_all(path) if rel != SIGNATURES_FILE}
+        report = _verify(str(path), files, signatures, keys, require_signature, bundle=False)
     modules: list[tuple[str, str]] = []
     data_files: list[tuple[str, bytes]] = []
     manifest: bytes | None = None
     for rel in _walk_dir(path):
         full = path / rel
+        if rel == SIGNATURES_FILE:
+            continue
         if rel == ".manifest":
             manifest = _read_file(full)
         elif rel.endswith(".rego"):
@@ -91,15 +173,73 @@ def load_dir(path: Path, *, include_tests: bool = False) -> PolicySources:
             modules.append((rel, _decode(str(full), _read_file(full))))
         elif PurePosixPath(rel).name == "data.json":
             data_files.append((rel, _read_file(full)))
-    return _assemble(str(path), modules, data_files, manifest, include_tests)
+    return _assemble(str(path), modules, data_files, manifest, include_tests, report)
 
 
-def load_bundle(path: Path, *, include_tests: bool = False) -> PolicySources:
-    """Reads an OPA bundle (``.tar.gz``) in memory, refusing unsafe members."""
+def _verify(
+    where: str,
+    files: Mapping[str, bytes],
+    signatures: bytes | None,
+    keys: Keys | None,
+    require_signature: bool,
+    *,
+    bundle: bool,
+) -> SignatureReport | None:
+    if keys:
+        if signatures is None and not bundle and not require_signature:
+            return None
+        return verify_bundle(files, signatures, keys, where=where)
+    if signatures is not None:
+        kid = signature_key_id(signatures)
+        raise PolicyLoadError(
+            "bundle_key_unknown",
+            f"{where}: signed{f' with key {kid!r}' if kid else ''} but no verification keys "
+            "are configured ([policy.keys.<key id>]); a signed policy is only served once "
+            "its signature verifies",
+            received=kid,
+        )
+    if require_signature:
+        raise PolicyLoadError(
+            "bundle_signature_missing", f"{where}: no {SIGNATURES_FILE} (a signature is required)"
+        )
+    return None
+
+
+def load_bundle(
+    path: Path,
+    *,
+    include_tests: bool = False,
+    keys: Keys | None = None,
+    require_signature: bool = False,
+) -> PolicySources:
+    """Reads an OPA bundle (``.tar.gz``) in memory, refusing unsafe members, and verifies
+    its signature against ``keys`` first (see the module doc). Raises PolicyLoadError."""
+    members = read_bundle_members(path)
+    signatures = members.pop(SIGNATURES_FILE, None)
+    report = _verify(str(path), members, signatures, keys, require_signature, bundle=True)
     modules: list[tuple[str, str]] = []
     data_files: list[tuple[str, bytes]] = []
     manifest: bytes | None = None
-    seen: set[str] = set()
+    for rel, content in members.items():
+        if any(part.startswith(".") for part in rel.split("/")) and rel != ".manifest":
+            continue
+        is_rego = rel.endswith(".rego")
+        is_data = PurePosixPath(rel).name == "data.json"
+        if is_rego and rel.endswith(_TEST_SUFFIX) and not include_tests:
+            continue
+        if rel == ".manifest":
+            manifest = content
+        elif is_rego:
+            modules.append((rel, _decode(f"{path}/{rel}", content)))
+        elif is_data:
+            data_files.append((rel, content))
+    return _assemble(str(path), modules, data_files, manifest, include_tests, report)
+
+
+def read_bundle_members(path: Path) -> dict[str, bytes]:
+    """Every regular member of a ``.tar.gz`` bundle by bundle-relative name (no leading
+    ``/``), in archive order, read in memory; refuses unsafe members (``bundle_invalid``)."""
+    members: dict[str, bytes] = {}
     total = 0
     try:
         with tarfile.open(path, mode="r:gz") as tar:
@@ -107,35 +247,21 @@ def load_bundle(path: Path, *, include_tests: bool = False) -> PolicySources:
                 rel = _safe_member_name(path, member)
                 if member.isdir():
                     continue
-                if rel in seen:
+                if rel in members:
                     raise _bad_bundle(path, f"member {member.name!r} appears twice")
-                seen.add(rel)
                 total += member.size
                 if total > MAX_BUNDLE_BYTES:
                     raise _bad_bundle(path, f"members add up to more than {MAX_BUNDLE_BYTES} bytes")
-                if any(part.startswith(".") for part in rel.split("/")) and rel != ".manifest":
-                    continue
-                is_rego = rel.endswith(".rego")
-                is_data = PurePosixPath(rel).name == "data.json"
-                if rel != ".manifest" and not is_rego and not is_data:
-                    continue
-                if is_rego and rel.endswith(_TEST_SUFFIX) and not include_tests:
-                    continue
                 extracted = tar.extractfile(member)
                 if extracted is None:  # pragma: no cover - regular files always extract
                     raise _bad_bundle(path, f"member {member.name!r} cannot be read")
                 content = extracted.read(MAX_MEMBER_BYTES + 1)
                 if len(content) > MAX_MEMBER_BYTES:  # header lied about the size
                     raise _bad_bundle(path, f"member {member.name!r} is larger than declared")
-                if rel == ".manifest":
-                    manifest = content
-                elif is_rego:
-                    modules.append((rel, _decode(f"{path}/{rel}", content)))
-                else:
-                    data_files.append((rel, content))
+                members[rel] = content
     except (tarfile.TarError, gzip.BadGzipFile, EOFError, OSError) as exc:
         raise _bad_bundle(path, f"not a readable .tar.gz ({exc})") from None
-    return _assemble(str(path), modules, data_files, manifest, include_tests)
+    return members
 
 
 def sources_signature(path: Path) -> tuple[tuple[str, int, int, int], ...]:
@@ -177,7 +303,8 @@ def save_last_good(source: Path, last_good_dir: Path) -> Path:
         if source.is_dir():
             target = staging / "policy"
             make_private_dir(target)
-            for rel in _walk_dir(source):
+            signed = (source / SIGNATURES_FILE).is_file()  # keep every file it covers
+            for rel in _walk_all(source) if signed else _walk_dir(source):
                 make_private_dir((target / rel).parent)
                 write_atomic(target / rel, (source / rel).read_bytes(), KEY_MODE)
         else:
@@ -205,16 +332,30 @@ def last_good_path(last_good_dir: Path) -> Path | None:
 
 
 def _walk_dir(root: Path) -> list[str]:
-    """Relative paths of the relevant files under root, sorted, hidden dirs skipped."""
+    """Relative paths of the relevant files under root, sorted, hidden dirs skipped (the
+    root ``.manifest`` and ``.signatures.json`` are relevant)."""
     found: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         reldir = Path(dirpath).relative_to(root).as_posix()
         for name in filenames:
             rel = name if reldir == "." else f"{reldir}/{name}"
-            if rel == ".manifest" or (
+            if rel in (".manifest", SIGNATURES_FILE) or (
                 not name.startswith(".") and (name.endswith(".rego") or name == "data.json")
             ):
+                found.append(rel)
+    return sorted(found)
+
+
+def _walk_all(root: Path) -> list[str]:
+    """Every regular file under root (hidden ones too: a signature covers all), sorted."""
+    found: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        reldir = Path(dirpath).relative_to(root).as_posix()
+        for name in filenames:
+            rel = name if reldir == "." else f"{reldir}/{name}"
+            if (root / rel).is_file():
                 found.append(rel)
     return sorted(found)
 
@@ -269,20 +410,32 @@ def _assemble(
     data_files: list[tuple[str, bytes]],
     manifest_bytes: bytes | None,
     include_tests: bool,
+    report: SignatureReport | None = None,
 ) -> PolicySources:
-    revision, roots = _parse_manifest(root, manifest_bytes)
+    revision, roots, dry_run = _parse_manifest(root, manifest_bytes)
     data = _merge_data(root, data_files)
     mods = tuple(sorted(modules))
     if roots is not None:
         _check_roots(root, roots, mods, data)
     if revision is None:
         revision = _content_revision(mods, data)
-    return PolicySources(modules=mods, data=data, revision=revision, tests_included=include_tests)
+    return PolicySources(
+        modules=mods,
+        data=data,
+        revision=revision,
+        tests_included=include_tests,
+        signed_by=report.key_id if report is not None else None,
+        dry_run=dry_run,
+        signature=report,
+    )
 
 
-def _parse_manifest(root: str, raw: bytes | None) -> tuple[str | None, list[list[str]] | None]:
+def _parse_manifest(
+    root: str, raw: bytes | None
+) -> tuple[str | None, list[list[str]] | None, bool]:
+    """(revision, roots, dry_run) of a ``.manifest``."""
     if raw is None:
-        return None, None
+        return None, None, False
     where = f"{root}/.manifest"
     try:
         doc = json.loads(raw)
@@ -297,14 +450,37 @@ def _parse_manifest(root: str, raw: bytes | None) -> tuple[str | None, list[list
         raise PolicyLoadError(
             "bundle_invalid", f"{where}: 'revision' must be a string, got {revision!r}"
         )
+    dry_run = _manifest_dry_run(where, doc.get("metadata"))
     roots = doc.get("roots")
     if roots is None:
-        return revision or None, None
+        return revision or None, None, dry_run
     if not isinstance(roots, list) or not all(isinstance(r, str) for r in roots):
         raise PolicyLoadError(
             "bundle_invalid", f"{where}: 'roots' must be a list of strings, got {roots!r}"
         )
-    return revision or None, [[p for p in r.split("/") if p] for r in roots]
+    return revision or None, [[p for p in r.split("/") if p] for r in roots], dry_run
+
+
+def _manifest_dry_run(where: str, metadata: object) -> bool:
+    """``metadata.ztagent.dry_run`` (true: a shadow bundle); other metadata is OPA's."""
+    if metadata is None:
+        return False
+    if not isinstance(metadata, dict):
+        raise PolicyLoadError(
+            "bundle_invalid", f"{where}: 'metadata' must be an object, got {metadata!r:.80}"
+        )
+    ours = metadata.get("ztagent", {})
+    if not isinstance(ours, dict):
+        raise PolicyLoadError(
+            "bundle_invalid", f"{where}: 'metadata.ztagent' must be an object, got {ours!r:.80}"
+        )
+    dry_run = ours.get("dry_run", False)
+    if not isinstance(dry_run, bool):
+        raise PolicyLoadError(
+            "bundle_invalid",
+            f"{where}: 'metadata.ztagent.dry_run' must be true or false, got {dry_run!r:.80}",
+        )
+    return dry_run
 
 
 def _merge_data(root: str, data_files: list[tuple[str, bytes]]) -> dict[str, Any]:

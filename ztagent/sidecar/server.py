@@ -104,10 +104,17 @@ def build_engine(config: Config) -> PolicyEngine:
             policy.opa_url, decision_path=policy.decision_path, timeout_s=policy.timeout_s
         )
     from ztagent.policy.embedded import EmbeddedEngine
+    from ztagent.policy.sources import load_bundle_keys
 
     assert policy.path is not None
     last_good = policy.last_good_dir or config.posture.state_dir / "last-good-policy"
-    engine = EmbeddedEngine.load(policy.path, policy.decision_path, last_good_dir=last_good)
+    engine = EmbeddedEngine.load(
+        policy.path,
+        policy.decision_path,
+        last_good_dir=last_good,
+        keys=load_bundle_keys(policy.keys) or None,
+        require_signature=policy.require_signature,
+    )
     if not policy.decision_cache:
         return engine
     return CachedEngine(engine, engine.ast_json, policy.decision_cache_size)
