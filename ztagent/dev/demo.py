@@ -41,6 +41,7 @@ from ztagent.dev.demo_posture import (
     attest,
     booted_devices,
 )
+from ztagent.dev.demo_upload import DemoCollector, upload_outcome
 from ztagent.dev.issuer import mint_token
 from ztagent.dev.pki import (
     dev_model_publisher,
@@ -306,6 +307,19 @@ def _sign_models(ca_dir: Path, models: Path) -> Path:
     return public
 
 
+def _start_collector(config: Config) -> tuple[DemoCollector | None, Outcome | None]:
+    """The demo's decision-log collector at ``upload.decision_log_url``; (None, None) when
+    the config ships nowhere, (None, a failed outcome) when it cannot listen."""
+    url = config.upload.decision_log_url
+    if url is None:
+        return None, None
+    address = url.split("://", 1)[1].split("/", 1)[0]
+    try:
+        return DemoCollector(address).start(), None
+    except OSError as exc:
+        return None, Outcome(False, f"(u) no decision-log collector on {address}: {exc}")
+
+
 def _direct_to_workload(upstream: str) -> Outcome:
     """A local process going around the sidecar: straight to the storage socket, claiming to
     be the demo device with the header the workload used to trust."""
@@ -412,8 +426,15 @@ def run_demo(config_path: Path, ca_dir: Path) -> int:
         return 2
     model_pub = _sign_models(ca_dir, models) if inference_route is not None else None
     outcomes: list[Outcome] = []
+    collector, collector_problem = _start_collector(config)
+    if collector_problem is not None:
+        outcomes.append(collector_problem)
     ca_args = ["ca", "serve", "--dir", str(ca_dir), "--ek-ca-bundle", str(ek_ca)]
-    with _process(ca_args, logs / "ca.log") as ca_proc:
+    ship_args = ["ship", "--config", str(config_path)]
+    with (
+        _optional_process(ship_args if collector is not None else None, logs / "ship.log"),
+        _process(ca_args, logs / "ca.log") as ca_proc,
+    ):
         try:
             wait_for_ca(ca_address, ca_dir / "ca-bundle.pem", lambda: ca_proc.poll() is None)
         except RuntimeError as err:
@@ -566,6 +587,9 @@ def run_demo(config_path: Path, ca_dir: Path) -> int:
             outcomes.append(_direct_to_workload(route.upstream))
             outcomes.append(_metrics_outcome(config))
     outcomes.append(_verify_decision_log(config))
+    if collector is not None:  # ztagent ship flushed what was left when it stopped
+        outcomes.append(Outcome(*upload_outcome(collector, config.decision_log.path)))
+        collector.stop()
     for outcome in outcomes:
         print(("[ok]   " if outcome.ok else "[FAIL] ") + outcome.line)
     failed = [o for o in outcomes if not o.ok]
