@@ -1,9 +1,12 @@
 """The sidecar's policy from a real bundle server: nginx on loopback (tests.fixtures.nginx).
 
-First download at start, 304s while nothing changes, a new revision picked up within the
-polling bound and visible in the decision log's ``policy_revision``, a refused bundle while
-the old revision keeps serving (health ``ztagent.policy`` NOT_SERVING), then the server gone
-and the sidecar restarted: it serves its copy of the last good bundle.
+Bundles built and signed as a publisher would (``ztagent policy build --signing-key``), the
+sidecar holding the publisher's public key (``[policy.keys.publisher]``). First download at
+start, 304s while nothing changes, a new revision picked up within the polling bound and
+visible in the decision log's ``policy_revision``, a forged bundle (signed by another key) and
+an unsigned one refused while the old revision keeps serving (health ``ztagent.policy``
+NOT_SERVING; the node's copy untouched), then the server gone and the sidecar restarted: it
+serves its copy of the last good bundle.
 """
 
 from __future__ import annotations
@@ -17,12 +20,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_health.v1 import health, health_pb2
 
 from tests.fixtures.nginx import NginxServer, nginx_server
 from tests.integration.conftest import Pki, channel, write_config
 from tests.integration.echo_upstream import SERVICE, EchoUpstream
 from ztagent.config import load_config
+from ztagent.policy.authoring import build_bundle
 from ztagent.sidecar.server import Sidecar
 
 pytestmark = pytest.mark.integration
@@ -31,17 +37,32 @@ ALLOW = 'package ztagent.authz\n\ndecision := {"allow": true, "reasons": ["%s"],
 BROKEN = "package ztagent.authz\n\ndecision := {\n"  # does not compile
 
 
-def bundle(revision: str, rego: str) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for name, data in (
-            (".manifest", json.dumps({"revision": revision, "roots": ["ztagent"]}).encode()),
-            ("ztagent/authz.rego", rego.encode()),
-        ):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+SIGNING_KEY = ec.generate_private_key(ec.SECP256R1())
+ATTACKER_KEY = ec.generate_private_key(ec.SECP256R1())
+
+
+def bundle(
+    tmp: Path, revision: str, rego: str, key: ec.EllipticCurvePrivateKey = SIGNING_KEY
+) -> bytes:
+    """A signed bundle as a publisher's ``ztagent policy build --signing-key`` makes it; a
+    broken policy is packed by hand (build refuses to build it)."""
+    src = tmp / f"src-{revision}-{id(key)}"
+    src.mkdir(parents=True, exist_ok=True)
+    (src / "authz.rego").write_text(rego)
+    if rego is BROKEN:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+            for name, data in (
+                (".manifest", json.dumps({"revision": revision}).encode()),
+                ("authz.rego", rego.encode()),
+            ):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        return buf.getvalue()
+    return build_bundle(
+        src, revision=revision, signing_key=key, signing_alg="ES256", key_id="publisher"
+    ).content
 
 
 @pytest.fixture
@@ -51,9 +72,16 @@ def nginx() -> Iterator[NginxServer]:
 
 
 def _config(pki: Pki, upstream: EchoUpstream, nginx: NginxServer, tmp_path: Path) -> Path:
+    public = tmp_path / "publisher.pub"
+    public.write_bytes(
+        SIGNING_KEY.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
     extra = (
         f'bundle_url = "{nginx.url("bundles/edge.tar.gz")}"\n'
         "bundle_min_delay_s = 0.1\nbundle_max_delay_s = 0.2\nbundle_timeout_s = 2\n"
+        f'[policy.keys.publisher]\nkey = "{public}"\nalgorithm = "ES256"\n'
     )
     return write_config(
         pki, {SERVICE: upstream.address}, policy=tmp_path / "copy" / "edge.tar.gz",
@@ -93,38 +121,39 @@ async def test_bundles_from_nginx_new_revisions_refusals_and_the_last_good_copy(
     pki: Pki, upstream: EchoUpstream, nginx: NginxServer, tmp_path: Path
 ) -> None:
     path = "/bundles/edge.tar.gz"
-    nginx.publish(path, bundle("rev-1", ALLOW % "one"))
+    nginx.publish(path, bundle(tmp_path, "rev-1", ALLOW % "one"))
     config = _config(pki, upstream, nginx, tmp_path)
     car = Sidecar(load_config(config))
     await car.start()
     try:
         assert await _call(pki, car) == "rev-1"  # downloaded at start
         await _until(lambda: _async(nginx.statuses(path).count(304) >= 2), "two 304s")
-        nginx.publish(path, bundle("rev-2", ALLOW % "two"))
+        nginx.publish(path, bundle(tmp_path, "rev-2", ALLOW % "two"))
 
         async def on_rev2() -> bool:
             return await _call(pki, car) == "rev-2"
 
         await _until(on_rev2, "revision rev-2 serving")  # within the polling bound
         assert await _policy_health(car) == health_pb2.HealthCheckResponse.SERVING
-        nginx.publish(path, bundle("rev-3", BROKEN))
-
-        async def refused() -> bool:
-            assert car.bundle_fetcher is not None
-            return not car.bundle_fetcher.health().ok
-
-        await _until(refused, "the broken bundle refused")
-        assert await _call(pki, car) == "rev-2"  # the old revision keeps serving
-        assert await _policy_health(car) == health_pb2.HealthCheckResponse.NOT_SERVING
         assert car.bundle_fetcher is not None
-        assert "policy_parse_error" in (car.bundle_fetcher.health().last_error or "") or (
-            "policy_compile_error" in (car.bundle_fetcher.health().last_error or "")
-        )
+        copy = car.bundle_fetcher.dest.read_bytes()
+        for forged, code in (
+            (bundle(tmp_path, "rev-3", ALLOW % "forged", ATTACKER_KEY), "bundle_signature_invalid"),
+            (bundle(tmp_path, "rev-4", BROKEN), "bundle_signature_missing"),
+        ):
+            nginx.publish(path, forged)
+
+            async def refused(code: str = code) -> bool:
+                assert car.bundle_fetcher is not None
+                return code in (car.bundle_fetcher.health().last_error or "")
+
+            await _until(refused, f"the bundle refused {code}")
+            assert await _call(pki, car) == "rev-2"  # the old revision keeps serving
+            assert await _policy_health(car) == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert car.bundle_fetcher.dest.read_bytes() == copy  # never installed
     finally:
         await car.stop(0)
     # the bundle server is gone; the node restarts on its copy of the last good bundle
-    nginx_stopped = tmp_path / "gone"
-    nginx_stopped.mkdir()
     offline = config.read_text().replace(nginx.url(path), "http://127.0.0.1:9/bundles/edge.tar.gz")
     config.write_text(offline)
     car = Sidecar(load_config(config))

@@ -575,11 +575,19 @@ def _bundle_fetcher(config: Config) -> BundleFetcher:
         import gc
 
         from ztagent.policy.embedded import EmbeddedEngine
+        from ztagent.policy.sources import load_bundle_keys
 
         error: ZtagentError | None = None
         revision = ""
         try:
-            revision = EmbeddedEngine.load(candidate, config.policy.decision_path).revision
+            engine = EmbeddedEngine.load(
+                candidate,
+                config.policy.decision_path,
+                keys=load_bundle_keys(config.policy.keys) or None,
+                require_signature=config.policy.require_signature,
+            )
+            revision = engine.revision
+            del engine
         except ZtagentError as err:
             error = type(err)(err.code, err.message)  # no traceback, no frames, no engine
         gc.collect()
