@@ -10,7 +10,9 @@ need=()
 # backend tests (tests/fixtures/postgres.py starts its own server; the Debian cluster is unused).
 # nginx: the policy bundle server of the bundle tests (tests/fixtures/nginx.py runs its own, on
 # loopback, with its own config; the Debian service is unused).
-for pkg in python3-venv pkg-config swtpm swtpm-tools tpm2-tools libtss2-dev softhsm2 faketime postgresql nginx; do
+# mosquitto: the MQTT broker of the escalation-outbox tests (tests/fixtures/mosquitto.py runs its
+# own, on loopback, TLS 1.3 with client certificates; the Debian service is unused).
+for pkg in python3-venv pkg-config swtpm swtpm-tools tpm2-tools libtss2-dev softhsm2 faketime postgresql nginx mosquitto; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

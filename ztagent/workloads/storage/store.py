@@ -381,6 +381,23 @@ class Store:
             records=records, last_key=records[-1].key if more else None, revision=revision
         )
 
+    def namespaces(self, prefix: str = "") -> list[str]:
+        """The namespaces holding at least one key under ``prefix``, in order (for readers
+        that walk every device's keys, such as the outbox shipper)."""
+        validate_prefix(prefix)
+        sql = "SELECT DISTINCT namespace FROM records WHERE key >= ?"
+        args: list[Any] = [prefix]
+        upper = prefix_upper_bound(prefix)
+        if upper is not None:
+            sql += " AND key < ?"
+            args.append(upper)
+        with self._lock:
+            try:
+                rows = self._db.execute(sql + " ORDER BY namespace", args).fetchall()
+            except sqlite3.Error as exc:
+                raise BackendError("storage_backend", f"read failed ({exc})") from None
+        return [str(row[0]) for row in rows]
+
     def revision(self) -> int:
         with self._lock:
             return self._current_revision(self._db)
