@@ -300,12 +300,14 @@ def test_shipper_killed_mid_batch_loses_nothing(
         'decision_log_url = "https://collector.example/v1/logs"\n'  # another shipper's key
     )
 
+    log_file = (tmp_path / "shipper.log").open("ab")
+
     def start() -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             [sys.executable, "-m", "ztagent.upload.mqtt", "--config", str(config_file)],
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stderr=log_file,  # a file, not a pipe nobody reads
         )
 
     proc = start()
@@ -324,8 +326,8 @@ def test_shipper_killed_mid_batch_loses_nothing(
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
-        if proc.stderr is not None:
-            proc.stderr.close()
+        log_file.close()
+    assert "connected to" in (tmp_path / "shipper.log").read_text()
     received = subscriber.ids()
     assert set(received) == set(ids)  # nothing lost
     assert first_seen(received) == ids  # in order; re-sends only repeat ids
