@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -180,11 +181,19 @@ class Sidecar:
         return self.pipeline.verify_device(context.auth_context())
 
     def __init__(
-        self, config: Config, clock: Clock = utc_now, *, worker: WorkerSlot | None = None
+        self,
+        config: Config,
+        clock: Clock = utc_now,
+        *,
+        worker: WorkerSlot | None = None,
+        services: Callable[[grpc.aio.Server], None] | None = None,
     ) -> None:
+        """``services``: proxyless mode (``ztagent.sidecar.proxyless``): these servicers are
+        served on the mTLS port behind ``AdmissionInterceptor`` instead of the proxy."""
         self.config = config
         self._clock = clock
         self.worker = worker
+        self._services = services
         self.port = 0
         self.health = IdentityCheckedHealth(self._verify_peer, config.tls.reload_interval_s)
         self._server: grpc.aio.Server | None = None
@@ -267,7 +276,13 @@ class Sidecar:
         self._upstreams = Upstreams(config.routes, config.listen.max_message_bytes)
 
         limit = config.listen.max_message_bytes
+        interceptors = []
+        if self._services is not None:
+            from ztagent.sidecar.proxyless import AdmissionInterceptor
+
+            interceptors.append(AdmissionInterceptor(lambda: self.pipeline))
         server = grpc.aio.server(
+            interceptors=interceptors,
             options=[
                 ("grpc.so_reuseport", 0 if self.worker is None else 1),
                 ("grpc.max_receive_message_length", limit),
@@ -282,16 +297,19 @@ class Sidecar:
                     "grpc.max_connection_age_grace_ms",
                     int(config.listen.max_connection_age_grace_s * 1000),
                 ),
-            ]
+            ],
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if posture is not None:
             attestation_pb2_grpc.add_AttestationServicer_to_server(
                 AttestationService(self.pipeline, posture, self._clock), server
             )
-        server.add_generic_rpc_handlers(
-            (ProxyHandler(self.pipeline, self._upstreams, self.metrics),)
-        )
+        if self._services is not None:
+            self._services(server)  # proxyless: the workload's own servicers, admitted
+        else:
+            server.add_generic_rpc_handlers(
+                (ProxyHandler(self.pipeline, self._upstreams, self.metrics),)
+            )
         credentials = grpc.dynamic_ssl_server_credentials(
             initial, self._fetch_tls, require_client_authentication=True
         )
