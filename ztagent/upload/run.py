@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import importlib
 import json
 import logging
 import socket
@@ -96,16 +95,14 @@ async def run_ship(config: Config, version: str) -> None:
     ]
     outbox: Any = None
     if config.upload.mqtt.get("mqtt_url"):
-        mqtt = importlib.import_module("ztagent.upload.mqtt")
+        from ztagent.upload.mqtt import OutboxShipper, parse_mqtt_config
+
         base = config.source.parent if config.source is not None else Path.cwd()
-        mqtt_config = mqtt.parse_mqtt_config(config.upload.mqtt, base)
-        outbox = mqtt.OutboxShipper(mqtt_config) if hasattr(mqtt, "OutboxShipper") else None
-        runner = (
-            outbox.run(stop)
-            if outbox is not None
-            else mqtt.run_outbox_shipper(mqtt_config, stop=stop)
-        )
-        tasks.append(asyncio.create_task(runner))
+        table = dict(config.upload.mqtt)
+        if config.upload.node_id is not None:
+            table["node_id"] = config.upload.node_id
+        outbox = OutboxShipper(parse_mqtt_config(table, base))
+        tasks.append(asyncio.create_task(outbox.run(stop), name="ship outbox"))
     if not tasks:
         log.warning("nothing to ship: set upload.decision_log_url and/or upload.mqtt_url")
         return
@@ -115,8 +112,8 @@ async def run_ship(config: Config, version: str) -> None:
         entries = [
             {"kind": "decision_log", "name": s.log_path.name, **_stats(s.stats)} for s in shippers
         ]
-        if outbox is not None and hasattr(outbox, "stats"):
-            entries.append({"kind": "mqtt", "name": "outbox", **_stats(outbox.stats)})
+        if outbox is not None:
+            entries.append({"kind": "mqtt", "name": "outbox", **_stats(outbox.snapshot())})
         return entries
 
     async def report() -> None:
@@ -132,3 +129,5 @@ async def run_ship(config: Config, version: str) -> None:
     await asyncio.gather(*tasks, reporter, return_exceptions=True)
     with contextlib.suppress(OSError):
         write_status(config, status())
+    if outbox is not None:
+        outbox.close()
