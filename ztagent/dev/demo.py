@@ -26,7 +26,7 @@ import grpc
 from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ztagent.addresses import local_target
+from ztagent.addresses import local_target, parse_host_port
 from ztagent.config import Config, load_config
 from ztagent.dev.demo_enroll import (
     enroll_device,
@@ -36,6 +36,7 @@ from ztagent.dev.demo_enroll import (
 )
 from ztagent.dev.demo_inference import CONFIDENCE_THRESHOLD, INFERENCE
 from ztagent.dev.demo_inference import scenarios as inference_scenarios
+from ztagent.dev.demo_mqtt import Subscriber, broker, mosquitto_installed
 from ztagent.dev.demo_posture import (
     DemoDevice,
     attest,
@@ -307,6 +308,63 @@ def _sign_models(ca_dir: Path, models: Path) -> Path:
     return public
 
 
+def _mqtt_plan(config: Config) -> tuple[int, Path] | None:
+    """(broker port, the node identity's device directory) when ``[upload]`` ships the
+    outbox over MQTT to a loopback broker (the demo runs that broker itself)."""
+    url = config.upload.mqtt.get("mqtt_url")
+    device_dir = config.upload.mqtt.get("device_dir")
+    if not isinstance(url, str) or not isinstance(device_dir, str):
+        return None
+    host_port = url.split("://", 1)[-1].split("/", 1)[0]
+    host, port = parse_host_port(host_port, "upload.mqtt_url")
+    if host != "127.0.0.1":
+        return None
+    base = config.source.parent if config.source is not None else Path.cwd()
+    return port, base / device_dir
+
+
+cloud_seen: list[dict[str, object]] = []
+
+
+@contextlib.contextmanager
+def _subscriber(mqtt: tuple[int, Path] | None, ca_dir: Path) -> Iterator[Subscriber | None]:
+    """The cloud side on the demo broker, with ``ca init``'s demo device certificate."""
+    if mqtt is None:
+        yield None
+        return
+    sub = Subscriber(
+        mqtt[0],
+        ca_dir / "ca-bundle.pem",
+        ca_dir / "devices" / "demo-device.pem",
+        ca_dir / "devices" / "demo-device.key",
+        "ztagent/+/+/escalations",
+    )
+    sub.wait_ready()
+    try:
+        yield sub
+    finally:
+        time.sleep(1.0)  # what ztagent ship sent on its way out
+        cloud_seen[:] = sub.received()
+        sub.close()
+
+
+def _mqtt_outcome(seen: list[dict[str, object]], node: str) -> Outcome:
+    records = [m for m in seen if str(m.get("key", "")).startswith("outbox/")]
+    if not records:
+        return Outcome(
+            False,
+            f"(v) escalation over MQTT: the subscriber received {len(seen)} messages, no outbox "
+            "record (see var/log/ship.log, var/log/mosquitto.log)",
+        )
+    first = records[-1]
+    return Outcome(
+        True,
+        f"(v) escalation published by `ztagent ship` over MQTT (QoS 1, TLS 1.3, client "
+        f"certificate of node {node!r}) and received upstream: {len(records)} record(s), "
+        f"latest id {first.get('id')!s} (removed from the outbox after the broker's PUBACK)",
+    )
+
+
 def _start_collector(config: Config) -> tuple[DemoCollector | None, Outcome | None]:
     """The demo's decision-log collector at ``upload.decision_log_url``; (None, None) when
     the config ships nowhere, (None, a failed outcome) when it cannot listen."""
@@ -431,8 +489,13 @@ def run_demo(config_path: Path, ca_dir: Path) -> int:
         outcomes.append(collector_problem)
     ca_args = ["ca", "serve", "--dir", str(ca_dir), "--ek-ca-bundle", str(ek_ca)]
     ship_args = ["ship", "--config", str(config_path)]
+    mqtt = _mqtt_plan(config)
+    if mqtt is not None and not mosquitto_installed():
+        outcomes.append(Outcome(False, "(v) MQTT: mosquitto is not installed (make installs it)"))
+        mqtt = None
+    ships = collector is not None or mqtt is not None
     with (
-        _optional_process(ship_args if collector is not None else None, logs / "ship.log"),
+        broker(mqtt[0], ca_dir, logs / "mosquitto.log") if mqtt else contextlib.nullcontext(),
         _process(ca_args, logs / "ca.log") as ca_proc,
     ):
         try:
@@ -445,12 +508,16 @@ def run_demo(config_path: Path, ca_dir: Path) -> int:
         for device_id in (REVOKED_DEVICE, TAMPERED_DEVICE):
             result, _ = enroll_device(ca_address, ca_dir, devices / device_id, device_id)
             enrolled[device_id] = result.dir / "device.pem"
+        if mqtt is not None:  # the node's own identity for the broker (a file key)
+            enroll_device(ca_address, ca_dir, mqtt[1], mqtt[1].name)
         enrolled[DEMO_DEVICE] = devices / DEMO_DEVICE / "device.pem"
         device_cert = enrolled[DEMO_DEVICE]
         print(
             f"starting storage workload on {route.upstream} and sidecar on {config.listen.address}"
         )
         with (
+            _subscriber(mqtt, ca_dir),  # exits after ztagent ship: sees its last publishes
+            _optional_process(ship_args if ships else None, logs / "ship.log"),
             booted_devices(
                 root,
                 ca_dir,
@@ -590,6 +657,8 @@ def run_demo(config_path: Path, ca_dir: Path) -> int:
     if collector is not None:  # ztagent ship flushed what was left when it stopped
         outcomes.append(Outcome(*upload_outcome(collector, config.decision_log.path)))
         collector.stop()
+    if mqtt is not None:
+        outcomes.append(_mqtt_outcome(cloud_seen, mqtt[1].name))
     for outcome in outcomes:
         print(("[ok]   " if outcome.ok else "[FAIL] ") + outcome.line)
     failed = [o for o in outcomes if not o.ok]
