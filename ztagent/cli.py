@@ -806,8 +806,11 @@ def cmd_model_sign(args: argparse.Namespace) -> int:
 
 
 def cmd_workload_storage(args: argparse.Namespace) -> int:
-    from ztagent.workloads.storage.server import run_storage
+    from ztagent.workloads.storage.server import run_storage, run_storage_protected
 
+    if args.protect is not None:  # proxyless: its own mTLS port and admission
+        asyncio.run(run_storage_protected(args.protect, args.data, listen=args.listen))
+        return EXIT_OK
     asyncio.run(
         run_storage(
             args.listen,
@@ -1149,6 +1152,14 @@ def build_parser() -> argparse.ArgumentParser:
     from ztagent.workloads.identity import add_trust_arguments
 
     add_trust_arguments(p)
+    p.add_argument(
+        "--protect",
+        type=Path,
+        metavar="CONFIG",
+        help="proxyless: serve mTLS on CONFIG's [listen] address with the sidecar's own "
+        "admission in this process (device cert + CRL, posture, token, policy, decision log), "
+        "on --listen; --trust-key and --socket-group are then unused",
+    )
     p.set_defaults(func=cmd_workload_storage)
 
     p = wl.add_parser(

@@ -160,3 +160,55 @@ async def test_handlers_read_the_admitted_caller_for_every_rpc_kind(
         await guard.stop(0)
     with pytest.raises(NotAdmittedError):
         admitted()  # outside a call
+
+
+async def test_the_storage_workload_serves_proxyless_from_the_cli(
+    pki: Pki, upstream: EchoUpstream, tmp_path: Path
+) -> None:
+    """``ztagent workload storage --protect CONFIG``: its own mTLS port, the sidecar's
+    admission in its process; the namespace is the admitted device, a forged header changes
+    nothing, a revoked device is refused as the sidecar refuses it."""
+    import asyncio
+    import socket
+    import subprocess
+    import sys
+
+    from ztagent._proto.workloads.v1 import storage_pb2, storage_pb2_grpc
+
+    storage = "ztagent.workloads.v1.Storage"
+    config = write_config(pki, {storage: upstream.address})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ztagent", "workload", "storage", "--protect", str(config),
+         "--listen", f"127.0.0.1:{port}", "--data", str(tmp_path / "data")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        for _ in range(200):
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    break
+            except OSError:
+                await asyncio.sleep(0.05)
+        forged = (("x-ztagent-device-id", "cam-b"), ("x-ztagent-assertion", "x.y.z"))
+        async with channel(pki, port, pki.mint("cam-a")) as ch:
+            stub = storage_pb2_grpc.StorageStub(ch)
+            await stub.Put(storage_pb2.PutRequest(key="k", value=b"a"), metadata=forged, timeout=10)
+        async with channel(pki, port, pki.mint("cam-b")) as ch:
+            stub = storage_pb2_grpc.StorageStub(ch)
+            with pytest.raises(grpc.aio.AioRpcError) as info:  # cam-a's key is not cam-b's
+                await stub.Get(storage_pb2.GetRequest(key="k"), timeout=10)
+            assert info.value.code() is grpc.StatusCode.NOT_FOUND
+        async with channel(pki, port, pki.mint("cam-a")) as ch:
+            got = await storage_pb2_grpc.StorageStub(ch).Get(
+                storage_pb2.GetRequest(key="k"), timeout=10
+            )
+            assert got.value == b"a"
+    finally:
+        proc.terminate()
+        proc.wait(15)
+        if proc.stderr is not None:
+            proc.stderr.close()

@@ -40,6 +40,12 @@ from typing import Any
 
 import grpc
 
+from ztagent.admission.context import (
+    NotAdmittedError,
+    admitted,
+    reset_admitted,
+    set_admitted,
+)
 from ztagent.admission.core import AdmissionCore, Admitted
 from ztagent.config import Config, load_config
 from ztagent.errors import ZtagentError
@@ -48,9 +54,6 @@ from ztagent.sidecar.pipeline import call_of
 
 log = logging.getLogger("ztagent.proxyless")
 
-_ADMITTED: contextvars.ContextVar[Admitted | None] = contextvars.ContextVar(
-    "ztagent_admitted", default=None
-)
 UNWRAPPED_SERVICES = frozenset(
     {
         "grpc.health.v1.Health",
@@ -60,18 +63,6 @@ UNWRAPPED_SERVICES = frozenset(
     }
 )
 """Services with checks of their own (or none needed): not run through admission."""
-
-
-class NotAdmittedError(RuntimeError):
-    """``admitted()`` outside a call the interceptor admitted (a programming error)."""
-
-
-def admitted() -> Admitted:
-    """The device, user, decision id and method admission verified for the current call."""
-    value = _ADMITTED.get()
-    if value is None:
-        raise NotAdmittedError("no admitted call here: is the handler served by protected_server?")
-    return value
 
 
 class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -106,7 +97,7 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 try:
                     return await inner_uu(request, context)
                 finally:
-                    _ADMITTED.reset(token)
+                    reset_admitted(token)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_unary, handler.request_deserializer, handler.response_serializer
@@ -122,7 +113,7 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     async for item in inner_us(request, context):
                         yield item
                 finally:
-                    _ADMITTED.reset(token)
+                    reset_admitted(token)
 
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream, handler.request_deserializer, handler.response_serializer
@@ -135,7 +126,7 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 try:
                     return await inner_su(requests, context)
                 finally:
-                    _ADMITTED.reset(token)
+                    reset_admitted(token)
 
             return grpc.stream_unary_rpc_method_handler(
                 stream_unary, handler.request_deserializer, handler.response_serializer
@@ -150,7 +141,7 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 async for item in inner_ss(requests, context):
                     yield item
             finally:
-                _ADMITTED.reset(token)
+                reset_admitted(token)
 
         return grpc.stream_stream_rpc_method_handler(
             stream_stream, handler.request_deserializer, handler.response_serializer
@@ -171,7 +162,7 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 grpc_status_for(err), f"{err.code}: {err.message}", error_trailers(err)
             )
             raise AssertionError("unreachable")
-        return _ADMITTED.set(verdict.admitted)
+        return set_admitted(verdict.admitted)
 
 
 def protected_server(
@@ -186,3 +177,6 @@ def protected_server(
     loaded = config if isinstance(config, Config) else load_config(Path(config))
     car = Sidecar(loaded, services=add_services)
     return car
+
+
+__all__ = ["AdmissionInterceptor", "NotAdmittedError", "admitted", "protected_server"]

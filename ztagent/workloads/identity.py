@@ -54,10 +54,11 @@ def add_trust_arguments(p: argparse.ArgumentParser) -> None:
         "--trust-key",
         type=Path,
         action="append",
-        required=True,
+        default=[],
         metavar="PEM",
         help="public key (or certificate) whose identity assertions are accepted: the "
-        "sidecar's assertion.pub (<posture.state_dir>/assertion.pub); repeat for several",
+        "sidecar's assertion.pub (<posture.state_dir>/assertion.pub); repeat for several; "
+        "required behind a sidecar",
     )
     p.add_argument(
         "--socket-group",

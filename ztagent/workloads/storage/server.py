@@ -27,6 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ztagent._proto.workloads.v1 import storage_pb2, storage_pb2_grpc
 from ztagent.addresses import local_target
+from ztagent.admission.context import admitted
 from ztagent.errors import ConfigError, TransportError, VerificationError, ZtagentError
 from ztagent.rpc_status import ERROR_CODE_HEADER, error_trailers, grpc_status_for
 from ztagent.signals import wait_for_stop_signal
@@ -161,16 +162,21 @@ class ChangeHub:
 
 
 def device_namespace(
-    verifier: AssertionVerifier, context: grpc.aio.ServicerContext | Any, method: str
+    verifier: AssertionVerifier | None, context: grpc.aio.ServicerContext | Any, method: str
 ) -> str:
     """The caller's namespace: the device id of the call's verified identity assertion for
-    ``/ztagent.workloads.v1.Storage/<method>``."""
-    identity = caller(verifier, context, f"/{SERVICE_NAME}/{method}")
+    ``/ztagent.workloads.v1.Storage/<method>``; in proxyless mode (``verifier`` None) the
+    device the in-process admission admitted (``ztagent.admission.context.admitted``)."""
+    device_id = (
+        caller(verifier, context, f"/{SERVICE_NAME}/{method}").device_id
+        if verifier is not None
+        else admitted().device_id
+    )
     try:
-        validate_namespace(identity.device_id)
+        validate_namespace(device_id)
     except InvalidRequestError as err:
         raise VerificationError("bad_device_id", f"asserted device id: {err.message}") from None
-    return identity.device_id
+    return device_id
 
 
 async def _abort(context: grpc.aio.ServicerContext, err: ZtagentError) -> NoReturn:
@@ -186,7 +192,7 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
         store: Store,
         hub: ChangeHub,
         executor: ThreadPoolExecutor,
-        verifier: AssertionVerifier,
+        verifier: AssertionVerifier | None,
     ) -> None:
         self._store = store
         self._hub = hub
@@ -434,6 +440,37 @@ async def _shutdown(running: _Running, grace: float | None) -> None:
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(running.executor, running.store.close)
     running.executor.shutdown(wait=True)
+
+
+async def run_storage_protected(config: Path, data_dir: Path, *, listen: str | None = None) -> None:
+    """Proxyless: the storage service on ``config``'s ``[listen]`` mTLS port (or ``listen``),
+    every call
+    through the same admission as the sidecar's (``ztagent.sidecar.proxyless``); the caller's
+    namespace is the admitted device. Serves until SIGTERM or SIGINT."""
+    from ztagent.config import load_config
+    from ztagent.sidecar.proxyless import protected_server
+
+    loop = asyncio.get_running_loop()
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ztagent-storage")
+    hub = ChangeHub(loop, max_events=WATCH_MAX_EVENTS, max_bytes=4 * DEFAULT_MAX_VALUE_BYTES)
+    store = await loop.run_in_executor(
+        executor, functools.partial(Store.open, data_dir, on_change=hub.publish_threadsafe)
+    )
+    servicer = StorageServicer(store, hub, executor, None)
+    guard = protected_server(
+        load_config(config, listen_address=listen),
+        add_services=lambda s: storage_pb2_grpc.add_StorageServicer_to_server(servicer, s),
+    )
+    try:
+        await guard.start()
+        log.info("storage workload serving proxyless on port %d, data in %s", guard.port, data_dir)
+        await wait_for_stop_signal()
+        log.info("storage workload stopping")
+    finally:
+        await guard.stop()
+        hub.close()
+        await loop.run_in_executor(executor, store.close)
+        executor.shutdown(wait=True)
 
 
 async def run_storage(
