@@ -17,6 +17,8 @@
 #       roles/scopes: the user needs any one of the roles or any
 #       one of the scopes                 -> "role_required:<r>", "scope_required:<s>"
 #   posture requirements (see posture.rego)                       -> "posture_required"
+#   gRPC server reflection (grpc.reflection.v1 / v1alpha ServerReflectionInfo) is an
+#   open method for every device unless services[S] configures it       -> "open_method"
 package ztagent.authz
 
 # Written for the interpreter's cost model: every rule evaluated costs a few microseconds
@@ -39,7 +41,18 @@ route := {
 		null,
 	)
 	is_object(method_config)
+} else := {"known": true, "open": true, "roles": [], "scopes": []} if {
+	# gRPC server reflection (grpcurl list / describe): open to every device that passed
+	# the identity check (the user token is not needed), unless data configures the service
+	# above. The sidecar answers it itself; the device deny / allow lists still apply.
+	input.request.service in reflection_services
+	input.request.method == "ServerReflectionInfo"
 } else := {"known": false, "open": false, "roles": [], "scopes": []}
+
+reflection_services := {
+	"grpc.reflection.v1.ServerReflection",
+	"grpc.reflection.v1alpha.ServerReflection",
+}
 
 authenticated if input.user.authenticated == true
 

@@ -171,6 +171,37 @@ test_method_without_requirements_needs_authentication if {
 	"authenticated" in d.reasons
 }
 
+# Server reflection: any device may list services, without a user token.
+test_reflection_open_for_devices if {
+	every service in ["grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"] {
+		d := authz.decision with input as anonymous_call(service, "ServerReflectionInfo")
+		d.allow == true
+		"open_method" in d.reasons
+	}
+}
+
+test_reflection_other_method_not_allowed if {
+	d := authz.decision with input as anonymous_call("grpc.reflection.v1alpha.ServerReflection", "Other")
+	d.allow == false
+	"method_not_allowed" in d.reasons
+}
+
+test_reflection_denied_device if {
+	inp := anonymous_call("grpc.reflection.v1alpha.ServerReflection", "ServerReflectionInfo")
+	cfg := {"devices": {"deny": ["demo-device"]}, "services": {}}
+	d := authz.decision with input as inp with data.ztagent.config as cfg
+	d.allow == false
+	"device_denied" in d.reasons
+}
+
+test_reflection_configured_in_data_wins if {
+	inp := anonymous_call("grpc.reflection.v1alpha.ServerReflection", "ServerReflectionInfo")
+	cfg := {"services": {"grpc.reflection.v1alpha.ServerReflection": {"methods": {"ServerReflectionInfo": {"roles": ["admin"]}}}}}
+	d := authz.decision with input as inp with data.ztagent.config as cfg
+	d.allow == false
+	"user_unauthenticated" in d.reasons
+}
+
 # --- devices ---------------------------------------------------------------------------
 
 test_denied_device if {

@@ -630,6 +630,12 @@ async def start_ca_server(
         ]
     )
     enrollment_pb2_grpc.add_EnrollmentServicer_to_server(service, server)
+    from grpc_reflection.v1alpha import reflection
+
+    # Reflection on both ports (the enrollment port needs no client certificate): it names
+    # only the schema; every Enroll / Renew still checks its token or certificate.
+    enrollment = enrollment_pb2.DESCRIPTOR.services_by_name["Enrollment"].full_name
+    reflection.enable_server_reflection((enrollment, reflection.SERVICE_NAME), server)
     enroll_creds = grpc.ssl_server_credentials([(key, chain)], require_client_auth=False)
     renew_creds = grpc.ssl_server_credentials(
         [(key, chain)], root_certificates=bundle, require_client_auth=True

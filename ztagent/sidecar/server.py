@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -263,7 +263,7 @@ class Sidecar:
         decision_log.start()
         self.metrics = self._build_metrics()
         self.pipeline = Pipeline(
-            config,
+            with_reflection_routes(config),
             checker,
             engine,
             tokens,
@@ -304,6 +304,9 @@ class Sidecar:
             attestation_pb2_grpc.add_AttestationServicer_to_server(
                 AttestationService(self.pipeline, posture, self._clock), server
             )
+        server.add_generic_rpc_handlers(
+            admitted_reflection(self.pipeline, config, attestation=posture is not None)
+        )
         if self._services is not None:
             self._services(server)  # proxyless: the workload's own servicers, admitted
         else:
@@ -626,6 +629,78 @@ def _bundle_fetcher(config: Config) -> BundleFetcher:
         max_delay_s=bundle.max_delay_s,
         max_bytes=bundle.max_bytes,
         timeout_s=bundle.timeout_s,
+    )
+
+
+REFLECTION_SERVICES = (
+    "grpc.reflection.v1alpha.ServerReflection",
+    "grpc.reflection.v1.ServerReflection",
+)
+"""gRPC server reflection, answered by the sidecar itself (never forwarded): v1alpha is
+what grpcio-reflection implements; v1 has the same messages and is served by the same code."""
+
+
+def with_reflection_routes(config: Config) -> Config:
+    """The config admission decides with: the routes plus the reflection services, so an
+    allowed reflection call is not refused ``no_route``. Their ``upstream`` is never dialled
+    (the proxy's ``Upstreams`` is built from ``config.routes``, and reflection is answered
+    before the proxy sees the call)."""
+    from dataclasses import replace
+
+    from ztagent.config import Route
+
+    local = tuple(Route(service=name, upstream="local:sidecar") for name in REFLECTION_SERVICES)
+    return replace(config, routes=(*config.routes, *local))
+
+
+def admitted_reflection(
+    admission: Pipeline, config: Config, *, attestation: bool
+) -> tuple[grpc.GenericRpcHandler, ...]:
+    """Server reflection on the mTLS port, through admission like a proxied call.
+
+    Every ``ServerReflectionInfo`` stream is first admitted (identity, posture, user, policy;
+    the decision is logged like any other call; a refusal gets the usual status, code and
+    trailers). It lists the routed services, health, attestation (when served) and itself.
+    Descriptors come from protobuf's default pool: ztagent's own workload protos are in it
+    (imported above), so ``describe`` works for them; a routed service whose descriptor the
+    sidecar does not have is listed by name only (its symbols answer NOT_FOUND)."""
+    from grpc_health.v1 import health
+    from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+    from ztagent._proto.v1 import attestation_pb2
+    from ztagent.rpc_status import error_trailers, grpc_status_for
+
+    names = [r.service for r in config.routes]
+    names += [health.SERVICE_NAME, reflection.SERVICE_NAME]
+    if attestation:
+        names.append(attestation_pb2.DESCRIPTOR.services_by_name["Attestation"].full_name)
+    inner = reflection.aio.ReflectionServicer(sorted(set(names)))
+
+    def bind(full_method: str) -> grpc.RpcMethodHandler:
+        async def info(
+            requests: AsyncIterator[reflection_pb2.ServerReflectionRequest],
+            context: grpc.aio.ServicerContext,
+        ) -> AsyncIterator[reflection_pb2.ServerReflectionResponse]:
+            try:
+                await admission.admit(context, full_method)
+            except ZtagentError as err:  # counted and logged by the admission core
+                await context.abort(
+                    grpc_status_for(err), f"{err.code}: {err.message}", error_trailers(err)
+                )
+            async for response in inner.ServerReflectionInfo(requests, context):
+                yield response
+
+        return grpc.stream_stream_rpc_method_handler(
+            info,
+            request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+        )
+
+    return tuple(
+        grpc.method_handlers_generic_handler(
+            service, {"ServerReflectionInfo": bind(f"/{service}/ServerReflectionInfo")}
+        )
+        for service in REFLECTION_SERVICES
     )
 
 

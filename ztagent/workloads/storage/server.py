@@ -408,6 +408,13 @@ async def start_storage_server(
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    from grpc_reflection.v1alpha import reflection
+
+    # Reflection (grpcurl list / describe), like health without an assertion: it names only
+    # the schema, and this port is loopback or a unix socket the sidecar reaches.
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
     running = _Running(server, store, hub, health_servicer, executor)
     try:
         port = bind_local(server, address, group=socket_group)
