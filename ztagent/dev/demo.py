@@ -42,6 +42,7 @@ from ztagent.dev.demo_posture import (
     attest,
     booted_devices,
 )
+from ztagent.dev.demo_proxyless import PROXYLESS_ADDRESS, proxyless_call, proxyless_config
 from ztagent.dev.demo_upload import DemoCollector, upload_outcome
 from ztagent.dev.issuer import mint_token
 from ztagent.dev.pki import (
@@ -549,6 +550,19 @@ def run_demo(config_path: Path, ca_dir: Path) -> int:
                 logs / "inference.log",
             ) as inference,
             _process(["serve", "--config", str(config_path)], logs / "sidecar.log") as sidecar,
+            _process(
+                [
+                    "workload",
+                    "storage",
+                    "--protect",
+                    str(proxyless_config(config, root)),
+                    "--listen",
+                    PROXYLESS_ADDRESS,
+                    "--data",
+                    str(root / "var" / "storage-proxyless"),
+                ],
+                logs / "storage-proxyless.log",
+            ),  # fmt: skip
         ):
             # The demo device enrolls with its TPM: the CA proves the TPM (MakeCredential /
             # ActivateCredential) and binds its attestation key into the certificate.
@@ -652,6 +666,7 @@ def run_demo(config_path: Path, ca_dir: Path) -> int:
                     )
                 ]
             outcomes.append(_direct_to_workload(route.upstream))
+            outcomes.append(Outcome(*proxyless_call(config.tls.client_ca, device_cert, alice, bob)))
             outcomes.append(_metrics_outcome(config))
     outcomes.append(_verify_decision_log(config))
     if collector is not None:  # ztagent ship flushed what was left when it stopped
