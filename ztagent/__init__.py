@@ -24,7 +24,8 @@ base      ``config`` (one validated object), ``errors`` (the root error and its 
           formatter), ``addresses`` (the one address parser), ``schedule`` (refresh at
           2/3, backoff with jitter), ``failure_log`` (a failing dependency logged once,
           then summarised), ``pkcs11_keys`` (PKCS#11 sessions and key stores: device and
-          CA keys on one token share them); gRPC-facing base:
+          CA keys on one token share them), ``logs`` (text or JSON log lines, credentials
+          redacted); gRPC-facing base:
           ``rpc_status`` (the one error-to-status mapping), ``signals``, ``_proto``
 ========  ===========================================================================
 

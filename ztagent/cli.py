@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,6 +23,69 @@ Handler = Callable[[argparse.Namespace], int]
 
 def _print_json(obj: object) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def _log_format(args: argparse.Namespace, configured: str = "text") -> None:
+    """A long-running command's log format: ``--log-format``, else ``[logging] format`` of
+    its config file, else text."""
+    from ztagent.logs import configure_logging
+
+    configure_logging(args.log_level, getattr(args, "log_format", None) or configured)
+
+
+def _log_format_argument(p: argparse.ArgumentParser, *, config: bool = False) -> None:
+    p.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        help="log lines on stderr: text, or json (one object per line: time, level, logger, "
+        "message and the record's fields)"
+        + ("; default: [logging] format of --config, else text" if config else "; default: text"),
+    )
+
+
+LINKED_DISTRIBUTIONS = (
+    ("grpcio", "grpcio"),
+    ("regorus", "gordon-to-regorus"),
+    ("cryptography", "cryptography"),
+    ("psycopg", "psycopg"),
+    ("paho-mqtt", "paho-mqtt"),
+)
+"""What ``--version`` reports besides ztagent (as ``opa version`` does): (name, distribution);
+psycopg and paho-mqtt only when installed."""
+
+
+def version_text() -> str:
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    lines = [
+        f"ztagent {__version__}",
+        f"Python: {platform.python_version()} ({platform.python_implementation()})",
+        f"Platform: {sys.platform}/{platform.machine()}",
+    ]
+    for name, distribution in LINKED_DISTRIBUTIONS:
+        try:
+            found = version(distribution)
+        except PackageNotFoundError:
+            if name in ("psycopg", "paho-mqtt"):
+                continue
+            found = "not installed"
+        label = name if name == distribution else f"{name} ({distribution})"
+        lines.append(f"{label}: {found}")
+    return "\n".join(lines)
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: versions are looked up only when asked for."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        kwargs.setdefault("nargs", 0)
+        kwargs.setdefault("default", argparse.SUPPRESS)
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        print(version_text())
+        parser.exit()
 
 
 # -- ca ---------------------------------------------------------------------------------------
@@ -149,6 +212,7 @@ def cmd_ca_token(args: argparse.Namespace) -> int:
 def cmd_ca_serve(args: argparse.Namespace) -> int:
     from ztagent.ca.service import run_ca_server
 
+    _log_format(args)
     asyncio.run(
         run_ca_server(
             args.dir,
@@ -220,6 +284,7 @@ def cmd_renew(args: argparse.Namespace) -> int:
     pin = resolve_pin(args.pin_file)
     rotate = not args.keep_key
     if args.watch:
+        _log_format(args)
         results = asyncio.run(renew_watch(args.dir, pin=pin, rotate_key=rotate, server=args.server))
         print(f"renew --watch ended after {len(results)} renewal(s)")
         return EXIT_OK
@@ -239,6 +304,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ztagent.sidecar.server import WorkerSlot, run_sidecar
 
     config = load_config(args.config, listen_address=args.listen)
+    _log_format(args, config.logging.format)
     if args.worker_index is not None:  # one worker of a supervisor
         from ztagent.sidecar.workers import die_with_supervisor
 
@@ -689,6 +755,8 @@ def cmd_attest(args: argparse.Namespace) -> int:
     tpm = DeviceTpm(args.tpm)
     pcrs = tuple(args.pcrs)
     pin = resolve_pin(args.pin_file)
+    if args.every is not None:
+        _log_format(args)
 
     def host_facts() -> dict[str, Any]:
         return collect_host_facts(args.require_process, args.forbid_process)
@@ -808,6 +876,7 @@ def cmd_model_sign(args: argparse.Namespace) -> int:
 def cmd_workload_storage(args: argparse.Namespace) -> int:
     from ztagent.workloads.storage.server import run_storage, run_storage_protected
 
+    _log_format(args)
     if args.protect is not None:  # proxyless: its own mTLS port and admission
         asyncio.run(run_storage_protected(args.protect, args.data, listen=args.listen))
         return EXIT_OK
@@ -826,6 +895,7 @@ def cmd_workload_storage(args: argparse.Namespace) -> int:
 def cmd_workload_inference(args: argparse.Namespace) -> int:
     from ztagent.workloads.inference.__main__ import run
 
+    _log_format(args)
     run(args)
     return EXIT_OK
 
@@ -836,7 +906,9 @@ def cmd_ship(args: argparse.Namespace) -> int:
     from ztagent.config import load_config
     from ztagent.upload.run import run_ship
 
-    asyncio.run(run_ship(load_config(args.config), version("ztagent")))
+    config = load_config(args.config)
+    _log_format(args, config.logging.format)
+    asyncio.run(run_ship(config, version("ztagent")))
     return EXIT_OK
 
 
@@ -853,9 +925,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ztagent", description="Zero-trust security agent for edge nodes."
     )
-    parser.add_argument("--version", action="version", version=f"ztagent {__version__}")
     parser.add_argument(
-        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+        "--version",
+        action=_VersionAction,
+        help="print the version of ztagent and of the libraries it links (grpcio, regorus, "
+        "cryptography, psycopg, paho-mqtt) and exit",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="least severe log level written to stderr",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -927,6 +1007,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ADDR",
         help="also serve the CRL over HTTPS at HOST:PORT (/crl.der, /crl.pem)",
     )
+    _log_format_argument(p)
     p.set_defaults(func=cmd_ca_serve)
     p = ca.add_parser(
         "migrate", help="import a CA from before the database (ca.json, bootstrap-used.json)"
@@ -957,6 +1038,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server", help="CA renewal address (default: from enrollment.json)")
     p.add_argument("--keep-key", action="store_true", help="renew without rotating the key")
     p.add_argument("--pin-file", type=Path, help="PKCS#11 user PIN (or env ZTAGENT_PKCS11_PIN)")
+    _log_format_argument(p)
     p.set_defaults(func=cmd_renew)
 
     p = sub.add_parser("serve", help="run the mTLS sidecar")
@@ -966,6 +1048,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     p.add_argument("--worker-count", type=int, help=argparse.SUPPRESS)
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    _log_format_argument(p, config=True)
     p.set_defaults(func=cmd_serve)
 
     cert = sub.add_parser("cert", help="certificate checks").add_subparsers(
@@ -1097,6 +1180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--require-process", action="append", default=[])
     p.add_argument("--forbid-process", action="append", default=[])
     p.add_argument("--every", type=float, help="re-attest every N seconds (and before expiry)")
+    _log_format_argument(p)
     p.set_defaults(func=cmd_attest)
 
     pos = sub.add_parser("posture", help="posture tooling").add_subparsers(
@@ -1160,6 +1244,7 @@ def build_parser() -> argparse.ArgumentParser:
         "admission in this process (device cert + CRL, posture, token, policy, decision log), "
         "on --listen; --trust-key and --socket-group are then unused",
     )
+    _log_format_argument(p)
     p.set_defaults(func=cmd_workload_storage)
 
     p = wl.add_parser(
@@ -1168,6 +1253,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ztagent.workloads.inference.__main__ import add_arguments
 
     add_arguments(p)
+    _log_format_argument(p)
     p.set_defaults(func=cmd_workload_inference)
 
     p = sub.add_parser(
@@ -1176,6 +1262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--config", type=Path, default=Path("ztagent.toml"), help="the sidecar's config file"
     )
+    _log_format_argument(p, config=True)
     p.set_defaults(func=cmd_ship)
 
     p = sub.add_parser("demo", help="run the whole stack and show allowed and refused calls")
@@ -1186,13 +1273,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ztagent.logs import configure_logging, quiet_grpc_core
+
+    quiet_grpc_core(os.environ)  # before grpc starts: its C core logs by itself
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(args.log_level, getattr(args, "log_format", None) or "text")
     handler: Handler = args.func
     try:
         return handler(args)

@@ -243,6 +243,18 @@ class HealthConfig:
     on loopback or behind a network policy."""
 
 
+LogFormat = Literal["text", "json"]
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """``[logging]``: how the long-running commands write their log (stderr)."""
+
+    format: LogFormat = "text"
+    """``text`` (``time LEVEL logger: message``) or ``json`` (one object per line, see
+    ``ztagent.logs``); a ``--log-format`` flag overrides it."""
+
+
 @dataclass(frozen=True)
 class UploadConfig:
     """``[upload]``: what ``ztagent ship`` sends upstream (``ztagent.upload``)."""
@@ -344,6 +356,7 @@ class Config:
     health: HealthConfig = field(default_factory=HealthConfig)
     assertion: AssertionConfig = field(default_factory=AssertionConfig)
     upload: UploadConfig = field(default_factory=UploadConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: Path | None = None
 
     def route_for(self, service: str) -> Route | None:
@@ -909,6 +922,12 @@ def _health(raw: Mapping[str, Any]) -> HealthConfig:
     return HealthConfig(address=address)
 
 
+def _logging(raw: Mapping[str, Any]) -> LoggingConfig:
+    _check_keys(raw, "logging", {"format"})
+    value = _choice(raw, "format", "logging.format", "text", ("text", "json"))
+    return LoggingConfig(format="json" if value == "json" else "text")
+
+
 def _posture(raw: Mapping[str, Any], base: Path) -> PostureConfig:
     keys = {
         "enabled", "max_age_s", "reference_values", "firmware_keys", "pcrs", "state_dir",
@@ -988,7 +1007,7 @@ def parse_config(raw: Mapping[str, Any], base: Path, source: Path | None = None)
     """Builds a validated Config from an already-decoded TOML document."""
     allowed = {
         "listen", "tls", "identity", "routes", "tokens", "policy", "decision_log", "posture",
-        "metrics", "health", "assertion", "upload",
+        "metrics", "health", "assertion", "upload", "logging",
     }  # fmt: skip
     for key in raw:
         if key not in allowed:
@@ -1023,6 +1042,7 @@ def parse_config(raw: Mapping[str, Any], base: Path, source: Path | None = None)
         health=_health(_expect_table(raw.get("health", {}), "health")),
         assertion=_assertion(_expect_table(raw.get("assertion", {}), "assertion"), base),
         upload=_upload(_expect_table(raw.get("upload", {}), "upload"), base),
+        logging=_logging(_expect_table(raw.get("logging", {}), "logging")),
         source=source,
     )
 
