@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -732,6 +733,27 @@ def _print_attestation(outcome: object) -> None:
             print(f"REFUSED {failure.code}: {failure.message}")
 
 
+def _attestation_reporter(server: str) -> Callable[[object], None]:
+    """``attest --every``: a verified round is printed; failed ones go through a
+    ``FailureLog`` (one WARNING when they start, a summary every 5 minutes, one on recovery;
+    no traceback), so a sidecar that stays down does not print a line per retry."""
+    from ztagent.failure_log import FailureLog
+
+    failing = FailureLog(logging.getLogger("ztagent.attest"), f"attestation at {server}")
+
+    def report(outcome: object) -> None:
+        response: Any = outcome
+        if isinstance(outcome, ZtagentError):
+            failing.failed(f"{outcome.code}: {outcome.message}")
+        elif not response.verified:
+            failing.failed("; ".join(f"{f.code}: {f.message}" for f in response.failures))
+        else:
+            failing.succeeded()
+            _print_attestation(outcome)
+
+    return report
+
+
 def cmd_attest(args: argparse.Namespace) -> int:
     from ztagent.device.attest import (
         attest_loop,
@@ -773,7 +795,7 @@ def cmd_attest(args: argparse.Namespace) -> int:
                     pcrs=pcrs,
                     inputs=inputs,
                     host_facts=host_facts,
-                    on_result=_print_attestation,
+                    on_result=_attestation_reporter(args.server),
                     every_s=float(args.every),
                 )
             response = await attest_once(

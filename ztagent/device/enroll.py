@@ -113,6 +113,7 @@ from ztagent.device.transport import (
     channel_credentials,
 )
 from ztagent.errors import ConfigError, ZtagentError
+from ztagent.failure_log import FailureLog
 from ztagent.pki.device_check import cert_ak_name
 from ztagent.pki.errors import CertError
 from ztagent.schedule import Backoff, refresh_at
@@ -517,25 +518,22 @@ async def renew_watch(
             logged_for = wait - WALL_CLOCK_RECHECK_S
             await sleep(min(wait, WALL_CLOCK_RECHECK_S))
         failures = 0
+        failing = FailureLog(log, f"renewal of {dir}")  # one line, summaries, one on recovery
         while True:
             if max_attempts is not None and attempts >= max_attempts:
                 return results
             attempts += 1
-            log.info("renewal attempt %d for %s", attempts, dir)
+            (log.debug if failing.failing else log.info)("renewal attempt %d for %s", attempts, dir)
             try:
                 results.append(
                     await renew(dir, pin=pin, rotate_key=rotate_key, server=server, now=clock())
                 )
+                failing.succeeded()
                 break
             except CaUnreachable as err:
                 failures += 1
                 remaining = (cert.not_valid_after_utc - clock()).total_seconds()
                 delay = backoff.delay(failures, remaining, rng)
-                log.warning(
-                    "renewal attempt %d failed (%s); retry in %.1f s, certificate expires in %s",
-                    attempts,
-                    err,
-                    delay,
-                    timedelta(seconds=int(max(0.0, remaining))),
-                )
+                left = timedelta(seconds=int(max(0.0, remaining)))
+                failing.failed(f"{err}; retry in {delay:.1f} s, certificate expires in {left}")
                 await sleep(delay)

@@ -198,3 +198,20 @@ async def test_watch_stops_on_a_refusal(tmp_path: Path, monkeypatch: pytest.Monk
     with pytest.raises(EnrollError, match="renew_cert_revoked"):
         await renew_watch(out, sleep=fake.sleep, clock=fake.clock)
     assert fake.sleeps == []
+
+
+async def test_watch_logs_a_failing_ca_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Five failed attempts: one WARNING with the reason (no traceback), the rest at DEBUG."""
+    out, cert = _device_dir(tmp_path)
+    monkeypatch.setattr(client, "call_ca", _unreachable)
+    fake = FakeTime(renew_at(cert))
+    caplog.set_level("DEBUG", logger="ztagent.device.enroll")
+    await renew_watch(out, sleep=fake.sleep, clock=fake.clock, rng=lambda: 0.0, max_attempts=5)
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert "failing: " in warnings[0].getMessage()
+    assert "connection refused" in warnings[0].getMessage()
+    assert warnings[0].exc_info is None
+    assert sum("failed again" in r.getMessage() for r in caplog.records) == 4
