@@ -103,6 +103,7 @@ def targets(st: Stack, request: bytes) -> dict[str, Target]:
         ),  # type: ignore[arg-type]
         "c": Target("c bare proxy", f"127.0.0.1:{st.bare_port}", method, request, auth, **mtls),  # type: ignore[arg-type]
         "d": Target("d sidecar", f"127.0.0.1:{st.sidecar_port}", method, request, auth, **mtls),  # type: ignore[arg-type]
+        "e": Target("e proxyless", f"127.0.0.1:{st.proxyless_port}", method, request, auth, **mtls),  # type: ignore[arg-type]
     }
 
 
@@ -111,8 +112,9 @@ def seed(st: Stack, tg: dict[str, Target]) -> None:
     from bench.stack import mtls_channel
 
     put = storage_pb2.PutRequest(key="bench", value=os.urandom(256)).SerializeToString()
-    with mtls_channel(st, st.sidecar_port) as ch:
-        ch.unary_unary(f"/{STORAGE}/Put")(put, metadata=tg["d"].metadata, timeout=10)
+    for port, leg in ((st.sidecar_port, "d"), (st.proxyless_port, "e")):  # e: its own store
+        with mtls_channel(st, port) as ch:
+            ch.unary_unary(f"/{STORAGE}/Put")(put, metadata=tg[leg].metadata, timeout=10)
     for t in tg.values():
         r = run_load(t, processes=1, concurrency=1, warmup_s=0, duration_s=0.3)
         if r.errors or not r.calls:
@@ -359,7 +361,7 @@ class Report:
             "load-gen CPU | server CPU (under load) |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
-        for k in "abcd":
+        for k in "abcde":
             a, b = self.c1[k], self.load[k]
             cpu = ", ".join(f"{n} {v:.0f}%" for n, v in self.server_cpu[k].items() if v >= 1)
             out.append(
@@ -378,6 +380,13 @@ class Report:
                 f"| d/{k} ({label}) | {dl.rps / self.load[k].rps:.2f} | "
                 f"+{(d.p50_ms - self.c1[k].p50_ms) * 1e3:.0f} us |"
             )
+        e, el, b1, bl = self.c1["e"], self.load["e"], self.c1["b"], self.load["b"]
+        out += [
+            "",
+            f"Proxyless (e) vs direct mTLS (b): throughput under load {el.rps / bl.rps:.2f} "
+            f"(target >= 0.8), p50 at conc. 1 +{(e.p50_ms - b1.p50_ms) * 1e3:.0f} us "
+            "(target <= +200 us).",
+        ]
         out += [
             "",
             f"Concurrency 1: one load process, one call in flight, {p.c1_seconds:g} s "

@@ -75,6 +75,8 @@ class Stack:
     workers: int
     assertion_key: Path
     """The direct legs' and the bare proxy's stand-in for the sidecar's assertion key."""
+    proxyless_port: int = 0
+    """Leg (e): the storage workload serving mTLS itself with in-process admission."""
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     swtpm: SwtpmProcess | None = None
     enrollment: Enrollment | None = None
@@ -252,6 +254,18 @@ def running_stack(root: Path, *, enroll_count: int = 20, workers: int = 1) -> It
     )
     ensure_signing_key(st.assertion_key)
     st.config.write_text(_config_text(st, issuer, vendor_pub))
+    st.proxyless_port = free_port()
+    proxyless_config = root / "proxyless.toml"
+    proxyless_config.write_text(
+        _config_text(st, issuer, vendor_pub)
+        .replace(
+            f'address = "127.0.0.1:{st.sidecar_port}"', f'address = "127.0.0.1:{st.proxyless_port}"'
+        )
+        .replace(f'path = "{st.decision_log}"', f'path = "{root / "decisions-proxyless.jsonl"}"')
+        .replace(
+            f'state_dir = "{st.root / "state"}"', f'state_dir = "{st.root / "state-proxyless"}"'
+        )
+    )
     try:
         _spawn(
             st,
@@ -298,7 +312,16 @@ def running_stack(root: Path, *, enroll_count: int = 20, workers: int = 1) -> It
             ],
         )
         _spawn(st, "sidecar", ["-m", "ztagent", "serve", "--config", str(st.config)])
-        for name, port in (("bare-proxy", st.bare_port), ("sidecar", st.sidecar_port)):
+        _spawn(
+            st,
+            "proxyless",
+            ["-m", "ztagent", "workload", "storage", "--protect", str(proxyless_config),
+             "--listen", f"127.0.0.1:{st.proxyless_port}", "--data", str(root / "data-proxyless")],
+        )  # fmt: skip
+        for name, port in (
+            ("bare-proxy", st.bare_port), ("sidecar", st.sidecar_port),
+            ("proxyless", st.proxyless_port),
+        ):  # fmt: skip
             with mtls_channel(st, port) as ch:
                 _wait_healthy(st, name, ch)
         _attest(st, vendor_key)

@@ -518,7 +518,6 @@ def run_demo(config_path: Path, ca_dir: Path) -> int:
         )
         with (
             _subscriber(mqtt, ca_dir),  # exits after ztagent ship: sees its last publishes
-            _optional_process(ship_args if ships else None, logs / "ship.log"),
             booted_devices(
                 root,
                 ca_dir,
@@ -526,6 +525,9 @@ def run_demo(config_path: Path, ca_dir: Path) -> int:
                 (TAMPERED_DEVICE, enrolled[TAMPERED_DEVICE]),
             ) as (good, tampered),
             _process(storage_args, logs / "storage.log") as storage,
+            # after storage (it makes the outbox's store), before the sidecar (which stops
+            # first, so the shipper still sends the log's closing lines)
+            _optional_process(ship_args if ships else None, logs / "ship.log"),
             _optional_process(
                 None
                 if inference_route is None

@@ -500,6 +500,10 @@ class OutboxShipper:
         when the outbox is empty, with exponential backoff and jitter after failures."""
         try:
             await self._run(stop)
+            # a last round on the way out: what arrived since the last poll (a broker that
+            # does not answer now is retried at the next start; nothing is deleted unacked)
+            with contextlib.suppress(MqttError, StorageError):
+                await asyncio.to_thread(self.ship_once)
         finally:
             await asyncio.to_thread(self._disconnect)
 

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from ztagent.config import Config
+from ztagent.errors import ZtagentError
+from ztagent.failure_log import FailureLog
 from ztagent.files import write_atomic
 from ztagent.policy.decision_log import worker_log_path
 from ztagent.signals import wait_for_stop_signal
@@ -101,8 +103,25 @@ async def run_ship(config: Config, version: str) -> None:
         table = dict(config.upload.mqtt)
         if config.upload.node_id is not None:
             table["node_id"] = config.upload.node_id
-        outbox = OutboxShipper(parse_mqtt_config(table, base))
-        tasks.append(asyncio.create_task(outbox.run(stop), name="ship outbox"))
+        mqtt_config = parse_mqtt_config(table, base)  # a bad setting: exit now, naming it
+
+        async def ship_outbox() -> None:
+            """The outbox's store or the node identity may not exist yet (the storage
+            workload or the enrollment comes later): wait for them, never exit."""
+            nonlocal outbox
+            waiting = FailureLog(log, "MQTT outbox shipper start")
+            while outbox is None and not stop.is_set():
+                try:
+                    outbox = await asyncio.to_thread(OutboxShipper, mqtt_config)
+                except ZtagentError as err:
+                    waiting.failed(f"{err.code}: {err.message}")
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), 2.0)
+            if outbox is not None:
+                waiting.succeeded()
+                await outbox.run(stop)
+
+        tasks.append(asyncio.create_task(ship_outbox(), name="ship outbox"))
     if not tasks:
         log.warning("nothing to ship: set upload.decision_log_url and/or upload.mqtt_url")
         return
