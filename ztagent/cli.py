@@ -20,6 +20,7 @@ from ztagent import __version__
 from ztagent.errors import EXIT_OK, EXIT_REJECTED, ConfigError, ZtagentError, exit_code_for
 
 Handler = Callable[[argparse.Namespace], int]
+JSON_HELP = "print the result as JSON"
 
 
 def _print_json(obj: object) -> None:
@@ -74,6 +75,25 @@ def version_text() -> str:
         label = name if name == distribution else f"{name} ({distribution})"
         lines.append(f"{label}: {found}")
     return "\n".join(lines)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each option's default, except where there is none to show (None,
+    False, an empty list) or the help text already names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default in (None, False, [], argparse.SUPPRESS) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+def _with_help_formatter(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = _HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _with_help_formatter(sub)
 
 
 class _VersionAction(argparse.Action):
@@ -965,7 +985,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="ca_command", required=True, metavar="SUBCOMMAND"
     )
     p = ca.add_parser("init", help="create root CA, issuing CA, server cert, CRL, demo device")
-    p.add_argument("--dir", type=Path, required=True)
+    p.add_argument("--dir", type=Path, required=True, help="the CA directory to create")
     p.add_argument(
         "--trust-domain", type=_trust_domain, default="ztagent.dev", help="SPIFFE trust domain"
     )
@@ -979,14 +999,14 @@ def build_parser() -> argparse.ArgumentParser:
     _db_argument(p)
     p.set_defaults(func=cmd_ca_init)
     p = ca.add_parser("issue", help="sign a device certificate directly (dev/test)")
-    p.add_argument("--dir", type=Path, required=True)
+    p.add_argument("--dir", type=Path, required=True, help="the CA directory")
     p.add_argument("--device-id", type=_device_id, required=True, help="the device's id")
     p.add_argument("--out", type=Path, required=True, help="certificate path; key goes to .key")
-    p.add_argument("--days", type=int, default=30)
+    p.add_argument("--days", type=int, default=30, help="certificate lifetime in days")
     _db_argument(p)
     p.set_defaults(func=cmd_ca_issue)
     p = ca.add_parser("revoke", help="revoke a certificate and rewrite the CRL")
-    p.add_argument("--dir", type=Path, required=True)
+    p.add_argument("--dir", type=Path, required=True, help="the CA directory")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--serial", type=_parse_serial, help="serial number in hex")
     which.add_argument("--cert", type=Path, help="PEM certificate to revoke")
@@ -997,13 +1017,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ca_revoke)
 
     p = ca.add_parser("token", help="a signed one-time bootstrap token for enrollment")
-    p.add_argument("--dir", type=Path, required=True)
+    p.add_argument("--dir", type=Path, required=True, help="the CA directory")
     p.add_argument("--device-id", type=_device_id, required=True, help="the device's id")
-    p.add_argument("--ttl", type=_parse_duration, default=900, help="e.g. 15m (default), 1h")
+    p.add_argument(
+        "--ttl",
+        type=_parse_duration,
+        default=900,
+        help="token lifetime: seconds, or with a unit (15m, 1h)",
+    )
     _db_argument(p)
     p.set_defaults(func=cmd_ca_token)
     p = ca.add_parser("serve", help="the enrollment service (Enroll, Renew, GetCACerts, GetCRL)")
-    p.add_argument("--dir", type=Path, required=True)
+    p.add_argument("--dir", type=Path, required=True, help="the CA directory (from `ca init`)")
     p.add_argument("--listen", default="127.0.0.1:8444", help="enrollment port (server-auth TLS)")
     p.add_argument("--renew-listen", default="127.0.0.1:8445", help="renewal port (mTLS)")
     p.add_argument(
@@ -1064,7 +1089,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_renew)
 
     p = sub.add_parser("serve", help="run the mTLS sidecar")
-    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--config", type=Path, required=True, help="the sidecar's ztagent.toml")
     p.add_argument("--listen", help="override listen.address")
     # Set by the supervisor when listen.workers > 1 (ztagent/sidecar/workers.py).
     p.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
@@ -1077,10 +1102,10 @@ def build_parser() -> argparse.ArgumentParser:
         dest="cert_command", required=True, metavar="SUBCOMMAND"
     )
     p = cert.add_parser("verify", help="explain whether the sidecar accepts a device cert")
-    p.add_argument("cert", type=Path)
+    p.add_argument("cert", type=Path, help="the device certificate (PEM)")
     p.add_argument("--chain", type=Path, help="extra intermediate certificates (PEM)")
-    p.add_argument("--config", type=Path, required=True)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--config", type=Path, required=True, help="the sidecar's ztagent.toml")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
     p.set_defaults(func=cmd_cert_verify)
 
     tok = sub.add_parser("token", help="user tokens").add_subparsers(
@@ -1088,9 +1113,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = tok.add_parser("verify", help="explain whether the sidecar accepts a user token")
     p.add_argument("token", help="the JWT, or - to read it from stdin")
-    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--config", type=Path, required=True, help="the sidecar's ztagent.toml")
     p.add_argument("--cert", type=Path, help="client certificate the token must be bound to")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
     p.set_defaults(func=cmd_token_verify)
     p = tok.add_parser(
         "mint",
@@ -1098,13 +1123,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="DEVELOPMENT ONLY. Signs an access token with the development issuer key "
         "in --dir. Never use the dev issuer outside development and tests.",
     )
-    p.add_argument("--dir", type=Path, default=Path("certs-dev"))
-    p.add_argument("--sub", required=True)
-    p.add_argument("--scope", nargs="*", default=[])
-    p.add_argument("--roles", nargs="*", default=[])
-    p.add_argument("--ttl", type=_parse_duration, default=900, help="e.g. 900, 15m, 2h")
+    p.add_argument(
+        "--dir", type=Path, default=Path("certs-dev"), help="the dev CA directory (`ca init`)"
+    )
+    p.add_argument("--sub", required=True, help="the token's subject (the user)")
+    p.add_argument("--scope", nargs="*", default=[], help="scope values (space-separated)")
+    p.add_argument("--roles", nargs="*", default=[], help="role names (a roles claim)")
+    p.add_argument(
+        "--ttl",
+        type=_parse_duration,
+        default=900,
+        help="token lifetime: seconds, or with a unit (15m, 2h)",
+    )
     p.add_argument("--bind-cert", type=Path, help="bind to this client cert (cnf.x5t#S256)")
-    p.add_argument("--audience")
+    p.add_argument("--audience", help="the aud claim (default: the dev issuer's audience)")
     p.set_defaults(func=cmd_token_mint)
 
     pol = sub.add_parser("policy", help="Rego policy authoring").add_subparsers(
@@ -1118,38 +1150,44 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--verification-alg", default="RS256", help="its algorithm")
 
     p = pol.add_parser("test", help="run every test_* rule (like opa test)")
-    p.add_argument("dir", type=Path, nargs="?", default=Path("policies"))
-    p.add_argument("--coverage", action="store_true")
-    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "dir", type=Path, nargs="?", default=Path("policies"), help="policy directory or bundle"
+    )
+    p.add_argument("--coverage", action="store_true", help="report line coverage per file")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
     verification_flags(p)
     p.set_defaults(func=cmd_policy_test)
     p = pol.add_parser("eval", help="evaluate the decision for an input document")
-    p.add_argument("--input", type=Path, required=True)
-    p.add_argument("--policy", type=Path, default=Path("policies"))
+    p.add_argument("--input", type=Path, required=True, help="the input document (JSON)")
+    p.add_argument(
+        "--policy", type=Path, default=Path("policies"), help="policy directory or bundle"
+    )
     p.add_argument("--data", type=Path, help="extra data (JSON) merged at the data root")
     p.add_argument("--explain", action="store_true", help="list the rules that were evaluated")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
     p.set_defaults(func=cmd_policy_eval)
     p = pol.add_parser("check", help="report parse and compile errors as file:line:col")
-    p.add_argument("dir", type=Path, nargs="?", default=Path("policies"))
-    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "dir", type=Path, nargs="?", default=Path("policies"), help="policy directory or bundle"
+    )
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
     verification_flags(p)
     p.set_defaults(func=cmd_policy_check)
     p = pol.add_parser("build", help="write an OPA bundle (.tar.gz), signed like opa build")
-    p.add_argument("dir", type=Path)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("dir", type=Path, help="the policy directory (modules and data)")
+    p.add_argument("--out", type=Path, required=True, help="the bundle to write (.tar.gz)")
     p.add_argument("--signing-key", type=Path, help="PEM private key")
     p.add_argument("--signing-alg", default="RS256", help="JWS algorithm (default RS256)")
     p.add_argument("--keyid", help="key id in the JWT (required with --signing-key)")
-    p.add_argument("--revision")
+    p.add_argument("--revision", help="manifest revision (default: a digest of the content)")
     p.add_argument("--roots", nargs="+", help="manifest roots (default: everything)")
     p.add_argument("--shadow", action="store_true", help="metadata.ztagent.dry_run = true")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
     p.set_defaults(func=cmd_policy_build)
     p = pol.add_parser("replay", help="re-evaluate logged decisions against a candidate policy")
     p.add_argument("--log", type=Path, required=True, help="decision log (JSON lines)")
     p.add_argument("--policy", type=Path, required=True, help="candidate policy dir or bundle")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
     verification_flags(p)
     p.set_defaults(func=cmd_policy_replay)
 
@@ -1176,7 +1214,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the log is still being written: lines after the last checkpoint and a missing"
         " closing checkpoint are reported, not refused",
     )
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help=JSON_HELP)
     p.set_defaults(func=cmd_log_verify)
 
     p = sub.add_parser("attest", help="device side of posture attestation (TPM quote)")
@@ -1198,9 +1236,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--event-log", type=Path, help="measured-boot log (default DIR/event-log.bin)")
     p.add_argument("--firmware", type=Path, help="signed firmware manifest (JSON)")
     p.add_argument("--firmware-sig", type=Path, help="its signature")
-    p.add_argument("--pcrs", type=int, nargs="+", default=[0, 4, 7])
-    p.add_argument("--require-process", action="append", default=[])
-    p.add_argument("--forbid-process", action="append", default=[])
+    p.add_argument("--pcrs", type=int, nargs="+", default=[0, 4, 7], help="PCRs to quote")
+    p.add_argument(
+        "--require-process",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a process that must run (host facts; repeatable)",
+    )
+    p.add_argument(
+        "--forbid-process",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a process that must not run (host facts; repeatable)",
+    )
     p.add_argument("--every", type=float, help="re-attest every N seconds (and before expiry)")
     _log_format_argument(p)
     p.set_defaults(func=cmd_attest)
@@ -1209,8 +1259,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="posture_command", required=True, metavar="SUBCOMMAND"
     )
     p = pos.add_parser("reference", help="reference values from a known-good event log")
-    p.add_argument("--eventlog", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--eventlog", type=Path, required=True, help="TCG event log of a good boot")
+    p.add_argument("--out", type=Path, required=True, help="reference values file (JSON)")
     p.add_argument("--merge", action="store_true", help="add to the allowed values in --out")
     p.set_defaults(func=cmd_posture_reference)
     p = pos.add_parser(
@@ -1218,7 +1268,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--tpm", required=True, help="TCTI of a freshly started TPM")
     p.add_argument("--out", type=Path, required=True, help="event log to write")
-    p.add_argument("--firmware-version", default="1.3.0")
+    p.add_argument("--firmware-version", default="1.3.0", help="firmware version to measure")
     p.add_argument("--firmware-image", type=Path, help="measure this image as the firmware")
     p.add_argument("--tamper-kernel", action="store_true", help="measure a modified kernel")
     p.set_defaults(func=cmd_posture_simulate_boot)
@@ -1228,14 +1278,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = fw.add_parser("keygen", help="DEVELOPMENT: a firmware signing key pair")
     p.add_argument("--out", type=Path, required=True, help="directory")
-    p.add_argument("--name", default="vendor")
-    p.add_argument("--alg", choices=["Ed25519", "ES256"], default="Ed25519")
+    p.add_argument("--name", default="vendor", help="key file name (NAME.key, NAME.pub)")
+    p.add_argument(
+        "--alg", choices=["Ed25519", "ES256"], default="Ed25519", help="signature algorithm"
+    )
     p.set_defaults(func=cmd_firmware_keygen)
     p = fw.add_parser("sign", help="sign a firmware image's manifest")
-    p.add_argument("image", type=Path)
-    p.add_argument("--key", type=Path, required=True)
-    p.add_argument("--name", required=True)
-    p.add_argument("--version", required=True)
+    p.add_argument("image", type=Path, help="the firmware image")
+    p.add_argument("--key", type=Path, required=True, help="the vendor's private key (PEM)")
+    p.add_argument("--name", required=True, help="firmware name in the manifest")
+    p.add_argument("--version", required=True, help="firmware version in the manifest")
     p.add_argument("--svn", type=int, required=True, help="security version number")
     p.add_argument("--out", type=Path, help="manifest path (signature next to it, .sig)")
     p.set_defaults(func=cmd_firmware_sign)
@@ -1253,8 +1305,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = wl.add_parser("storage", help="encrypted key-value storage over gRPC")
     p.add_argument("--listen", default="127.0.0.1:50061", help="loopback host:port or unix:PATH")
-    p.add_argument("--data", type=Path, default=Path("var/storage"))
-    p.add_argument("--max-value-bytes", type=int, default=4 * 1024 * 1024)
+    p.add_argument("--data", type=Path, default=Path("var/storage"), help="data directory")
+    p.add_argument(
+        "--max-value-bytes", type=int, default=4 * 1024 * 1024, help="largest value, in bytes"
+    )
     from ztagent.workloads.identity import add_trust_arguments
 
     add_trust_arguments(p)
@@ -1288,9 +1342,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ship)
 
     p = sub.add_parser("demo", help="run the whole stack and show allowed and refused calls")
-    p.add_argument("--config", type=Path, default=Path("ztagent.toml"))
-    p.add_argument("--ca-dir", type=Path, default=Path("certs-dev"))
+    p.add_argument(
+        "--config", type=Path, default=Path("ztagent.toml"), help="the sidecar's config file"
+    )
+    p.add_argument("--ca-dir", type=Path, default=Path("certs-dev"), help="the dev CA directory")
     p.set_defaults(func=cmd_demo)
+    _with_help_formatter(parser)
     return parser
 
 

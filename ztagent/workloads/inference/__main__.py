@@ -37,9 +37,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--storage", default=None, help="storage workload address for the escalation outbox"
     )
-    parser.add_argument("--confidence-threshold", type=float, default=0.8)
-    parser.add_argument("--max-batch", type=int, default=16)
-    parser.add_argument("--max-wait-ms", type=float, default=2.0)
+    parser.add_argument(
+        "--confidence-threshold",
+        type=float,
+        default=0.8,
+        help="below this class probability (0-1) a result is escalated",
+    )
+    parser.add_argument(
+        "--max-batch", type=int, default=16, help="most windows in one forward pass"
+    )
+    parser.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=2.0,
+        help="longest a request waits for a batch to fill, in milliseconds",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument(
         "--model-keys",
