@@ -336,7 +336,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if config.listen.workers > 1:
         from ztagent.sidecar.workers import supervise
 
-        return supervise(args.config, config)
+        return supervise(
+            args.config,
+            config,
+            log_level=args.log_level,
+            log_format=getattr(args, "log_format", None),
+        )
     asyncio.run(run_sidecar(config))
     return EXIT_OK
 

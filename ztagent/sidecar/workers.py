@@ -149,12 +149,17 @@ class Supervisor:
     stopping: bool = False
     env: dict[str, str] | None = None
     """The workers' environment (None: inherited)."""
+    log_level: str | None = None
+    log_format: str | None = None
+    """The supervisor's own ``--log-level`` / ``--log-format``, passed to every worker."""
 
     def command(self, worker: _Worker, ready_w: int) -> list[str]:
+        level = ["--log-level", self.log_level] if self.log_level else []
+        fmt = ["--log-format", self.log_format] if self.log_format else []
         return [
-            sys.executable, "-m", "ztagent", "serve", "--config", str(self.config_path),
+            sys.executable, "-m", "ztagent", *level, "serve", "--config", str(self.config_path),
             "--listen", self.address, "--worker-index", str(worker.index),
-            "--worker-count", str(len(self.workers)), "--ready-fd", str(ready_w),
+            "--worker-count", str(len(self.workers)), "--ready-fd", str(ready_w), *fmt,
         ]  # fmt: skip
 
     def spawn(self, worker: _Worker) -> None:
@@ -291,7 +296,13 @@ def _pid(worker: _Worker) -> int:
     return worker.proc.pid if worker.proc is not None else -1
 
 
-def supervise(config_path: Path, config: Config) -> int:
+def supervise(
+    config_path: Path,
+    config: Config,
+    *,
+    log_level: str | None = None,
+    log_format: str | None = None,
+) -> int:
     """Runs ``config.listen.workers`` sidecar workers until SIGTERM/SIGINT; the exit code."""
     count = config.listen.workers
     # One assertion key for every worker: made here, before any worker could race to make it.
@@ -301,6 +312,7 @@ def supervise(config_path: Path, config: Config) -> int:
     holder, host, port = reserve_address(config.listen.address)
     supervisor = Supervisor(config_path, config, [_Worker(i) for i in range(count)])
     supervisor.address = _join(host, port)
+    supervisor.log_level, supervisor.log_format = log_level, log_format
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         supervisor.stopping = True
