@@ -87,6 +87,17 @@ class RevokedEntry:
 
 
 _SET_TRUST_DOMAIN = "INSERT INTO meta (key, value) VALUES ('trust_domain', ?)"
+_INSERT_ISSUED = (
+    "INSERT INTO issued (serial, kind, device_id, not_after, ak_name, issued_at)"
+    " VALUES (?, ?, ?, ?, ?, ?)"
+)
+
+
+def _issued_row(entry: IssuedEntry, now: datetime) -> tuple[object, ...]:
+    return (
+        _hex(entry.serial), entry.kind, entry.device_id, rfc3339(entry.not_after),
+        entry.ak_name, rfc3339(now),
+    )  # fmt: skip
 
 
 def _hex(serial: int) -> str:
@@ -172,31 +183,13 @@ class CaDatabase(ABC):
                 ).rowcount
                 if inserted != 1:
                     return False
-            self._run(
-                cur,
-                "INSERT INTO issued (serial, kind, device_id, not_after, ak_name, issued_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (
-                    _hex(entry.serial), entry.kind, entry.device_id, rfc3339(entry.not_after),
-                    entry.ak_name, rfc3339(now),
-                ),
-            )  # fmt: skip
+            self._run(cur, _INSERT_ISSUED, _issued_row(entry, now))
         return True
 
     def record_issued_many(self, entries: Sequence[IssuedEntry], now: datetime) -> None:
         """Bulk insert (imports and benchmarks)."""
         with self._transaction() as cur:
-            cur.executemany(
-                self._sql(
-                    "INSERT INTO issued (serial, kind, device_id, not_after, ak_name, issued_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?)"
-                ),
-                [
-                    (_hex(e.serial), e.kind, e.device_id, rfc3339(e.not_after), e.ak_name,
-                     rfc3339(now))
-                    for e in entries
-                ],
-            )  # fmt: skip
+            cur.executemany(self._sql(_INSERT_ISSUED), [_issued_row(e, now) for e in entries])
 
     def record_revoked_many(self, entries: Sequence[RevokedEntry]) -> None:
         """Bulk insert of revocations without numbering a CRL (imports and benchmarks)."""
@@ -328,17 +321,7 @@ class CaDatabase(ABC):
             self._run(
                 cur, "INSERT INTO counters (name, value) VALUES ('crl_number', ?)", (crl_number,)
             )
-            cur.executemany(
-                self._sql(
-                    "INSERT INTO issued (serial, kind, device_id, not_after, ak_name, issued_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?)"
-                ),
-                [
-                    (_hex(e.serial), e.kind, e.device_id, rfc3339(e.not_after), e.ak_name,
-                     rfc3339(now))
-                    for e in issued
-                ],
-            )  # fmt: skip
+            cur.executemany(self._sql(_INSERT_ISSUED), [_issued_row(e, now) for e in issued])
             cur.executemany(
                 self._sql("INSERT INTO revoked (serial, revoked_at) VALUES (?, ?)"),
                 [(_hex(r.serial), rfc3339(r.revoked_at)) for r in revoked],
