@@ -34,7 +34,8 @@ grace_period_s = 2
 server_cert = "{tls.server_cert}"
 server_key = "{tls.server_key}"
 client_ca = "{tls.client_ca}"
-crl = "{tls.crl}"
+crl = "{root / "var" / "state-proxyless" / "crl.pem"}"
+{f'crl_source = "{tls.crl_source}"' if tls.crl_source else ""}
 reload_interval_s = 2
 
 [identity]
@@ -75,16 +76,27 @@ def proxyless_call(ca_bundle: Path, device_cert: Path, token: str, bob: str) -> 
 
     creds = device_credentials(device_cert, ca_bundle.read_bytes())
     with grpc.secure_channel(PROXYLESS_ADDRESS, creds) as channel:
-        grpc.channel_ready_future(channel).result(timeout=20)
+        try:
+            grpc.channel_ready_future(channel).result(timeout=30)
+        except grpc.FutureTimeoutError:
+            return False, (
+                f"(w) proxyless: nothing serving on {PROXYLESS_ADDRESS} after 30 s "
+                "(see var/log/storage-proxyless.log)"
+            )
         put = channel.unary_unary(f"/{STORAGE}/Put")
         get = channel.unary_unary(f"/{STORAGE}/Get")
         auth = (("authorization", f"Bearer {token}"),)
         value = b"written without a sidecar in between"
-        put(storage_pb2.PutRequest(key="direct", value=value).SerializeToString(),
-            metadata=auth, timeout=10)  # fmt: skip
-        got = storage_pb2.GetResponse.FromString(
-            get(storage_pb2.GetRequest(key="direct").SerializeToString(), metadata=auth, timeout=10)
-        )
+        try:
+            put(storage_pb2.PutRequest(key="direct", value=value).SerializeToString(),
+                metadata=auth, timeout=10)  # fmt: skip
+            request = storage_pb2.GetRequest(key="direct").SerializeToString()
+            got = storage_pb2.GetResponse.FromString(get(request, metadata=auth, timeout=10))
+        except grpc.RpcError as err:
+            return (
+                False,
+                f"(w) proxyless: the allowed call failed: {err.code().name} {err.details()}",
+            )
         try:
             put(storage_pb2.PutRequest(key="direct", value=b"x").SerializeToString(),
                 metadata=(("authorization", f"Bearer {bob}"),), timeout=10)  # fmt: skip
