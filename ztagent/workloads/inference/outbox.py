@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 import grpc
 
 from ztagent._proto.workloads.v1 import storage_pb2, storage_pb2_grpc
+from ztagent.failure_log import FailureLog
 from ztagent.timefmt import rfc3339
 from ztagent.tokens.assertion import ASSERTION_HEADER, AssertionSigner
 
@@ -100,6 +101,7 @@ class Outbox:
     ) -> None:
         self.target = target
         self._signer = signer
+        self._failures = FailureLog(log, f"outbox writes to the storage workload at {target}")
         self.stats = OutboxStats()
         self._clock = clock
         self._queue: asyncio.Queue[tuple[str, EscalatedResult]] = asyncio.Queue(max_pending)
@@ -164,17 +166,12 @@ class Outbox:
                 )
             except grpc.aio.AioRpcError as err:
                 self.stats.failed += 1
-                log.warning(
-                    "outbox write of %s to %s failed: %s %s",
-                    key,
-                    self.target,
-                    err.code().name,
-                    err.details(),
-                )
+                self._failures.failed(f"{key}: {err.code().name} {err.details()}")
             except Exception:
                 self.stats.failed += 1
                 log.exception("outbox write of %s failed", key)
             else:
                 self.stats.written += 1
+                self._failures.succeeded()
             finally:
                 self._queue.task_done()
