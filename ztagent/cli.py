@@ -1321,9 +1321,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--protect",
         type=Path,
         metavar="CONFIG",
-        help="proxyless: serve mTLS on CONFIG's [listen] address with the sidecar's own "
-        "admission in this process (device cert + CRL, posture, token, policy, decision log), "
-        "on --listen; --trust-key and --socket-group are then unused",
+        help="proxyless: serve mTLS on --listen (in place of CONFIG's [listen] address) with "
+        "the sidecar's own admission in this process (device cert + CRL, posture, token, "
+        "policy, decision log); --trust-key and --socket-group are then unused",
     )
     _log_format_argument(p)
     p.set_defaults(func=cmd_workload_storage)

@@ -618,3 +618,66 @@ async def test_sidecar_list_models(stack: Stack) -> None:
             inference_pb2.ListModelsRequest(), metadata=bearer(token), timeout=10
         )
     assert {m.name for m in reply.models} == {FLOAT_NAME, INT8_NAME}
+
+
+async def test_the_inference_workload_serves_proxyless_from_the_cli(
+    trained: Path, local: dict[str, LoadedModel], windows: torch.Tensor, pki: Pki, tmp_path: Path
+) -> None:
+    """``ztagent workload inference --protect CONFIG``: its own mTLS port with the sidecar's
+    admission in its process. A device's call is answered as the model answers in-process,
+    with no assertion and no sidecar; a device of another trust domain and a revoked one are
+    refused with the sidecar's codes before the model runs."""
+    import socket
+    import subprocess
+    import sys
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from ztagent.ca import builders
+
+    revoked = pki.mint("cam-gone")
+    now = datetime.now(UTC)
+    crl = builders.build_crl(
+        pki.issuing, {revoked.cert.serial_number: now - timedelta(minutes=1)}, number=902,
+        this_update=now - timedelta(minutes=1), next_update=now + timedelta(days=7),
+    )  # fmt: skip
+    pki.layout.crl.write_bytes(crl.public_bytes(Encoding.PEM))
+    config = write_config(pki, {SERVICE_NAME: "127.0.0.1:1"})  # the route's upstream: unused
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ztagent", "workload", "inference", "--protect", str(config),
+         "--listen", f"127.0.0.1:{port}", "--models", str(trained)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        for _ in range(600):  # torch's import takes seconds on a loaded machine
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    break
+            except OSError:
+                await asyncio.sleep(0.05)
+        forged = ((DEVICE_ID_HEADER, "cam-b"),)
+        async with channel(pki, port, pki.mint("cam-a")) as ch:
+            stub = inference_pb2_grpc.InferenceStub(ch)
+            listed = await stub.ListModels(inference_pb2.ListModelsRequest(), timeout=20)
+            assert {m.name for m in listed.models} == {FLOAT_NAME, INT8_NAME}
+            got = await stub.Predict(request(INT8_NAME, windows[0]), metadata=forged, timeout=20)
+            assert_matches_local(got, local[INT8_NAME], windows[0])
+        foreign = pki.mint("cam-x", uris=["spiffe://other.example/device/cam-x"])
+        for pair, code in ((foreign, "spiffe_id_wrong_trust_domain"), (revoked, "cert_revoked")):
+            async with channel(pki, port, pair) as ch:
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await inference_pb2_grpc.InferenceStub(ch).Predict(
+                        request(INT8_NAME, windows[0]), timeout=20
+                    )
+            assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED
+            assert dict(info.value.trailing_metadata() or ())[ERROR_CODE_HEADER] == code
+    finally:
+        proc.terminate()
+        proc.wait(15)
+        if proc.stderr is not None:
+            proc.stderr.close()

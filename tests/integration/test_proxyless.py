@@ -10,7 +10,8 @@ with the verified device from ``admitted()``, never from a header.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,12 @@ from tests.integration.echo_upstream import SERVICE, EchoUpstream
 from ztagent.ca import builders
 from ztagent.config import load_config
 from ztagent.rpc_status import ERROR_CODE_HEADER
-from ztagent.sidecar.proxyless import NotAdmittedError, admitted, protected_server
+from ztagent.sidecar.proxyless import (
+    NotAdmittedError,
+    admitted,
+    protected_server,
+    protected_sync_server,
+)
 from ztagent.sidecar.server import Sidecar
 
 pytestmark = pytest.mark.integration
@@ -70,6 +76,70 @@ def _echo_handlers() -> grpc.GenericRpcHandler:
     )
 
 
+def _sync_echo_handlers() -> grpc.GenericRpcHandler:
+    """The echo service as synchronous handlers (a ``grpc.server`` workload)."""
+
+    def unary(request: bytes, context: grpc.ServicerContext) -> bytes:
+        return request + b"|" + admitted().device_id.encode()
+
+    def server_stream(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        for _ in range(3):
+            yield admitted().device_id.encode()
+
+    def client_stream(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        return b"".join(requests) + b"|" + admitted().device_id.encode()
+
+    def bidi(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        for r in requests:
+            yield r + b"|" + admitted().method.encode()
+
+    return grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "Unary": grpc.unary_unary_rpc_method_handler(unary),
+            "Denied": grpc.unary_unary_rpc_method_handler(unary),
+            "ServerStream": grpc.unary_stream_rpc_method_handler(server_stream),
+            "ClientStream": grpc.stream_unary_rpc_method_handler(client_stream),
+            "Bidi": grpc.stream_stream_rpc_method_handler(bidi),
+        },
+    )
+
+
+class _Started:
+    """Either kind of protected server (or the sidecar), started and stopped alike."""
+
+    def __init__(self, mode: str, config: Any) -> None:
+        self.mode = mode
+        if mode == "sidecar":
+            self.server: Any = Sidecar(config)
+        elif mode == "proxyless":
+            self.server = protected_server(
+                config, add_services=lambda s: s.add_generic_rpc_handlers((_echo_handlers(),))
+            )
+        else:
+            self.server = protected_sync_server(
+                config,
+                add_services=lambda s: s.add_generic_rpc_handlers((_sync_echo_handlers(),)),
+            )
+        self.port = 0
+
+    async def __aenter__(self) -> _Started:
+        if self.mode == "proxyless-sync":
+            self.port = await asyncio.to_thread(self.server.start)
+        else:
+            self.port = await self.server.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.mode == "proxyless-sync":
+            await asyncio.to_thread(self.server.stop, 0)
+        else:
+            await self.server.stop(0)
+
+
+MODES = ("sidecar", "proxyless", "proxyless-sync")
+
+
 def _config(pki: Pki, upstream: EchoUpstream, tmp_path: Path) -> Path:
     policy = tmp_path / "policy"
     policy.mkdir(exist_ok=True)
@@ -109,43 +179,33 @@ async def test_the_refusal_suite_answers_the_same_in_both_modes(
         (good, "/other.v1.Nowhere/Get", {}),
     ]
     answers: dict[str, list[str]] = {}
-    for mode in ("sidecar", "proxyless"):
-        car = (
-            Sidecar(config)
-            if mode == "sidecar"
-            else protected_server(
-                config, add_services=lambda s: s.add_generic_rpc_handlers((_echo_handlers(),))
-            )
-        )
-        await car.start()
-        try:
+    for mode in MODES:
+        async with _Started(mode, config) as car:
             answers[mode] = [await _outcome(pki, car.port, pair, m, **kw) for pair, m, kw in cases]
-        finally:
-            await car.stop(0)
-    side, proxyless = answers["sidecar"], answers["proxyless"]
-    assert side[0] == "OK" and proxyless[0] == "OK"
-    assert side[1:] == proxyless[1:], list(zip(side, proxyless, strict=True))
-    assert [a.split(" ")[1] for a in proxyless[1:]] == [
+    side = answers["sidecar"]
+    assert side[0] == "OK"
+    for mode in MODES[1:]:
+        other = answers[mode]
+        assert other[0] == "OK", mode
+        assert side[1:] == other[1:], (mode, list(zip(side, other, strict=True)))
+    assert [a.split(" ")[1] for a in side[1:]] == [
         "cert_revoked", "spiffe_id_wrong_trust_domain", "token_unverifiable", "token_unverifiable",
         "policy_denied", "no_route",
     ]  # fmt: skip
 
 
+@pytest.mark.parametrize("mode", MODES[1:])
 async def test_handlers_read_the_admitted_caller_for_every_rpc_kind(
-    pki: Pki, upstream: EchoUpstream, tmp_path: Path
+    pki: Pki, upstream: EchoUpstream, tmp_path: Path, mode: str
 ) -> None:
     config = load_config(_config(pki, upstream, tmp_path))
-    guard = protected_server(
-        config, add_services=lambda s: s.add_generic_rpc_handlers((_echo_handlers(),))
-    )
-    await guard.start()
     forged = (("x-ztagent-device-id", "admin"),)
 
     async def two() -> AsyncIterator[bytes]:
         yield b"a"
         yield b"b"
 
-    try:
+    async with _Started(mode, config) as guard:
         async with channel(pki, guard.port, pki.mint("cam-7")) as ch:
             m = f"/{SERVICE}/"
             assert await ch.unary_unary(m + "Unary")(b"x", metadata=forged, timeout=5) == b"x|cam-7"
@@ -156,10 +216,68 @@ async def test_handlers_read_the_admitted_caller_for_every_rpc_kind(
             assert bidi == [b"a|/test.v1.Echo/Bidi", b"b|/test.v1.Echo/Bidi"]
         lines = (pki.layout.dir.parent / "decisions.jsonl").read_text().splitlines()
         assert len([line for line in lines if '"cam-7"' in line]) >= 4  # logged like the sidecar's
-    finally:
-        await guard.stop(0)
     with pytest.raises(NotAdmittedError):
         admitted()  # outside a call
+
+
+async def test_a_sync_server_serves_health_and_reflection_through_the_same_checks(
+    pki: Pki, upstream: EchoUpstream, tmp_path: Path
+) -> None:
+    """On a ``grpc.server`` workload the sidecar's aio health and reflection services are
+    bridged onto the sync server: a valid device gets SERVING and the service list, a
+    revoked one the sidecar's refusal (status, code and trailers through the bridge), and a
+    health Watch stream delivers its first status and ends when the client cancels."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    config = load_config(_config(pki, upstream, tmp_path))
+    revoked = pki.mint("cam-gone")
+    now = datetime.now(UTC)
+    crl = builders.build_crl(
+        pki.issuing, {revoked.cert.serial_number: now - timedelta(minutes=1)}, number=901,
+        this_update=now - timedelta(minutes=1), next_update=now + timedelta(days=7),
+    )  # fmt: skip
+    pki.layout.crl.write_bytes(crl.public_bytes(Encoding.PEM))
+    async with _Started("proxyless-sync", config) as guard:
+        async with channel(pki, guard.port, pki.mint("cam-8")) as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            got = await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert got.status == health_pb2.HealthCheckResponse.SERVING
+            watch = health.Watch(health_pb2.HealthCheckRequest(), timeout=10)
+            first = await watch.read()
+            assert first.status == health_pb2.HealthCheckResponse.SERVING
+            watch.cancel()
+
+            async def ask() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
+                yield reflection_pb2.ServerReflectionRequest(list_services="")
+
+            stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+            answers = [r async for r in stub.ServerReflectionInfo(ask(), timeout=5)]
+            names = {s.name for s in answers[0].list_services_response.service}
+            assert {SERVICE, "grpc.health.v1.Health"} <= names
+        async with channel(pki, guard.port, revoked) as ch:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await health_pb2_grpc.HealthStub(ch).Check(
+                    health_pb2.HealthCheckRequest(), timeout=5
+                )
+            assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED
+            assert dict(info.value.trailing_metadata() or ())[ERROR_CODE_HEADER] == "cert_revoked"
+            assert info.value.details().startswith("cert_revoked: ")
+
+
+def test_a_sync_guard_that_cannot_start_leaves_no_thread(pki: Pki, tmp_path: Path) -> None:
+    """A bad [listen] address is the config error the sidecar gives, and the admission
+    loop's thread is gone afterwards."""
+    import threading
+
+    from ztagent.errors import ConfigError
+
+    config = load_config(write_config(pki, {}), listen_address="256.0.0.1:1")
+    guard = protected_sync_server(config, add_services=lambda s: None)
+    with pytest.raises(ConfigError) as info:
+        guard.start()
+    assert info.value.key == "listen.address"
+    assert "ztagent-admission" not in {t.name for t in threading.enumerate()}
 
 
 async def test_the_storage_workload_serves_proxyless_from_the_cli(

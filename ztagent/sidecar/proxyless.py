@@ -25,18 +25,35 @@ verdict's ``Admitted`` is set for the handler in a context variable (``admitted(
 handler reads the caller from there, never from headers. Health and attestation keep their
 own checks (the identity check, the attestation protocol) and are not wrapped.
 
+A synchronous ``grpc.server`` workload is served the same way by ``protected_sync_server``:
+its servicers run in the server's thread pool behind ``SyncAdmissionInterceptor``, and the
+sidecar's own asyncio parts (admission, background tasks, health, attestation, reflection)
+run on an event loop in a thread of their own; the interceptor hands each decision to that
+loop and waits for it, and the aio services are bridged onto the sync server
+(``SyncServer``), so there is still one implementation of each.
+
+gRPC fixes a server's interceptors when it is made, so this module makes the server (with
+the sidecar's options and credentials) and takes the workload's servicers as a callback,
+rather than adding an interceptor to a server the workload made.
+
 A sidecar isolates the keys and the checks from the workload's code; proxyless trusts the
 workload process with them (its server key, its decision log, the policy) in exchange for
-one hop less. Only ``grpc.aio`` servers are supported here.
+one hop less.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextlib
 import contextvars
+import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+import queue
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 
@@ -165,6 +182,330 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return set_admitted(verdict.admitted)
 
 
+# -- synchronous grpc.server ----------------------------------------------------------------
+
+
+class SyncAdmissionInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    """``AdmissionInterceptor`` for a synchronous ``grpc.server``: the handler's thread asks
+    the admission loop for the verdict and waits for it, then runs the handler (or aborts
+    with the sidecar's status, details and trailers)."""
+
+    def __init__(
+        self, core: Callable[[], AdmissionCore | None], loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self._core = core
+        self._loop = loop
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(details)
+        method = details.method
+        if method.lstrip("/").split("/", 1)[0] in UNWRAPPED_SERVICES:
+            return handler
+        admit = self._admit
+        if handler is None:
+
+            def unknown(request: Any, context: grpc.ServicerContext) -> Any:
+                admit(method, context)
+                context.abort(grpc.StatusCode.UNIMPLEMENTED, f"no method {method}")
+
+            return grpc.unary_unary_rpc_method_handler(unknown)
+        de, se = handler.request_deserializer, handler.response_serializer
+        if handler.unary_unary is not None or handler.stream_unary is not None:
+            inner = handler.unary_unary or handler.stream_unary
+
+            def unary(request: Any, context: grpc.ServicerContext) -> Any:
+                token = admit(method, context)
+                try:
+                    return inner(request, context)
+                finally:
+                    reset_admitted(token)
+
+            if handler.unary_unary is not None:
+                return grpc.unary_unary_rpc_method_handler(unary, de, se)
+            return grpc.stream_unary_rpc_method_handler(unary, de, se)
+        inner_stream = handler.unary_stream or handler.stream_stream
+
+        def streaming(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            token = admit(method, context)
+            try:
+                yield from inner_stream(request, context)
+            finally:
+                reset_admitted(token)
+
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(streaming, de, se)
+        return grpc.stream_stream_rpc_method_handler(streaming, de, se)
+
+    def _admit(
+        self, method: str, context: grpc.ServicerContext
+    ) -> contextvars.Token[Admitted | None]:
+        core = self._core()
+        if core is None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "shutting_down: not serving yet")
+            raise AssertionError("unreachable")
+        call = call_of(context, method)
+        verdict = asyncio.run_coroutine_threadsafe(core.decide(call), self._loop).result()
+        err: ZtagentError | None = verdict.error
+        if err is not None:
+            log.info("refused %s: %s", method, err)
+            _abort(context, grpc_status_for(err), f"{err.code}: {err.message}", error_trailers(err))
+        return set_admitted(verdict.admitted)
+
+
+def _abort(
+    context: grpc.ServicerContext,
+    code: grpc.StatusCode,
+    details: str,
+    trailers: Sequence[tuple[str, str]] = (),
+) -> NoReturn:
+    if trailers:
+        context.set_trailing_metadata(tuple(trailers))
+    context.abort(code, details)
+    raise AssertionError("unreachable")
+
+
+class _Aborted(Exception):
+    """An aio handler's ``await context.abort(...)``, carried back to the sync call."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, trailers: Sequence[Any]) -> None:
+        super().__init__(details)
+        self.code, self.details, self.trailers = code, details, tuple(trailers)
+
+
+_END = object()
+
+
+class _LoopContext:
+    """What an aio handler uses of its context, over a sync call's context, on the loop:
+    ``abort`` and ``write`` are coroutines there; everything else is the sync context's."""
+
+    def __init__(
+        self, context: grpc.ServicerContext, out: queue.SimpleQueue[Any] | None = None
+    ) -> None:
+        self._context = context
+        self._out = out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    async def abort(
+        self, code: grpc.StatusCode, details: str = "", trailing_metadata: Sequence[Any] = ()
+    ) -> NoReturn:
+        raise _Aborted(code, details, trailing_metadata)
+
+    async def write(self, message: Any) -> None:
+        if self._out is None:
+            raise RuntimeError("write() on a call without a response stream")
+        self._out.put(message)
+
+
+async def _requests_of(requests: Iterator[Any]) -> AsyncIterator[Any]:
+    """A sync request iterator, read on the loop's default executor."""
+    loop = asyncio.get_running_loop()
+    while (item := await loop.run_in_executor(None, next, requests, _END)) is not _END:
+        yield item
+
+
+def _bridged(handler: grpc.RpcMethodHandler, loop: asyncio.AbstractEventLoop) -> Any:
+    """An aio ``RpcMethodHandler`` (health, attestation, reflection) as a sync one whose
+    calls run on ``loop``."""
+
+    def once(context: grpc.ServicerContext, start: Callable[[_LoopContext], Any]) -> Any:
+        future = asyncio.run_coroutine_threadsafe(start(_LoopContext(context)), loop)
+        context.add_callback(future.cancel)
+        try:
+            return future.result()
+        except _Aborted as aborted:
+            _abort(context, aborted.code, aborted.details, aborted.trailers)
+        except concurrent.futures.CancelledError:
+            return None  # the call ended first
+
+    def stream(context: grpc.ServicerContext, start: Callable[[_LoopContext], Any]) -> Any:
+        out: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+        async def drive() -> None:
+            try:
+                result = start(_LoopContext(context, out))
+                if inspect.isasyncgen(result):
+                    async for item in result:
+                        out.put(item)
+                else:
+                    await result  # a handler that writes with context.write
+            finally:
+                out.put(_END)
+
+        future = asyncio.run_coroutine_threadsafe(drive(), loop)
+        context.add_callback(future.cancel)
+        try:
+            while True:
+                try:
+                    item = out.get(timeout=0.5)
+                except queue.Empty:
+                    if future.done():
+                        break  # cancelled before it started: no _END comes
+                    continue
+                if item is _END:
+                    break
+                yield item
+        finally:
+            if not future.done():
+                future.cancel()  # the client went away mid-stream
+        try:
+            future.result()
+        except _Aborted as aborted:
+            _abort(context, aborted.code, aborted.details, aborted.trailers)
+        except concurrent.futures.CancelledError:
+            return
+
+    de, se = handler.request_deserializer, handler.response_serializer
+    if handler.unary_unary is not None:
+        uu = handler.unary_unary
+        return grpc.unary_unary_rpc_method_handler(
+            lambda request, context: once(context, lambda view: uu(request, view)), de, se
+        )
+    if handler.stream_unary is not None:
+        su = handler.stream_unary
+        return grpc.stream_unary_rpc_method_handler(
+            lambda requests, context: once(context, lambda view: su(_requests_of(requests), view)),
+            de,
+            se,
+        )
+    if handler.unary_stream is not None:
+        us = handler.unary_stream
+        return grpc.unary_stream_rpc_method_handler(
+            lambda request, context: stream(context, lambda view: us(request, view)), de, se
+        )
+    ss = handler.stream_stream
+    return grpc.stream_stream_rpc_method_handler(
+        lambda requests, context: stream(context, lambda view: ss(_requests_of(requests), view)),
+        de,
+        se,
+    )
+
+
+class _BridgedGeneric(grpc.GenericRpcHandler):  # type: ignore[misc]
+    def __init__(self, inner: grpc.GenericRpcHandler, loop: asyncio.AbstractEventLoop) -> None:
+        self._inner = inner
+        self._loop = loop
+        self._cache: dict[str, Any] = {}
+
+    def service(self, details: grpc.HandlerCallDetails) -> Any:
+        method = details.method
+        if method not in self._cache:
+            handler = self._inner.service(details)
+            self._cache[method] = None if handler is None else _bridged(handler, self._loop)
+        return self._cache[method]
+
+
+class SyncServer:
+    """A synchronous ``grpc.server`` that the ``Sidecar`` drives as it drives an aio one:
+    the aio servicers it registers (health, attestation, reflection) are bridged to run on
+    the admission loop; the workload's own sync servicers go on ``sync`` directly, behind
+    ``SyncAdmissionInterceptor``."""
+
+    def __init__(
+        self,
+        core: Callable[[], AdmissionCore | None],
+        loop: asyncio.AbstractEventLoop,
+        options: Sequence[tuple[str, Any]],
+        max_workers: int,
+    ) -> None:
+        self._loop = loop
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max_workers, thread_name_prefix="ztagent-proxyless"
+        )
+        self.sync = grpc.server(
+            self._pool,
+            interceptors=[SyncAdmissionInterceptor(core, loop)],
+            options=list(options),
+        )
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self.sync.add_generic_rpc_handlers(tuple(_BridgedGeneric(h, self._loop) for h in handlers))
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        bridged = {name: _bridged(h, self._loop) for name, h in handlers.items()}
+        self.sync.add_registered_method_handlers(service, bridged)
+
+    def add_secure_port(self, address: str, credentials: grpc.ServerCredentials) -> int:
+        return int(self.sync.add_secure_port(address, credentials))
+
+    async def start(self) -> None:
+        self.sync.start()
+
+    async def stop(self, grace: float | None) -> None:
+        stopped = self.sync.stop(grace)
+        await asyncio.to_thread(stopped.wait)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class SyncGuard:
+    """A protected synchronous server: ``start()`` runs the sidecar's asyncio parts on an
+    event loop in a thread of its own and serves; ``stop()`` drains and ends the thread."""
+
+    def __init__(self, config: Config, add_services: Callable[[grpc.Server], None], workers: int):
+        from ztagent.sidecar.server import Sidecar
+
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="ztagent-admission", daemon=True
+        )
+        self.sidecar = Sidecar(config, sync_services=add_services, sync_workers=workers)
+        self.port = 0
+
+    def _run(self, coroutine: Awaitable[Any]) -> Any:
+        async def wrapped() -> Any:
+            return await coroutine
+
+        return asyncio.run_coroutine_threadsafe(wrapped(), self._loop).result()
+
+    def start(self) -> int:
+        self._thread.start()
+        try:
+            self.port = int(self._run(self.sidecar.start()))
+        except BaseException:
+            with contextlib.suppress(Exception):  # what did start: the log writer, metrics
+                self._run(self.sidecar.stop(0))
+            self._end_loop()
+            raise
+        return self.port
+
+    def stop(self, grace: float | None = None) -> None:
+        try:
+            self._run(self.sidecar.stop(grace))
+        finally:
+            self._end_loop()
+
+    def _end_loop(self) -> None:
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+        if not self._loop.is_running():
+            self._loop.close()
+
+
+def protected_sync_server(
+    config: Config | Path | str,
+    *,
+    add_services: Callable[[grpc.Server], None],
+    max_workers: int = 32,
+) -> SyncGuard:
+    """``protected_server`` for a synchronous workload: ``add_services`` registers its sync
+    servicers on the ``grpc.server`` (``max_workers`` handler threads; a held stream, such as
+    a health Watch, keeps one); ``guard.start()`` binds ``[listen] address`` with the
+    sidecar's mTLS, ``guard.stop()`` drains."""
+    if max_workers < 1:
+        raise ValueError(f"max_workers: got {max_workers}, expected at least 1")
+    loaded = config if isinstance(config, Config) else load_config(Path(config))
+    return SyncGuard(loaded, add_services, max_workers)
+
+
 def protected_server(
     config: Config | Path | str, *, add_services: Callable[[grpc.aio.Server], None]
 ) -> Any:
@@ -179,4 +520,12 @@ def protected_server(
     return car
 
 
-__all__ = ["AdmissionInterceptor", "NotAdmittedError", "admitted", "protected_server"]
+__all__ = [
+    "AdmissionInterceptor",
+    "NotAdmittedError",
+    "SyncAdmissionInterceptor",
+    "SyncGuard",
+    "admitted",
+    "protected_server",
+    "protected_sync_server",
+]

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 from cryptography import x509
@@ -44,6 +45,7 @@ from ztagent.sidecar.health import IdentityCheckedHealth
 from ztagent.sidecar.metrics import Metrics, MetricsEndpoint
 from ztagent.sidecar.pipeline import Pipeline
 from ztagent.sidecar.proxy import ProxyHandler
+from ztagent.sidecar.proxyless import AdmissionInterceptor, SyncServer
 from ztagent.sidecar.upstreams import Upstreams
 from ztagent.signals import wait_for_stop_signal
 from ztagent.timefmt import rfc3339
@@ -187,16 +189,24 @@ class Sidecar:
         *,
         worker: WorkerSlot | None = None,
         services: Callable[[grpc.aio.Server], None] | None = None,
+        sync_services: Callable[[grpc.Server], None] | None = None,
+        sync_workers: int = 32,
     ) -> None:
         """``services``: proxyless mode (``ztagent.sidecar.proxyless``): these servicers are
-        served on the mTLS port behind ``AdmissionInterceptor`` instead of the proxy."""
+        served on the mTLS port behind ``AdmissionInterceptor`` instead of the proxy.
+        ``sync_services``: the same for synchronous servicers, on a ``grpc.server`` with
+        ``sync_workers`` threads (``proxyless.protected_sync_server``)."""
+        if services is not None and sync_services is not None:
+            raise ValueError("services and sync_services: give one")
         self.config = config
         self._clock = clock
         self.worker = worker
         self._services = services
+        self._sync_services = sync_services
+        self._sync_workers = sync_workers
         self.port = 0
         self.health = IdentityCheckedHealth(self._verify_peer, config.tls.reload_interval_s)
-        self._server: grpc.aio.Server | None = None
+        self._server: grpc.aio.Server | SyncServer | None = None
         self._health_server: grpc.aio.Server | None = None
         self.health_port = 0
         """The port of the plain health listener (``health.address``; 0: none)."""
@@ -276,29 +286,31 @@ class Sidecar:
         self._upstreams = Upstreams(config.routes, config.listen.max_message_bytes)
 
         limit = config.listen.max_message_bytes
-        interceptors = []
-        if self._services is not None:
-            from ztagent.sidecar.proxyless import AdmissionInterceptor
-
-            interceptors.append(AdmissionInterceptor(lambda: self.pipeline))
-        server = grpc.aio.server(
-            interceptors=interceptors,
-            options=[
-                ("grpc.so_reuseport", 0 if self.worker is None else 1),
-                ("grpc.max_receive_message_length", limit),
-                ("grpc.max_concurrent_streams", config.listen.max_concurrent_streams),
-                # A fixed receive window per call: no BDP growth, so a client cannot push
-                # megabytes per stream before admission has read a byte of it.
-                ("grpc.http2.bdp_probe", 0),
-                ("grpc.http2.lookahead_bytes", config.listen.stream_window_bytes),
-                ("grpc.max_send_message_length", limit),
-                ("grpc.max_connection_age_ms", int(config.listen.max_connection_age_s * 1000)),
-                (
-                    "grpc.max_connection_age_grace_ms",
-                    int(config.listen.max_connection_age_grace_s * 1000),
-                ),
-            ],
-        )
+        options = [
+            ("grpc.so_reuseport", 0 if self.worker is None else 1),
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_concurrent_streams", config.listen.max_concurrent_streams),
+            # A fixed receive window per call: no BDP growth, so a client cannot push
+            # megabytes per stream before admission has read a byte of it.
+            ("grpc.http2.bdp_probe", 0),
+            ("grpc.http2.lookahead_bytes", config.listen.stream_window_bytes),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.max_connection_age_ms", int(config.listen.max_connection_age_s * 1000)),
+            (
+                "grpc.max_connection_age_grace_ms",
+                int(config.listen.max_connection_age_grace_s * 1000),
+            ),
+        ]
+        server: Any  # grpc.aio.Server, or SyncServer, which bridges aio servicers onto sync
+        if self._sync_services is not None:
+            server = SyncServer(
+                lambda: self.pipeline, asyncio.get_running_loop(), options, self._sync_workers
+            )
+        else:
+            interceptors = []
+            if self._services is not None:
+                interceptors.append(AdmissionInterceptor(lambda: self.pipeline))
+            server = grpc.aio.server(interceptors=interceptors, options=options)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if posture is not None:
             attestation_pb2_grpc.add_AttestationServicer_to_server(
@@ -309,6 +321,8 @@ class Sidecar:
         )
         if self._services is not None:
             self._services(server)  # proxyless: the workload's own servicers, admitted
+        elif self._sync_services is not None:
+            self._sync_services(server.sync)  # proxyless, synchronous servicers
         else:
             server.add_generic_rpc_handlers(
                 (ProxyHandler(self.pipeline, self._upstreams, self.metrics),)

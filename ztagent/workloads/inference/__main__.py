@@ -69,13 +69,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "device's behalf (made if missing, public key beside it as .pub: give that to the "
         "storage workload's --trust-key); required with --storage",
     )
+    parser.add_argument(
+        "--protect",
+        type=Path,
+        metavar="CONFIG",
+        help="proxyless: serve mTLS on --listen (in place of CONFIG's [listen] address) with "
+        "the sidecar's own admission in this process (device cert + CRL, posture, token, "
+        "policy, decision log); --trust-key and --socket-group are then unused",
+    )
 
 
 def run(args: argparse.Namespace) -> None:
     """Runs the workload from parsed flags until SIGTERM/SIGINT (raises ZtagentError)."""
     require_torch()
-    from ztagent.workloads.inference.server import run_inference
+    from ztagent.workloads.inference.server import run_inference, run_inference_protected
 
+    if args.protect is not None:  # proxyless: its own mTLS port and admission
+        asyncio.run(
+            run_inference_protected(
+                args.protect,
+                args.models,
+                listen=args.listen,
+                storage_target=args.storage,
+                confidence_threshold=args.confidence_threshold,
+                max_batch=args.max_batch,
+                max_wait_ms=args.max_wait_ms,
+                threads=args.threads,
+                model_keys=args.model_keys,
+                assertion_key=args.assertion_key,
+            )
+        )
+        return
     asyncio.run(
         run_inference(
             args.listen,

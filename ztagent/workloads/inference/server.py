@@ -30,6 +30,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ztagent._proto.workloads.v1 import inference_pb2, inference_pb2_grpc
 from ztagent.addresses import local_target
+from ztagent.admission.context import admitted
+from ztagent.admission.core import Admitted
 from ztagent.errors import ConfigError, ZtagentError
 from ztagent.posture.firmware import load_trusted_keys
 from ztagent.rpc_status import error_trailers, grpc_status_for
@@ -47,6 +49,9 @@ from ztagent.workloads.inference.outbox import EscalatedResult, Outbox
 from ztagent.workloads.inference.tensors import MAX_TENSOR_BYTES, check_tensor
 
 log = logging.getLogger(__name__)
+
+Caller = AssertedIdentity | Admitted
+"""Who a call is for: the sidecar's verified assertion, or proxyless, admission's verdict."""
 
 SERVICE_NAME = "ztagent.workloads.v1.Inference"
 MODEL_HEADER = "x-model"
@@ -143,7 +148,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         batchers: dict[str, Batcher],
         outbox: Outbox | None,
         threshold: float,
-        verifier: AssertionVerifier,
+        verifier: AssertionVerifier | None,
     ) -> None:
         self._verifier = verifier
         self._batchers = batchers
@@ -151,7 +156,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self._threshold = threshold
         self.counters = Counters()
 
-    def _caller(self, context: grpc.aio.ServicerContext, method: str) -> AssertedIdentity:
+    def _caller(self, context: grpc.aio.ServicerContext, method: str) -> Caller:
+        """The sidecar's verified assertion; proxyless (no verifier): the device the
+        in-process admission admitted."""
+        if self._verifier is None:
+            return admitted()
         return caller(self._verifier, context, f"/{SERVICE_NAME}/{method}")
 
     def _admit(
@@ -174,7 +183,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         return batcher, decode_tensor(tensor.data, tensor.shape)
 
     async def _predict(
-        self, batcher: Batcher, tensor: torch.Tensor, request_id: str, who: AssertedIdentity
+        self, batcher: Batcher, tensor: torch.Tensor, request_id: str, who: Caller
     ) -> inference_pb2.PredictResponse:
         row = await batcher.predict(tensor)
         manifest = batcher.model.manifest
@@ -312,11 +321,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 @dataclass
 class _Running:
     server: grpc.aio.Server
-    servicer: InferenceServicer
-    batchers: list[Batcher]
-    outbox: Outbox | None
+    parts: _Parts
     health: Any
-    executor: ThreadPoolExecutor
 
 
 _RUNNING: dict[int, _Running] = {}
@@ -324,40 +330,49 @@ _RUNNING: dict[int, _Running] = {}
 
 def servicer_of(server: grpc.aio.Server) -> InferenceServicer:
     """The servicer behind a running server (its counters, for tests and the demo)."""
-    return _RUNNING[id(server)].servicer
+    return _RUNNING[id(server)].parts.servicer
 
 
 def outbox_of(server: grpc.aio.Server) -> Outbox | None:
-    return _RUNNING[id(server)].outbox
+    return _RUNNING[id(server)].parts.outbox
 
 
-async def start_inference_server(
-    listen: str,
+@dataclass
+class _Parts:
+    """What both ways of serving share: the servicer, its batchers, outbox and thread."""
+
+    servicer: InferenceServicer
+    batchers: list[Batcher]
+    outbox: Outbox | None
+    executor: ThreadPoolExecutor
+    models: list[str]
+
+    def start(self) -> None:
+        for batcher in self.batchers:
+            batcher.start()
+        if self.outbox is not None:
+            self.outbox.start()
+
+    async def close(self, grace: float | None) -> None:
+        for batcher in self.batchers:
+            await batcher.close()
+        if self.outbox is not None:
+            await self.outbox.close(grace)
+        self.executor.shutdown(wait=True)
+
+
+async def _open_parts(
     models_dir: Path,
+    verifier: AssertionVerifier | None,
     *,
     storage_target: str | None,
-    confidence_threshold: float = 0.8,
-    max_batch: int = 16,
-    max_wait_ms: float = 2.0,
-    threads: int = 1,
-    model_keys: Sequence[Path] = (),
-    trust_keys: Sequence[Path],
-    socket_group: str | None = None,
-    assertion_key: Path | None = None,
-) -> tuple[grpc.aio.Server, int]:
-    """Loads the models in ``models_dir`` and starts serving on ``listen``.
-
-    ``storage_target`` is the storage workload's loopback or unix address for the escalation
-    outbox (None: escalated results are only returned). Returns the started server and its
-    bound port (0 for a unix socket). Stop it with :func:`stop_inference_server`.
-    ``model_keys``: PEM public keys of trusted model signers; when given, only models whose
-    manifest carries a valid signature by one of them are served.
-    ``trust_keys``: whose identity assertions are accepted (the sidecar's assertion.pub);
-    ``assertion_key``: the key the outbox signs its writes to storage with (required with
-    ``storage_target``; made if missing).
-    """
-    address = local_target(listen, "listen")
-    verifier = trust_verifier(trust_keys)
+    confidence_threshold: float,
+    max_batch: int,
+    max_wait_ms: float,
+    threads: int,
+    model_keys: Sequence[Path],
+    assertion_key: Path | None,
+) -> _Parts:
     trusted = load_trusted_keys(model_keys, "model_keys") if model_keys else None
     options = InferenceOptions(confidence_threshold, max_batch, max_wait_ms, threads)
     options.check()
@@ -411,6 +426,46 @@ async def start_inference_server(
     servicer = InferenceServicer(
         {b.model.name: b for b in batchers}, outbox, confidence_threshold, verifier
     )
+    return _Parts(servicer, batchers, outbox, executor, sorted(loaded.models))
+
+
+async def start_inference_server(
+    listen: str,
+    models_dir: Path,
+    *,
+    storage_target: str | None,
+    confidence_threshold: float = 0.8,
+    max_batch: int = 16,
+    max_wait_ms: float = 2.0,
+    threads: int = 1,
+    model_keys: Sequence[Path] = (),
+    trust_keys: Sequence[Path],
+    socket_group: str | None = None,
+    assertion_key: Path | None = None,
+) -> tuple[grpc.aio.Server, int]:
+    """Loads the models in ``models_dir`` and starts serving on ``listen``.
+
+    ``storage_target`` is the storage workload's loopback or unix address for the escalation
+    outbox (None: escalated results are only returned). Returns the started server and its
+    bound port (0 for a unix socket). Stop it with :func:`stop_inference_server`.
+    ``model_keys``: PEM public keys of trusted model signers; when given, only models whose
+    manifest carries a valid signature by one of them are served.
+    ``trust_keys``: whose identity assertions are accepted (the sidecar's assertion.pub);
+    ``assertion_key``: the key the outbox signs its writes to storage with (required with
+    ``storage_target``; made if missing).
+    """
+    address = local_target(listen, "listen")
+    parts = await _open_parts(
+        models_dir,
+        trust_verifier(trust_keys),
+        storage_target=storage_target,
+        confidence_threshold=confidence_threshold,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        threads=threads,
+        model_keys=model_keys,
+        assertion_key=assertion_key,
+    )
     limit = MAX_TENSOR_BYTES + RECEIVE_HEADROOM_BYTES
     server = grpc.aio.server(
         options=[
@@ -419,7 +474,7 @@ async def start_inference_server(
             ("grpc.max_send_message_length", limit),
         ]
     )
-    inference_pb2_grpc.add_InferenceServicer_to_server(servicer, server)
+    inference_pb2_grpc.add_InferenceServicer_to_server(parts.servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     from grpc_reflection.v1alpha import reflection
@@ -429,12 +484,9 @@ async def start_inference_server(
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    running = _Running(server, servicer, batchers, outbox, health_servicer, executor)
+    running = _Running(server, parts, health_servicer)
     try:
-        for batcher in batchers:
-            batcher.start()
-        if outbox is not None:
-            outbox.start()
+        parts.start()
         port = bind_local(server, address, group=socket_group)
         await server.start()
         for service in ("", SERVICE_NAME):
@@ -446,10 +498,10 @@ async def start_inference_server(
     bound = port
     log.info(
         "inference workload serving %s on %s (port %d); outbox %s",
-        sorted(loaded.models),
+        parts.models,
         address,
         bound,
-        outbox_target or "off",
+        storage_target or "off",
     )
     return server, bound
 
@@ -469,11 +521,7 @@ async def _shutdown(running: _Running, grace: float | None) -> None:
     with contextlib.suppress(Exception):
         await running.health.enter_graceful_shutdown()
     await running.server.stop(grace)
-    for batcher in running.batchers:
-        await batcher.close()
-    if running.outbox is not None:
-        await running.outbox.close(grace)
-    running.executor.shutdown(wait=True)
+    await running.parts.close(grace)
 
 
 async def run_inference(
@@ -511,12 +559,68 @@ async def run_inference(
         await stop_inference_server(server, STOP_GRACE_S)
 
 
+async def run_inference_protected(
+    config: Path,
+    models_dir: Path,
+    *,
+    listen: str | None = None,
+    storage_target: str | None = None,
+    confidence_threshold: float = 0.8,
+    max_batch: int = 16,
+    max_wait_ms: float = 2.0,
+    threads: int = 1,
+    model_keys: Sequence[Path] = (),
+    assertion_key: Path | None = None,
+) -> None:
+    """Proxyless: the inference service on ``config``'s ``[listen]`` mTLS port (or
+    ``listen``), every call through the same admission as the sidecar's
+    (``ztagent.sidecar.proxyless``); the caller is the admitted device. The escalation outbox
+    still writes to a local storage workload with ``assertion_key``. Serves until SIGTERM or
+    SIGINT."""
+    from ztagent.config import load_config
+    from ztagent.sidecar.proxyless import protected_server
+
+    loaded = load_config(config, listen_address=listen)
+    parts = await _open_parts(
+        models_dir,
+        None,
+        storage_target=storage_target,
+        confidence_threshold=confidence_threshold,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        threads=threads,
+        model_keys=model_keys,
+        assertion_key=assertion_key,
+    )
+    guard = protected_server(
+        loaded,
+        add_services=lambda s: inference_pb2_grpc.add_InferenceServicer_to_server(
+            parts.servicer, s
+        ),
+    )
+    try:
+        parts.start()
+        await guard.start()
+        log.info(
+            "inference workload serving %s proxyless on port %d; outbox %s",
+            parts.models,
+            guard.port,
+            storage_target or "off",
+        )
+        await wait_for_stop_signal()
+        log.info("inference workload stopping")
+    finally:
+        await guard.stop()
+        await parts.close(STOP_GRACE_S)
+
+
 __all__ = [
     "DEFAULT_LISTEN",
     "MODEL_HEADER",
     "SERVICE_NAME",
     "InferenceOptions",
     "run_inference",
+    "run_inference_protected",
     "servicer_of",
     "start_inference_server",
     "stop_inference_server",
