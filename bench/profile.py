@@ -56,7 +56,7 @@ def main() -> None:
     with running_stack(tmp, enroll_count=1) as st:
         tg = targets(st, request)
         seed(st, tg)
-        name = {"d": "sidecar", "c": "bare-proxy"}[args.leg]
+        name = {"d": "sidecar", "c": "bare-proxy", "e": "proxyless"}[args.leg]
         pid = st.procs[name].pid
         procs, per = (1, 1) if args.concurrency == 1 else (2, args.concurrency // 2)
         load = threading.Thread(

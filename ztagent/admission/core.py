@@ -161,7 +161,10 @@ class AdmissionCore:
         metrics: AdmissionMetrics | None = None,
         node: str = "",
         monotonic: Callable[[], float] = time.monotonic,
+        local_services: Sequence[str] = (),
     ) -> None:
+        """``local_services``: services the adapter answers itself (server reflection), admitted
+        like routed ones instead of refused ``no_route``."""
         self.checker = checker
         self.engine = engine
         self.tokens = tokens
@@ -172,7 +175,7 @@ class AdmissionCore:
         self._node = node
         """``input.context.node``: the host name (the adapter knows it)."""
         self._input_headers = config.policy.input_headers
-        self._routed = tuple(sorted(r.service for r in config.routes))
+        self._routed = tuple(sorted({*(r.service for r in config.routes), *local_services}))
         self._budget = RefusalBudget(
             config.decision_log.refusal_burst, config.decision_log.refusal_interval_s
         )

@@ -273,7 +273,7 @@ class Sidecar:
         decision_log.start()
         self.metrics = self._build_metrics()
         self.pipeline = Pipeline(
-            with_reflection_routes(config),
+            config,
             checker,
             engine,
             tokens,
@@ -282,6 +282,7 @@ class Sidecar:
             posture_cache=posture.cache if posture is not None else None,
             metrics=self.metrics,
             signer=assertion_signer(config),
+            local_services=REFLECTION_SERVICES,  # answered here, never forwarded
         )
         self._upstreams = Upstreams(config.routes, config.listen.max_message_bytes)
 
@@ -652,19 +653,6 @@ REFLECTION_SERVICES = (
 )
 """gRPC server reflection, answered by the sidecar itself (never forwarded): v1alpha is
 what grpcio-reflection implements; v1 has the same messages and is served by the same code."""
-
-
-def with_reflection_routes(config: Config) -> Config:
-    """The config admission decides with: the routes plus the reflection services, so an
-    allowed reflection call is not refused ``no_route``. Their ``upstream`` is never dialled
-    (the proxy's ``Upstreams`` is built from ``config.routes``, and reflection is answered
-    before the proxy sees the call)."""
-    from dataclasses import replace
-
-    from ztagent.config import Route
-
-    local = tuple(Route(service=name, upstream="local:sidecar") for name in REFLECTION_SERVICES)
-    return replace(config, routes=(*config.routes, *local))
 
 
 def admitted_reflection(
