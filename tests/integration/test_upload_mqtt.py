@@ -198,11 +198,15 @@ def test_defaults_and_decision_log_keys_left_alone(pki: Pki, tmp_path: Path) -> 
     assert config.client_id == f"ztagent-outbox-{config.node_id}"
 
 
-@pytest.mark.parametrize("kind", ["pkcs11", "tpm"])
-def test_a_key_the_ssl_module_cannot_use_is_refused(pki: Pki, tmp_path: Path, kind: str) -> None:
-    node = make_node_dir(pki.ca, tmp_path / "hsm-node", "hsm-node", key_store=kind)
+def test_a_pkcs11_identity_needs_a_pin(
+    pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PKCS#11 and TPM keys work (tests/integration/test_keystore_tls.py); a token without
+    a PIN to open it is a configuration error at start."""
+    monkeypatch.delenv("ZTAGENT_PKCS11_PIN", raising=False)
+    node = make_node_dir(pki.ca, tmp_path / "hsm-node", "hsm-node", key_store="pkcs11")
     config = replace(shipper_config(pki, tmp_path, "mqtts://127.0.0.1:1"), device_dir=node)
-    with pytest.raises(ConfigError, match=f"'{kind}' key store.*--key-store file") as info:
+    with pytest.raises(ConfigError, match="PKCS#11 token, which needs a PIN") as info:
         tls_context(config)
     assert info.value.key == "upload.device_dir"
 

@@ -25,6 +25,7 @@ FAMILIES = {
     "PostureError": "ztagent.posture.errors",
     "EnrollError": "ztagent.enrollment",
     "EnrollClientError": "ztagent.device.errors",
+    "TlsError": "ztagent.device.errors",
     "KeyStoreError": "ztagent.device.keystores",
     "TpmError": "ztagent.device.tpm",
     "PolicyError": "ztagent.policy.errors",

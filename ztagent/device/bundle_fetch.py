@@ -16,10 +16,13 @@ only) and keeps the node's copy (``policy.path``, a ``.tar.gz``) current:
 
 Authentication to the server: ``bundle_ca_bundle`` (the server's CA), a bearer token read
 from ``bundle_token_file`` on every request (so it can be rotated), and/or the node's own
-mTLS identity (``bundle_client_cert`` / ``bundle_client_key``, PEM files).
+mTLS identity: ``bundle_client_cert`` (PEM chain) with ``bundle_client_key``, a PEM key file
+or the device directory's ``keystore.json`` — then a PKCS#11 or TPM key signs the handshake
+where it is kept (``ztagent.device.keystore_tls``: TLS 1.3, the server checked against
+``bundle_ca_bundle``, which is then required).
 
-HTTP is the stdlib (``urllib.request`` + ``ssl``), run in a worker thread. Redirects are not
-followed: a bundle URL is configuration, and a redirect elsewhere is refused.
+HTTP is the stdlib (``urllib.request``, with ``ssl`` for file keys), run in a worker thread.
+Redirects are not followed: a bundle URL is configuration, and a redirect elsewhere is refused.
 """
 
 from __future__ import annotations
@@ -41,6 +44,13 @@ from pathlib import Path
 from typing import Any
 
 from ztagent.addresses import check_bundle_url
+from ztagent.device.keystore_tls import (
+    DeviceIdentity,
+    KeystoreHTTPSHandler,
+    KeystoreTlsClient,
+    client_key_source,
+)
+from ztagent.device.keystores import resolve_pin
 from ztagent.errors import ConfigError, TransportError, ZtagentError
 from ztagent.failure_log import FailureLog
 from ztagent.files import KEY_MODE, make_private_dir, refuse_symlink, write_atomic
@@ -104,13 +114,38 @@ class BundleFetcher:
         self._timeout = timeout_s
         self._rng = rng
         self._clock = clock
-        self._context = (
-            self._ssl_context(ca_bundle, client_cert) if url.startswith("https") else None
-        )
+        self._context: ssl.SSLContext | None = None
+        self._keystore: KeystoreTlsClient | None = None
+        if url.startswith("https"):
+            self._tls_setup(ca_bundle, client_cert)
         self._failures = FailureLog(log, f"bundle download from {url}")
         self._etag_path = dest.with_name(dest.name + ".etag")
         self._etag = self._load_etag()
         self._health = BundleFetchHealth(True, None, None, None)
+
+    def _tls_setup(self, ca_bundle: Path | None, client_cert: tuple[Path, Path] | None) -> None:
+        if client_cert is None:
+            self._context = self._ssl_context(ca_bundle, None)
+            return
+        cert, key = client_cert
+        source = client_key_source(
+            cert, key, key_name="policy.bundle_client_key", pin=resolve_pin(None)
+        )
+        if not isinstance(source, DeviceIdentity):
+            self._context = self._ssl_context(ca_bundle, (cert, source))
+            return
+        if ca_bundle is None:
+            raise ConfigError(
+                "policy.bundle_ca_bundle",
+                "is required with a PKCS#11 or TPM client key (the server is checked "
+                "against it, not the system trust store)",
+            )
+        try:
+            self._keystore = KeystoreTlsClient(ca_bundle.read_bytes(), source)
+        except OSError as exc:
+            raise ConfigError("policy.bundle_ca_bundle", f"{ca_bundle}: {exc.strerror}") from None
+        except ConfigError as err:
+            raise ConfigError("policy.bundle_ca_bundle", f"{ca_bundle}: {err.message}") from None
 
     @staticmethod
     def _ssl_context(
@@ -167,6 +202,8 @@ class BundleFetcher:
         handlers: list[Any] = [_NoRedirects()]
         if self._context is not None:
             handlers.append(urllib.request.HTTPSHandler(context=self._context))
+        if self._keystore is not None:
+            handlers.append(KeystoreHTTPSHandler(self._keystore))  # TlsError passes through
         opener = urllib.request.build_opener(*handlers)
         request = urllib.request.Request(self.url, headers=headers)  # noqa: S310 (checked)
         try:

@@ -39,6 +39,13 @@ from pathlib import Path
 from typing import Any
 
 from ztagent.addresses import check_bundle_url
+from ztagent.device.keystore_tls import (
+    DeviceIdentity,
+    KeystoreHTTPSHandler,
+    KeystoreTlsClient,
+    client_key_source,
+)
+from ztagent.device.keystores import resolve_pin
 from ztagent.errors import ConfigError, TransportError
 from ztagent.failure_log import FailureLog
 from ztagent.files import write_atomic
@@ -148,17 +155,45 @@ class DecisionLogShipper:
         self._cursor_file = _cursor_path(log_path)
         self._failures = FailureLog(log, f"decision-log upload to {settings.url}")
         self._context: ssl.SSLContext | None = None
+        self._keystore: KeystoreTlsClient | None = None
         if settings.url.startswith("https://"):
-            try:
-                self._context = ssl.create_default_context(
-                    cafile=str(settings.ca_bundle) if settings.ca_bundle else None
-                )
-                if settings.client_cert is not None:
-                    cert, key = settings.client_cert
-                    self._context.load_cert_chain(str(cert), str(key))
-            except (OSError, ssl.SSLError) as exc:
-                raise ConfigError("upload.decision_log_ca_bundle", str(exc)) from None
+            self._tls_setup(settings)
         self._first_pending: float | None = None
+
+    def _tls_setup(self, settings: ShipperSettings) -> None:
+        """Python's ``ssl`` for a key file; a PKCS#11 or TPM key (``upload.client_key`` is
+        the device directory's ``keystore.json``) signs in its store (``keystore_tls``)."""
+        source: Path | DeviceIdentity | None = None
+        if settings.client_cert is not None:
+            cert, key = settings.client_cert
+            source = client_key_source(
+                cert, key, key_name="upload.client_key", pin=resolve_pin(None)
+            )
+        if isinstance(source, DeviceIdentity):
+            bundle = settings.ca_bundle
+            if bundle is None:
+                raise ConfigError(
+                    "upload.decision_log_ca_bundle",
+                    "is required with a PKCS#11 or TPM client key (the collector is checked "
+                    "against it, not the system trust store)",
+                )
+            try:
+                self._keystore = KeystoreTlsClient(bundle.read_bytes(), source)
+            except OSError as exc:
+                raise ConfigError(
+                    "upload.decision_log_ca_bundle", f"{bundle}: {exc.strerror}"
+                ) from None
+            except ConfigError as err:
+                raise ConfigError("upload.decision_log_ca_bundle", err.message) from None
+            return
+        try:
+            self._context = ssl.create_default_context(
+                cafile=str(settings.ca_bundle) if settings.ca_bundle else None
+            )
+            if settings.client_cert is not None and source is not None:
+                self._context.load_cert_chain(str(settings.client_cert[0]), str(source))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError("upload.decision_log_ca_bundle", str(exc)) from None
 
     # --- the cursor ----------------------------------------------------------------------
 
@@ -209,6 +244,8 @@ class DecisionLogShipper:
         handlers: list[Any] = []
         if self._context is not None:
             handlers.append(urllib.request.HTTPSHandler(context=self._context))
+        if self._keystore is not None:
+            handlers.append(KeystoreHTTPSHandler(self._keystore))  # TlsError passes through
         opener = urllib.request.build_opener(*handlers)
         request = urllib.request.Request(  # noqa: S310 (scheme checked)
             self.settings.url, data=body, headers=headers, method="POST"

@@ -4,7 +4,8 @@
 storage namespace (``outbox/<model>/<time>-<id>``, see ``ztagent.upload.spool``) straight from
 the storage workload's store on this node, oldest first, and publishes each one to an MQTT
 broker (``mqtts://host:port``) with **QoS 1 over TLS 1.3**, authenticated by the node's
-enrolled device certificate (``device_dir``: ``device.pem`` + ``device.key``). A record is
+enrolled device certificate (``device_dir``: ``device.pem`` and the key wherever its
+``keystore.json`` says). A record is
 deleted from the outbox only after the broker's PUBACK: a crash between the PUBACK and the
 delete sends that record again (at least once), never loses one. The payload is the record's
 JSON plus ``id`` (``<namespace>/<key>``, stable across re-sends, so the cloud drops
@@ -15,10 +16,11 @@ oldest records are dropped and each device's drop becomes a *gap* message, sent 
 anything else once the broker is reachable: ``{"gap": {"dropped": N, "from": key, "to":
 key}, "id": ..., "namespace": ...}``.
 
-Only a **file key store** can be used: Python's ``ssl`` module needs the private key as a
-file, so a device enrolled with its key in PKCS#11 or the TPM is refused with a
-``ConfigError`` naming ``upload.device_dir``. The certificate and key are re-read at every
-connection, so a renewal (``ztagent renew --watch``) is picked up at the next reconnect.
+A key file goes to Python's ``ssl``; a key in a PKCS#11 token (PIN from
+``ZTAGENT_PKCS11_PIN``) or the TPM signs the handshake where it is kept
+(``ztagent.device.keystore_tls``: TLS 1.3 in tlslite-ng, the broker checked against
+``mqtt_ca_bundle`` before our certificate is sent). The certificate and key are re-read at
+every connection, so a renewal (``ztagent renew --watch``) is picked up at the next reconnect.
 
 ``python -m ztagent.upload.mqtt --config FILE`` runs it from the ``[upload]`` table of a TOML
 file until SIGTERM; ``ztagent ship`` runs ``run_outbox_shipper`` beside the other shippers.
@@ -46,8 +48,16 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ztagent.config import UPLOAD_DECISION_KEYS, UPLOAD_MQTT_KEYS
-from ztagent.device.device_dir import CA_BUNDLE, DEVICE_CERT, DEVICE_KEY, load_device_dir
+from ztagent.device.device_dir import (
+    CA_BUNDLE,
+    DEVICE_CERT,
+    DEVICE_KEY,
+    KEYSTORE_FILE,
+    load_device_dir,
+)
 from ztagent.device.errors import EnrollClientError
+from ztagent.device.keystore_tls import DeviceIdentity, KeystoreTlsClient, client_key_source
+from ztagent.device.keystores import resolve_pin
 from ztagent.errors import ConfigError, ZtagentError, exit_code_for
 from ztagent.failure_log import FailureLog
 from ztagent.schedule import Backoff
@@ -80,7 +90,7 @@ class MqttShipperConfig:
 
     broker: Broker
     device_dir: Path
-    """The node's identity, as ``ztagent enroll`` wrote it (file key store only)."""
+    """The node's identity, as ``ztagent enroll`` wrote it (any key store)."""
     storage_data_dir: Path
     """The storage workload's ``--data`` directory (its ``storage.db`` and ``storage.key``);
     the pending gaps are kept there too (``mqtt-gaps.json``)."""
@@ -253,28 +263,40 @@ def load_upload_table(path: Path) -> Mapping[str, Any]:
 # --- the node's identity ------------------------------------------------------------------
 
 
-def tls_context(config: MqttShipperConfig) -> ssl.SSLContext:
+def tls_context(config: MqttShipperConfig) -> ssl.SSLContext | KeystoreTlsClient:
     """TLS 1.3 only, the broker checked against ``ca_bundle`` (chain and host name), the
-    device certificate chain and key from ``device_dir`` as the client certificate."""
+    device certificate chain from ``device_dir`` as the client certificate: with its key
+    file in an ``ssl.SSLContext``, or a ``KeystoreTlsClient`` signing in the PKCS#11 token
+    or TPM ``keystore.json`` names."""
     try:
-        device = load_device_dir(config.device_dir)
+        load_device_dir(config.device_dir)
     except EnrollClientError as exc:
         raise ConfigError("upload.device_dir", exc.message) from None
-    kind = device.key_store.get("type", "file")
-    if kind != "file":
-        raise ConfigError(
-            "upload.device_dir",
-            f"{config.device_dir} keeps its key in a {kind!r} key store; the MQTT shipper "
-            "can only use a key file (Python's ssl module cannot sign with a PKCS#11 or TPM "
-            "key): enroll an identity for it with --key-store file",
-        )
+    cert = config.device_dir / DEVICE_CERT
+    source = client_key_source(
+        cert,
+        config.device_dir / KEYSTORE_FILE,
+        key_name="upload.device_dir",
+        pin=resolve_pin(None),
+    )
+    if isinstance(source, DeviceIdentity):
+        try:
+            return KeystoreTlsClient(config.ca_bundle.read_bytes(), source)
+        except OSError as exc:
+            raise ConfigError(
+                "upload.mqtt_ca_bundle", f"{config.ca_bundle}: {exc.strerror}"
+            ) from None
+        except ConfigError as err:
+            raise ConfigError(
+                "upload.mqtt_ca_bundle", f"{config.ca_bundle}: {err.message}"
+            ) from None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     try:
         context.load_verify_locations(cafile=str(config.ca_bundle))
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError("upload.mqtt_ca_bundle", f"{config.ca_bundle}: {exc}") from None
-    cert, key = config.device_dir / DEVICE_CERT, config.device_dir / DEVICE_KEY
+    key = config.device_dir / DEVICE_KEY
     try:
         context.load_cert_chain(str(cert), str(key))
     except (OSError, ssl.SSLError) as exc:

@@ -1,5 +1,9 @@
 """One MQTT v5 connection over TLS 1.3 with a client certificate (paho-mqtt, no threads).
 
+The TLS is Python's ``ssl`` (an ``SSLContext``: a key file) or a ``KeystoreTlsClient`` (a
+PKCS#11 or TPM key signing where it is kept; paho then drives a ``PahoTlsSocket``). A TLS
+failure of the latter is ``broker_tls_failed`` whose message starts with its ``tls_*`` code.
+
 ``MqttLink`` drives a paho ``Client`` from the caller's thread (``loop()``, never
 ``loop_start()``): ``connect()`` waits for the CONNACK, ``publish_acked()`` sends QoS 1
 messages with a window in flight and reports each one only when its PUBACK arrived with a
@@ -23,6 +27,8 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
+from ztagent.device.errors import TlsError
+from ztagent.device.keystore_tls import KeystoreTlsClient, PahoTlsSocket
 from ztagent.errors import TransportError
 
 KEEPALIVE_S = 60
@@ -55,13 +61,26 @@ class Broker:
         return f"mqtts://{host}:{self.port}"
 
 
+class _KeystoreClient(paho.Client):
+    """A paho client whose socket is a TLS 1.3 connection made by a ``KeystoreTlsClient``
+    (paho's own TLS is not used)."""
+
+    def __init__(self, tls: KeystoreTlsClient, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._ztagent_tls = tls
+
+    def _create_socket(self) -> Any:
+        conn = self._ztagent_tls.connect(self._host, self._port, self._connect_timeout)
+        return PahoTlsSocket(conn, self._connect_timeout)
+
+
 class MqttLink:
     """A connection to ``broker`` as ``client_id`` with the TLS settings of ``context``."""
 
     def __init__(
         self,
         broker: Broker,
-        context: ssl.SSLContext,
+        context: ssl.SSLContext | KeystoreTlsClient,
         client_id: str,
         *,
         timeout_s: float = 10.0,
@@ -101,12 +120,21 @@ class MqttLink:
     def connect(self) -> None:
         """Opens the connection and waits for a successful CONNACK."""
         self.close()
-        client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=self._client_id,
-            protocol=MQTTProtocolVersion.MQTTv5,
-        )
-        client.tls_set_context(self._context)
+        client: paho.Client
+        if isinstance(self._context, KeystoreTlsClient):
+            client = _KeystoreClient(
+                self._context,
+                CallbackAPIVersion.VERSION2,
+                client_id=self._client_id,
+                protocol=MQTTProtocolVersion.MQTTv5,
+            )
+        else:
+            client = paho.Client(
+                CallbackAPIVersion.VERSION2,
+                client_id=self._client_id,
+                protocol=MQTTProtocolVersion.MQTTv5,
+            )
+            client.tls_set_context(self._context)
         client.connect_timeout = self._timeout_s
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -114,6 +142,9 @@ class MqttLink:
         self._connack, self._lost, self._acks = None, None, []
         try:
             client.connect(self.broker.host, self.broker.port, KEEPALIVE_S, clean_start=True)
+        except TlsError as err:
+            _release(client)
+            raise MqttError(MqttCode.BROKER_TLS_FAILED, f"{self.broker}: {err}") from None
         except ssl.SSLCertVerificationError as exc:
             _release(client)
             raise MqttError(
@@ -126,14 +157,27 @@ class MqttLink:
                 MqttCode.BROKER_TLS_FAILED, f"{self.broker}: TLS handshake failed: {exc}"
             ) from None
         except (OSError, ValueError) as exc:
+            sock = client.socket()
             _release(client)
+            if isinstance(sock, PahoTlsSocket) and sock.refusal is not None:
+                raise MqttError(
+                    MqttCode.BROKER_TLS_FAILED, f"{self.broker}: {sock.refusal}"
+                ) from None
             raise MqttError(
                 MqttCode.BROKER_UNREACHABLE, f"{self.broker}: {type(exc).__name__}: {exc}"
             ) from None
         self._client = client
+        sock = client.socket()
         deadline = self._clock() + self._timeout_s
         while self._connack is None:
-            self._step("waiting for CONNACK")
+            try:
+                self._step("waiting for CONNACK")
+            except MqttError:
+                if isinstance(sock, PahoTlsSocket) and sock.refusal is not None:
+                    raise MqttError(
+                        MqttCode.BROKER_TLS_FAILED, f"{self.broker}: {sock.refusal}"
+                    ) from None
+                raise
             if self._clock() > deadline:
                 raise self._fail(
                     MqttCode.BROKER_REFUSED, f"no CONNACK within {self._timeout_s:.0f} s"
