@@ -74,6 +74,11 @@ DEFAULT_MAX_INPUT_BYTES: Final = 4096
 """A line's ``input`` above this many bytes of JSON is replaced by its size and digest."""
 ERROR_LOG_INTERVAL_S: Final = 60.0
 BATCH_MAX: Final = 512
+LINGER_S: Final = 0.004
+"""After a batch of more than one record (the log is busy) the writer sleeps this long before
+taking the next: meanwhile ``submit`` wakes no thread (a wake per record, and the GIL handed
+over with it, cost the request path more than the write itself under load), and the next
+batch is larger. An idle log's writer blocks and takes each record at once."""
 """At most this many records are written with one ``write`` call."""
 _TAIL_CHUNK = 64 * 1024
 
@@ -105,7 +110,8 @@ class LogStats:
     ``dropped``: records refused by ``submit`` (queue full in drop mode, or log closed);
     ``rotated``: completed rotations; ``queue_depth``: records waiting; ``errors``: write,
     open, rotation and serialisation failures (events, not records); ``checkpoints``: signed
-    checkpoint lines that reached the file."""
+    checkpoint lines that reached the file; ``lost``: records accepted by ``submit`` that
+    never reached the file because a write, open or rotation failed (a full disk)."""
 
     written: int
     dropped: int
@@ -113,6 +119,7 @@ class LogStats:
     queue_depth: int
     errors: int
     checkpoints: int = 0
+    lost: int = 0
 
 
 class DecisionSink(Protocol):
@@ -232,6 +239,9 @@ class DecisionLog:
         self._dropped = 0
         self._rotated = 0
         self._errors = 0
+        self._lost = 0
+        self._failing = False
+        """A write failed and none succeeded since (the next success logs the recovery)."""
         self._clock: Callable[[], float] = time.monotonic
         self._last_error_log: float | None = None
         self._suppressed = 0
@@ -292,6 +302,7 @@ class DecisionLog:
             queue_depth=self._queue.qsize(),
             errors=self._errors,
             checkpoints=self._checkpoints,
+            lost=self._lost,
         )
 
     def close(self, timeout_s: float = 5.0) -> bool:
@@ -349,6 +360,8 @@ class DecisionLog:
                     self._close_fd()
                     self._error(f"closing checkpoint failed: {exc!r}", lost=0)
                 return
+            if len(batch) > 1 and not self._closed:
+                time.sleep(LINGER_S)
 
     def _checkpoint_line(self, reason: CheckpointReason, head: str, seq: int) -> bytes:
         assert self._signer is not None
@@ -458,6 +471,13 @@ class DecisionLog:
             self._error(f"write to {self.path} failed: {exc}", lost=lost)
             return False
         self._size += len(data)
+        if self._failing:
+            self._failing = False
+            logger.warning(
+                "decision log: writing to %s again; %d records lost since start",
+                self.path,
+                self._lost,
+            )
         self._prev = line_sha256(lines[-1])
         for line in lines:
             if line.startswith(CHECKPOINT_PREFIX):
@@ -608,8 +628,11 @@ class DecisionLog:
             self._dropped += 1
 
     def _error(self, message: str, *, lost: int) -> None:
-        """Count one failure and log it, at most once per ``ERROR_LOG_INTERVAL_S``."""
+        """Count one failure and the records it lost; log it, at most once per
+        ``ERROR_LOG_INTERVAL_S`` (the recovery line gives the total lost)."""
         self._errors += 1
+        self._lost += lost
+        self._failing = self._failing or lost > 0
         now = self._clock()
         if self._last_error_log is not None and now - self._last_error_log < ERROR_LOG_INTERVAL_S:
             self._suppressed += 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
+import hashlib
 import itertools
 import json
 import logging
@@ -24,12 +25,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ztagent.errors import ConfigError
 from ztagent.policy.decision_log import DecisionLog, DecisionLogError, LogStats, NullDecisionLog
 from ztagent.policy.decision_record import (
     GENESIS_PREV,
     DecisionRecord,
+    format_time,
     line_sha256,
     new_decision_id,
 )
@@ -139,6 +143,66 @@ def test_to_json_bytes_is_deterministic_compact_and_ordered() -> None:
     b = record(1, input_doc={"a": {"x": 3, "y": 2}, "b": 1})
     assert a.to_json_bytes(GENESIS_PREV) == b.to_json_bytes(GENESIS_PREV)
     assert a.to_json_bytes(GENESIS_PREV) != a.to_json_bytes("f" * 64)
+
+
+_JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.text()
+    | st.floats(allow_nan=False, allow_infinity=False),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    device=st.none() | st.text(),
+    allow=st.booleans(),
+    latency=st.integers(min_value=0, max_value=2**70),
+    refusal=st.none() | st.dictionaries(st.text(), _JSON_VALUES, max_size=3),
+    input_doc=st.dictionaries(st.text(), _JSON_VALUES, max_size=5),
+    max_input=st.none() | st.integers(min_value=1, max_value=400),
+)
+def test_the_line_is_the_json_encoders_spelling_of_every_field(
+    device: str | None,
+    allow: bool,
+    latency: int,
+    refusal: dict[str, Any] | None,
+    input_doc: dict[str, Any],
+    max_input: int | None,
+) -> None:
+    """The line's fast path (fixed keys, scalars spelt without the encoder) gives the bytes
+    the plain encoder gives, field by field: the hash chain of existing logs stays valid."""
+    rec = DecisionRecord(
+        **{**record(2).__dict__, "device_id": device, "allow": allow, "latency_us": latency,
+           "refusal": refusal, "input": input_doc}
+    )  # fmt: skip
+    assert rec.to_json_bytes("ab" * 32, max_input) == _reference_line(rec, "ab" * 32, max_input)
+
+
+def _reference_line(rec: DecisionRecord, prev: str, max_input: int | None) -> bytes:
+    """The line as the plain encoder writes it, one call per key and per value."""
+    enc = json.JSONEncoder(
+        ensure_ascii=False, separators=(",", ":"), sort_keys=True, allow_nan=False
+    )
+    input_value: object = rec.input
+    raw = enc.encode(rec.input).encode("utf-8", "backslashreplace")
+    if max_input is not None and len(raw) > max_input:
+        digest = hashlib.sha256(raw).hexdigest()
+        input_value = {"truncated": True, "bytes": len(raw), "sha256": digest}
+    special = {
+        "time": format_time(rec.time),
+        "reasons": list(rec.reasons),
+        "input": input_value,
+        "prev_sha256": prev,
+    }
+    body = ",".join(
+        f"{enc.encode(k)}:{enc.encode(special[k] if k in special else getattr(rec, k))}"
+        for k in KEYS
+    )
+    return ("{" + body + "}").encode("utf-8", "backslashreplace")
 
 
 def test_time_is_written_in_utc_and_naive_time_is_refused() -> None:
@@ -475,6 +539,31 @@ def test_write_errors_are_counted_logged_once_a_minute_and_the_writer_goes_on(
     assert report.ok and report.lines == 2
 
 
+def test_records_lost_to_failed_writes_are_counted_and_the_recovery_gives_the_total(
+    log_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The error line is rate-limited (once a minute), so the total lost is in the stats (the
+    # sidecar's ztagent_decision_log_lost_total) and in the line logged when writes succeed
+    # again: the soak found lines missing from the log that nothing had counted.
+    fail = Failing(2)
+    log = HookedLog(log_path, fail)
+    for i in range(3):
+        log.submit(record(i))
+    with caplog.at_level(logging.WARNING, logger="ztagent.decision_log"):
+        log.start()
+        fail.calls.get(timeout=5)
+        log.submit(record(3))
+        fail.calls.get(timeout=5)  # second failure within the minute: not logged
+        log.submit(record(4))
+        fail.calls.get(timeout=5)  # this one is written
+        assert log.close()
+    assert log.stats.lost == 4 and log.stats.written == 1 and log.stats.dropped == 0
+    messages = [r.getMessage() for r in caplog.records]
+    assert "3 records lost" in messages[0]
+    assert "again; 4 records lost since start" in messages[-1]
+    assert DecisionLog(log_path).stats.lost == 0
+
+
 def test_partial_write_keeps_whole_lines_and_the_chain(log_path: Path) -> None:
     fail = Failing(1, partial=True)
     log = HookedLog(log_path, fail)
@@ -576,3 +665,20 @@ def test_an_oversized_input_is_replaced_by_its_size_and_digest(tmp_path: Path) -
     assert json.loads(small.to_json_bytes(GENESIS_PREV, max_input_bytes=4096))["input"] == {
         "request": {}
     }
+
+
+def test_decision_ids_are_unique_across_pool_refills_and_forks() -> None:
+    """Ids come from a pool of urandom bytes: distinct across many refills, and a forked
+    child does not repeat its parent's next ids."""
+    import multiprocessing
+
+    ids = {new_decision_id(NOW) for _ in range(2_000)}  # 20,000 random bytes: 5 refills
+    assert len(ids) == 2_000
+    ctx = multiprocessing.get_context("fork")
+    parent_conn, child_conn = ctx.Pipe()
+    new_decision_id(NOW)  # the pool is filled before the fork
+    child = ctx.Process(target=lambda: child_conn.send(new_decision_id(NOW)))
+    child.start()
+    child.join(10)
+    assert parent_conn.poll(5)
+    assert parent_conn.recv() != new_decision_id(NOW)
