@@ -87,6 +87,9 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     def __init__(self, core: Callable[[], AdmissionCore | None]) -> None:
         self._core = core
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        """method -> (the workload's handler, its admitted wrapper): built once per method,
+        not per call."""
 
     async def intercept_service(
         self,
@@ -95,6 +98,15 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
         method = details.method
+        known = self._wrapped.get(method)
+        if known is not None and known[0] is handler and handler is not None:
+            return known[1]
+        wrapped = self._wrap(handler, method)
+        if handler is not None and len(self._wrapped) < 1024:  # bounded: methods are few
+            self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, handler: grpc.RpcMethodHandler | None, method: str) -> grpc.RpcMethodHandler:
         service = method.lstrip("/").split("/", 1)[0]
         if service in UNWRAPPED_SERVICES:
             return handler
