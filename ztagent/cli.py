@@ -1356,6 +1356,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _final_error(text: str, code: str | None) -> None:
+    """The one line a failed command ends with: a JSON log object when the command logs JSON
+    (a log pipeline then gets no stray text line), else ``ztagent: error: ...`` on stderr."""
+    from ztagent.logs import logs_json
+
+    if logs_json():
+        extra = {"code": code} if code is not None else {}
+        logging.getLogger("ztagent").error("error: %s", text, extra=extra)
+    else:
+        print(f"ztagent: error: {text}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from ztagent.logs import configure_logging, quiet_grpc_core
 
@@ -1367,11 +1379,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except ZtagentError as err:
-        print(f"ztagent: error: {err.code}: {err.message}", file=sys.stderr)
+        _final_error(f"{err.code}: {err.message}", err.code)
         return exit_code_for(err)
     except OSError as exc:  # a file the command was told to read or write: one line, no traceback
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"ztagent: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        _final_error(f"{where}{exc.strerror or exc}", None)
         return 1
     except KeyboardInterrupt:
         return 130

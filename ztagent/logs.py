@@ -144,6 +144,14 @@ def configure_logging(
 _MARK = "_ztagent_handler"
 
 
+def logs_json(root: logging.Logger | None = None) -> bool:
+    """Whether ``configure_logging`` set the root logger to JSON lines."""
+    root = root if root is not None else logging.getLogger()
+    return any(
+        getattr(h, _MARK, False) and isinstance(h.formatter, JsonFormatter) for h in root.handlers
+    )
+
+
 def quiet_grpc_core(environ: MutableMapping[str, str]) -> None:
     """gRPC's C core logs to stderr by itself, unformatted: keep it to its errors
     (``GRPC_VERBOSITY=ERROR``) unless the operator chose a verbosity. Call it before grpc

@@ -232,3 +232,19 @@ def test_a_long_running_command_logs_json(tmp_path: Path) -> None:
     lines += [json.loads(raw) for raw in (rest or "").splitlines()]
     assert all({"time", "level", "logger", "message"} <= set(doc) for doc in lines)
     assert lines[0]["logger"].startswith("ztagent.")
+
+
+def test_a_failed_command_logging_json_ends_with_a_json_line(tmp_path: Path) -> None:
+    """The final error of a command that logs JSON is a JSON object with its code (a log
+    pipeline gets no stray text line); with text logs it stays ``ztagent: error: ...``."""
+    config = tmp_path / "ztagent.toml"
+    config.write_text('[listen]\naddress = "127.0.0.1:0"\n')
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
+    base = [sys.executable, "-m", "ztagent", "serve", "--config", str(config)]
+    done = subprocess.run([*base, "--log-format", "json"], capture_output=True, text=True, env=env)
+    assert done.returncode == 2
+    lines = [json.loads(line) for line in done.stderr.splitlines()]
+    assert lines[-1]["level"] == "ERROR" and lines[-1]["code"] == "config_invalid"
+    assert "tls: section is required" in lines[-1]["message"]  # the key named
+    done = subprocess.run(base, capture_output=True, text=True, env=env)
+    assert done.stderr.strip().splitlines()[-1].startswith("ztagent: error: config_invalid: ")
