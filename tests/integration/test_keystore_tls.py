@@ -235,11 +235,10 @@ async def test_bundle_server_wanting_a_client_certificate_from_another_ca_refuse
         assert nginx.statuses("/bundle.tar.gz") == [400]
 
 
+@pytest.mark.parametrize("device", ["pkcs11"], indirect=True)  # a TPM key needs no PIN
 def test_a_pkcs11_key_without_a_pin_is_a_configuration_error(
     cas: Cas, device: Device, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if device.kind != "pkcs11":
-        pytest.skip("PKCS#11 only")  # the TPM key needs no PIN (parametrised fixture)
     monkeypatch.delenv("ZTAGENT_PKCS11_PIN")
     with pytest.raises(ConfigError, match="needs a PIN: set ZTAGENT_PKCS11_PIN") as info:
         fetcher("https://127.0.0.1:1/b.tar.gz", tmp_path / "b", device, cas.bundle)
