@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 CONFIG ?= ztagent.toml
 PROTO_FILES := $(shell find proto -name '*.proto')
 
-.PHONY: run test lint proto certs venv deps clean bench model
+.PHONY: run test lint proto certs venv deps clean bench model soak
 
 $(VENV)/.installed: pyproject.toml
 	@bash .ci/system-deps.sh
@@ -39,8 +39,8 @@ run: $(VENV)/.installed certs-dev/root-ca.pem $(MODEL)
 	$(BIN)/ztagent demo --config $(CONFIG)
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check ztagent tests bench
-	$(BIN)/ruff format --check ztagent tests bench
+	$(BIN)/ruff check ztagent tests bench soak
+	$(BIN)/ruff format --check ztagent tests bench soak
 	$(BIN)/mypy
 
 test: lint
@@ -63,3 +63,10 @@ clean:
 # Benchmarks (not part of `make test`): starts the real stack, writes bench/results.md.
 bench: $(VENV)/.installed certs-dev/root-ca.pem
 	$(PY) -m bench.run
+
+# Soak (not part of `make test`): the whole stack for SOAK_S seconds (default 3600) under mixed
+# traffic and a fault schedule, checked by an oracle; exit 1 on a wrong decision, a loss or a
+# leak. Report printed and written to soak/last-run.md. See README "Soak".
+SOAK_S ?= 3600
+soak: $(VENV)/.installed
+	SOAK_S=$(SOAK_S) $(PY) -m soak.run --out soak/last-run.md

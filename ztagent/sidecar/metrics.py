@@ -12,6 +12,7 @@ What is counted, per call and per attestation:
 - ``ztagent_upstream_errors_total{service, code}``: gRPC status of failed upstream calls.
 - ``ztagent_attestations_total{result, code}``: ``verified`` or ``refused`` with its code.
 - ``ztagent_decision_log_dropped_total``: decision-log lines dropped (queue full).
+- ``ztagent_decision_log_lost_total``: decision-log lines lost to a failed write (full disk).
 - ``ztagent_trust_fetch_failures_total{source}``: failed CRL / JWKS fetches.
 - ``ztagent_admission_seconds`` and ``ztagent_policy_evaluation_seconds``: histograms.
 
@@ -130,6 +131,10 @@ class Metrics:
         self.log_dropped = Counter(
             "ztagent_decision_log_dropped", "Decision-log lines dropped", registry=r
         )
+        self.log_lost = Counter(
+            "ztagent_decision_log_lost", "Decision-log lines lost to failed writes", registry=r
+        )
+        self._log_lost_seen = 0
         self.admission_seconds = Histogram(
             "ztagent_admission_seconds",
             "Identity, token, posture and policy checks of one call",
@@ -160,6 +165,12 @@ class Metrics:
         if total > seen:
             self.trust_fetch_failures.labels(source).inc(total - seen)
             self._fetch_failures_seen[source] = total
+
+    def decision_log_lost(self, total: int) -> None:
+        """Bring the lost-lines counter up to ``total`` (the log writer's count since start)."""
+        if total > self._log_lost_seen:
+            self.log_lost.inc(total - self._log_lost_seen)
+            self._log_lost_seen = total
 
     def refusal(self, code: str) -> None:
         self.refused.labels(self._code(code)).inc()

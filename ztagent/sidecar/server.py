@@ -517,6 +517,7 @@ class Sidecar:
             self.metrics.fetch_failures("crl", crl_health.fetch_failures)
             if crl_health.fetched_at is not None:
                 synced.labels("crl").set(crl_health.fetched_at.timestamp())
+        self.metrics.decision_log_lost(self.pipeline.decision_log.stats.lost)
         if self.pipeline.tokens is not None:
             self.metrics.fetch_failures("jwks", self.pipeline.tokens.health().fetch_failures)
         if self.bundle_fetcher is not None:

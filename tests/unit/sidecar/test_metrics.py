@@ -44,3 +44,13 @@ def test_unrouted_services_share_one_label_and_allows_have_no_reasons() -> None:
         == 1
     )
     assert _value(registry, "ztagent_attestations_total", {"result": "verified", "code": ""}) == 1
+
+
+def test_decision_log_lost_follows_the_writers_total() -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, ["a.v1.S"])
+    assert _value(registry, "ztagent_decision_log_lost_total", {}) == 0
+    metrics.decision_log_lost(3)
+    metrics.decision_log_lost(3)  # reported again by the next health round: no change
+    metrics.decision_log_lost(5)
+    assert _value(registry, "ztagent_decision_log_lost_total", {}) == 5
