@@ -166,6 +166,13 @@ class Faults:
         self.tokens.refresh()
         self._event(FaultEvent(time.time(), "jwks_in_use"))
 
+    def clock_step(self, seconds: float) -> None:
+        """The issuer's clock steps against the node's, within ``tokens.leeway_s``: tokens are
+        minted ``seconds`` in the future (nbf/iat ahead of the sidecar) or in the past."""
+        self.tokens.skew_s = seconds
+        self.tokens.refresh()
+        self._event(FaultEvent(time.time(), "clock_step", detail=f"{seconds:+.0f} s"))
+
     def crl_resign(self) -> None:
         ca_store.write_crl(self.stack.ca_dir)
         self._event(FaultEvent(time.time(), "crl_resign"))
@@ -231,14 +238,17 @@ class Faults:
             ("renew soak-file (new key)", lambda: self.renew("soak-file")),
             ("server certificate rotation", self.server_rotate),
             ("CRL re-signed", self.crl_resign),
+            ("issuer clock +20 s", lambda: self.clock_step(20)),
             ("decision log disk full", self.disk_full),
             ("decision log disk ok", self.disk_ok),
             ("CA down", self.ca_down),
             ("revoke a victim while the CA is down", self.revoke),
             ("CA up", self.ca_up),
             ("storage workload restart", self.workload_restart),
+            ("issuer clock -20 s", lambda: self.clock_step(-20)),
             ("renew soak-hsm (PKCS#11 key)", lambda: self.renew("soak-hsm")),
             ("renew soak-tpm (TPM key)", lambda: self.renew("soak-tpm")),
+            ("issuer clock back in step", lambda: self.clock_step(0)),
         ]
 
     def _run(self, until: float) -> None:

@@ -80,6 +80,7 @@ class Sample:
     rss_bytes: int
     fds: int
     threads: int
+    pid: int = 0
 
 
 @dataclass

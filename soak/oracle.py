@@ -44,7 +44,9 @@ ADMISSION_PREFIXES = (
 )  # fmt: skip
 """Codes of a refusal by admission; any other code (``not_found`` from the storage workload,
 ``shutting_down`` from a draining worker) came after the call was admitted."""
-TOKEN_CODES = frozenset({"token_kid_unknown", "token_bad_signature", "token_expired"})
+TOKEN_CODES = frozenset(
+    {"token_kid_unknown", "token_bad_signature", "token_expired", "token_not_yet_valid"}
+)
 
 WRONG_DECISION_KINDS = frozenset(
     {
@@ -176,10 +178,21 @@ def check(
         cid = line_call_id(line)
         if cid is not None:
             by_call[cid].append(line)
+    spans = {c.call_id: (c.t0, c.t1) for c in history.calls}
+
+    def when(line: Mapping[str, Any]) -> tuple[float, float]:
+        """When the line's call ran by the driver's clock (the one clock of calls and faults;
+        the sidecar's may be stepped), else the line's own time."""
+        cid = line_call_id(line)
+        if cid is not None and cid in spans:
+            return spans[cid]
+        t = line_time(line)
+        return t, t
+
     _outcomes(history, by_call, report)
     _tokens(history, bounds, report)
     _revocations(history, lines, bounds, report)
-    _revisions(history, lines, bounds, replay, report)
+    _revisions(history, lines, bounds, replay, report, when)
     _storage(history, report)
     for log in log_checks:
         if not log.ok:
@@ -327,6 +340,7 @@ def _revisions(
     bounds: Bounds,
     replay: Replay,
     report: OracleReport,
+    when: Callable[[Mapping[str, Any]], tuple[float, float]],
 ) -> None:
     publishes = sorted(
         (e for e in history.faults if e.kind in ("policy_publish", "policy_broken")),
@@ -341,7 +355,7 @@ def _revisions(
         if not policy_decided(line):
             continue
         revision = str(line.get("policy_revision"))
-        t = line_time(line)
+        t, t_end = when(line)
         where = f"line {line.get('decision_id')} at {t:.3f}"
         cid = line_call_id(line) or ""
         if revision in broken:
@@ -359,7 +373,7 @@ def _revisions(
             (order[e.revision] for e in good if e.t <= t - bounds.policy_s - _CLOCK_SKEW_S),
             default=-1,
         )
-        if order[revision] < newest_due or published > t + _CLOCK_SKEW_S:
+        if order[revision] < newest_due or published > t_end + _CLOCK_SKEW_S:
             report.violations.append(
                 Violation(
                     "stale_revision",

@@ -36,6 +36,9 @@ policy: one reload interval + load + slack."""
 RSS_GROWTH = (0.5, 48 << 20)
 """After warm-up, a process may grow its RSS by 50 % or 48 MiB, whichever is more."""
 FD_GROWTH, THREAD_GROWTH = 64, 32
+WARMUP_S = 120.0
+"""A process's first two minutes are warm-up (caches filling, the model loading)."""
+SAMPLE_EVERY_S = 30.0
 
 
 class Sampler:
@@ -58,7 +61,9 @@ class Sampler:
             try:
                 p = psutil.Process(pid)
                 with p.oneshot():
-                    sample = Sample(now, name, p.memory_info().rss, p.num_fds(), p.num_threads())
+                    sample = Sample(
+                        now, name, p.memory_info().rss, p.num_fds(), p.num_threads(), pid
+                    )
             except psutil.Error:
                 continue
             self.history.samples.append(sample)
@@ -77,31 +82,37 @@ class Sampler:
         self.sample()
 
 
-def _resources(history: History, warmup_until: float) -> tuple[list[str], list[str]]:
-    """(report rows, growth violations) per process name."""
+def _resources(history: History, warmup_s: float) -> tuple[list[str], list[str]]:
+    """(report rows, growth violations). One row per process name (a restarted worker or
+    workload continues its name's row); growth is judged per process lifetime (name + pid):
+    from its first sample at least ``warmup_s`` into its life to its last."""
     rows, growth = [], []
     names = sorted({s.process for s in history.samples})
     for name in names:
         samples = [s for s in history.samples if s.process == name]
-        warm = [s for s in samples if s.t >= warmup_until] or samples
         start, end = samples[0], samples[-1]
-        base = warm[0]
         rows.append(
             f"| {name} | {start.rss_bytes >> 20} / {max(s.rss_bytes for s in samples) >> 20} / "
             f"{end.rss_bytes >> 20} | {start.fds} / {max(s.fds for s in samples)} / {end.fds} | "
-            f"{start.threads} / {max(s.threads for s in samples)} / {end.threads} |"
+            f"{start.threads} / {max(s.threads for s in samples)} / {end.threads} | "
+            f"{len({s.pid for s in samples})} |"
         )
-        if name.startswith("sidecar-worker") or len(warm) < 3:
-            continue  # a worker index is a different process after a SIGKILL
-        limit = max(base.rss_bytes * (1 + RSS_GROWTH[0]), base.rss_bytes + RSS_GROWTH[1])
-        if end.rss_bytes > limit:
-            growth.append(
-                f"{name}: RSS {base.rss_bytes >> 20} MiB after warm-up -> {end.rss_bytes >> 20}"
-            )
-        if end.fds > base.fds + FD_GROWTH:
-            growth.append(f"{name}: fds {base.fds} -> {end.fds}")
-        if end.threads > base.threads + THREAD_GROWTH:
-            growth.append(f"{name}: threads {base.threads} -> {end.threads}")
+        for pid in sorted({s.pid for s in samples}):
+            life = [s for s in samples if s.pid == pid]
+            warm = [s for s in life if s.t >= life[0].t + warmup_s]
+            if len(warm) < 2:
+                continue  # too short a life to tell warm-up from growth
+            base, last = warm[0], warm[-1]
+            limit = max(base.rss_bytes * (1 + RSS_GROWTH[0]), base.rss_bytes + RSS_GROWTH[1])
+            if last.rss_bytes > limit:
+                growth.append(
+                    f"{name} (pid {pid}): RSS {base.rss_bytes >> 20} MiB after warm-up -> "
+                    f"{last.rss_bytes >> 20} MiB"
+                )
+            if last.fds > base.fds + FD_GROWTH:
+                growth.append(f"{name} (pid {pid}): fds {base.fds} -> {last.fds}")
+            if last.threads > base.threads + THREAD_GROWTH:
+                growth.append(f"{name} (pid {pid}): threads {base.threads} -> {last.threads}")
     return rows, growth
 
 
@@ -220,8 +231,8 @@ def render(
         out.append("faults that could not be made: " + "; ".join(fault_errors))
     out += [
         "",
-        "| process | RSS MiB start / max / end | fds | threads |",
-        "|---|---|---|---|",
+        "| process | RSS MiB start / max / end | fds | threads | processes |",
+        "|---|---|---|---|---|",
         *resources,
     ]
     problems = [f"{v.kind}: {v.message}" for v in report.violations] + growth
@@ -244,7 +255,7 @@ def run(seconds: float, gap_s: float | None, root: Path) -> tuple[int, str]:
         traffic = Traffic(stack, history, tokens)
         gap = gap_s if gap_s is not None else max(2.0, min(10.0, seconds / 60))
         faults = Faults(stack, history, traffic, tokens, gap, holder["policies"])
-        sampler = Sampler(stack, history, every_s=60 if seconds >= 600 else 5)
+        sampler = Sampler(stack, history, every_s=SAMPLE_EVERY_S if seconds >= 600 else 5)
         history.started = time.time()
         sampler.start()
         traffic.start()
@@ -277,7 +288,7 @@ def run(seconds: float, gap_s: float | None, root: Path) -> tuple[int, str]:
             counted_lost=counted,
             log_checks=_verify_logs(stack, faults.server_certs),
         )
-        rows, growth = _resources(history, history.started + min(120.0, seconds / 5))
+        rows, growth = _resources(history, min(WARMUP_S, seconds / 5))
         text = render(
             report,
             seconds=history.ended - history.started,

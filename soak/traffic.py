@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 import grpc
 
@@ -48,11 +49,14 @@ class Tokens:
         self._lock = threading.Lock()
         self._tokens: dict[str, str] = {}
         self._minted = 0.0
+        self.skew_s = 0.0
+        """The issuer's clock against the node's (a clock step within ``tokens.leeway_s``)."""
         self.refresh()
 
     def refresh(self) -> None:
+        now = datetime.now(UTC) + timedelta(seconds=self.skew_s)
         fresh = {
-            user: mint_token(self._stack.ca_dir, sub=user, ttl_s=1800, **claims)  # type: ignore[arg-type]
+            user: mint_token(self._stack.ca_dir, sub=user, ttl_s=1800, now=now, **claims)  # type: ignore[arg-type]
             for user, claims in self.USERS.items()
         }
         fresh["forged"] = _forge(fresh["alice"])
