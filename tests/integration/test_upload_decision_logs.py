@@ -29,6 +29,7 @@ from ztagent.errors import TransportError
 from ztagent.policy.decision_log import DecisionLog
 from ztagent.policy.decision_record import GENESIS_PREV, DecisionRecord
 from ztagent.policy.log_checkpoint import CheckpointSigner
+from ztagent.policy.log_verify import log_files
 from ztagent.upload.decision_logs import DecisionLogShipper, ShipperSettings
 
 pytestmark = pytest.mark.integration
@@ -219,6 +220,43 @@ def test_lines_rotated_away_before_upload_are_reported_as_a_gap(
     # what remained on disk after the gap arrived, complete and chained
     tail = collector.lines()[-len(path.read_text().splitlines()) :]
     assert tail == path.read_text().splitlines() and _chained(tail)
+
+
+def test_after_the_first_batch_only_new_lines_are_read_across_rotations(
+    collector: Collector, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shipper keeps the acknowledged line's place (file, byte range): a poll reads on
+    from there, it does not scan and hash the whole retained log. Rotations in between and a
+    cursor changed behind its back (another shipper) still deliver every line once, in
+    order."""
+    from ztagent.upload import decision_logs
+
+    path = tmp_path / "decisions.jsonl"
+    kw = {"max_bytes": 20_000, "backups": 20}
+    _write(path, 0, 100, **kw)
+    shipper = DecisionLogShipper(path, _settings(collector))
+    _drain(shipper)
+    hashed: list[bytes] = []
+    real = decision_logs.line_sha256
+    monkeypatch.setattr(decision_logs, "line_sha256", lambda b: hashed.append(b) or real(b))
+    _write(path, 100, 3, **kw)
+    _drain(shipper)
+    assert len(hashed) <= 4  # the place checked, the new batch acknowledged: no scan
+    _write(path, 103, 150, **kw)  # rotates the shipped place along, several times
+    _drain(shipper)
+    assert len(hashed) < 40
+    on_disk = [line for f in log_files(path) for line in f.read_text().splitlines()]
+    assert len(log_files(path)) > 5
+    assert collector.lines() == on_disk  # every line once, in order, no gap
+    assert not [e for e in collector.events if "gap" in e["ztagent"]]  # type: ignore[operator]
+    # a cursor moved by someone else: the shipper finds it again by scanning, once
+    lines = path.read_text().splitlines()
+    (path.with_name(path.name + ".shipped")).write_text(
+        json.dumps({"last_sha256": hashlib.sha256(lines[-5].encode()).hexdigest()})
+    )
+    before = len(collector.lines())
+    _drain(shipper)
+    assert collector.lines()[before:] == lines[-4:]
 
 
 def test_ztagent_ship_killed_mid_batch_and_restarted_loses_nothing(

@@ -28,6 +28,7 @@ import contextlib
 import gzip
 import json
 import logging
+import os
 import socket
 import ssl
 import time
@@ -93,14 +94,57 @@ def _cursor_path(log_path: Path) -> Path:
     return log_path.with_name(log_path.name + CURSOR_SUFFIX)
 
 
-def _lines(path: Path) -> Iterator[bytes]:
+@dataclass(frozen=True)
+class _Line:
+    data: bytes
+    """Without its newline."""
+    inode: int
+    end: int
+    """The file offset just after its newline."""
+
+
+@dataclass(frozen=True)
+class _Position:
+    """Where the acknowledged line (the cursor) is: its file and byte range, so the next
+    batch is read from there instead of scanning and hashing the whole retained log."""
+
+    inode: int
+    start: int
+    end: int
+    sha256: str
+
+    @classmethod
+    def of(cls, line: _Line, sha256: str) -> _Position:
+        return cls(line.inode, line.end - len(line.data) - 1, line.end, sha256)
+
+
+def _lines(path: Path, offset: int = 0) -> Iterator[_Line]:
     try:
         with path.open("rb") as f:
+            inode = os.fstat(f.fileno()).st_ino
+            f.seek(offset)
+            end = offset
             for raw in f:
-                if raw.endswith(b"\n"):  # a partial last line is still being written
-                    yield raw[:-1]
+                if not raw.endswith(b"\n"):  # a partial last line is still being written
+                    return
+                end += len(raw)
+                yield _Line(raw[:-1], inode, end)
     except FileNotFoundError:
         return
+
+
+def _line_at(path: Path, position: _Position) -> bool:
+    """Whether ``path`` is the file of ``position`` and holds the acknowledged line there
+    (an inode can be reused by a later file: the bytes are checked too)."""
+    try:
+        with path.open("rb") as f:
+            if os.fstat(f.fileno()).st_ino != position.inode:
+                return False
+            f.seek(position.start)
+            raw = f.read(position.end - position.start)
+    except FileNotFoundError:
+        return False
+    return raw.endswith(b"\n") and line_sha256(raw[:-1]) == position.sha256
 
 
 def _timestamp(doc: dict[str, Any]) -> str:
@@ -159,6 +203,7 @@ class DecisionLogShipper:
         if settings.url.startswith("https://"):
             self._tls_setup(settings)
         self._first_pending: float | None = None
+        self._position: _Position | None = None
 
     def _tls_setup(self, settings: ShipperSettings) -> None:
         """Python's ``ssl`` for a key file; a PKCS#11 or TPM key (``upload.client_key`` is
@@ -213,13 +258,26 @@ class DecisionLogShipper:
     def pending(self) -> tuple[list[bytes], int]:
         """Lines after the cursor, oldest first, and how many were lost before them
         (-1: the cursor's line is gone and the count is unknown; 0: none lost)."""
+        lines, lost = self._pending()
+        return [line.data for line in lines], lost
+
+    def _pending(self) -> tuple[list[_Line], int]:
         cursor = self.cursor()
-        lines = [line for path in log_files(self.log_path) for line in _lines(path)]
+        files = log_files(self.log_path)
+        position = self._position
+        if position is not None and position.sha256 == cursor:
+            # the common case: read on from the acknowledged line, O(new lines)
+            for i, path in enumerate(files):
+                if _line_at(path, position):
+                    after = list(_lines(path, position.end))
+                    return after + [line for later in files[i + 1 :] for line in _lines(later)], 0
+        lines = [line for path in files for line in _lines(path)]
         if cursor == GENESIS_PREV:
-            first_prev = json.loads(lines[0]).get("prev_sha256") if lines else GENESIS_PREV
+            first_prev = json.loads(lines[0].data).get("prev_sha256") if lines else GENESIS_PREV
             return lines, 0 if first_prev == GENESIS_PREV else -1
-        for i, line in enumerate(lines):
-            if line_sha256(line) == cursor:
+        for i, line in enumerate(lines):  # a first batch after a start: find the cursor once
+            if line_sha256(line.data) == cursor:
+                self._position = _Position.of(line, cursor)
                 return lines[i + 1 :], 0
         # the acknowledged line was rotated away, and possibly more after it
         return lines, -1
@@ -270,7 +328,8 @@ class DecisionLogShipper:
         """Send one batch if one is due (full, or its oldest line older than
         ``batch_max_age_s``, or ``force``); return the lines acknowledged (0: nothing due or
         the POST failed — then ``TransportError`` is raised)."""
-        lines, lost = self.pending()
+        entries, lost = self._pending()
+        lines = [entry.data for entry in entries]
         self.stats.pending_lines = len(lines)
         self.stats.pending_bytes = sum(len(line) + 1 for line in lines)
         if not lines and lost == 0:
@@ -311,6 +370,8 @@ class DecisionLogShipper:
             log.warning("decision-log upload: lines were rotated away before upload (gap sent)")
         last = line_sha256(batch[-1]) if batch else self.cursor()
         self._save_cursor(last)
+        if batch:
+            self._position = _Position.of(entries[len(batch) - 1], last)
         self.stats.delivered += len(batch)
         self.stats.batches += 1
         self._first_pending = None if len(batch) == len(lines) else now
