@@ -29,6 +29,7 @@ BASE = {
     "ztagent.failure_log",
     "ztagent.pkcs11_keys",
     "ztagent.logs",
+    "ztagent.randomness",
 }
 """``pkcs11_keys`` is base so that ``device/`` (key stores) and ``ca/`` (a token-held issuing
 key) share one PKCS#11 session registry without importing each other."""

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
 
+from ztagent import randomness
 from ztagent.timefmt import rfc3339
 
 GENESIS_PREV: Final = "0" * 64
@@ -39,38 +38,10 @@ def line_sha256(line: bytes) -> str:
     return hashlib.sha256(line).hexdigest()
 
 
-class _RandomPool:
-    """``os.urandom`` read 4 KiB at a time and handed out in slices: one system call per
-    400 ids instead of one per id (a call that releases the GIL, on the request path, let the
-    log writer take it for the rest of its batch)."""
-
-    def __init__(self, chunk: int = 4000) -> None:
-        self._chunk = chunk
-        self._buf = b""
-        self._pos = 0
-        self._lock = threading.Lock()
-
-    def take(self, n: int) -> bytes:
-        with self._lock:
-            if self._pos + n > len(self._buf):
-                self._buf, self._pos = os.urandom(max(self._chunk, n)), 0
-            out = self._buf[self._pos : self._pos + n]
-            self._pos += n
-            return out
-
-    def reset(self) -> None:
-        """A forked child must not hand out the ids its parent will."""
-        self._buf, self._pos, self._lock = b"", 0, threading.Lock()
-
-
-_POOL = _RandomPool()
-os.register_at_fork(after_in_child=_POOL.reset)
-
-
 def new_decision_id(now: datetime) -> str:
     """A 32-hex-character id that sorts by time: 48-bit Unix milliseconds, 80 random bits."""
     ms = int(now.timestamp() * 1000) & 0xFFFF_FFFF_FFFF
-    return f"{ms:012x}{_POOL.take(10).hex()}"
+    return f"{ms:012x}{randomness.take(10).hex()}"
 
 
 def format_time(t: datetime) -> str:

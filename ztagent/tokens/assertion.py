@@ -37,7 +37,6 @@ import base64
 import json
 import os
 import re
-import secrets
 import threading
 import time
 from collections import OrderedDict
@@ -56,6 +55,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
+from ztagent import randomness
 from ztagent.errors import VerificationError
 from ztagent.files import KEY_MODE, PUBLIC_MODE, refuse_symlink, write_atomic
 
@@ -196,7 +196,7 @@ class AssertionSigner:
             "did": decision_id,
             "iat": now,
             "exp": now + self._lifetime,
-            "jti": _b64(secrets.token_bytes(16)),
+            "jti": _b64(randomness.take(16)),
         }
         if user is not None:
             claims["user"] = user
