@@ -142,7 +142,8 @@ def _verify_logs(stack: Stack, keys: Sequence[Path]) -> list[LogCheck]:
             args += ["--key", str(key)]
         done = subprocess.run(args, capture_output=True, text=True, timeout=300)
         text = (done.stdout + done.stderr).strip().replace("\n", " / ")
-        checks.append(LogCheck(head.name, done.returncode == 0, text[:600]))
+        text = re.sub(r" \((/[^)]*)\)", lambda m: f" ({m[1].count(',') + 1} files)", text)
+        checks.append(LogCheck(head.name, done.returncode == 0, re.sub(r"\s+", " ", text)[:600]))
     return checks
 
 
