@@ -19,6 +19,7 @@ import os
 import queue
 import stat
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -29,6 +30,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ztagent.errors import ConfigError
+from ztagent.policy import decision_log
 from ztagent.policy.decision_log import DecisionLog, DecisionLogError, LogStats, NullDecisionLog
 from ztagent.policy.decision_record import (
     GENESIS_PREV,
@@ -562,6 +564,27 @@ def test_records_lost_to_failed_writes_are_counted_and_the_recovery_gives_the_to
     assert "3 records lost" in messages[0]
     assert "again; 4 records lost since start" in messages[-1]
     assert DecisionLog(log_path).stats.lost == 0
+
+
+def test_a_failing_linger_sleep_does_not_end_the_writer(
+    log_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # what libfaketime (FAKETIME_DONT_FAKE_MONOTONIC=1) does to every time.sleep
+    def sleep(seconds: float) -> None:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(decision_log.time, "sleep", sleep)
+    log = DecisionLog(log_path)
+    log.submit(record(0))
+    log.submit(record(1))  # a batch of two: the writer lingers after it
+    log.start()
+    deadline = time.monotonic() + 5
+    while log.stats.written < 2 and time.monotonic() < deadline:
+        threading.Event().wait(0.01)
+    log.submit(record(2))
+    assert log.close()
+    assert log.stats.written == 3
+    assert len(lines_of(log_path)) == 3
 
 
 def test_partial_write_keeps_whole_lines_and_the_chain(log_path: Path) -> None:
