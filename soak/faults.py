@@ -115,8 +115,7 @@ class Faults:
             name = f"soak-victim-{self._victims}"
             enroll_device(self.stack, name)
             self._pending.append(name)
-            with self.traffic._lock:
-                self.traffic.victims.append(name)
+            self.traffic.add_victim(name)
             self._event(FaultEvent(time.time(), "enroll", device=name))
 
     def revoke(self) -> None:

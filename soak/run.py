@@ -23,7 +23,7 @@ from typing import Any
 
 from soak.faults import Faults, Policies
 from soak.history import History, Sample
-from soak.oracle import Bounds, LogCheck, OracleReport, check, percentiles
+from soak.oracle import Bounds, LogCheck, OracleReport, Replay, check, percentiles
 from soak.stack import REFRESH_S, WORKERS, Stack, running_stack
 from soak.traffic import Tokens, Traffic
 from ztagent.policy.authoring import replay
@@ -173,7 +173,7 @@ def _counted_lost(stack: Stack, metrics: str) -> tuple[int, str]:
     return counted, f"{dropped} dropped, {lost} lost to failed writes ({logged} in its log)"
 
 
-def _replayer(faults: Faults, work: Path) -> Any:
+def _replayer(faults: Faults, work: Path) -> Replay:
     def run(revision: str, lines: Sequence[Mapping[str, Any]]) -> list[str]:
         path = work / f"replay-{revision}.jsonl"
         with path.open("w", encoding="utf-8") as out:

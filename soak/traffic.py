@@ -290,7 +290,7 @@ class Traffic:
         elif roll < 0.50:
             self.watch(writer, "bob")
         elif roll < 0.56:
-            self.unary(self._predict_device(rng), "carol", f"/{INFERENCE}/Predict",
+            self.unary(writer, "carol", f"/{INFERENCE}/Predict",
                        self._predict_request())  # fmt: skip
         elif roll < 0.60:
             self.predict_stream(writer)
@@ -311,8 +311,9 @@ class Traffic:
             if victims:
                 self.unary(self.stack.devices[rng.choice(victims)], "bob", f"/{STORAGE}/Get", get)
 
-    def _predict_device(self, rng: random.Random) -> Device:
-        return rng.choice(self._writers())
+    def add_victim(self, name: str) -> None:
+        with self._lock:
+            self.victims.append(name)
 
     def _loop(self, seed: int, pause_s: float) -> None:
         rng = random.Random(seed)  # noqa: S311
