@@ -37,7 +37,8 @@ RSS_GROWTH = (0.5, 48 << 20)
 """After warm-up, a process may grow its RSS by 50 % or 48 MiB, whichever is more."""
 FD_GROWTH, THREAD_GROWTH = 64, 32
 WARMUP_S = 120.0
-"""A process's first two minutes are warm-up (caches filling, the model loading)."""
+"""A process's first two minutes are warm-up (caches filling, the model loading): a run or a
+process life shorter than that plus two samples is reported, not judged."""
 SAMPLE_EVERY_S = 30.0
 
 
@@ -289,7 +290,7 @@ def run(seconds: float, gap_s: float | None, root: Path) -> tuple[int, str]:
             counted_lost=counted,
             log_checks=_verify_logs(stack, faults.server_certs),
         )
-        rows, growth = _resources(history, min(WARMUP_S, seconds / 5))
+        rows, growth = _resources(history, WARMUP_S)
         text = render(
             report,
             seconds=history.ended - history.started,

@@ -97,6 +97,7 @@ class Traffic:
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._channels: dict[tuple[str, int], grpc.Channel] = {}
+        self._retired: list[grpc.Channel] = []
         self._stop = threading.Event()
         self._rng = random.Random(seed)  # noqa: S311 (test traffic, not secrets)
         self._roots = stack.bundle.read_bytes()
@@ -116,9 +117,11 @@ class Traffic:
             creds = device_credentials(device.cert, self._roots, pin)
         channel = grpc.secure_channel(self.stack.sidecar_address, creds)
         with self._lock:
-            old = [k for k in self._channels if k[0] == device.name]
-            for k in old:
-                self._channels.pop(k).close()
+            # a renewed device's older channel stays open (another thread may be calling on
+            # it) until close(); the server ends its idle connection at max_connection_age
+            self._retired += [
+                self._channels.pop(k) for k in list(self._channels) if k[0] == device.name
+            ]
             self._channels[key] = channel
         return channel
 
@@ -357,9 +360,10 @@ class Traffic:
 
     def close(self) -> None:
         with self._lock:
-            for channel in self._channels.values():
+            for channel in [*self._channels.values(), *self._retired]:
                 channel.close()
             self._channels.clear()
+            self._retired.clear()
 
 
 def _read(
