@@ -282,8 +282,8 @@ UPLOAD_DECISION_KEYS = (
 )  # fmt: skip
 UPLOAD_MQTT_KEYS = (
     "mqtt_url", "mqtt_ca_bundle", "mqtt_topic", "mqtt_client_id", "device_dir",
-    "storage_data_dir", "max_spool_records", "poll_interval_s", "retry_initial_s",
-    "retry_max_s",
+    "storage_data_dir", "max_spool_records", "max_spool_bytes", "poll_interval_s",
+    "retry_initial_s", "retry_max_s",
 )  # fmt: skip
 
 

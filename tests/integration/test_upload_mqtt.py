@@ -166,6 +166,7 @@ def wait_until(predicate: Any, timeout: float, what: str) -> None:
         ({"mqtt_topic": "a/+/{node}"}, "upload.mqtt_topic", "'\\+', '#'"),
         ({"max_spool_records": 0}, "upload.max_spool_records", "expected >= 1"),
         ({"max_spool_records": True}, "upload.max_spool_records", "expected an integer"),
+        ({"max_spool_bytes": 0}, "upload.max_spool_bytes", "expected >= 1"),
         ({"poll_interval_s": 60}, "upload.poll_interval_s", "at most 30"),
         ({"retry_max_s": 0.05}, "upload.retry_max_s", "at least upload.retry_initial_s"),
         ({"node_id": "a/b"}, "upload.node_id", "topic level"),
@@ -432,3 +433,25 @@ def test_a_client_without_a_certificate_is_refused_by_the_broker(
     identified.connect()
     assert identified.connected
     identified.close()
+
+
+def test_spool_limit_in_bytes_drops_the_oldest(pki: Pki, tmp_path: Path, caplog: Any) -> None:
+    """``upload.max_spool_bytes`` bounds the stored values too: with room for five records'
+    values and none for a sixth, the seven oldest of twelve go (and are counted)."""
+    store = Store.open(tmp_path / "storage")
+    put_records(store, "dev-a", "m", range(0, 12))
+    store.close()
+    size = len(json.dumps({"device_id": "dev-a", "decision_id": "d-dev-a-10", "model": "m"}))
+    dead = shipper_config(
+        pki, tmp_path, f"mqtts://127.0.0.1:{free_port()}", max_spool_bytes=5 * size + 2
+    )
+    assert dead.max_spool_bytes == 5 * size + 2
+    shipper = OutboxShipper.open(dead)
+    try:
+        with caplog.at_level(logging.WARNING), pytest.raises(MqttError, match="unreachable"):
+            shipper.ship_once()
+        stats = shipper.snapshot()
+    finally:
+        shipper.close()
+    assert (stats.dropped, stats.pending_records) == (7, 5)
+    assert "dropped the 7 oldest" in caplog.text

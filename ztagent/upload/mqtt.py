@@ -240,6 +240,7 @@ def parse_mqtt_config(table: Mapping[str, Any], base: Path) -> MqttShipperConfig
         node_id=node,
         client_id=client_id,
         max_spool_records=_int(table, "max_spool_records", DEFAULT_MAX_SPOOL_RECORDS, 1),
+        max_spool_bytes=_int(table, "max_spool_bytes", DEFAULT_MAX_SPOOL_BYTES, 1),
         poll_interval_s=_seconds(table, "poll_interval_s", 2.0, MAX_POLL_INTERVAL_S),
         retry_initial_s=retry_initial,
         retry_max_s=retry_max,
