@@ -45,6 +45,22 @@ decision := {"allow": false, "reasons": ["no_denied_method"], "headers": {}} if 
 """
 
 
+def _echo_service(
+    unary: Any, server_stream: Any, client_stream: Any, bidi: Any
+) -> grpc.GenericRpcHandler:
+    """The echo service's methods, one per RPC kind (aio or sync behaviours alike)."""
+    return grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "Unary": grpc.unary_unary_rpc_method_handler(unary),
+            "Denied": grpc.unary_unary_rpc_method_handler(unary),
+            "ServerStream": grpc.unary_stream_rpc_method_handler(server_stream),
+            "ClientStream": grpc.stream_unary_rpc_method_handler(client_stream),
+            "Bidi": grpc.stream_stream_rpc_method_handler(bidi),
+        },
+    )
+
+
 def _echo_handlers() -> grpc.GenericRpcHandler:
     """The echo service, answering with the admitted device (proxyless mode)."""
 
@@ -64,16 +80,7 @@ def _echo_handlers() -> grpc.GenericRpcHandler:
         async for r in requests:
             yield r + b"|" + admitted().method.encode()
 
-    return grpc.method_handlers_generic_handler(
-        SERVICE,
-        {
-            "Unary": grpc.unary_unary_rpc_method_handler(unary),
-            "Denied": grpc.unary_unary_rpc_method_handler(unary),
-            "ServerStream": grpc.unary_stream_rpc_method_handler(server_stream),
-            "ClientStream": grpc.stream_unary_rpc_method_handler(client_stream),
-            "Bidi": grpc.stream_stream_rpc_method_handler(bidi),
-        },
-    )
+    return _echo_service(unary, server_stream, client_stream, bidi)
 
 
 def _sync_echo_handlers() -> grpc.GenericRpcHandler:
@@ -93,16 +100,7 @@ def _sync_echo_handlers() -> grpc.GenericRpcHandler:
         for r in requests:
             yield r + b"|" + admitted().method.encode()
 
-    return grpc.method_handlers_generic_handler(
-        SERVICE,
-        {
-            "Unary": grpc.unary_unary_rpc_method_handler(unary),
-            "Denied": grpc.unary_unary_rpc_method_handler(unary),
-            "ServerStream": grpc.unary_stream_rpc_method_handler(server_stream),
-            "ClientStream": grpc.stream_unary_rpc_method_handler(client_stream),
-            "Bidi": grpc.stream_stream_rpc_method_handler(bidi),
-        },
-    )
+    return _echo_service(unary, server_stream, client_stream, bidi)
 
 
 class _Started:

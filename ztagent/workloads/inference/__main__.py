@@ -11,6 +11,7 @@ import asyncio
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from ztagent.errors import ZtagentError, exit_code_for
 from ztagent.workloads.identity import add_trust_arguments
@@ -84,35 +85,26 @@ def run(args: argparse.Namespace) -> None:
     require_torch()
     from ztagent.workloads.inference.server import run_inference, run_inference_protected
 
+    served: dict[str, Any] = {
+        "storage_target": args.storage,
+        "confidence_threshold": args.confidence_threshold,
+        "max_batch": args.max_batch,
+        "max_wait_ms": args.max_wait_ms,
+        "threads": args.threads,
+        "model_keys": args.model_keys,
+        "assertion_key": args.assertion_key,
+    }
     if args.protect is not None:  # proxyless: its own mTLS port and admission
-        asyncio.run(
-            run_inference_protected(
-                args.protect,
-                args.models,
-                listen=args.listen,
-                storage_target=args.storage,
-                confidence_threshold=args.confidence_threshold,
-                max_batch=args.max_batch,
-                max_wait_ms=args.max_wait_ms,
-                threads=args.threads,
-                model_keys=args.model_keys,
-                assertion_key=args.assertion_key,
-            )
-        )
+        protected = run_inference_protected(args.protect, args.models, listen=args.listen, **served)
+        asyncio.run(protected)
         return
     asyncio.run(
         run_inference(
             args.listen,
             args.models,
-            storage_target=args.storage,
-            confidence_threshold=args.confidence_threshold,
-            max_batch=args.max_batch,
-            max_wait_ms=args.max_wait_ms,
-            threads=args.threads,
-            model_keys=args.model_keys,
             trust_keys=args.trust_key,
             socket_group=args.socket_group,
-            assertion_key=args.assertion_key,
+            **served,
         )
     )
 
