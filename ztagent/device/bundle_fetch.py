@@ -49,6 +49,7 @@ from ztagent.device.keystore_tls import (
     KeystoreHTTPSHandler,
     KeystoreTlsClient,
     client_key_source,
+    keystore_client,
 )
 from ztagent.device.keystores import resolve_pin
 from ztagent.errors import ConfigError, TransportError, ZtagentError
@@ -134,18 +135,7 @@ class BundleFetcher:
         if not isinstance(source, DeviceIdentity):
             self._context = self._ssl_context(ca_bundle, (cert, source))
             return
-        if ca_bundle is None:
-            raise ConfigError(
-                "policy.bundle_ca_bundle",
-                "is required with a PKCS#11 or TPM client key (the server is checked "
-                "against it, not the system trust store)",
-            )
-        try:
-            self._keystore = KeystoreTlsClient(ca_bundle.read_bytes(), source)
-        except OSError as exc:
-            raise ConfigError("policy.bundle_ca_bundle", f"{ca_bundle}: {exc.strerror}") from None
-        except ConfigError as err:
-            raise ConfigError("policy.bundle_ca_bundle", f"{ca_bundle}: {err.message}") from None
+        self._keystore = keystore_client(ca_bundle, source, ca_key="policy.bundle_ca_bundle")
 
     @staticmethod
     def _ssl_context(

@@ -396,6 +396,26 @@ def after_handshake_refusal(alert: TLSRemoteAlert) -> TlsError:
 # --- connecting ------------------------------------------------------------------------------
 
 
+def keystore_client(
+    ca_bundle: Path | None, identity: DeviceIdentity, *, ca_key: str
+) -> KeystoreTlsClient:
+    """The client presenting ``identity``, its servers checked against ``ca_bundle``: required,
+    since a key-store identity's servers are never checked against the system trust store.
+    ``ConfigError`` naming ``ca_key``."""
+    if ca_bundle is None:
+        raise ConfigError(
+            ca_key,
+            "is required with a PKCS#11 or TPM client key (the server is checked against it, "
+            "not the system trust store)",
+        )
+    try:
+        return KeystoreTlsClient(ca_bundle.read_bytes(), identity)
+    except OSError as exc:
+        raise ConfigError(ca_key, f"{ca_bundle}: {exc.strerror}") from None
+    except ConfigError as err:
+        raise ConfigError(ca_key, f"{ca_bundle}: {err.message}") from None
+
+
 class KeystoreTlsClient:
     """Opens TLS 1.3 connections presenting ``identity``, the server checked against
     ``ca_bundle_pem`` (PEM certificates: roots, optionally intermediates)."""

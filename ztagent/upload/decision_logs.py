@@ -45,6 +45,7 @@ from ztagent.device.keystore_tls import (
     KeystoreHTTPSHandler,
     KeystoreTlsClient,
     client_key_source,
+    keystore_client,
 )
 from ztagent.device.keystores import resolve_pin
 from ztagent.errors import ConfigError, TransportError
@@ -215,21 +216,9 @@ class DecisionLogShipper:
                 cert, key, key_name="upload.client_key", pin=resolve_pin(None)
             )
         if isinstance(source, DeviceIdentity):
-            bundle = settings.ca_bundle
-            if bundle is None:
-                raise ConfigError(
-                    "upload.decision_log_ca_bundle",
-                    "is required with a PKCS#11 or TPM client key (the collector is checked "
-                    "against it, not the system trust store)",
-                )
-            try:
-                self._keystore = KeystoreTlsClient(bundle.read_bytes(), source)
-            except OSError as exc:
-                raise ConfigError(
-                    "upload.decision_log_ca_bundle", f"{bundle}: {exc.strerror}"
-                ) from None
-            except ConfigError as err:
-                raise ConfigError("upload.decision_log_ca_bundle", err.message) from None
+            self._keystore = keystore_client(
+                settings.ca_bundle, source, ca_key="upload.decision_log_ca_bundle"
+            )
             return
         try:
             self._context = ssl.create_default_context(

@@ -56,7 +56,12 @@ from ztagent.device.device_dir import (
     load_device_dir,
 )
 from ztagent.device.errors import EnrollClientError
-from ztagent.device.keystore_tls import DeviceIdentity, KeystoreTlsClient, client_key_source
+from ztagent.device.keystore_tls import (
+    DeviceIdentity,
+    KeystoreTlsClient,
+    client_key_source,
+    keystore_client,
+)
 from ztagent.device.keystores import resolve_pin
 from ztagent.errors import ConfigError, ZtagentError, exit_code_for
 from ztagent.failure_log import FailureLog
@@ -281,16 +286,7 @@ def tls_context(config: MqttShipperConfig) -> ssl.SSLContext | KeystoreTlsClient
         pin=resolve_pin(None),
     )
     if isinstance(source, DeviceIdentity):
-        try:
-            return KeystoreTlsClient(config.ca_bundle.read_bytes(), source)
-        except OSError as exc:
-            raise ConfigError(
-                "upload.mqtt_ca_bundle", f"{config.ca_bundle}: {exc.strerror}"
-            ) from None
-        except ConfigError as err:
-            raise ConfigError(
-                "upload.mqtt_ca_bundle", f"{config.ca_bundle}: {err.message}"
-            ) from None
+        return keystore_client(config.ca_bundle, source, ca_key="upload.mqtt_ca_bundle")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     try:
