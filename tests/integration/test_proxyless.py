@@ -203,17 +203,20 @@ async def test_handlers_read_the_admitted_caller_for_every_rpc_kind(
         yield b"a"
         yield b"b"
 
-    async with _Started(mode, config) as guard:
-        async with channel(pki, guard.port, pki.mint("cam-7")) as ch:
-            m = f"/{SERVICE}/"
-            assert await ch.unary_unary(m + "Unary")(b"x", metadata=forged, timeout=5) == b"x|cam-7"
-            got = [r async for r in ch.unary_stream(m + "ServerStream")(b"", timeout=5)]
-            assert got == [b"cam-7"] * 3
-            assert await ch.stream_unary(m + "ClientStream")(two(), timeout=5) == b"ab|cam-7"
-            bidi = [r async for r in ch.stream_stream(m + "Bidi")(two(), timeout=5)]
-            assert bidi == [b"a|/test.v1.Echo/Bidi", b"b|/test.v1.Echo/Bidi"]
-        lines = (pki.layout.dir.parent / "decisions.jsonl").read_text().splitlines()
-        assert len([line for line in lines if '"cam-7"' in line]) >= 4  # logged like the sidecar's
+    async with (
+        _Started(mode, config) as guard,
+        channel(pki, guard.port, pki.mint("cam-7")) as ch,
+    ):
+        m = f"/{SERVICE}/"
+        assert await ch.unary_unary(m + "Unary")(b"x", metadata=forged, timeout=5) == b"x|cam-7"
+        got = [r async for r in ch.unary_stream(m + "ServerStream")(b"", timeout=5)]
+        assert got == [b"cam-7"] * 3
+        assert await ch.stream_unary(m + "ClientStream")(two(), timeout=5) == b"ab|cam-7"
+        bidi = [r async for r in ch.stream_stream(m + "Bidi")(two(), timeout=5)]
+        assert bidi == [b"a|/test.v1.Echo/Bidi", b"b|/test.v1.Echo/Bidi"]
+    # read once stopped: stop drains the decision-log writer, which may still be lingering
+    lines = (pki.layout.dir.parent / "decisions.jsonl").read_text().splitlines()
+    assert len([line for line in lines if '"cam-7"' in line]) >= 4  # logged like the sidecar's
     with pytest.raises(NotAdmittedError):
         admitted()  # outside a call
 
