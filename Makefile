@@ -66,7 +66,7 @@ bench: $(VENV)/.installed certs-dev/root-ca.pem
 
 # Soak (not part of `make test`): the whole stack for SOAK_S seconds (default 3600) under mixed
 # traffic and a fault schedule, checked by an oracle; exit 1 on a wrong decision, a loss or a
-# leak. Report printed and written to soak/last-run.md. See README "Soak".
+# leak. Report printed and written to bench/soak.md. See README "Reliability".
 SOAK_S ?= 3600
 soak: $(VENV)/.installed
-	SOAK_S=$(SOAK_S) $(PY) -m soak.run --out soak/last-run.md
+	SOAK_S=$(SOAK_S) $(PY) -m soak.run --out bench/soak.md

@@ -2,7 +2,7 @@
 oracle; prints the report, writes it (and the history) to ``--out``; exit 0 only when there is
 no wrong decision, nothing lost and no resource growth beyond the bounds.
 
-    python -m soak.run [--seconds N] [--gap S] [--out soak/last-run.md] [--keep DIR]
+    python -m soak.run [--seconds N] [--gap S] [--warmup S] [--out bench/soak.md] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -83,11 +84,11 @@ class Sampler:
         self.sample()
 
 
-def _resources(history: History, warmup_s: float) -> tuple[list[str], list[str]]:
-    """(report rows, growth violations). One row per process name (a restarted worker or
-    workload continues its name's row); growth is judged per process lifetime (name + pid):
-    from its first sample at least ``warmup_s`` into its life to its last."""
-    rows, growth = [], []
+def _resources(history: History, warmup_s: float) -> tuple[list[str], list[str], list[str]]:
+    """(report rows, growth violations, names judged). One row per process name (a restarted
+    worker or workload continues its name's row); growth is judged per process lifetime
+    (name + pid): from its first sample at least ``warmup_s`` into its life to its last."""
+    rows, growth, judged = [], [], []
     names = sorted({s.process for s in history.samples})
     for name in names:
         samples = [s for s in history.samples if s.process == name]
@@ -104,6 +105,7 @@ def _resources(history: History, warmup_s: float) -> tuple[list[str], list[str]]
             if len(warm) < 2:
                 continue  # too short a life to tell warm-up from growth
             base, last = warm[0], warm[-1]
+            judged.append(name)
             limit = max(base.rss_bytes * (1 + RSS_GROWTH[0]), base.rss_bytes + RSS_GROWTH[1])
             if last.rss_bytes > limit:
                 growth.append(
@@ -114,7 +116,7 @@ def _resources(history: History, warmup_s: float) -> tuple[list[str], list[str]]
                 growth.append(f"{name} (pid {pid}): fds {base.fds} -> {last.fds}")
             if last.threads > base.threads + THREAD_GROWTH:
                 growth.append(f"{name} (pid {pid}): threads {base.threads} -> {last.threads}")
-    return rows, growth
+    return rows, growth, sorted(set(judged))
 
 
 def _log_lines(stack: Stack) -> list[dict[str, Any]]:
@@ -201,6 +203,7 @@ def render(
     history: History,
     resources: list[str],
     growth: list[str],
+    judged: str,
     fault_errors: list[str],
     lost_note: str,
 ) -> str:
@@ -236,6 +239,8 @@ def render(
         "| process | RSS MiB start / max / end | fds | threads | processes |",
         "|---|---|---|---|---|",
         *resources,
+        "",
+        f"resource growth judged {judged}",
     ]
     problems = [f"{v.kind}: {v.message}" for v in report.violations] + growth
     out.append("")
@@ -244,7 +249,9 @@ def render(
     return "\n".join(out)
 
 
-def run(seconds: float, gap_s: float | None, root: Path) -> tuple[int, str]:
+def run(
+    seconds: float, gap_s: float | None, root: Path, warmup_s: float = WARMUP_S
+) -> tuple[int, str]:
     history = History()
     holder: dict[str, Policies] = {}
 
@@ -263,13 +270,15 @@ def run(seconds: float, gap_s: float | None, root: Path) -> tuple[int, str]:
         traffic.start()
         faults.start(until=history.started + seconds)
         try:
-            time.sleep(seconds)
+            try:
+                time.sleep(seconds)
+            finally:
+                faults.stop()
+                traffic.stop()
+            time.sleep(BOUNDS.revocation_s)  # the last revocation and policy have propagated
+            traffic.read_back()
         finally:
-            faults.stop()
-            traffic.stop()
-        time.sleep(BOUNDS.revocation_s)  # the last revocation and policy have propagated
-        traffic.read_back()
-        traffic.close()
+            traffic.close()  # its grpc channels' threads would otherwise keep a SIGTERM'd run
         history.ended = time.time()
         sampler.stop()
         try:
@@ -290,13 +299,14 @@ def run(seconds: float, gap_s: float | None, root: Path) -> tuple[int, str]:
             counted_lost=counted,
             log_checks=_verify_logs(stack, faults.server_certs),
         )
-        rows, growth = _resources(history, WARMUP_S)
+        rows, growth, judged = _resources(history, warmup_s)
         text = render(
             report,
             seconds=history.ended - history.started,
             history=history,
             resources=rows,
             growth=growth,
+            judged=f"after {warmup_s:.0f} s of each life: " + (", ".join(judged) or "none"),
             fault_errors=faults.errors,
             lost_note=lost_note,
         )
@@ -310,13 +320,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gap", type=float, default=None, help="seconds between fault steps")
     parser.add_argument("--out", type=Path, default=None, help="also write the report here")
     parser.add_argument("--keep", type=Path, default=None, help="state dir to keep (default tmp)")
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=WARMUP_S,
+        help="seconds of a process's life before its growth is judged",
+    )
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C: the stack's processes (sessions of their own) are stopped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     if args.keep is not None:
         args.keep.mkdir(parents=True, exist_ok=False)
-        code, text = run(args.seconds, args.gap, args.keep)
+        code, text = run(args.seconds, args.gap, args.keep, args.warmup)
     else:
         with tempfile.TemporaryDirectory(prefix="ztagent-soak-") as tmp:
-            code, text = run(args.seconds, args.gap, Path(tmp))
+            code, text = run(args.seconds, args.gap, Path(tmp), args.warmup)
     print(text)
     if args.out is not None:
         args.out.write_text(text + "\n")
