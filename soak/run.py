@@ -203,7 +203,8 @@ def render(
     history: History,
     resources: list[str],
     growth: list[str],
-    judged: str,
+    judged: list[str],
+    warmup_s: float,
     fault_errors: list[str],
     lost_note: str,
 ) -> str:
@@ -240,7 +241,8 @@ def render(
         "|---|---|---|---|---|",
         *resources,
         "",
-        f"resource growth judged {judged}",
+        f"resource growth judged after {warmup_s:.0f} s of each life: "
+        + (", ".join(judged) or "none"),
     ]
     problems = [f"{v.kind}: {v.message}" for v in report.violations] + growth
     out.append("")
@@ -306,7 +308,8 @@ def run(
             history=history,
             resources=rows,
             growth=growth,
-            judged=f"after {warmup_s:.0f} s of each life: " + (", ".join(judged) or "none"),
+            judged=judged,
+            warmup_s=warmup_s,
             fault_errors=faults.errors,
             lost_note=lost_note,
         )
