@@ -45,6 +45,27 @@ def test_defaults_and_relative_paths(tmp_path: Path) -> None:
     assert config.routes[0].timeout_s is None
 
 
+def test_the_decision_log_writer_is_a_process_unless_a_thread_is_asked_for(
+    tmp_path: Path,
+) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from ztagent.policy.decision_log import DecisionLog
+    from ztagent.sidecar.log_writer import ProcessDecisionLog
+    from ztagent.sidecar.server import build_decision_log
+
+    key = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    (tmp_path / "s.key").write_bytes(key)
+    default = load_config(write(tmp_path, BASE))
+    assert default.decision_log.writer == "process"
+    assert isinstance(build_decision_log(default), ProcessDecisionLog)
+    thread = load_config(write(tmp_path, BASE + "[decision_log]\nwriter = 'thread'\n"))
+    assert isinstance(build_decision_log(thread), DecisionLog)
+
+
 def test_listen_override(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, BASE), listen_address="127.0.0.1:0")
     assert config.listen.address == "127.0.0.1:0"
@@ -72,6 +93,7 @@ def test_listen_override(tmp_path: Path) -> None:
             ">= 0.05",
         ),
         ("[listen]\nworkers = 65\n", "listen.workers", "expected <= 64, got 65"),
+        ("[decision_log]\nwriter = 'fork'\n", "decision_log.writer", "process, thread"),
         ("[listen]\nworkers = 2.5\n", "listen.workers", "integer"),
         ("[identity]\ntrust_domain = 'Bad Domain'\n", "identity.trust_domain", "lowercase"),
         ("[identity]\nmax_cert_lifetime_days = 0\n", "identity.max_cert_lifetime_days", ">= 1"),

@@ -36,7 +36,7 @@ from ztagent.config import Config, FailureMode
 from ztagent.errors import DeniedError, TransportError, ZtagentError
 from ztagent.pki.errors import CertError
 from ztagent.pki.verify import DeviceChecker, VerifiedDevice
-from ztagent.policy.decision_log import DecisionLog, NullDecisionLog
+from ztagent.policy.decision_log import DecisionSink
 from ztagent.policy.decision_record import DecisionRecord, new_decision_id
 from ztagent.policy.embedded import serves_shadow
 from ztagent.policy.errors import PolicyError
@@ -154,7 +154,7 @@ class AdmissionCore:
         checker: DeviceChecker,
         engine: PolicyEngine,
         tokens: TokenVerifier | None,
-        decision_log: DecisionLog | NullDecisionLog,
+        decision_log: DecisionSink,
         clock: Clock = utc_now,
         *,
         posture_cache: PostureStore | None = None,

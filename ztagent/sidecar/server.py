@@ -42,6 +42,7 @@ from ztagent.policy.decision_log import DecisionLog, NullDecisionLog, worker_log
 from ztagent.policy.types import PolicyEngine
 from ztagent.sidecar.attestation import AttestationService, PostureState
 from ztagent.sidecar.health import IdentityCheckedHealth
+from ztagent.sidecar.log_writer import ProcessDecisionLog
 from ztagent.sidecar.metrics import Metrics, MetricsEndpoint
 from ztagent.sidecar.pipeline import Pipeline
 from ztagent.sidecar.proxy import ProxyHandler
@@ -141,7 +142,7 @@ class WorkerSlot:
 
 def build_decision_log(
     config: Config, worker: WorkerSlot | None = None
-) -> DecisionLog | NullDecisionLog:
+) -> DecisionLog | ProcessDecisionLog | NullDecisionLog:
     """The decision log; its checkpoints are signed with ``decision_log.checkpoint_key``, else
     with the sidecar's ``tls.server_key`` (read once, at start: verify checkpoints written
     before a key change with the certificate of the key then in use)."""
@@ -153,24 +154,27 @@ def build_decision_log(
     key_name = "decision_log.checkpoint_key" if dl.checkpoint_key else "tls.server_key"
     key_path = dl.checkpoint_key or config.tls.server_key
     try:
-        signer = CheckpointSigner.from_pem(key_path.read_bytes(), str(key_path))
+        pem = key_path.read_bytes()
+        signer = CheckpointSigner.from_pem(pem, str(key_path))
     except OSError as exc:
         raise ConfigError(key_name, f"{key_path}: {exc.strerror or exc}") from None
     except CheckpointError as err:
         raise ConfigError(
             key_name, f"cannot sign decision-log checkpoints: {err.message}"
         ) from None
-    return DecisionLog(
-        dl.path if worker is None else worker_log_path(dl.path, worker.index),
-        max_bytes=dl.max_bytes,
-        backups=dl.backups,
-        queue_size=dl.queue_size,
-        on_full=dl.on_full,
-        fsync=dl.fsync,
-        max_input_bytes=dl.max_input_bytes,
-        signer=signer,
-        checkpoint_every=dl.checkpoint_every,
-    )
+    path = dl.path if worker is None else worker_log_path(dl.path, worker.index)
+    settings: dict[str, Any] = {
+        "max_bytes": dl.max_bytes,
+        "backups": dl.backups,
+        "queue_size": dl.queue_size,
+        "on_full": dl.on_full,
+        "fsync": dl.fsync,
+        "max_input_bytes": dl.max_input_bytes,
+        "checkpoint_every": dl.checkpoint_every,
+    }
+    if dl.writer == "process":
+        return ProcessDecisionLog(path, signer_pem=pem, **settings)
+    return DecisionLog(path, signer=signer, **settings)
 
 
 class Sidecar:
