@@ -210,6 +210,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run")
     parser.add_argument("--quick", action="store_true", help="short windows (a smoke run)")
     parser.add_argument("--workers", type=int, default=1, help="listen.workers of the sidecar")
+    parser.add_argument(
+        "--log-writer",
+        choices=("thread", "process"),
+        default="thread",
+        help="decision_log.writer of the sidecar",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results.md")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
     args = parser.parse_args(argv)
@@ -224,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     c1: dict[str, list[LoadResult]] = {}
     load: dict[str, list[LoadResult]] = {}
     server_cpu: dict[str, list[dict[str, float]]] = {}
-    with running_stack(tmp, workers=args.workers) as st:
+    with running_stack(tmp, workers=args.workers, log_writer=args.log_writer) as st:
         assert st.enrollment is not None
         print(f"stack up in {time.monotonic() - started:.1f} s ({tmp})", flush=True)
         tg = targets(st, request)
@@ -329,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         enrollment.devices,
         elapsed,
         args.workers,
+        args.log_writer,
     )
     text = report.markdown()
     if not args.quick:
@@ -375,6 +382,7 @@ class Report:
     enroll_devices: int
     elapsed: float
     workers: int
+    log_writer: str
 
     def markdown(self) -> str:
         p = self.plan
@@ -391,7 +399,8 @@ class Report:
         out += [
             "",
             "Everything runs on this one machine: workload, proxies, sidecar "
-            f"(listen.workers = {self.workers}) and the load generator "
+            f"(listen.workers = {self.workers}, decision_log.writer = {self.log_writer}) and "
+            "the load generator "
             "(separate processes; its CPU is shown).",
             "",
         ]

@@ -73,6 +73,8 @@ class Stack:
     bare_port: int
     sidecar_port: int
     workers: int
+    log_writer: str
+    """``decision_log.writer`` of the sidecar: process or thread."""
     assertion_key: Path
     """The direct legs' and the bare proxy's stand-in for the sidecar's assertion key."""
     proxyless_port: int = 0
@@ -146,6 +148,7 @@ path = "{POLICIES}"
 
 [decision_log]
 path = "{st.decision_log}"
+writer = "{st.log_writer}"
 
 [posture]
 max_age_s = 3600
@@ -230,7 +233,9 @@ def _attest(st: Stack, vendor_key: Path) -> None:
 
 
 @contextlib.contextmanager
-def running_stack(root: Path, *, enroll_count: int = 20, workers: int = 1) -> Iterator[Stack]:
+def running_stack(
+    root: Path, *, enroll_count: int = 20, workers: int = 1, log_writer: str = "thread"
+) -> Iterator[Stack]:
     ca_dir = ca_store.init_ca(root / "ca", TRUST_DOMAIN).dir
     issuer = init_dev_issuer(ca_dir, TRUST_DOMAIN, force=True)
     vendor_key, vendor_pub = generate_firmware_key(root / "firmware", "vendor")
@@ -249,6 +254,7 @@ def running_stack(root: Path, *, enroll_count: int = 20, workers: int = 1) -> It
         bare_port=free_port(),
         sidecar_port=free_port(),
         workers=workers,
+        log_writer=log_writer,
         enrollment=enrollment,
         assertion_key=root / "bench-assertion" / "assertion.key",
     )

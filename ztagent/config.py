@@ -223,9 +223,9 @@ class DecisionLogConfig:
     checkpoint_key: Path | None = None
     """PEM private key (EC P-256 / P-384 or Ed25519) that signs the checkpoints; none: the
     sidecar's ``tls.server_key`` (verify with ``tls.server_cert``)."""
-    writer: Literal["process", "thread"] = "process"
-    """process: a child process writes the file, the sidecar only hands it batches
-    (``sidecar.log_writer``); thread: a writer thread in the sidecar (shares its GIL)."""
+    writer: Literal["thread", "process"] = "thread"
+    """thread: a writer thread in the sidecar (shares its GIL); process: a child process
+    writes the file and the sidecar only hands it batches (``sidecar.log_writer``)."""
 
 
 @dataclass(frozen=True)
@@ -822,9 +822,9 @@ def _decision_log(raw: Mapping[str, Any], base: Path) -> DecisionLogConfig:
     if checkpoint_key is not None and not checkpoint_key.is_file():
         raise ConfigError("decision_log.checkpoint_key", f"{checkpoint_key}: no such file")
     on_full = _choice(raw, "on_full", "decision_log.on_full", "drop", ("drop", "block"))
-    writer = _choice(raw, "writer", "decision_log.writer", "process", ("process", "thread"))
+    writer = _choice(raw, "writer", "decision_log.writer", "thread", ("thread", "process"))
     return DecisionLogConfig(
-        writer="thread" if writer == "thread" else "process",
+        writer="process" if writer == "process" else "thread",
         enabled=_bool(raw, "enabled", "decision_log.enabled", True),
         path=path,
         max_bytes=_int(raw, "max_bytes", "decision_log.max_bytes", d.max_bytes, minimum=4096),

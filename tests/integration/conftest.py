@@ -100,6 +100,7 @@ def write_config(
     policy: Path = ALLOW_ALL,
     policy_extra: str = "",
     posture_extra: str = "",
+    log_extra: str = "",
 ) -> Path:
     route_text = "".join(
         f'[[routes]]\nservice = "{service}"\nupstream = "{address}"\n'
@@ -124,6 +125,7 @@ reload_interval_s = 0.1
 
 [decision_log]
 path = "{pki.layout.dir.parent / "decisions.jsonl"}"
+{log_extra}
 
 [posture]
 reference_values = "{SHIPPED_POLICIES / "data" / "reference-values.json"}"

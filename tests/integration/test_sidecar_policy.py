@@ -394,6 +394,34 @@ async def test_dry_run_allows_and_logs_the_would_be_denial(
     assert "role_required:writer" in last["reasons"]
 
 
+async def test_a_sidecar_with_a_writer_process_logs_every_call_and_seals_at_stop(
+    pki: Pki, storage: str, tmp_path: Path
+) -> None:
+    from ztagent.sidecar.log_writer import ProcessDecisionLog
+
+    stack = await start_stack(pki, storage, tmp_path, log_extra='writer = "process"')
+    try:
+        log = stack.sidecar.pipeline.decision_log if stack.sidecar.pipeline else None
+        assert isinstance(log, ProcessDecisionLog)
+        writer = log._proc
+        assert writer is not None and writer.poll() is None
+        device = stack.pki.mint("cam-1")
+        alice = stack.token("alice", roles=["writer"])
+        for method, token in [("Put", alice), ("Get", alice), ("Get", None)]:
+            await outcome(stack, device, method, token)
+    finally:
+        await stack.sidecar.stop(0)
+    assert writer.poll() == 0  # the stop closed the pipe; the writer wrote all and exited
+    assert verify_log(stack.log_path).ok
+    assert [(e["user_sub"], e["method"], e["allow"]) for e in stack.log_lines()] == [
+        ("alice", "Put", True),
+        ("alice", "Get", True),
+        (None, "Get", False),
+    ]
+    last = json.loads(stack.log_path.read_text().splitlines()[-1])
+    assert last["checkpoint"]["reason"] == "close"
+
+
 async def test_decision_log_chain_inputs_and_replay(
     stack: Stack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

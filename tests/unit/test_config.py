@@ -45,7 +45,7 @@ def test_defaults_and_relative_paths(tmp_path: Path) -> None:
     assert config.routes[0].timeout_s is None
 
 
-def test_the_decision_log_writer_is_a_process_unless_a_thread_is_asked_for(
+def test_the_decision_log_writer_is_a_thread_unless_a_process_is_asked_for(
     tmp_path: Path,
 ) -> None:
     from cryptography.hazmat.primitives import serialization
@@ -60,10 +60,10 @@ def test_the_decision_log_writer_is_a_process_unless_a_thread_is_asked_for(
     )
     (tmp_path / "s.key").write_bytes(key)
     default = load_config(write(tmp_path, BASE))
-    assert default.decision_log.writer == "process"
-    assert isinstance(build_decision_log(default), ProcessDecisionLog)
-    thread = load_config(write(tmp_path, BASE + "[decision_log]\nwriter = 'thread'\n"))
-    assert isinstance(build_decision_log(thread), DecisionLog)
+    assert default.decision_log.writer == "thread"
+    assert isinstance(build_decision_log(default), DecisionLog)
+    process = load_config(write(tmp_path, BASE + "[decision_log]\nwriter = 'process'\n"))
+    assert isinstance(build_decision_log(process), ProcessDecisionLog)
 
 
 def test_listen_override(tmp_path: Path) -> None:
@@ -93,7 +93,7 @@ def test_listen_override(tmp_path: Path) -> None:
             ">= 0.05",
         ),
         ("[listen]\nworkers = 65\n", "listen.workers", "expected <= 64, got 65"),
-        ("[decision_log]\nwriter = 'fork'\n", "decision_log.writer", "process, thread"),
+        ("[decision_log]\nwriter = 'fork'\n", "decision_log.writer", "thread, process"),
         ("[listen]\nworkers = 2.5\n", "listen.workers", "integer"),
         ("[identity]\ntrust_domain = 'Bad Domain'\n", "identity.trust_domain", "lowercase"),
         ("[identity]\nmax_cert_lifetime_days = 0\n", "identity.max_cert_lifetime_days", ">= 1"),

@@ -1,5 +1,6 @@
 """The decision log written by a child process: the sidecar's event loop hands over records
-and no writer thread runs in the sidecar (``decision_log.writer = "process"``, the default).
+and no writer thread runs in the sidecar (``decision_log.writer = "process"``; the default
+is the thread, see below).
 
 Why: a writer *thread* shares the sidecar's GIL. Every batch it takes (serialise, hash,
 write) and every wake-up hands the GIL back and forth with the event loop; measured under
@@ -18,7 +19,13 @@ Semantics kept from ``DecisionLog``:
 - ``stats`` adds the child's counters (sent back over its stdout, at most every
   ``STATS_S``) to the records this side dropped or lost.
 
-And one thing the thread could not give: records already in the pipe survive a crash of the
+Measured (``make bench`` and ``python -m bench.run --log-writer process``, bench/results.md):
+on the 2-core bench machine, where the load generator, workload and sidecar saturate both
+cores, throughput is the same within the noise — the work moves to another process but still
+takes the same cores — and the child's interpreter adds about 35 MB of RSS. So the thread
+stays the default; the process is for nodes with a spare core and for the guarantee below.
+
+And one thing the thread cannot give: records already in the pipe survive a crash of the
 sidecar (the child reads to end of file, writes them and exits). If the child dies, the
 records it had not written are counted lost (its last reported queue plus the unsent bytes),
 one error is logged and a new child continues the chain from the file, as after a restart.
