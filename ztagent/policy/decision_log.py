@@ -214,6 +214,7 @@ class DecisionLog:
         self.max_bytes = max_bytes
         self.backups = backups
         self.on_full: OnFull = on_full
+        self.queue_size = queue_size
         self.fsync = fsync
         self._queue: queue.Queue[object] = queue.Queue(maxsize=queue_size)
         self._thread: threading.Thread | None = None

@@ -48,20 +48,13 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, Final
 
-from ztagent.policy.decision_log import (
-    DEFAULT_MAX_BYTES,
-    DEFAULT_MAX_INPUT_BYTES,
-    DecisionLog,
-    DecisionLogError,
-    LogStats,
-    OnFull,
-)
+from ztagent.policy.decision_log import DecisionLog, DecisionLogError, LogStats, OnFull
 from ztagent.policy.decision_record import DecisionRecord
-from ztagent.policy.log_checkpoint import DEFAULT_EVERY, CheckpointSigner
+from ztagent.policy.log_checkpoint import CheckpointSigner
 
 logger = logging.getLogger("ztagent.decision_log")
 
@@ -72,41 +65,29 @@ START_TIMEOUT_S: Final = 30.0
 RESTART_INTERVAL_S: Final = 1.0
 PIPE_BYTES: Final = 1024 * 1024
 _FRAME = struct.Struct(">I")
-_STAT_FIELDS: Final = ("written", "dropped", "rotated", "queue_depth", "errors", "checkpoints")
+_STAT_FIELDS: Final = tuple(f.name for f in fields(LogStats))
 
 
 class ProcessDecisionLog:
     """``DecisionSink`` whose ``DecisionLog`` runs in a child process (see the module doc).
-    Takes ``DecisionLog``'s settings; the checkpoint key as PEM bytes (the child loads it)."""
+    ``settings``: ``DecisionLog``'s keyword arguments except ``signer``, passed to the child
+    as they are; the checkpoint key comes as PEM bytes (the child loads it)."""
 
     def __init__(
         self,
         path: Path,
         *,
-        max_bytes: int = DEFAULT_MAX_BYTES,
-        backups: int = 5,
-        queue_size: int = 10_000,
-        on_full: OnFull = "drop",
-        fsync: bool = False,
-        max_input_bytes: int | None = DEFAULT_MAX_INPUT_BYTES,
         signer_pem: bytes | None = None,
-        checkpoint_every: int = DEFAULT_EVERY,
         flush_s: float = FLUSH_S,
+        **settings: Any,
     ) -> None:
-        settings: dict[str, Any] = {
-            "max_bytes": max_bytes,
-            "backups": backups,
-            "queue_size": queue_size,
-            "on_full": on_full,
-            "fsync": fsync,
-            "max_input_bytes": max_input_bytes,
-            "checkpoint_every": checkpoint_every,
-        }
-        DecisionLog(path, **settings)  # the same checks (ConfigError) as the child will make
+        # the child's own log, built here unstarted: the same checks (ConfigError) now, and
+        # the queue bound and full mode this side applies
+        probe = DecisionLog(path, **settings)
         if signer_pem is not None:
             CheckpointSigner.from_pem(signer_pem)
         self.path = path
-        self.on_full: OnFull = on_full
+        self.on_full: OnFull = probe.on_full
         self._header = json.dumps(
             {
                 "path": str(path),
@@ -116,7 +97,7 @@ class ProcessDecisionLog:
                 "log_json": _logs_json(),
             }
         ).encode()
-        self._queue_size = queue_size
+        self._queue_size = probe.queue_size
         self._flush_s = flush_s
         self._lock = threading.Lock()
         """Guards the pending list, the outgoing bytes and the counts."""
@@ -137,8 +118,8 @@ class ProcessDecisionLog:
         self._room: asyncio.Event | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._stats_buf = b""
-        self._child = dict.fromkeys(_STAT_FIELDS, 0) | {"lost": 0}
-        self._base = dict.fromkeys(_STAT_FIELDS, 0) | {"lost": 0}
+        self._child = dict.fromkeys(_STAT_FIELDS, 0)
+        self._base = dict.fromkeys(_STAT_FIELDS, 0)
         """Counters of earlier children (after a restart)."""
         self._dropped = 0
         self._lost = 0
@@ -194,10 +175,19 @@ class ProcessDecisionLog:
         """Hand over what is queued, close the pipe and wait for the child to finish (True)
         within ``timeout_s``; False leaves it writing in the background."""
         deadline = time.monotonic() + timeout_s
+        if self._proc is None and self._unsent and self._last_restart:
+            self._last_restart = 0.0  # the writer died and is not back yet: one more try
+            self._restart_if_due()
         self._closed = True
         proc = self._proc
-        if proc is None:
-            return True
+        if proc is None:  # never started, or no writer could be started again
+            with self._lock:
+                lost, self._unsent = self._unsent, 0
+                self._pending.clear()
+                self._out.clear()
+                self._frames.clear()
+            self._lost += lost
+            return lost == 0
         if self._fd is None:  # closed before
             return proc.returncode == 0
         self._flush()
@@ -250,6 +240,7 @@ class ProcessDecisionLog:
                     self._lost += len(batch) - len(kept)
                     self._unsent -= len(batch) - len(kept)
                     frame = _encode_batch(kept) if kept else None
+                    batch = kept
                 if frame is not None:
                     self._out += frame
                     self._frames.append((len(frame), len(batch)))
@@ -257,6 +248,8 @@ class ProcessDecisionLog:
 
     def _send(self) -> None:
         """Write as much of ``_out`` as the pipe takes, without blocking."""
+        if self._proc is None:
+            self._restart_if_due()
         failure: OSError | None = None
         with self._send_lock:
             fd = self._fd
@@ -383,7 +376,7 @@ class ProcessDecisionLog:
         os.set_blocking(proc.stdout.fileno(), False)
         self._proc = proc
         self._fd = fd
-        self._child = dict.fromkeys(_STAT_FIELDS, 0) | {"lost": 0}
+        self._child = dict.fromkeys(_STAT_FIELDS, 0)
 
     def _child_died(self, why: str) -> None:
         proc = self._proc
@@ -414,8 +407,13 @@ class ProcessDecisionLog:
             why,
             lost,
         )
+        self._restart_if_due()
+
+    def _restart_if_due(self) -> None:
+        """A new child, at most once per ``RESTART_INTERVAL_S``; until then records wait
+        (bounded by ``queue_size``) and the next hand-over tries again."""
         now = time.monotonic()
-        if self._closed or now - self._last_restart < RESTART_INTERVAL_S:
+        if self._closed or self._proc is not None or now - self._last_restart < RESTART_INTERVAL_S:
             return
         self._last_restart = now
         try:

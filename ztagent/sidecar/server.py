@@ -163,7 +163,7 @@ def build_decision_log(
             key_name, f"cannot sign decision-log checkpoints: {err.message}"
         ) from None
     path = dl.path if worker is None else worker_log_path(dl.path, worker.index)
-    settings: dict[str, Any] = {
+    settings: dict[str, Any] = {  # DecisionLog's keyword arguments, for either writer
         "max_bytes": dl.max_bytes,
         "backups": dl.backups,
         "queue_size": dl.queue_size,

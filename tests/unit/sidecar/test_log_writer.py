@@ -189,6 +189,43 @@ def test_a_dead_writer_is_counted_and_replaced_and_the_chain_continues(
     assert report.ok and report.lines == _lines(path)
 
 
+def test_a_writer_that_dies_again_at_once_is_restarted_at_the_next_hand_over(
+    tmp_path: Path, logs: list[ProcessDecisionLog]
+) -> None:
+    path = tmp_path / "d.jsonl"
+    log = _start(logs, path)
+    for _ in range(2):  # two deaths within RESTART_INTERVAL_S: the second restart must wait
+        proc = log._proc
+        assert proc is not None
+        proc.kill()
+        proc.wait()
+        log.stats  # noqa: B018 (noticed here)
+    assert log._proc is None and log.stats.errors == 2
+    log.submit(record(0))  # waits: too soon to start another writer
+    time.sleep(1.1)
+    log.submit(record(1))  # hands over: a new writer, and both records reach it
+    assert log.close()
+    assert log.stats.written == 2 and log.stats.lost == 0
+    assert verify_files(log_files(path)).ok
+
+
+def test_a_record_pickle_cannot_take_is_counted_and_the_rest_of_its_batch_written(
+    tmp_path: Path, logs: list[ProcessDecisionLog]
+) -> None:
+    log = _start(logs, tmp_path / "d.jsonl")
+    bad = record(1, input_doc={"x": lambda: None})
+
+    async def one_batch() -> None:
+        for r in (record(0), bad, record(2)):
+            assert log.submit(r)
+        await asyncio.sleep(0.05)  # the loop hands the three over as one batch
+
+    asyncio.run(one_batch())
+    assert log.close()
+    stats = log.stats
+    assert (stats.written, stats.errors, stats.lost, stats.queue_depth) == (2, 1, 1, 0)
+
+
 def test_a_stalled_writer_never_blocks_a_drop_mode_submit(
     tmp_path: Path, logs: list[ProcessDecisionLog]
 ) -> None:
