@@ -492,6 +492,7 @@ def posture_rows(st: Stack, tmp: Path) -> list[Row]:
 
 
 def decision_log_rows(real_input: dict[str, Any], tmp: Path) -> list[Row]:
+    from ztagent import canonical_json
     from ztagent.policy.decision_log import DecisionLog
     from ztagent.policy.decision_record import GENESIS_PREV, DecisionRecord, line_sha256
 
@@ -517,11 +518,23 @@ def decision_log_rows(real_input: dict[str, Any], tmp: Path) -> list[Row]:
         )
 
     rec = record()
+    standard = json.JSONEncoder(
+        ensure_ascii=False, separators=(",", ":"), sort_keys=True, allow_nan=False
+    )
     rows = [
         row("decision log: build record (request path)", measure(record)),
         row(
             "decision log: serialise + hash one line (writer thread)",
             measure(lambda: line_sha256(rec.to_json_bytes(GENESIS_PREV))),
+        ),
+        row(
+            "decision log: the input document's JSON (orjson, canonical_json.dumps)",
+            measure(lambda: canonical_json.dumps(real_input)),
+        ),
+        row(
+            "decision log: the input document's JSON, standard-library encoder (baseline)",
+            measure(lambda: standard.encode(real_input).encode()),
+            "what the writer used before orjson",
         ),
     ]
 

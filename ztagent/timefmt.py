@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Literal
 
 FractionDigits = Literal[0, 3, 6]
+_TIMESPEC = {0: "seconds", 3: "milliseconds", 6: "microseconds"}
 
 
 def rfc3339(when: datetime, *, digits: FractionDigits = 0) -> str:
@@ -18,13 +19,10 @@ def rfc3339(when: datetime, *, digits: FractionDigits = 0) -> str:
     converted to UTC first."""
     if when.tzinfo is None:
         raise ValueError(f"got a naive datetime {when!r}, expected a timezone-aware one")
-    utc = when.astimezone(UTC)
-    text = utc.strftime("%Y-%m-%dT%H:%M:%S")
-    if digits == 3:
-        text += f".{utc.microsecond // 1000:03d}"
-    elif digits == 6:
-        text += f".{utc.microsecond:06d}"
-    return text + "Z"
+    utc = when if when.tzinfo is UTC else when.astimezone(UTC)
+    # isoformat of an aware UTC time ends in "+00:00"; it pads the year to four digits
+    # (strftime's %Y does not) and is faster (this runs twice per request)
+    return utc.isoformat(timespec=_TIMESPEC[digits])[:-6] + "Z"
 
 
 def rfc3339_from_timestamp(seconds: float) -> str:

@@ -30,6 +30,7 @@ BASE = {
     "ztagent.pkcs11_keys",
     "ztagent.logs",
     "ztagent.randomness",
+    "ztagent.canonical_json",
 }
 """``pkcs11_keys`` is base so that ``device/`` (key stores) and ``ca/`` (a token-held issuing
 key) share one PKCS#11 session registry without importing each other."""

@@ -36,3 +36,12 @@ def test_timestamps_and_round_trips() -> None:
     assert parse_rfc3339("2026-12-01T21:13:54Z") == WHEN.replace(microsecond=0)
     with pytest.raises(ValueError, match="ending in 'Z'"):
         parse_rfc3339("2026-12-01T21:13:54+02:00")
+
+
+def test_the_year_has_four_digits_and_other_utc_zones_are_utc() -> None:
+    from zoneinfo import ZoneInfo
+
+    early = datetime(999, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    assert rfc3339(early) == "0999-01-02T03:04:05Z"
+    assert rfc3339(early, digits=6) == "0999-01-02T03:04:05.678901Z"
+    assert rfc3339(WHEN.replace(tzinfo=ZoneInfo("UTC")), digits=3) == "2026-12-01T21:13:54.843Z"

@@ -1,6 +1,9 @@
 """Builds the policy input document (DESIGN.md, published as policies/input.schema.json).
 
-Pure: values in, a JSON-ready dict out. Credentials never enter the document.
+Pure: values in, a JSON-ready dict out. Credentials never enter the document. The device,
+posture and user documents are put in as they are, not copied: admission builds them once
+per certificate, attestation and token and shares them, read-only, between the requests
+(and the decision-log records) that use them.
 """
 
 from __future__ import annotations
@@ -60,14 +63,14 @@ def build_input(
 ) -> dict[str, Any]:
     service, method = split_method(full_method)
     return {
-        "device": dict(device),
-        "posture": dict(posture),
-        "user": dict(user),
+        "device": device,
+        "posture": posture,
+        "user": user,
         "request": {
             "service": service,
             "method": method,
             "full_method": full_method,
-            "metadata": dict(metadata),
+            "metadata": metadata,
             "peer": peer,
         },
         "context": {"time": rfc3339(now, digits=3), "node": node, "agent_version": __version__},

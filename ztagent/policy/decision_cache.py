@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ztagent.canonical_json import dumps
 from ztagent.policy.types import Decision, EngineHealth, PolicyEngine
 
 log = logging.getLogger("ztagent.policy")
@@ -47,9 +48,10 @@ NON_DETERMINISTIC_PREFIXES = (
 )
 """Builtins whose result is not a function of their arguments (or that have side effects)."""
 
-_MISSING = {"__ztagent_missing__": True}
-_KEY_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str)
-"""One encoder: ``json.dumps`` with options builds a new one on every call."""
+CacheKey = tuple[int, bytes]
+"""Which read paths are missing (a bit per path), and the canonical JSON of the values of
+the others (``null`` where a path is missing): a missing field and any value, ``null``
+included, are different keys."""
 
 
 @dataclass(frozen=True)
@@ -174,20 +176,26 @@ def _walk_refs(node: Any) -> Iterator[tuple[str, Any]]:
                 stack.append(value)
 
 
-def project(input_doc: Mapping[str, Any], paths: tuple[tuple[str, ...], ...]) -> str:
-    """The canonical JSON of ``input_doc`` restricted to ``paths`` (missing ones marked)."""
+def project(input_doc: Mapping[str, Any], paths: tuple[tuple[str, ...], ...]) -> CacheKey | None:
+    """``input_doc`` restricted to ``paths``, as a cache key (None: a value JSON cannot
+    hold, so this input is evaluated uncached)."""
     out = []
-    for path in paths:
+    missing = 0
+    for i, path in enumerate(paths):
         value: Any = input_doc
         for part in path:
             # dict first: the input is built of plain dicts (an ABC check costs microseconds)
             if (type(value) is dict or isinstance(value, Mapping)) and part in value:
                 value = value[part]
             else:
-                value = _MISSING
+                value = None
+                missing |= 1 << i
                 break
         out.append(value)
-    return _KEY_ENCODER.encode(out)
+    try:
+        return missing, dumps(out)
+    except (TypeError, ValueError):
+        return None
 
 
 class CachedEngine:
@@ -205,7 +213,7 @@ class CachedEngine:
         self.inner = engine
         self._ast_of = ast_of
         self._max = max_entries
-        self._entries: OrderedDict[str, Decision] = OrderedDict()
+        self._entries: OrderedDict[CacheKey, Decision] = OrderedDict()
         self._revision: str | None = None
         self._read = ReadSet(None, "not loaded")
         self.hits = 0
@@ -230,25 +238,28 @@ class CachedEngine:
         else:
             log.info("decision cache off for revision %s: %s", revision, self._read.reason)
 
-    def _lookup(self, input_doc: Mapping[str, Any]) -> tuple[str | None, Decision | None]:
+    def _lookup(self, input_doc: Mapping[str, Any]) -> tuple[CacheKey | None, Decision | None]:
         self._refresh()
         paths = self._read.paths
         if paths is None:
             return None, None
         key = project(input_doc, paths)
+        if key is None:
+            return None, None
         hit = self._entries.get(key)
         if hit is not None and hit.revision == self.inner.revision:
             self._entries.move_to_end(key)
             self.hits += 1
-            return key, dataclasses.replace(hit, cached=True)
+            return key, hit
         return key, None
 
-    def _store(self, key: str | None, decision: Decision) -> Decision:
+    def _store(self, key: CacheKey | None, decision: Decision) -> Decision:
         if key is None:
             return decision
         self.misses += 1
         if decision.revision == self._revision:
-            self._entries[key] = decision
+            # stored as it is answered from now on: marked cached (Decision is frozen)
+            self._entries[key] = dataclasses.replace(decision, cached=True)
             if len(self._entries) > self._max:
                 self._entries.popitem(last=False)
         return decision

@@ -20,13 +20,13 @@ the CA's audit log) both build on this module.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
 
 from ztagent import randomness
+from ztagent.canonical_json import Encoded, dumps, dumps_object
 from ztagent.timefmt import rfc3339
 
 GENESIS_PREV: Final = "0" * 64
@@ -49,45 +49,12 @@ def format_time(t: datetime) -> str:
     return rfc3339(t, digits=3)
 
 
-# Nested objects are key-sorted so equal records give equal bytes whatever the insertion
-# order of their dicts; NaN/Infinity and non-JSON types raise (ValueError / TypeError). One
-# encoder for every call: json.dumps with options builds a new encoder each time (measured:
-# about half the per-line cost on the writer thread, which holds the GIL while it runs).
-_ENCODER = json.JSONEncoder(
-    ensure_ascii=False, separators=(",", ":"), sort_keys=True, allow_nan=False
-)
-
-
-def _dumps(value: object) -> str:
-    return _ENCODER.encode(value)
-
-
-def _scalar_or_dumps(value: object) -> str:
-    """``_dumps`` with the encoder's own spelling of None, booleans and ints, without a call
-    into it (a line has sixteen such fields: the encoder's per-call setup was most of their
-    cost)."""
-    if value is None:
-        return "null"
-    if value is True:
-        return "true"
-    if value is False:
-        return "false"
-    if type(value) is int:
-        return int.__repr__(value)
-    return _ENCODER.encode(value)
-
-
-_KEYS: Final = tuple(
-    f'"{name}":'
-    for name in (
-        "decision_id", "time", "device_id", "user_sub", "service", "method", "allow",
-        "enforced", "dry_run", "reasons", "failure", "refusal", "cached", "policy_revision",
-        "latency_us", "attestation",
-    )
+_PREFIX_KEYS: Final = (
+    "decision_id", "time", "device_id", "user_sub", "service", "method", "allow",
+    "enforced", "dry_run", "reasons", "failure", "refusal", "cached", "policy_revision",
+    "latency_us", "attestation",
 )  # fmt: skip
 """The line's keys before ``input`` and ``prev_sha256``, in their fixed order."""
-_INPUT_KEY: Final = '"input":'
-_PREV_KEY: Final = '"prev_sha256":'
 
 
 @dataclass(frozen=True)
@@ -138,12 +105,12 @@ class DecisionRecord:
         no client can make one line arbitrarily long; the rest of the line stays whole."""
         if len(prev_sha256) != 64:
             raise ValueError(f"prev_sha256 must be 64 hex characters, got {prev_sha256!r}")
-        encoded_input = _dumps(self.input)
-        if max_input_bytes is not None:
-            raw = encoded_input.encode("utf-8", "backslashreplace")
-            if len(raw) > max_input_bytes:
-                digest = hashlib.sha256(raw).hexdigest()
-                encoded_input = _dumps({"truncated": True, "bytes": len(raw), "sha256": digest})
+        encoded_input = dumps(self.input)
+        if max_input_bytes is not None and len(encoded_input) > max_input_bytes:
+            digest = hashlib.sha256(encoded_input).hexdigest()
+            encoded_input = dumps(
+                {"truncated": True, "bytes": len(encoded_input), "sha256": digest}
+            )
         values: tuple[object, ...] = (
             self.decision_id,
             format_time(self.time),
@@ -162,8 +129,7 @@ class DecisionRecord:
             self.latency_us,
             self.attestation,
         )
-        parts = [key + _scalar_or_dumps(value) for key, value in zip(_KEYS, values, strict=True)]
-        parts.append(_INPUT_KEY + encoded_input)
-        parts.append(_PREV_KEY + _dumps(prev_sha256))
-        body = ",".join(parts)
-        return ("{" + body + "}").encode("utf-8", "backslashreplace")
+        fields = dict(zip(_PREFIX_KEYS, values, strict=True))
+        fields["input"] = Encoded(encoded_input)
+        fields["prev_sha256"] = prev_sha256
+        return dumps_object(fields)

@@ -27,6 +27,7 @@ first failure raises its ``PostureError``:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -102,13 +103,21 @@ class AttestedPosture:
         """``input.posture`` for the policy: verified while ``now`` is before ``expires_at``.
         ``age_s`` is whole seconds, rounded up (never younger than it is): a policy that reads
         it sees a new value once a second, so the decision cache still answers in between."""
+        firmware, boot, host = self._measured_input
         return {
             "verified": self.verified_at <= now < self.expires_at,
             "age_s": math.ceil(max(0.0, (now - self.verified_at).total_seconds())),
-            "firmware": dict(self.firmware),
-            "boot": {"verified": bool(self.boot["verified"]), "pcrs": dict(self.boot["pcrs"])},
-            "host": dict(self.host),
+            "firmware": firmware,
+            "boot": boot,
+            "host": host,
         }
+
+    @functools.cached_property
+    def _measured_input(self) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """The parts of ``input.posture`` that do not change with time: built once per
+        attestation, shared (read-only) by every request's input."""
+        boot = {"verified": bool(self.boot["verified"]), "pcrs": dict(self.boot["pcrs"])}
+        return dict(self.firmware), boot, dict(self.host)
 
 
 @dataclass(frozen=True)

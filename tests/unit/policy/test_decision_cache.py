@@ -15,6 +15,7 @@ from tests.fixtures.policy_inputs import INFERENCE, POLICIES, STORAGE, make_inpu
 from ztagent.policy.decision_cache import CachedEngine, project, read_set
 from ztagent.policy.embedded import EmbeddedEngine
 from ztagent.policy.errors import PolicyError
+from ztagent.policy.types import Decision
 
 
 def _ast(text: str) -> str:
@@ -146,3 +147,24 @@ def test_projection_marks_missing_fields() -> None:
     assert project({"a": {}}, paths) != project({"a": {"b": None}}, paths)
     for a, b in itertools.combinations([{"a": {"b": 1}}, {"a": {"b": 2}}, {"c": 1}], 2):
         assert project(a, paths) != project(b, paths)
+    # a missing field is no value at all: not null, not any marker object a token could carry
+    for value in (None, {"__ztagent_missing__": True}, "", 0, False, [], {}):
+        assert project({"a": {"b": value}}, paths) != project({"a": {}}, paths)
+        assert project({"c": value}, paths) != project({}, paths)
+
+
+async def test_an_input_json_cannot_hold_is_evaluated_every_time() -> None:
+    class Counting:
+        revision = "r1"
+        calls = 0
+
+        async def evaluate(self, input_doc: dict[str, Any]) -> Decision:
+            self.calls += 1
+            return Decision(allow=True, revision=self.revision)
+
+    inner = Counting()
+    engine = CachedEngine(inner, lambda: _ast("package t\nx := input.a\n"))  # type: ignore[arg-type]
+    assert project({"a": b"raw"}, (("a",),)) is None
+    for _ in range(3):
+        assert not (await engine.evaluate({"a": b"raw"})).cached
+    assert inner.calls == 3 and engine.hits == 0
