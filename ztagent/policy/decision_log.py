@@ -74,12 +74,15 @@ DEFAULT_MAX_INPUT_BYTES: Final = 4096
 """A line's ``input`` above this many bytes of JSON is replaced by its size and digest."""
 ERROR_LOG_INTERVAL_S: Final = 60.0
 BATCH_MAX: Final = 512
-LINGER_S: Final = 0.004
+"""At most this many records are written with one ``write`` call."""
+LINGER_S: Final = 0.02
 """After a batch of more than one record (the log is busy) the writer sleeps this long before
 taking the next: meanwhile ``submit`` wakes no thread (a wake per record, and the GIL handed
 over with it, cost the request path more than the write itself under load), and the next
-batch is larger. An idle log's writer blocks and takes each record at once."""
-"""At most this many records are written with one ``write`` call."""
+batch is larger. An idle log's writer blocks and takes each record at once. Measured in situ
+at ≈ 600 calls/s (bench stack, thread CPU per record): 4 ms gave batches of 2.4 and 114 µs
+of writer CPU per record, 20 ms batches of 11 and 54 µs. Records wait at most this long in
+memory before their ``write``."""
 _TAIL_CHUNK = 64 * 1024
 
 OnFull = Literal["drop", "block"]
