@@ -29,7 +29,12 @@ _TICK = os.sysconf("SC_CLK_TCK")
 
 
 def process_cpu_s(pid: int) -> float:
-    return float(sum(p.cpu_times().user + p.cpu_times().system for p in tree(pid)))
+    """CPU seconds (user + system) of ``pid`` and its children."""
+    total = 0.0
+    for proc in tree(pid):
+        times = proc.cpu_times()
+        total += times.user + times.system
+    return total
 
 
 def thread_cpu_s(pid: int) -> dict[int, float]:

@@ -45,11 +45,6 @@ def dumps(value: object) -> bytes:
         return _STANDARD.encode(value).encode("utf-8", "backslashreplace")
 
 
-def dumps_str(value: object) -> str:
-    """``dumps`` as text."""
-    return dumps(value).decode("utf-8")
-
-
 class Encoded:
     """JSON already encoded (by ``dumps``): ``dumps_object`` writes it as it is."""
 
