@@ -10,6 +10,7 @@ broker forwards and de-duplicates by ``id``.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import os
@@ -251,6 +252,31 @@ def test_records_arrive_oldest_first_and_leave_the_outbox_after_puback(
     log = broker.log_text()
     assert f"as {NODE}" in log or f"u'{NODE}'" in log, log[-2000:]
     assert "q1" in log
+
+
+def test_a_value_nested_too_deep_ships_as_raw_bytes_and_blocks_nothing(
+    pki: Pki, tmp_path: Path, broker: MosquittoBroker, subscriber: Subscriber
+) -> None:
+    """An outbox value is the device's own bytes: one nested 1,500 deep made the standard
+    parser raise RecursionError in every round, so it and every record after it stayed in the
+    outbox forever. It is delivered as ``raw_b64``, byte for byte, and the rest follows."""
+    store = Store.open(tmp_path / "storage")
+    deep = b"[" * 1500 + b"]" * 1500
+    store.put("dev-a", key_at("vibration", 0, "deep"), deep)
+    ids = put_records(store, "dev-a", "vibration", range(1, 4))
+    store.close()
+
+    shipper = OutboxShipper.open(shipper_config(pki, tmp_path, broker.url))
+    try:
+        delivered = shipper.ship_once()
+    finally:
+        shipper.close()
+
+    assert delivered == 4
+    docs = subscriber.wait_for(4)
+    assert base64.b64decode(docs[0]["raw_b64"]) == deep
+    assert [d["id"] for d in docs[1:]] == ids
+    assert outbox_left(tmp_path / "storage") == 0
 
 
 async def test_broker_down_then_back_delivers_everything_in_order(

@@ -58,6 +58,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
+from ztagent import json_input
 from ztagent.config import BUNDLE_KEY_ALGORITHMS
 from ztagent.policy.errors import PolicyLoadError
 
@@ -395,9 +396,9 @@ def _single_token(raw: bytes, where: str) -> str:
     if len(raw) > MAX_SIGNATURES_BYTES:
         raise _invalid(where, f"{len(raw)} bytes (limit {MAX_SIGNATURES_BYTES})")
     try:
-        doc = json.loads(raw.decode("utf-8"))
-    except ValueError as exc:
-        raise _invalid(where, f"not JSON ({exc})") from None
+        doc = json_input.loads(raw)
+    except ValueError as exc:  # also not UTF-8 or nested too deep
+        raise _invalid(where, str(exc)) from None
     if not isinstance(doc, dict):
         raise _invalid(where, f"expected an object, got {type(doc).__name__}")
     signatures = doc.get("signatures")
@@ -431,9 +432,9 @@ def _b64url(part: str, what: str, where: str) -> bytes:
 
 def _json_object(raw: bytes, what: str, where: str) -> dict[str, Any]:
     try:
-        doc = json.loads(raw.decode("utf-8"))
-    except ValueError as exc:
-        raise _invalid(where, f"malformed JWT: the {what} is not JSON ({exc})") from None
+        doc = json_input.loads(raw)
+    except ValueError as exc:  # also not UTF-8 or nested too deep
+        raise _invalid(where, f"malformed JWT: the {what}: {exc}") from None
     if not isinstance(doc, dict):
         raise _invalid(where, f"malformed JWT: the {what} is not an object")
     return doc

@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from ztagent import json_input
 from ztagent.config import BundleKeyConfig
 from ztagent.errors import ConfigError
 from ztagent.files import KEY_MODE, make_private_dir, refuse_symlink, write_atomic
@@ -438,9 +439,9 @@ def _parse_manifest(
         return None, None, False
     where = f"{root}/.manifest"
     try:
-        doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise PolicyLoadError("bundle_invalid", f"{where}: not JSON ({exc})") from None
+        doc = json_input.loads(raw)
+    except ValueError as exc:  # also not UTF-8 or nested too deep
+        raise PolicyLoadError("bundle_invalid", f"{where}: {exc}") from None
     if not isinstance(doc, dict):
         raise PolicyLoadError(
             "bundle_invalid", f"{where}: expected an object, got {type(doc).__name__}"

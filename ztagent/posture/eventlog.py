@@ -46,6 +46,7 @@ import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from ztagent import json_input
 from ztagent.posture.errors import PostureError
 
 EV_POST_CODE = 0x1
@@ -307,8 +308,8 @@ def component_measurement(event: Event, bank: str = "sha256") -> ComponentMeasur
     if event.event_type == EV_NO_ACTION or not event.data.startswith(b"{"):
         return None
     try:
-        doc = json.loads(event.data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+        doc = json_input.loads(event.data)
+    except ValueError:  # not UTF-8, not JSON, or nested too deep: not a component event
         return None
     if not isinstance(doc, dict) or "component" not in doc:
         return None

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import math
 import threading
 from collections.abc import Mapping
@@ -37,6 +36,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
+from ztagent import json_input
 from ztagent.errors import ConfigError
 from ztagent.posture.errors import PostureError, short_hex
 from ztagent.posture.eventlog import DIGEST_SIZES, parse_event_log, replay
@@ -167,9 +167,9 @@ def _host_facts(raw: bytes) -> dict[str, Any]:
             "evidence_malformed", f"host facts are {len(raw)} bytes, limit {MAX_HOST_FACTS_BYTES}"
         )
     try:
-        doc = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise PostureError("evidence_malformed", f"host facts are not JSON: {exc}") from exc
+        doc = json_input.loads(raw)
+    except ValueError as exc:  # not UTF-8, not JSON, or nested too deep
+        raise PostureError("evidence_malformed", f"host facts: {exc}") from None
     if not isinstance(doc, dict):
         raise PostureError(
             "evidence_malformed", f"host facts are a {type(doc).__name__}, expected an object"

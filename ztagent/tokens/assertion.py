@@ -46,6 +46,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+import orjson
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
@@ -55,7 +56,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
-from ztagent import randomness
+from ztagent import canonical_json, randomness
 from ztagent.errors import VerificationError
 from ztagent.files import KEY_MODE, PUBLIC_MODE, refuse_symlink, write_atomic
 
@@ -200,7 +201,7 @@ class AssertionSigner:
         }
         if user is not None:
             claims["user"] = user
-        payload = _b64(json.dumps(claims, separators=(",", ":"), sort_keys=True).encode())
+        payload = _b64(canonical_json.dumps(claims))
         signing_input = f"{self._header}.{payload}"
         r, s = decode_dss_signature(self._key.sign(signing_input.encode(), _ES256))
         return f"{signing_input}.{_b64(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
@@ -376,7 +377,7 @@ class AssertionVerifier:
     def _verified_claims(self, token: str) -> dict[str, Any]:
         try:
             header_b64, payload_b64, signature_b64 = token.split(".")
-            header = json.loads(_unb64(header_b64))
+            header = orjson.loads(_unb64(header_b64))  # nesting bounded: JSONDecodeError
             signature = _unb64(signature_b64)
         except ValueError as exc:  # also json and base64 errors
             raise AssertionError_(
@@ -408,7 +409,7 @@ class AssertionVerifier:
                 "assertion_bad_signature", "the signature does not verify"
             ) from None
         try:
-            claims = json.loads(_unb64(payload_b64))
+            claims = orjson.loads(_unb64(payload_b64))
         except ValueError:
             raise AssertionError_("assertion_malformed", "the payload is not JSON") from None
         if not isinstance(claims, dict):

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from ztagent import json_input
 from ztagent.config import UPLOAD_DECISION_KEYS, UPLOAD_MQTT_KEYS
 from ztagent.device.device_dir import (
     CA_BUNDLE,
@@ -335,9 +336,10 @@ class ShipperHealth:
 
 def record_payload(entry: Entry, value: bytes) -> bytes:
     """The record's JSON object plus ``id``, ``namespace`` and ``key``; a value that is not
-    a JSON object travels as ``raw_b64``."""
+    a JSON object (or one nested deeper than ``json_input.DEFAULT_MAX_DEPTH``) travels as
+    ``raw_b64``: a stored value is the device's own bytes and must never stop the outbox."""
     try:
-        doc = json.loads(value)
+        doc = json_input.loads(value)
         if not isinstance(doc, dict):
             raise ValueError("not an object")
     except ValueError:

@@ -269,6 +269,9 @@ def test_signed_bundle_without_keys_is_refused_as_opa_does(
         (b'{"signatures": ["x", "y"]}', "bundle_signature_invalid", "expected exactly one"),
         (b"not json", "bundle_signature_invalid", "not JSON"),
         (b'{"signatures": ["e30.e30.AA"]}', "bundle_key_unknown", "names no key"),
+        # parsed before any signature check: nested 1,500 deep it was a RecursionError
+        (b'{"signatures": ' + b"[" * 1500, "bundle_signature_invalid", "levels deep"),
+        (b'{"signatures": ["' + b"W1tb" * 500 + b'.e30.AA"]}', "bundle_signature_invalid", "deep"),
     ],
 )
 def test_malformed_signatures_file(

@@ -69,6 +69,12 @@ def test_incomplete_component_json_is_malformed() -> None:
         component_measurement(event)
 
 
+def test_deeply_nested_event_data_is_not_a_component_event() -> None:
+    """Event data is the device's: nested 1,500 deep it was a RecursionError, now it is data
+    that does not describe a component (the digest still counts in the replay)."""
+    assert component_measurement(Event(4, 0xD, {"sha256": bytes(32)}, b"{" + b"[" * 1500)) is None
+
+
 @pytest.mark.parametrize("cut", [1, 4, 10, 40, HEADER_LEN + 3, HEADER_LEN + 20])
 def test_truncation_is_malformed_with_offset(cut: int) -> None:
     raw = encode_event_log(boot_events())

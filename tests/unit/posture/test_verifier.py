@@ -245,6 +245,13 @@ def test_host_facts_must_be_an_object(world: World) -> None:
     refused(world, world.device.evidence(world.nonce(), host=b"[1]"), "evidence_malformed")
 
 
+@pytest.mark.parametrize("host", [b"[" * 1500, b'{"a":' * 40 + b"1" + b"}" * 40, b'{"t": NaN}'])
+def test_deep_or_non_json_host_facts_are_malformed_not_a_crash(world: World, host: bytes) -> None:
+    """Host facts nested 1,500 deep fit the 64 KiB limit and ended in RecursionError (UNKNOWN
+    and a traceback per Attest); nested too deep for the policy input or NaN: refused."""
+    refused(world, world.device.evidence(world.nonce(), host=host), "evidence_malformed")
+
+
 def test_context_refuses_a_selection_that_leaves_reference_pcrs_unquoted(world: World) -> None:
     with pytest.raises(ConfigError, match=r"unquoted"):
         world.ctx(selection=(0, 4))

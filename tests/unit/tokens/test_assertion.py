@@ -235,3 +235,22 @@ def test_non_p256_keys_are_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match="expected an EC P-256 private key"):
         ensure_signing_key(path)
+
+
+def test_deep_nesting_in_header_or_payload_is_malformed_not_a_crash(key_path: Path) -> None:
+    """A header nested 1,500 deep fits in MAX_ASSERTION_BYTES and is parsed before the
+    signature check: the standard library's parser raised RecursionError there (a traceback
+    in the workload for any local caller); it is refused assertion_malformed."""
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    deep = b"[" * 1500  # unterminated: the depth is what fails first
+    assert len(b64(deep)) < MAX_ASSERTION_BYTES
+    verifier = _verifier(key_path)
+    assert _code(verifier, [(ASSERTION_HEADER, f"{b64(deep)}.e30.AAAA")]) == "assertion_malformed"
+    # a signed payload nested that deep (only a trusted key could make one) is refused too
+    private = ensure_signing_key(key_path)
+    header = {"alg": "ES256", "typ": TYP, "kid": key_id(private.public_key())}
+    token = jws.serialize_compact(header, deep, ECKey.import_key(private))
+    assert _code(verifier, [(ASSERTION_HEADER, token)]) == "assertion_malformed"
