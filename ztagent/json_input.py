@@ -20,19 +20,17 @@ DEFAULT_MAX_DEPTH = 32
 
 
 def depth(value: object) -> int:
-    """How deeply ``value`` nests lists and dicts (a scalar: 0), without recursion."""
+    """How deeply ``value`` nests lists and dicts (a scalar: 0), without recursion; only
+    containers go on the stack (a scalar is looked at once, never pushed and popped)."""
+    if not isinstance(value, dict | list):
+        return 0
     deepest = 0
-    stack: list[tuple[object, int]] = [(value, 1)]
+    stack: list[tuple[dict[Any, Any] | list[Any], int]] = [(value, 1)]
     while stack:
         item, level = stack.pop()
-        if isinstance(item, dict):
-            children: Any = item.values()
-        elif isinstance(item, list):
-            children = item
-        else:
-            continue
         deepest = max(deepest, level)
-        stack.extend((child, level + 1) for child in children)
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((c, level + 1) for c in children if isinstance(c, dict | list))
     return deepest
 
 
