@@ -527,11 +527,13 @@ def _read_frame(fd: int) -> bytes | None:
 
 
 def _say(fd: int, doc: dict[str, Any]) -> bool:
-    with contextlib.suppress(BlockingIOError):
-        data = (json.dumps(doc) + "\n").encode()
-        if os.write(fd, data) == len(data):
-            return True
-    return False
+    """One line to the sidecar; False when the pipe is full or the sidecar is gone (its
+    records still in the pipe are written all the same)."""
+    data = (json.dumps(doc) + "\n").encode()
+    try:
+        return os.write(fd, data) == len(data)
+    except OSError:  # BlockingIOError, or BrokenPipeError once the sidecar died
+        return False
 
 
 def _stats_doc(log: DecisionLog) -> dict[str, Any]:

@@ -132,15 +132,19 @@ def test_bad_settings_name_their_key_before_any_process_starts(tmp_path: Path) -
 
 _KILLED_SIDECAR = textwrap.dedent(
     """
-    import os, signal, sys
+    import os, signal, sys, time
     from pathlib import Path
     from tests.unit.policy.test_decision_log import record
     from ztagent.sidecar.log_writer import ProcessDecisionLog
     log = ProcessDecisionLog(Path(sys.argv[1]))
     log.start()
-    print(log._proc.pid, flush=True)
-    for i in range(2000):
+    writer = log._proc.pid
+    print(writer, flush=True)
+    for i in range(1000):
         assert log.submit(record(i))  # no event loop: each is in the pipe when it returns
+    os.kill(writer, signal.SIGSTOP)  # the writer falls behind: what follows waits in the pipe
+    for i in range(1000, 1300):
+        assert log.submit(record(i))
     os.kill(os.getpid(), signal.SIGKILL)  # the sidecar dies without closing anything
     """
 )
@@ -148,20 +152,24 @@ _KILLED_SIDECAR = textwrap.dedent(
 
 def test_records_handed_over_survive_a_killed_sidecar(tmp_path: Path) -> None:
     path = tmp_path / "d.jsonl"
-    sidecar = subprocess.run(
-        [sys.executable, "-c", _KILLED_SIDECAR, str(path)],
-        cwd=REPO,
-        capture_output=True,
-        timeout=60,
-    )
-    assert sidecar.returncode == -signal.SIGKILL, sidecar.stderr.decode()
+    with (tmp_path / "stderr").open("wb") as stderr:  # the writer inherits it: not a pipe
+        sidecar = subprocess.run(
+            [sys.executable, "-c", _KILLED_SIDECAR, str(path)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            timeout=60,
+        )
+    assert sidecar.returncode == -signal.SIGKILL, (tmp_path / "stderr").read_text()
     writer = int(sidecar.stdout.split()[0])
     try:
-        assert _wait(lambda: _lines(path) == 2000), f"{_lines(path)} lines"
-        assert _wait(lambda: not Path(f"/proc/{writer}").exists()), "the writer did not exit"
+        assert _lines(path) < 1300  # the writer was stopped before the last records
+        os.kill(writer, signal.SIGCONT)  # resumes with the sidecar gone (its stats pipe too)
+        assert _wait(lambda: not Path(f"/proc/{writer}").exists(), 60.0), "it did not exit"
     finally:
         if Path(f"/proc/{writer}").exists():
             os.kill(writer, signal.SIGKILL)
+    assert _lines(path) == 1300, (tmp_path / "stderr").read_text()[-2000:]
     assert verify_files(log_files(path)).ok
 
 
