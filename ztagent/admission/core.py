@@ -195,6 +195,9 @@ class AdmissionCore:
         # VerifiedDevice / VerifiedUser object while their answer holds).
         self._device_docs: dict[str, tuple[VerifiedDevice, dict[str, Any], str]] = {}
         self._user_docs: dict[int, tuple[VerifiedUser, dict[str, Any]]] = {}
+        self._headers: dict[
+            tuple[int, int], tuple[VerifiedDevice, Decision, tuple[tuple[str, str], ...]]
+        ] = {}
 
     def verify_device_pem(self, pem: bytes | None) -> VerifiedDevice:
         if not pem:
@@ -240,6 +243,24 @@ class AdmissionCore:
             self._user_docs[id(user)] = entry
         return entry[1]
 
+    def _upstream_headers(
+        self, device: VerifiedDevice, decision: Decision
+    ) -> tuple[tuple[str, str], ...]:
+        """The identity headers and the policy's, built once per (device, decision): a cache
+        hit returns the same ``Decision`` object, so repeated calls reuse them."""
+        key = (id(device), id(decision))
+        entry = self._headers.get(key)
+        if entry is None or entry[0] is not device or entry[1] is not decision:
+            if len(self._headers) >= _MAX_CACHED_DOCS:
+                self._headers.clear()
+            headers = (
+                (DEVICE_ID_HEADER, device.device_id),
+                (SPIFFE_ID_HEADER, device.spiffe_id),
+                *policy_headers(decision),
+            )
+            entry = self._headers[key] = (device, decision, headers)
+        return entry[2]
+
     def posture_input(
         self, device: VerifiedDevice, now: datetime
     ) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -279,7 +300,7 @@ class AdmissionCore:
         try:
             device = self.verify_device_pem(call.peer_cert_pem)
             user = await self.user_input(call.metadata, device)
-            return await self._decide(call, device, user, started)
+            return await self._decide(call, device, user, started, now)
         except ZtagentError as err:
             return await self._refuse(err, call, device, user, now, started)
         except Exception as exc:  # a bug: INTERNAL, one line without the client's data
@@ -389,10 +410,14 @@ class AdmissionCore:
         return self.decision_log.submit(record)
 
     async def _decide(
-        self, call: Call, device: VerifiedDevice, user: dict[str, Any], started: float
+        self,
+        call: Call,
+        device: VerifiedDevice,
+        user: dict[str, Any],
+        started: float,
+        now: datetime,
     ) -> Verdict:
         full_method = call.full_method
-        now = self._clock()
         posture_doc, attestation = self.posture_input(device, now)
         input_doc = build_input(
             device=self._device_doc(device)[0],
@@ -404,7 +429,9 @@ class AdmissionCore:
             now=now,
             node=self._node,
         )
-        service, method = split_method(full_method)
+        request = input_doc["request"]
+        service: str = request["service"]
+        method: str = request["method"]
         modes = self._modes.get(service, self._default)
         failure: PolicyError | None = None
         policy_started = time.perf_counter()
@@ -492,11 +519,7 @@ class AdmissionCore:
                 "dry run: would deny %s for %s: %s", full_method, device.device_id, decision.reasons
             )
         return Verdict(
-            headers=(
-                (DEVICE_ID_HEADER, device.device_id),
-                (SPIFFE_ID_HEADER, device.spiffe_id),
-                *policy_headers(decision),
-            ),
+            headers=self._upstream_headers(device, decision),
             admitted=Admitted(
                 device_id=device.device_id,
                 spiffe_id=device.spiffe_id,

@@ -181,17 +181,19 @@ def project(input_doc: Mapping[str, Any], paths: tuple[tuple[str, ...], ...]) ->
     hold, so this input is evaluated uncached)."""
     out = []
     missing = 0
-    for i, path in enumerate(paths):
+    bit = 1
+    for path in paths:
         value: Any = input_doc
-        for part in path:
-            # dict first: the input is built of plain dicts (an ABC check costs microseconds)
-            if (type(value) is dict or isinstance(value, Mapping)) and part in value:
+        try:
+            for part in path:
+                # a JSON value: an object has the key (KeyError when not); a string, a
+                # number, an array, null or false have no fields (TypeError)
                 value = value[part]
-            else:
-                value = None
-                missing |= 1 << i
-                break
+        except (KeyError, TypeError, IndexError):
+            value = None
+            missing |= bit
         out.append(value)
+        bit <<= 1
     try:
         return missing, dumps(out)
     except (TypeError, ValueError):

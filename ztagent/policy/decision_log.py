@@ -219,7 +219,14 @@ class DecisionLog:
         self.on_full: OnFull = on_full
         self.queue_size = queue_size
         self.fsync = fsync
-        self._queue: queue.Queue[object] = queue.Queue(maxsize=queue_size)
+        # SimpleQueue (C) and a size check, not queue.Queue(maxsize): Queue's put takes two
+        # Python-level locks and a condition per record, on the request path (about 4 µs
+        # against 0.2). The bound is checked before the put, so concurrent submitters from
+        # several threads may pass it by one record each.
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._room = threading.Condition()
+        """Block mode: submitters wait here for the writer to take records."""
+        self._waiting = 0
         self._thread: threading.Thread | None = None
         self._closed = False
         self._count_lock = threading.Lock()
@@ -275,26 +282,35 @@ class DecisionLog:
         if self._closed:
             self._count_drop()
             return False
-        if self.on_full == "block":
-            self._queue.put(record)
-            return True
-        try:
-            self._queue.put_nowait(record)
-        except queue.Full:
-            self._count_drop()
-            return False
+        if self._queue.qsize() >= self.queue_size:
+            if self.on_full == "drop":
+                self._count_drop()
+                return False
+            self._wait_for_room()
+        self._queue.put(record)
         return True
+
+    def _wait_for_room(self) -> None:
+        """Block mode: until the queue has room (or the writer is gone)."""
+        with self._room:
+            self._waiting += 1
+            try:
+                while self._queue.qsize() >= self.queue_size:
+                    thread = self._thread
+                    if thread is None or not thread.is_alive():
+                        return
+                    self._room.wait(0.1)
+            finally:
+                self._waiting -= 1
 
     async def asubmit(self, record: DecisionRecord) -> bool:
         """``submit`` for the event loop: in block mode a full queue is waited for in a worker
         thread, never on the loop. (A cancelled wait still queues the record once there is
         space.)"""
-        if self.on_full == "drop" or self._closed:
+        if self.on_full == "drop" or self._closed or self._queue.qsize() < self.queue_size:
             return self.submit(record)
-        try:
-            self._queue.put_nowait(record)
-        except queue.Full:
-            await asyncio.to_thread(self._queue.put, record)
+        await asyncio.to_thread(self._wait_for_room)
+        self._queue.put(record)
         return True
 
     @property
@@ -318,9 +334,7 @@ class DecisionLog:
             self._close_fd()
             return True
         deadline = time.monotonic() + timeout_s
-        with contextlib.suppress(queue.Full):
-            # Full: the writer is busy; it sees _closed after its batch and stops when empty
-            self._queue.put(_STOP, timeout=timeout_s)
+        self._queue.put(_STOP)
         thread.join(max(0.0, deadline - time.monotonic()))
         if thread.is_alive():
             logger.warning(
@@ -351,6 +365,9 @@ class DecisionLog:
                     batch.append(item)
                 else:
                     stop = True
+            if self._waiting:
+                with self._room:
+                    self._room.notify_all()
             if batch:
                 try:
                     self._write_batch(batch)
