@@ -23,6 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ztagent._proto.workloads.v1 import storage_pb2_grpc
 from ztagent.config import Route
+from ztagent.sidecar.heap import settle_heap
 from ztagent.sidecar.proxy import ProxyHandler
 from ztagent.sidecar.upstreams import Upstreams
 from ztagent.tokens.assertion import ASSERTION_HEADER, AssertionSigner
@@ -114,6 +115,7 @@ async def run_bare_proxy(args: argparse.Namespace) -> None:
     )
     server.add_secure_port(f"127.0.0.1:{args.port}", _mtls(args.ca_dir))
     await server.start()
+    settle_heap()  # the sidecar's collector settings, so the legs differ only in the checks
     await servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await _until_signalled()
     await server.stop(1)

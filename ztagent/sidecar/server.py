@@ -42,6 +42,7 @@ from ztagent.policy.decision_log import DecisionLog, NullDecisionLog, worker_log
 from ztagent.policy.types import PolicyEngine
 from ztagent.sidecar.attestation import AttestationService, PostureState
 from ztagent.sidecar.health import IdentityCheckedHealth
+from ztagent.sidecar.heap import settle_heap
 from ztagent.sidecar.log_writer import ProcessDecisionLog
 from ztagent.sidecar.metrics import Metrics, MetricsEndpoint
 from ztagent.sidecar.pipeline import Pipeline
@@ -735,6 +736,7 @@ async def run_sidecar(
     """
     sidecar = Sidecar(config, worker=worker)
     await sidecar.start()
+    settle_heap()
     if ready_fd is not None:
         os.write(ready_fd, f"ready {os.getpid()} {sidecar.port}\n".encode())
         os.close(ready_fd)
