@@ -83,10 +83,11 @@ async def test_connection_is_reused(engine: OpaEngine, standin: OpaStandin) -> N
 
 
 async def test_timeout(standin: OpaStandin) -> None:
-    standin.delay_s = 0.3
-    engine = OpaEngine(standin.url, timeout_s=0.05)
+    # the budget also covers the recovery call below: 50 ms was missed on a busy host
+    standin.delay_s = 1.0
+    engine = OpaEngine(standin.url, timeout_s=0.25)
     try:
-        with pytest.raises(PolicyError, match="did not answer within 50 ms") as info:
+        with pytest.raises(PolicyError, match="did not answer within 250 ms") as info:
             await engine.evaluate(make_input(roles=["reader"]))
         assert info.value.code == "policy_timeout"
         health = engine.health()
