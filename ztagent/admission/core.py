@@ -195,6 +195,8 @@ class AdmissionCore:
         # VerifiedDevice / VerifiedUser object while their answer holds).
         self._device_docs: dict[str, tuple[VerifiedDevice, dict[str, Any], str]] = {}
         self._user_docs: dict[int, tuple[VerifiedUser, dict[str, Any]]] = {}
+        self._unverified = unverified_posture()
+        """``input.posture`` without a fresh attestation: one document, shared read-only."""
         self._headers: dict[
             tuple[int, int], tuple[VerifiedDevice, Decision, tuple[tuple[str, str], ...]]
         ] = {}
@@ -267,10 +269,10 @@ class AdmissionCore:
         """input.posture for this certificate, and the decision log's link to the attestation
         that backs it (None: no fresh attestation, posture unverified)."""
         if self.posture_cache is None:
-            return unverified_posture(), None
+            return self._unverified, None
         posture = self.posture_cache.get(device.fingerprint_sha256, now)
         if posture is None:
-            return unverified_posture(), None
+            return self._unverified, None
         doc = posture.as_input(now)
         return doc, {"attestation_id": posture.attestation_id, "quote_age_s": doc["age_s"]}
 
