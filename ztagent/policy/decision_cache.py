@@ -189,7 +189,7 @@ def project(input_doc: Mapping[str, Any], paths: tuple[tuple[str, ...], ...]) ->
                 # a JSON value: an object has the key (KeyError when not); a string, a
                 # number, an array, null or false have no fields (TypeError)
                 value = value[part]
-        except (KeyError, TypeError, IndexError):
+        except (KeyError, TypeError):  # every part is a str: an array raises TypeError
             value = None
             missing |= bit
         out.append(value)
