@@ -87,7 +87,7 @@ class NoChecks:
         self._signer = AssertionSigner.from_file(assertion_key)
 
     async def admit(
-        self, context: grpc.aio.ServicerContext, full_method: str
+        self, context: grpc.aio.ServicerContext, full_method: str, *, hold_log: bool = False
     ) -> tuple[tuple[str, str], ...]:
         token = self._signer.mint(
             device_id=self._device,
@@ -96,6 +96,9 @@ class NoChecks:
             decision_id="bench",
         )
         return ((ASSERTION_HEADER, token),)
+
+    def release_log(self) -> None:
+        return None  # no decision log
 
 
 async def run_bare_proxy(args: argparse.Namespace) -> None:

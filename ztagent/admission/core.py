@@ -293,8 +293,12 @@ class AdmissionCore:
             outcome = "dry_run" if modes.dry_run else "deny"
         self.metrics.decision(service, outcome, decision.reasons, policy_s)
 
-    async def decide(self, call: Call) -> Verdict:
-        """The verdict on one call. Never raises for client input (see the module doc)."""
+    async def decide(self, call: Call, *, hold_log: bool = False) -> Verdict:
+        """The verdict on one call. Never raises for client input (see the module doc).
+
+        ``hold_log``: an admitted call's decision-log record is queued without waking the
+        writer (``DecisionSink.hold``); the caller must ``release_log()`` once it has sent the
+        call on, on every path (refusals are always submitted at once)."""
         started = time.perf_counter()
         now = self._clock()
         device: VerifiedDevice | None = None
@@ -302,7 +306,7 @@ class AdmissionCore:
         try:
             device = self.verify_device_pem(call.peer_cert_pem)
             user = await self.user_input(call.metadata, device)
-            return await self._decide(call, device, user, started, now)
+            return await self._decide(call, device, user, started, now, hold_log)
         except ZtagentError as err:
             return await self._refuse(err, call, device, user, now, started)
         except Exception as exc:  # a bug: INTERNAL, one line without the client's data
@@ -411,6 +415,10 @@ class AdmissionCore:
             return await self.decision_log.asubmit(record)
         return self.decision_log.submit(record)
 
+    def release_log(self) -> None:
+        """Wakes the decision-log writer for the records ``decide(hold_log=True)`` held."""
+        self.decision_log.release()
+
     async def _decide(
         self,
         call: Call,
@@ -418,6 +426,7 @@ class AdmissionCore:
         user: dict[str, Any],
         started: float,
         now: datetime,
+        hold_log: bool,
     ) -> Verdict:
         full_method = call.full_method
         posture_doc, attestation = self.posture_input(device, now)
@@ -487,7 +496,10 @@ class AdmissionCore:
             refusal=None if unrouted is None else _refusal_doc(unrouted),
         )
         if enforced:
-            logged = await self._submit(record)
+            if hold_log and not self._block_on_full_log:
+                logged = self.decision_log.hold(record)
+            else:
+                logged = await self._submit(record)
         else:
             code = (
                 unrouted.code

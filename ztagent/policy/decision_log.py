@@ -44,6 +44,7 @@ import queue
 import stat
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -134,6 +135,15 @@ class DecisionSink(Protocol):
 
     async def asubmit(self, record: DecisionRecord) -> bool: ...
 
+    def hold(self, record: DecisionRecord) -> bool:
+        """``submit``, except that the writer may not see the record before ``release()``
+        (or the next ``submit``, or ``close``): the caller picks when the writer wakes."""
+        ...
+
+    def release(self) -> None:
+        """Hands the held records to the writer (cheap when none are held)."""
+        ...
+
     @property
     def stats(self) -> LogStats: ...
 
@@ -151,6 +161,12 @@ class NullDecisionLog:
 
     async def asubmit(self, record: DecisionRecord) -> bool:
         return True
+
+    def hold(self, record: DecisionRecord) -> bool:
+        return self.submit(record)
+
+    def release(self) -> None:
+        return None
 
     @property
     def stats(self) -> LogStats:
@@ -178,6 +194,13 @@ class DecisionLog:
     none). ``fsync``: fsync after every batch (and the directory after every rotation).
     ``signer``: signs the checkpoint lines (none: no checkpoints); ``checkpoint_every``:
     decision lines between two checkpoints.
+
+    ``hold()`` queues a record without waking the writer; ``release()`` (or the next
+    ``submit``, or ``close``) wakes it. The proxy holds an admitted call's record until it
+    has sent the call upstream: the writer's work, which needs the GIL, then runs while the
+    event loop waits for the workload instead of delaying the call (at one call in flight it
+    took about 70 µs off the assertion's signing, which released the GIL to a freshly woken
+    writer). Held records keep their order: a ``submit`` releases them first.
 
     Call ``close()`` after the server stopped taking requests; the writer thread is a daemon
     so a process that never calls it does not hang at exit, but loses what was queued.
@@ -224,6 +247,9 @@ class DecisionLog:
         # against 0.2). The bound is checked before the put, so concurrent submitters from
         # several threads may pass it by one record each.
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._held: deque[DecisionRecord] = deque()
+        """Records ``hold()`` queued and the writer was not woken for (appended by holders,
+        emptied by ``release``; deque's append and popleft are atomic)."""
         self._room = threading.Condition()
         """Block mode: submitters wait here for the writer to take records."""
         self._waiting = 0
@@ -279,6 +305,8 @@ class DecisionLog:
     def submit(self, record: DecisionRecord) -> bool:
         """Queue ``record``; True if queued. Drop mode never blocks: a full queue (or a
         closed log) counts a drop and returns False. Block mode waits for space."""
+        if self._held:
+            self.release()
         if self._closed:
             self._count_drop()
             return False
@@ -289,6 +317,26 @@ class DecisionLog:
             self._wait_for_room()
         self._queue.put(record)
         return True
+
+    def hold(self, record: DecisionRecord) -> bool:
+        """Queue ``record`` without waking the writer (see the class doc); True if queued.
+        A full queue or a closed log drops it as ``submit`` does; block mode submits."""
+        if self.on_full == "block" or self._closed:
+            return self.submit(record)
+        if self._queue.qsize() + len(self._held) >= self.queue_size:
+            self._count_drop()
+            return False
+        self._held.append(record)
+        return True
+
+    def release(self) -> None:
+        held = self._held
+        while held:
+            try:
+                record = held.popleft()
+            except IndexError:  # another thread released it meanwhile
+                return
+            self._queue.put(record)
 
     def _wait_for_room(self) -> None:
         """Block mode: until the queue has room (or the writer is gone)."""
@@ -319,7 +367,7 @@ class DecisionLog:
             written=self._written,
             dropped=self._dropped,
             rotated=self._rotated,
-            queue_depth=self._queue.qsize(),
+            queue_depth=self._queue.qsize() + len(self._held),
             errors=self._errors,
             checkpoints=self._checkpoints,
             lost=self._lost,
@@ -329,6 +377,7 @@ class DecisionLog:
         """Refuse new records, write what is queued, stop the writer. True if the writer
         finished within ``timeout_s``; False leaves it draining in the background."""
         self._closed = True
+        self.release()
         thread = self._thread
         if thread is None or not thread.is_alive():
             self._close_fd()

@@ -146,6 +146,14 @@ class ProcessDecisionLog:
         self._enqueue(record)
         return True
 
+    def hold(self, record: DecisionRecord) -> bool:
+        """``submit``: records already wait on the loop until the next flush, which wakes no
+        thread of this process."""
+        return self.submit(record)
+
+    def release(self) -> None:
+        return None
+
     async def asubmit(self, record: DecisionRecord) -> bool:
         if self.on_full == "drop" or self._closed:
             return self.submit(record)

@@ -37,9 +37,12 @@ class Pipeline(AdmissionCore):
         super().__init__(*args, **kwargs)
         self.signer = signer
 
-    async def admit(self, context: grpc.aio.ServicerContext, full_method: str) -> Metadata:
-        """The identity headers to add upstream; raises the verdict's ZtagentError to refuse."""
-        verdict = await self.decide(call_of(context, full_method))
+    async def admit(
+        self, context: grpc.aio.ServicerContext, full_method: str, *, hold_log: bool = False
+    ) -> Metadata:
+        """The identity headers to add upstream; raises the verdict's ZtagentError to refuse.
+        ``hold_log``: as ``decide``'s (the caller then owes a ``release_log()``)."""
+        verdict = await self.decide(call_of(context, full_method), hold_log=hold_log)
         if verdict.error is not None:
             raise verdict.error
         admitted = verdict.admitted

@@ -59,8 +59,15 @@ def _returnable(metadata: Metadata | None) -> list[tuple[str, str | bytes]]:
 class Admission(Protocol):
     """Decides whether a call may pass; returns the identity headers to add upstream."""
 
-    async def admit(self, context: grpc.aio.ServicerContext, full_method: str) -> Metadata:
-        """Raises a ZtagentError to refuse the call."""
+    async def admit(
+        self, context: grpc.aio.ServicerContext, full_method: str, *, hold_log: bool = False
+    ) -> Metadata:
+        """Raises a ZtagentError to refuse the call. ``hold_log``: the admitted call's
+        decision-log record may wait for ``release_log()`` before the writer wakes."""
+        ...
+
+    def release_log(self) -> None:
+        """Wakes the decision-log writer for what ``admit(hold_log=True)`` held."""
         ...
 
 
@@ -80,6 +87,10 @@ def is_unary_unary(full_method: str) -> bool:
 
 class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
     """Generic handler: admission first, then route by service name and forward.
+
+    The decision-log writer is woken only once the call has gone upstream (``hold_log``):
+    its work then overlaps the wait for the workload rather than holding the GIL while the
+    call is still being read and sent on.
 
     Methods whose kind is known to be unary-unary take a unary fast path (grpc.aio's unary
     call costs much less than a stream-stream one); every other method is relayed as a raw
@@ -130,7 +141,7 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
     ) -> tuple[Metadata, Route]:
         """Identity headers and route, or the call is aborted with the reason."""
         try:
-            identity = await self._admission.admit(context, method)
+            identity = await self._admission.admit(context, method, hold_log=True)
         except ZtagentError as err:  # counted and logged by the admission core
             log.info("refused %s: %s", method, err)
             await context.abort(
@@ -139,6 +150,7 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
             raise AssertionError("unreachable") from err
         route = self._upstreams.route(service_of(method))
         if route is None:  # admission refuses unrouted services first; kept as a safeguard
+            self._admission.release_log()
             known = ", ".join(self._upstreams.services) or "none"
             await context.abort(
                 grpc.StatusCode.UNIMPLEMENTED,
@@ -154,25 +166,28 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
     async def forward_unary(self, method: str, context: grpc.aio.ServicerContext) -> bytes:
         """A unary call: admission on the headers first, then the one request message."""
         identity, route = await self._admit(method, context)
-        request = await context.read()
-        if request is grpc.aio.EOF or await context.read() is not grpc.aio.EOF:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"unary method {method} expects exactly one request message",
-            )
-        assert isinstance(request, bytes)
-        key = (route.upstream, method)
-        multicallable = self._unary_calls.get(key)
-        if multicallable is None:
-            multicallable = self._upstreams.channel(route).unary_unary(method)
-            if len(self._unary_calls) < 4096:
-                self._unary_calls[key] = multicallable
-        timeout = context.time_remaining()
-        if timeout is None:
-            timeout = route.timeout_s
-        metadata = forwardable(context.invocation_metadata())
-        metadata.extend(identity)
-        call = multicallable(request, metadata=tuple(metadata), timeout=timeout)
+        try:
+            request = await context.read()
+            if request is grpc.aio.EOF or await context.read() is not grpc.aio.EOF:
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"unary method {method} expects exactly one request message",
+                )
+            assert isinstance(request, bytes)
+            key = (route.upstream, method)
+            multicallable = self._unary_calls.get(key)
+            if multicallable is None:
+                multicallable = self._upstreams.channel(route).unary_unary(method)
+                if len(self._unary_calls) < 4096:
+                    self._unary_calls[key] = multicallable
+            timeout = context.time_remaining()
+            if timeout is None:
+                timeout = route.timeout_s
+            metadata = forwardable(context.invocation_metadata())
+            metadata.extend(identity)
+            call = multicallable(request, metadata=tuple(metadata), timeout=timeout)
+        finally:  # the call is on its way (or refused): the writer may have the GIL now
+            self._admission.release_log()
         try:
             response: bytes = await call
         except grpc.aio.AioRpcError as err:
@@ -200,17 +215,20 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
         identity: Metadata,
         context: grpc.aio.ServicerContext,
     ) -> None:
-        multicallable = self._calls.get((route.upstream, method))
-        if multicallable is None:
-            multicallable = self._upstreams.channel(route).stream_stream(method)
-            if len(self._calls) < 4096:  # bounded: method names come from clients
-                self._calls[(route.upstream, method)] = multicallable
-        timeout = context.time_remaining()
-        if timeout is None:
-            timeout = route.timeout_s
-        metadata = forwardable(context.invocation_metadata())
-        metadata.extend(identity)
-        call = multicallable(metadata=tuple(metadata), timeout=timeout)
+        try:
+            multicallable = self._calls.get((route.upstream, method))
+            if multicallable is None:
+                multicallable = self._upstreams.channel(route).stream_stream(method)
+                if len(self._calls) < 4096:  # bounded: method names come from clients
+                    self._calls[(route.upstream, method)] = multicallable
+            timeout = context.time_remaining()
+            if timeout is None:
+                timeout = route.timeout_s
+            metadata = forwardable(context.invocation_metadata())
+            metadata.extend(identity)
+            call = multicallable(metadata=tuple(metadata), timeout=timeout)
+        finally:
+            self._admission.release_log()
         pump = asyncio.create_task(_pump_requests(context, call))
         try:
             initial = await call.initial_metadata()

@@ -489,6 +489,60 @@ async def test_asubmit_waits_off_the_event_loop(log_path: Path, gate: Gate) -> N
     assert log.stats.written == 3
 
 
+def test_a_held_record_waits_for_release_and_keeps_its_place(log_path: Path) -> None:
+    log = DecisionLog(log_path)
+    log.start()
+    assert log.hold(record(0)) and log.hold(record(1))
+    time.sleep(0.1)  # negative wait: nothing woke the writer, so nothing may be written
+    assert log.stats.written == 0 and log.stats.queue_depth == 2
+    assert not log_path.read_bytes()
+    log.release()
+    log.release()  # nothing held: a no-op
+    assert log.hold(record(2))
+    assert log.submit(record(3))  # a submit hands the held record over first
+    assert log.close()
+    ids = [json.loads(line)["decision_id"] for line in lines_of(log_path)]
+    assert ids == [f"{i:032x}" for i in range(4)]
+    assert log.stats.written == 4 and verify_log(log_path).ok
+
+
+def test_close_writes_what_is_held(log_path: Path) -> None:
+    log = DecisionLog(log_path)
+    log.start()
+    assert log.hold(record(0))
+    assert log.close()
+    assert [json.loads(line)["decision_id"] for line in lines_of(log_path)] == [f"{0:032x}"]
+    assert not log.hold(record(1))  # closed: dropped like a submit
+    assert log.stats.dropped == 1
+
+
+def test_hold_counts_held_records_against_the_queue_bound(log_path: Path, gate: Gate) -> None:
+    log = HookedLog(log_path, gate, queue_size=2, on_full="drop")
+    log.start()
+    assert log.submit(record(0))
+    assert gate.entered.wait(5)  # the writer holds record 0 and is stuck in its write
+    assert log.submit(record(1)) and log.hold(record(2))
+    assert not log.hold(record(3)) and not log.submit(record(4))  # full, held one included
+    assert log.stats.dropped == 2 and log.stats.queue_depth == 2
+    gate.open.set()
+    assert log.close()
+    assert log.stats.written == 3
+    ids = [json.loads(line)["decision_id"] for line in lines_of(log_path)]
+    assert ids == [f"{i:032x}" for i in range(3)]
+
+
+def test_hold_in_block_mode_submits_at_once(log_path: Path) -> None:
+    log = DecisionLog(log_path, on_full="block")
+    log.start()
+    assert log.hold(record(0))
+    assert log.stats.queue_depth <= 1
+    deadline = time.monotonic() + 5
+    while log.stats.written < 1 and time.monotonic() < deadline:  # no release() needed
+        time.sleep(0.01)
+    assert log.stats.written == 1
+    assert log.close()
+
+
 def test_submit_after_close_is_refused(log_path: Path) -> None:
     log = DecisionLog(log_path)
     log.start()
@@ -667,6 +721,8 @@ async def test_null_log_has_the_same_interface() -> None:
     null.start()
     assert null.submit(record())
     assert await null.asubmit(record())
+    assert null.hold(record())
+    null.release()
     assert null.stats == LogStats(0, 0, 0, 0, 0)
     assert null.close()
 
