@@ -148,6 +148,9 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
                 grpc_status_for(err), f"{err.code}: {err.message}", error_trailers(err)
             )
             raise AssertionError("unreachable") from err
+        except BaseException:  # not a refusal (a bug, a cancellation): nothing stays held
+            self._admission.release_log()
+            raise
         route = self._upstreams.route(service_of(method))
         if route is None:  # admission refuses unrouted services first; kept as a safeguard
             self._admission.release_log()
