@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ztagent import __version__
+from ztagent import __version__, json_input
 from ztagent.errors import EXIT_OK, EXIT_REJECTED, ConfigError, ZtagentError, exit_code_for
 
 Handler = Callable[[argparse.Namespace], int]
@@ -584,11 +584,11 @@ def cmd_policy_build(args: argparse.Namespace) -> int:
 
 def _read_json(path: Path) -> object:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json_input.loads(path.read_bytes(), max_depth=None)
     except OSError as exc:
         raise ConfigError(str(path), f"cannot read: {exc.strerror}") from exc
-    except json.JSONDecodeError as exc:
-        raise ConfigError(str(path), f"not JSON: {exc}") from exc
+    except ValueError as exc:  # also not UTF-8, nested too deep to parse
+        raise ConfigError(str(path), str(exc)) from exc
 
 
 def cmd_policy_eval(args: argparse.Namespace) -> int:

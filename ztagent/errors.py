@@ -83,6 +83,15 @@ class DeniedError(ZtagentError):
     status_name = "PERMISSION_DENIED"
 
 
+def raised_at(exc: BaseException) -> str:
+    """``file:line`` where ``exc`` was raised (its innermost frame): what a server logs for
+    an unexpected exception instead of a traceback, which could carry the client's data."""
+    where = exc.__traceback__
+    while where is not None and where.tb_next is not None:
+        where = where.tb_next
+    return f"{where.tb_frame.f_code.co_filename}:{where.tb_lineno}" if where else "?"
+
+
 def exit_code_for(err: ZtagentError) -> int:
     if isinstance(err, ConfigError):
         return EXIT_USAGE

@@ -38,16 +38,24 @@ def _no_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not JSON")
 
 
-def loads(data: bytes | str, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
+def loads(data: bytes | str, max_depth: int | None = DEFAULT_MAX_DEPTH) -> Any:
     """The JSON value in ``data``; ``ValueError`` (with the reason) when it is not UTF-8, not
-    JSON (NaN and Infinity included), or nests deeper than ``max_depth``."""
+    JSON (NaN and Infinity included), or nests deeper than ``max_depth``. ``None``: no bound
+    of ours, only the parser's own (about a thousand levels), still as ``ValueError`` — for
+    documents ztagent wrote itself and reads back, such as decision-log lines, where a
+    tighter bound could call a genuine line broken."""
     try:
         value = json.loads(data, parse_constant=_no_constant)
     except RecursionError:  # the C scanner unwinds cleanly; the document is just too deep
-        raise ValueError(f"JSON nested more than {max_depth} levels deep") from None
+        raise ValueError(
+            "JSON nested too deeply to parse"
+            if max_depth is None
+            else f"JSON nested more than {max_depth} levels deep"
+        ) from None
     except ValueError as exc:  # also UnicodeDecodeError
         raise ValueError(f"not JSON: {exc}") from None
-    found = depth(value)
-    if found > max_depth:
-        raise ValueError(f"JSON nested {found} levels deep (at most {max_depth})")
+    if max_depth is not None:
+        found = depth(value)
+        if found > max_depth:
+            raise ValueError(f"JSON nested {found} levels deep (at most {max_depth})")
     return value

@@ -6,6 +6,7 @@ by plain ``cryptography`` CSRs and grpc channels (the real device client is test
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -212,6 +213,22 @@ async def test_enroll_renew_revoke_and_crl(pki: Pki, server: CaServer) -> None:
     assert events[2]["serial"] == response.serial and events[2]["device_id"] == DEVICE
     assert events[5]["previous_serial"] == response.serial
     assert events[7]["serial"] == renewed.serial and events[7]["device_id"] == DEVICE
+
+
+async def test_a_token_nested_past_the_parser_is_malformed_not_an_internal_error(
+    pki: Pki, server: CaServer
+) -> None:
+    """The token's header is parsed before its signature is checked, so anyone who can reach
+    the enrollment port chooses it: a header nested 1,400 deep is UNAUTHENTICATED
+    ``token_malformed`` like any other bad token, not a traceback answered
+    ``ca_unavailable``."""
+    header = base64.urlsafe_b64encode(b"[" * 1400 + b"]" * 1400).decode().rstrip("=")
+    details = await _refused(
+        _enroll(pki, server, f"{header}.e30.c2ln", _csr(ec.generate_private_key(ec.SECP256R1()))),
+        grpc.StatusCode.UNAUTHENTICATED,
+        "token_malformed",
+    )
+    assert "nested more than 32 levels" in details
 
 
 async def test_renew_refuses_a_cert_from_another_ca(

@@ -32,9 +32,10 @@ from ztagent.config import load_config
 from ztagent.dev.boot_sim import BootComponent, demo_components, demo_image, simulate_boot
 from ztagent.dev.issuer import init_dev_issuer, mint_token
 from ztagent.dev.swtpm import SwtpmProcess, start_swtpm
-from ztagent.device.attest import attest_once
+from ztagent.device.attest import AttestRpcError, attest_once
 from ztagent.device.tpm import DeviceTpm
 from ztagent.posture.firmware import generate_firmware_key, sign_manifest
+from ztagent.sidecar import attestation
 from ztagent.sidecar.server import Sidecar
 from ztagent.workloads.storage.server import start_storage_server, stop_storage_server
 
@@ -233,6 +234,46 @@ async def test_firmware_checks(stack: Stack, swtpms: list[SwtpmProcess]) -> None
     older = boot(stack, swtpms, "cam-rollback-2", svn=4)
     older.pair = dev.pair
     assert codes(await attest(stack, older)) == ["firmware_rollback"]
+
+
+async def test_a_manifest_nested_past_the_parser_is_malformed_evidence(
+    stack: Stack, swtpms: list[SwtpmProcess]
+) -> None:
+    """The device chooses its manifest bytes: 5,000 levels of nesting are an
+    ``evidence_malformed`` failure in the answer, not an UNKNOWN status with a traceback."""
+    dev = boot(stack, swtpms, "cam-deep-manifest")
+    dev.manifest = b"[" * 5000 + b"]" * 5000
+    response = await attest(stack, dev)
+    assert not response.verified and codes(response) == ["evidence_malformed"]
+    assert "nested more than 32 levels" in response.failures[0].message
+
+
+async def test_a_bug_in_verification_is_internal_and_fails_closed(
+    stack: Stack,
+    swtpms: list[SwtpmProcess],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An unexpected exception while verifying (a bug injected here) is INTERNAL
+    ``attestation_error``: the posture an earlier attestation left is dropped, and the log
+    has one line with the exception's type and place, never its message."""
+    dev = boot(stack, swtpms, "cam-bug")
+    assert (await attest(stack, dev)).verified
+    assert await delete(stack, dev) == "OK"
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise KeyError("secret-from-the-device")
+
+    monkeypatch.setattr(attestation, "verify_evidence", broken)
+    with pytest.raises(AttestRpcError) as info:
+        await attest(stack, dev)
+    assert info.value.message == (
+        "Attest: INTERNAL: attestation_error: internal error in attestation (see the sidecar's log)"
+    )
+    assert (await delete(stack, dev)).startswith("PERMISSION_DENIED")  # posture gone
+    lines = [r.getMessage() for r in caplog.records if "attestation_error" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("attestation_error: KeyError at ")
+    assert "secret-from-the-device" not in caplog.text
 
 
 async def _evidence(st: Stack, dev: Device, nonce: bytes) -> pb.Evidence:

@@ -11,6 +11,7 @@ collector but whose answer never came back) and restarted; lines rotated away be
 
 from __future__ import annotations
 
+import base64
 import gzip
 import hashlib
 import itertools
@@ -163,6 +164,35 @@ def test_delivery_in_opa_format_with_the_chain_and_checkpoints(
     assert shipper.stats.delivered == 40 + sum(
         1 for e in collector.events if e["ztagent"].get("checkpoint")
     )  # type: ignore[union-attr]
+
+
+def test_damaged_lines_are_shipped_as_unreadable_and_the_lines_after_them_follow(
+    collector: Collector, tmp_path: Path
+) -> None:
+    """An edited or damaged line never stops the shipper: it goes up as it is, with the
+    reason, so the collector sees where the chain breaks, and the rest is delivered."""
+    path = tmp_path / "decisions.jsonl"
+    _write(path, 0, 8)
+    lines = path.read_bytes().splitlines()
+    lines[2] = b"[" * 5000 + b"]" * 5000  # beyond the standard parser's recursion
+    lines[3] = b"\xff\xfe not UTF-8"
+    lines[4] = b'{"input": {"request": "not an object"}, "checkpoint": 7}'
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    shipper = DecisionLogShipper(path, _settings(collector))
+    _drain(shipper)
+    events = collector.events
+    assert len(events) == len(lines) and shipper.stats.delivered == len(lines)
+    third, fourth, fifth = events[2:5]
+    assert third["decision_id"] == f"unreadable-{hashlib.sha256(lines[2]).hexdigest()[:32]}"
+    assert third["ztagent"] == {  # type: ignore[comparison-overlap]
+        "line": lines[2].decode(),
+        "prev_sha256": None,
+        "unreadable": "JSON nested too deeply to parse",
+    }
+    assert str(fourth["ztagent"]["unreadable"]).startswith("not JSON: ")  # type: ignore[index]
+    assert base64.b64decode(fourth["ztagent"]["line_base64"]) == lines[3]  # type: ignore[index,arg-type]
+    assert fifth["ztagent"]["checkpoint"] is True and fifth["timestamp"] == ""  # type: ignore[index]
+    assert collector.lines()[5:] == [line.decode() for line in lines[5:]]  # delivered after
 
 
 def test_the_collector_down_then_back_loses_nothing_and_keeps_order(

@@ -30,3 +30,10 @@ def test_accepted_values_are_exact() -> None:
     assert json_input.depth(json_input.loads(nested)) == 32
     assert json_input.loads(nested, max_depth=32) is not None
     assert json_input.depth(7) == 0 and json_input.depth({"a": [1, {"b": []}]}) == 4
+
+
+def test_without_a_bound_of_ours_the_parser_limit_is_still_a_value_error() -> None:
+    """``max_depth=None`` (documents ztagent wrote itself): any depth the parser can take."""
+    assert json_input.loads("[" * 200 + "]" * 200, max_depth=None) is not None
+    with pytest.raises(ValueError, match=r"^JSON nested too deeply to parse$"):
+        json_input.loads(b"[" * 5000 + b"]" * 5000, max_depth=None)

@@ -33,7 +33,7 @@ from ztagent.admission.policy_input import (
 )
 from ztagent.admission.refusal_budget import RefusalBudget, RefusalSummary
 from ztagent.config import Config, FailureMode
-from ztagent.errors import DeniedError, TransportError, ZtagentError
+from ztagent.errors import DeniedError, TransportError, ZtagentError, raised_at
 from ztagent.pki.errors import CertError
 from ztagent.pki.verify import DeviceChecker, VerifiedDevice
 from ztagent.policy.decision_log import DecisionSink
@@ -310,11 +310,7 @@ class AdmissionCore:
         except ZtagentError as err:
             return await self._refuse(err, call, device, user, now, started)
         except Exception as exc:  # a bug: INTERNAL, one line without the client's data
-            where = exc.__traceback__
-            while where is not None and where.tb_next is not None:
-                where = where.tb_next
-            at = f"{where.tb_frame.f_code.co_filename}:{where.tb_lineno}" if where else "?"
-            log.error("admission_error: %s at %s", type(exc).__name__, at)
+            log.error("admission_error: %s at %s", type(exc).__name__, raised_at(exc))
             error = AdmissionError("admission_error", "internal error in admission (see the log)")
             return await self._refuse(error, call, device, user, now, started)
 

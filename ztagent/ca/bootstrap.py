@@ -37,6 +37,7 @@ from joserfc import jws
 from joserfc.errors import BadSignatureError, JoseError
 from joserfc.jwk import ECKey
 
+from ztagent import json_input
 from ztagent.ca import ca_keys
 from ztagent.ca import store as ca_store
 from ztagent.ca.db import CaDatabase
@@ -170,10 +171,10 @@ def _json_segment(segment: str, what: str) -> dict[str, Any]:
 
 
 def _json_object(raw: bytes, what: str) -> dict[str, Any]:
-    try:
-        value = json.loads(raw.decode("utf-8"))
-    except ValueError as exc:  # incl. UnicodeDecodeError, JSONDecodeError
-        raise _malformed(f"{what} is not JSON ({exc})") from None
+    try:  # the header is parsed before the signature is checked: nesting bounded
+        value = json_input.loads(raw)
+    except ValueError as exc:  # also not UTF-8, nested too deep
+        raise _malformed(f"{what}: {exc}") from None
     if not isinstance(value, dict):
         raise _malformed(f"{what} is a JSON {type(value).__name__} (expected an object)")
     return value

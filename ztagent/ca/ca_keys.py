@@ -52,6 +52,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_dss_signature
 
+from ztagent import json_input
 from ztagent.errors import ConfigError
 from ztagent.files import PUBLIC_MODE, write_atomic
 from ztagent.pkcs11_keys import (
@@ -336,7 +337,7 @@ def read_record(path: Path) -> dict[str, str]:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         with os.fdopen(fd, "rb") as f:
             raw = f.read(64 * 1024)
-        doc: Any = json.loads(raw)
+        doc: Any = json_input.loads(raw, max_depth=None)
     except OSError as exc:
         raise CaError("ca_state_invalid", f"cannot read {path}: {exc.strerror}") from None
     except ValueError as exc:

@@ -10,13 +10,13 @@ whose SQLite database does not exist yet is migrated the same way on first use
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ztagent import json_input
 from ztagent.ca.db import IssuedEntry, RevokedEntry, open_database
 from ztagent.ca.store import CaLayout
 from ztagent.pki.errors import CaError
@@ -39,7 +39,7 @@ class MigrationReport:
 
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_bytes())
+        return json_input.loads(path.read_bytes(), max_depth=None)
     except OSError as exc:
         raise CaError("ca_state_invalid", f"cannot read {path}: {exc.strerror}") from None
     except ValueError as exc:

@@ -28,7 +28,6 @@ import errno
 import functools
 import http.client
 import ipaddress
-import json
 import logging
 import socket
 import threading
@@ -50,6 +49,7 @@ from tlslite.constants import AlertDescription, CipherSuite
 from tlslite.errors import TLSAbruptCloseError, TLSError, TLSLocalAlert, TLSRemoteAlert
 from tlslite.utils.ecdsakey import ECDSAKey
 
+from ztagent import json_input
 from ztagent.device.errors import TlsError
 from ztagent.device.keystores import PIN_ENV, KeyStore, KeyStoreError, open_key_store
 from ztagent.errors import ConfigError, ZtagentError
@@ -69,7 +69,7 @@ ALERT_WAIT_S = 0.5
 def read_key_store_record(path: Path) -> dict[str, Any]:
     """A ``keystore.json`` (what ``ztagent enroll`` wrote: which store holds the key)."""
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = json_input.loads(path.read_bytes(), max_depth=None)
     except (OSError, ValueError) as exc:
         raise KeyStoreError("keystore_failed", f"cannot read {path}: {exc}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("type"), str):

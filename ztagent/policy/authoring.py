@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import regorus
 
+from ztagent import json_input
 from ztagent.policy.bundle_sign import (
     MANIFEST_FILE,
     SIGNATURES_FILE,
@@ -371,7 +372,7 @@ def evaluate_input(
 
 def _with_extra_data(sources: PolicySources, data_path: Path) -> PolicySources:
     try:
-        extra = json.loads(data_path.read_text(encoding="utf-8"))
+        extra = json_input.loads(data_path.read_bytes(), max_depth=None)
     except OSError as exc:
         raise PolicyLoadError(
             "policy_data_invalid", f"{data_path}: cannot read: {exc.strerror}"

@@ -218,12 +218,15 @@ def parse_json_numbers_as_written(raw: bytes) -> Any:
     as their literal text. Raises ValueError (UnicodeDecodeError, JSONDecodeError)."""
     if raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]
-    return json.loads(
-        raw.decode("utf-8"),
-        parse_int=_Number,
-        parse_float=_Number,
-        parse_constant=_reject_constant,
-    )
+    try:
+        return json.loads(
+            raw.decode("utf-8"),
+            parse_int=_Number,
+            parse_float=_Number,
+            parse_constant=_reject_constant,
+        )
+    except RecursionError:  # a bundle file from the network, parsed before it is trusted
+        raise ValueError("JSON nested too deeply to parse") from None
 
 
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")

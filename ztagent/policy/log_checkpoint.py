@@ -56,6 +56,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
+from ztagent import json_input
 from ztagent.errors import ZtagentError
 from ztagent.policy.decision_record import format_time
 
@@ -454,7 +455,7 @@ def _first_prev(fd: int) -> str | None:
         first += chunk
         offset += len(chunk)
     try:
-        doc = json.loads(first.split(b"\n", 1)[0])
+        doc = json_input.loads(first.split(b"\n", 1)[0], max_depth=None)
     except ValueError:
         return None
     prev = doc.get("prev_sha256") if isinstance(doc, dict) else None
@@ -470,7 +471,7 @@ def read_tail_position(fd: int, size: int) -> TailPosition:
     for line in _lines_backwards(fd, size):
         if line.startswith(CHECKPOINT_PREFIX):
             try:
-                doc = json.loads(line)
+                doc = json_input.loads(line, max_depth=None)
                 found = parse_checkpoint(doc).checkpoint if isinstance(doc, dict) else None
             except (ValueError, CheckpointError):
                 found = None
@@ -678,7 +679,7 @@ def _step(walk: _Walk, line: bytes) -> tuple[str, str] | None:
     doc: object = None
     if walk.file_line == 1 or b'"checkpoint"' in line:
         try:
-            doc = json.loads(line)
+            doc = json_input.loads(line, max_depth=None)
         except ValueError:
             doc = None
         if walk.file_line == 1 and isinstance(doc, dict):

@@ -13,12 +13,12 @@ removal of whole lines at the end. Compare ``last_sha256`` with a copy kept else
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from ztagent import json_input
 from ztagent.policy.decision_record import GENESIS_PREV, line_sha256
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -62,9 +62,9 @@ def _fail(path: Path, lines: int, line_no: int, code: str, what: str) -> LogVeri
 
 def _prev_of(raw: bytes) -> str:
     """``prev_sha256`` of one line; ValueError saying what is wrong."""
-    try:
-        doc = json.loads(raw)
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+    try:  # a tampered line may nest a thousand deep: still a ValueError
+        doc = json_input.loads(raw, max_depth=None)
+    except ValueError as exc:
         raise ValueError(f"not valid JSON ({exc})") from None
     if not isinstance(doc, dict):
         raise ValueError(f"not a JSON object (got {type(doc).__name__})")

@@ -493,6 +493,10 @@ def _merge_data(root: str, data_files: list[tuple[str, bytes]]) -> dict[str, Any
             doc = json.loads(raw)
         except UnicodeDecodeError:
             raise PolicyLoadError("policy_data_invalid", f"{where}: not UTF-8 text") from None
+        except RecursionError:  # the standard parser's limit (about a thousand levels)
+            raise PolicyLoadError(
+                "policy_data_invalid", f"{where}: JSON nested too deeply to parse"
+            ) from None
         except json.JSONDecodeError as exc:
             raise PolicyLoadError(
                 "policy_data_invalid", f"{where}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}"

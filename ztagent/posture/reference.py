@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ztagent import json_input
 from ztagent.errors import ConfigError
 from ztagent.files import write_atomic
 from ztagent.posture.errors import PostureError, short_hex
@@ -85,8 +86,8 @@ class ReferenceValues:
                 CONFIG_KEY, f"{path} is {len(raw)} bytes, limit {MAX_REFERENCE_BYTES}"
             )
         try:
-            data = json.loads(raw)
-        except (UnicodeDecodeError, ValueError) as exc:
+            data = json_input.loads(raw, max_depth=None)
+        except ValueError as exc:  # also not UTF-8, nested too deep to parse
             raise ConfigError(CONFIG_KEY, f"{path} is not JSON: {exc}") from exc
         return cls.from_dict(data, source=str(path))
 

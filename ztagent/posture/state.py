@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ztagent import json_input
 from ztagent.errors import ConfigError
 from ztagent.files import file_stamp, make_private_dir, write_atomic
 from ztagent.posture.errors import PostureError
@@ -81,8 +82,8 @@ class _JsonStore:
         except OSError as exc:
             raise ConfigError(self._key, f"cannot read {self._path}: {exc.strerror}") from exc
         try:
-            doc = json.loads(raw)
-        except (UnicodeDecodeError, ValueError) as exc:
+            doc = json_input.loads(raw, max_depth=None)
+        except ValueError as exc:  # also not UTF-8, nested too deep to parse
             raise ConfigError(self._key, f"{self._path} is not JSON: {exc}") from exc
         if (
             not isinstance(doc, dict)

@@ -21,7 +21,7 @@ import grpc
 from ztagent._proto.v1 import attestation_pb2, attestation_pb2_grpc
 from ztagent.admission.call import Clock
 from ztagent.config import PostureConfig
-from ztagent.errors import ConfigError, TransportError, ZtagentError
+from ztagent.errors import ConfigError, TransportError, ZtagentError, raised_at
 from ztagent.files import make_private_dir
 from ztagent.pki.verify import VerifiedDevice
 from ztagent.posture.ak_binding import PendingBindings, begin_binding, complete_binding
@@ -45,6 +45,15 @@ from ztagent.sidecar.shared_cache import SharedPostureCache
 from ztagent.sidecar.shared_nonces import SharedNonceStore
 
 log = logging.getLogger("ztagent.attestation")
+
+
+class AttestationError(ZtagentError):
+    """An unexpected exception while verifying evidence (code ``attestation_error``): a bug,
+    never the device's fault; answered INTERNAL, details only in the sidecar's log."""
+
+    status_name = "INTERNAL"
+    codes = frozenset({"attestation_error"})
+
 
 STATE_UNWRITABLE = "posture_state_unwritable"
 
@@ -189,6 +198,17 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
             return attestation_pb2.AttestResponse(
                 verified=False,
                 failures=[attestation_pb2.Failure(code=err.code, message=err.message)],
+            )
+        except Exception as exc:  # a bug: fail closed, one line without the device's data
+            state.cache.drop(device.fingerprint_sha256)
+            log.error("attestation_error: %s at %s", type(exc).__name__, raised_at(exc))
+            if isinstance(self._pipeline.metrics, Metrics):
+                self._pipeline.metrics.attestation(False, "attestation_error")
+            await self._abort(
+                context,
+                AttestationError(
+                    "attestation_error", "internal error in attestation (see the sidecar's log)"
+                ),
             )
         try:
             state.cache.put(posture)

@@ -24,6 +24,7 @@ never touches the request path (a separate task or process reading the files).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import gzip
 import json
@@ -39,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ztagent import json_input
 from ztagent.addresses import check_bundle_url
 from ztagent.device.keystore_tls import (
     DeviceIdentity,
@@ -153,25 +155,59 @@ def _timestamp(doc: dict[str, Any]) -> str:
     return when if isinstance(when, str) else ""
 
 
+def _document(line: bytes) -> tuple[dict[str, Any] | None, str]:
+    """A line's JSON object, or None and why it is not one (a tampered or damaged line)."""
+    try:
+        doc = json_input.loads(line, max_depth=None)
+    except ValueError as exc:  # also not UTF-8, nested too deep to parse
+        return None, str(exc)[:200]
+    if not isinstance(doc, dict):
+        return None, f"a JSON {type(doc).__name__}, expected an object"
+    return doc, ""
+
+
+def _prev_sha256(line: bytes) -> object:
+    doc, _ = _document(line)
+    return doc.get("prev_sha256") if doc is not None else None
+
+
 def to_event(line: bytes, settings: ShipperSettings, version: str) -> dict[str, Any]:
-    """One decision-log line as an OPA decision-log event (plus ``ztagent``)."""
-    doc = json.loads(line)
+    """One decision-log line as an OPA decision-log event (plus ``ztagent``).
+
+    A line that is not a JSON object (edited or damaged on disk) is shipped all the same, as
+    an ``unreadable-…`` event carrying the line and the reason: the collector sees the chain
+    break where it is, and the lines after it are not held back."""
     labels = {"id": settings.node_id, "app": "ztagent", "version": version}
-    ztagent: dict[str, Any] = {"line": line.decode("utf-8"), "prev_sha256": doc.get("prev_sha256")}
+    doc, problem = _document(line)
+    if doc is None:
+        ztagent: dict[str, Any] = {
+            "line": line.decode("utf-8", "replace"),
+            "prev_sha256": None,
+            "unreadable": problem,
+        }
+        if ztagent["line"].encode() != line:  # not UTF-8: the exact bytes too
+            ztagent["line_base64"] = base64.b64encode(line).decode()
+        return {"labels": labels, "decision_id": f"unreadable-{line_sha256(line)[:32]}",
+                "timestamp": "", "ztagent": ztagent}  # fmt: skip
+    ztagent = {"line": line.decode("utf-8"), "prev_sha256": doc.get("prev_sha256")}
     if "checkpoint" in doc:
         ztagent["checkpoint"] = True
+        checkpoint = doc["checkpoint"]
+        when = checkpoint.get("time") if isinstance(checkpoint, dict) else None
         return {"labels": labels, "decision_id": f"checkpoint-{line_sha256(line)[:32]}",
-                "timestamp": doc["checkpoint"].get("time", ""), "ztagent": ztagent}  # fmt: skip
+                "timestamp": when if isinstance(when, str) else "", "ztagent": ztagent}  # fmt: skip
+    input_doc = doc.get("input")
+    request = input_doc.get("request") if isinstance(input_doc, dict) else None
+    peer = request.get("peer") if isinstance(request, dict) else None
     event: dict[str, Any] = {
         "labels": labels,
         "decision_id": doc.get("decision_id"),
         "path": settings.decision_path.removeprefix("data.").replace(".", "/"),
-        "input": doc.get("input"),
+        "input": input_doc,
         "result": {"allow": doc.get("allow"), "reasons": doc.get("reasons"),
                    "enforced": doc.get("enforced"), "dry_run": doc.get("dry_run")},
         "timestamp": _timestamp(doc),
-        "requested_by": (doc.get("input") or {}).get("request", {}).get("peer", "")
-        if isinstance(doc.get("input"), dict) else "",
+        "requested_by": peer if isinstance(peer, str) else "",
         "ztagent": ztagent,
     }  # fmt: skip
     revision = doc.get("policy_revision")
@@ -349,7 +385,7 @@ class DecisionLogShipper:
                 "decision_id": f"gap-{self.cursor()[:16]}-{resume}",
                 "ztagent": {"gap": {"reason": "rotated away before upload",
                                     "after_sha256": self.cursor(),
-                                    "resumes_at_prev": json.loads(batch[0]).get("prev_sha256")
+                                    "resumes_at_prev": _prev_sha256(batch[0])
                                     if batch else None}},
             }  # fmt: skip
             events.insert(0, gap)

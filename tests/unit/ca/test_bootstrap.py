@@ -182,6 +182,8 @@ def test_token_for_another_trust_domain_is_refused(session_ca: Path) -> None:
         ("a.b", r"2 segments"),
         ("!!.b.c", r"header segment is not base64url"),
         (_b64(b"[1]") + ".e30.c2ln", r"header is a JSON list"),
+        # parsed before the signature is checked: a bounded parse, not a RecursionError
+        (_b64(b"[" * 1400 + b"]" * 1400) + ".e30.c2ln", r"header: JSON nested more than 32"),
     ],
 )
 def test_malformed_tokens_are_refused(session_ca: Path, token: str, match: str) -> None:

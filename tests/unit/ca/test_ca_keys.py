@@ -163,6 +163,7 @@ def test_checkpoints_signed_by_a_digest_signing_key_verify() -> None:
     ("content", "match"),
     [
         ("not json", "is not JSON"),
+        ("[" * 5000 + "]" * 5000, "nested too deeply to parse"),
         ('{"type": "file"}', "expected"),
         ('{"type": "pkcs11", "uri": "pkcs11:token=t"}', "expected"),
         ('{"type": "pkcs11", "uri": "u", "module": "m", "pin": "1234"}', "expected"),

@@ -191,6 +191,19 @@ def test_edited_data_is_a_hash_mismatch_but_reformatting_is_not(
     _refused(write_tar(path, members), keys, "bundle_hash_mismatch", "data.json")
 
 
+def test_data_nested_past_the_parser_is_invalid_not_a_traceback(
+    signed: tuple[Path, dict[str, VerificationKey]],
+) -> None:
+    """A bundle comes from the network and its JSON is parsed to be hashed, before anything
+    about it is trusted: 5,000 levels of nesting are ``bundle_invalid``."""
+    path, keys = signed
+    members = read_bundle_members(path)
+    members["data.json"] = b"[" * 5000 + b"]" * 5000
+    _refused(write_tar(path, members), keys, "bundle_invalid", "data.json: not JSON")
+    with pytest.raises(ValueError, match="nested too deeply to parse"):
+        parse_json_numbers_as_written(members["data.json"])
+
+
 def test_extra_file_is_unlisted(signed: tuple[Path, dict[str, VerificationKey]]) -> None:
     path, keys = signed
     members = read_bundle_members(path)

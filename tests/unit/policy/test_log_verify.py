@@ -136,6 +136,7 @@ def test_last_line_edit_is_only_visible_through_last_sha256(log: Path) -> None:
         (b'{"prev_sha256":"abc"}', "prev_sha256 is 'abc', expected 64 lowercase hex"),
         (b'{"allow":true}', "prev_sha256 is None"),
         (b"\xff\xfe{}", "not valid JSON"),
+        (b"[" * 5000 + b"]" * 5000, "not valid JSON (JSON nested too deeply"),  # edited
     ],
 )
 def test_invalid_line_is_named(log: Path, bad: bytes, reason: str) -> None:

@@ -63,6 +63,10 @@ def test_invalid_json_names_file_and_line(tmp_path: Path) -> None:
     root = write_tree(tmp_path / "p", {"x/data.json": '{\n  "a": 1,\n  oops\n}'})
     with pytest.raises(PolicyLoadError, match=r"x/data\.json:3:3: invalid JSON"):
         load_dir(root)
+    deep = write_tree(tmp_path / "q", {"x/data.json": "[" * 5000 + "]" * 5000})
+    with pytest.raises(PolicyLoadError, match=r"x/data\.json: JSON nested too deeply") as err:
+        load_dir(deep)
+    assert err.value.code == "policy_data_invalid"
 
 
 def test_revision_is_content_hash_and_changes_with_content(tmp_path: Path) -> None:

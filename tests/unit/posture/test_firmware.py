@@ -67,6 +67,7 @@ def test_untrusted_key_and_bad_signature(tmp_path: Path) -> None:
         (manifest_json(image_sha256="ab" * 31), "image_sha256"),
         (manifest_json(name=""), "non-empty"),
         (b"\xff\xfe", "not JSON"),
+        (b"[" * 5000 + b"]" * 5000, "nested more than 32 levels"),  # not RecursionError
     ],
 )
 def test_manifest_junk_is_malformed(raw: bytes, match: str) -> None:

@@ -103,6 +103,9 @@ def test_load_names_the_config_key(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not JSON"):
         ReferenceValues.load(tmp_path / "bad.json")
+    (tmp_path / "deep.json").write_text("[" * 5000 + "]" * 5000)
+    with pytest.raises(ConfigError, match="nested too deeply to parse"):
+        ReferenceValues.load(tmp_path / "deep.json")
 
 
 def test_shipped_placeholder_loads() -> None:

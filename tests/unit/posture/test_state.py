@@ -41,6 +41,9 @@ def test_corrupt_state_is_a_config_error(tmp_path: Path) -> None:
     path.write_text("nope")
     with pytest.raises(ConfigError, match=r"posture.ak_registry: .*not JSON"):
         AkRegistry(path)
+    path.write_text("[" * 5000 + "]" * 5000)
+    with pytest.raises(ConfigError, match=r"posture.ak_registry: .*nested too deeply"):
+        AkRegistry(path)
 
 
 def test_a_mark_recorded_by_another_process_holds_here(tmp_path: Path) -> None:

@@ -87,6 +87,7 @@ def test_old_versions_stay_readable() -> None:
     ("data", "message"),
     [
         (b"not json", "not valid JSON"),
+        (b"[" * 5000 + b"]" * 5000, "nested too deeply to parse"),
         (b"[]", "got a JSON list, expected an object"),
         (_doc(current=1, keys={"1": KEY_A}, extra=1), "unknown field"),
         (_doc(current="1", keys={"1": KEY_A}), "'current' is '1', expected a positive integer"),

@@ -30,6 +30,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from ztagent import json_input
 from ztagent.workloads.inference.errors import InvalidInputError, ModelLoadError
 
 MANIFEST_VERSION = 1
@@ -112,8 +113,8 @@ def parse_manifest(data: bytes, path: Path) -> ModelManifest:
         return ModelLoadError("manifest_invalid", f"{path}: {what}")
 
     try:
-        doc = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        doc = json_input.loads(data, max_depth=None)
+    except ValueError as exc:  # also not UTF-8, nested too deep to parse
         raise bad(f"not valid JSON ({exc})") from None
     if not isinstance(doc, dict):
         raise bad(f"got a JSON {type(doc).__name__}, expected an object")

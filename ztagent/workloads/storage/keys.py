@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
+from ztagent import json_input
 from ztagent.workloads.storage.errors import KeyFileError
 
 KEY_BYTES = 32
@@ -70,8 +71,8 @@ def parse_key_file(data: bytes, path: Path) -> DataKeys:
         return KeyFileError("key_file_invalid", f"{path}: {what}")
 
     try:
-        doc = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        doc = json_input.loads(data, max_depth=None)
+    except ValueError as exc:  # also not UTF-8, nested too deep to parse
         raise bad(f"not valid JSON ({exc}); expected {{'current': N, 'keys': {{...}}}}") from None
     if not isinstance(doc, dict):
         raise bad(f"got a JSON {type(doc).__name__}, expected an object")
