@@ -1369,9 +1369,9 @@ def _final_error(text: str, code: str | None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from ztagent.logs import configure_logging, quiet_grpc_core
+    from ztagent.logs import configure_logging, quiet_native_logs
 
-    quiet_grpc_core(os.environ)  # before grpc starts: its C core logs by itself
+    quiet_native_logs(os.environ)  # before grpc and tpm2-tss start: they log by themselves
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging(args.log_level, getattr(args, "log_format", None) or "text")

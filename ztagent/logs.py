@@ -14,8 +14,12 @@ cookie, api key, private key) are written as ``"[redacted]"``, and a ``Bearer ..
 inside a message is cut to ``Bearer [redacted]``.
 
 gRPC's C core writes its own lines (``E1201 ... add_port.cc:83] ...``) straight to stderr;
-Python cannot reroute them. ``quiet_grpc_core`` sets ``GRPC_VERBOSITY=ERROR`` unless the
-operator set ``GRPC_VERBOSITY``, so only its errors appear there, unformatted.
+Python cannot reroute them. ``quiet_native_logs`` sets ``GRPC_VERBOSITY=ERROR`` unless the
+operator set ``GRPC_VERBOSITY``, so only its errors appear there, unformatted. The TPM
+library (tpm2-tss) does the same for every structure it fails to unmarshal — and the sidecar
+unmarshals what devices send (``ERROR:marshal:src/tss2-mu/...``), so any device could write
+such lines at will; ``TSS2_LOG=all+NONE`` silences it unless the operator set ``TSS2_LOG``
+(ztagent reports each failure itself, with its code).
 """
 
 from __future__ import annotations
@@ -152,8 +156,11 @@ def logs_json(root: logging.Logger | None = None) -> bool:
     )
 
 
-def quiet_grpc_core(environ: MutableMapping[str, str]) -> None:
-    """gRPC's C core logs to stderr by itself, unformatted: keep it to its errors
-    (``GRPC_VERBOSITY=ERROR``) unless the operator chose a verbosity. Call it before grpc
-    starts (the core reads the variable once)."""
+def quiet_native_logs(environ: MutableMapping[str, str]) -> None:
+    """gRPC's C core and tpm2-tss log to stderr by themselves, unformatted: gRPC's kept to
+    its errors (``GRPC_VERBOSITY=ERROR``), tpm2-tss's off (``TSS2_LOG=all+NONE``; its lines
+    repeat what the raised error says, and a device's malformed quote would write them),
+    unless the operator set the variable. Call it before either library starts (each reads
+    its variable once)."""
     environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    environ.setdefault("TSS2_LOG", "all+NONE")

@@ -21,7 +21,7 @@ from ztagent.logs import (
     JsonFormatter,
     configure_logging,
     is_credential_name,
-    quiet_grpc_core,
+    quiet_native_logs,
     scrub,
 )
 from ztagent.timefmt import parse_rfc3339
@@ -162,13 +162,13 @@ def test_configure_logging_leaves_a_configured_root_alone(bare_root: logging.Log
     assert bare_root.handlers == [theirs]
 
 
-def test_grpc_verbosity_respects_the_operator() -> None:
+def test_native_log_levels_respect_the_operator() -> None:
     env: dict[str, str] = {}
-    quiet_grpc_core(env)
-    assert env == {"GRPC_VERBOSITY": "ERROR"}
-    env = {"GRPC_VERBOSITY": "debug"}
-    quiet_grpc_core(env)
-    assert env == {"GRPC_VERBOSITY": "debug"}
+    quiet_native_logs(env)
+    assert env == {"GRPC_VERBOSITY": "ERROR", "TSS2_LOG": "all+NONE"}
+    env = {"GRPC_VERBOSITY": "debug", "TSS2_LOG": "marshal+debug"}
+    quiet_native_logs(env)
+    assert env == {"GRPC_VERBOSITY": "debug", "TSS2_LOG": "marshal+debug"}
 
 
 TLS = {"server_cert": "s.pem", "server_key": "s.key", "client_ca": "ca.pem"}
