@@ -7,6 +7,8 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.fixtures.ci import require_module
 from tests.unit.posture._support import (
@@ -279,3 +281,46 @@ def test_unknown_component_event_in_log(world: World) -> None:
         )
     )
     refused(world, world.device.evidence(world.nonce()), "boot_not_reference", match="initrd")
+
+
+_BYTE_FIELDS = (
+    "quote",
+    "quote_signature",
+    "event_log",
+    "ak_public",
+    "firmware_manifest",
+    "firmware_signature",
+    "host_facts",
+)
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    field=st.sampled_from(_BYTE_FIELDS),
+    edit=st.one_of(
+        st.binary(max_size=400),  # replaced outright
+        st.tuples(st.integers(0, 2**16), st.binary(min_size=1, max_size=8)),  # bytes overwritten
+        st.integers(0, 2**16),  # truncated there
+    ),
+)
+def test_whatever_a_device_sends_is_a_posture_error_at_worst(
+    world: World, field: str, edit: bytes | tuple[int, bytes] | int
+) -> None:
+    """One field of good evidence replaced, overwritten in place or cut short: verification
+    passes or refuses with a PostureError (a code the device is told), never anything else."""
+    evidence = world.device.evidence(world.nonce())
+    value: bytes = getattr(evidence, field)
+    if isinstance(edit, bytes):
+        value = edit
+    elif isinstance(edit, tuple):
+        at = edit[0] % (len(value) + 1)
+        value = value[:at] + edit[1] + value[at + len(edit[1]) :]
+    else:
+        value = value[: edit % (len(value) + 1)]
+    setattr(evidence, field, value)
+    try:
+        world.verify(evidence)
+    except PostureError as err:
+        assert err.code  # a stable code, not an accident
