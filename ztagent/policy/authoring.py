@@ -489,10 +489,10 @@ def replay(
             if not line.strip():
                 continue
             try:
-                entry = json.loads(line)
-            except ValueError as exc:
+                entry = json_input.loads(line, max_depth=None)
+            except ValueError as exc:  # also nested too deeply to parse (an edited line)
                 total += 1
-                errors.append(ReplayError(line_no, None, f"not JSON: {exc}"))
+                errors.append(ReplayError(line_no, None, str(exc)))
                 continue
             if is_checkpoint(entry):  # a signed anchor of the chain, not a decision
                 continue

@@ -165,13 +165,14 @@ def test_replay_reports_exactly_the_flipped_decisions(tmp_path: Path) -> None:
     lines.insert(3, "not json at all")
     lines.insert(5, json.dumps({"decision_id": "d-noinput", "allow": True, "reasons": []}))
     lines.insert(6, "")
+    lines.append("[" * 5000 + "]" * 5000)  # an edited line past the parser: reported
     log.write_text("\n".join(lines) + "\n")
 
     unchanged = replay(log, old_policy)
     assert unchanged.changed == ()
 
     report = replay(log, new_policy)
-    assert report.total == 8
+    assert report.total == 9
     assert [(c.decision_id, c.old_allow, c.new_allow) for c in report.changed] == [
         ("d2", True, False),
         ("d4", True, False),
@@ -179,5 +180,10 @@ def test_replay_reports_exactly_the_flipped_decisions(tmp_path: Path) -> None:
     bob = report.changed[0]
     assert bob.line_no == 2
     assert bob.old_reasons == () and bob.new_reasons == ("user not allowed",)
-    assert [(e.line_no, e.decision_id) for e in report.errors] == [(4, None), (6, "d-noinput")]
+    assert [(e.line_no, e.decision_id) for e in report.errors] == [
+        (4, None),
+        (6, "d-noinput"),
+        (10, None),
+    ]
+    assert report.errors[2].message == "JSON nested too deeply to parse"
     assert report.revision == load_dir(new_policy).revision
