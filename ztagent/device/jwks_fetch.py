@@ -41,6 +41,7 @@ from typing import Any
 
 from joserfc.jwk import KeySet
 
+from ztagent import json_input
 from ztagent.errors import ConfigError
 from ztagent.failure_log import FailureLog
 from ztagent.files import KEY_MODE, make_private_dir, write_atomic
@@ -364,9 +365,9 @@ class JwksSource:
     async def _discover_jwks_url(self) -> str:
         assert self._issuer is not None
         url = self._issuer.rstrip("/") + DISCOVERY_PATH
-        try:
-            doc = json.loads((await self._get(url)).decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
+        try:  # fetched from the network: nesting bounded
+            doc = json_input.loads(await self._get(url))
+        except ValueError as exc:  # also not UTF-8, nested too deep
             raise JwksError("jwks_invalid", f"{url} is not JSON ({exc})") from None
         if not isinstance(doc, dict):
             raise JwksError("jwks_invalid", f"{url} is not a JSON object")

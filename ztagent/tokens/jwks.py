@@ -6,7 +6,6 @@ The fetcher (file, ``https://``, OIDC discovery, cache and rate limit) is
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 
+from ztagent import json_input
 from ztagent.tokens.errors import JwksError
 
 DISCOVERY_PATH = "/.well-known/openid-configuration"
@@ -43,9 +43,9 @@ def parse_jwks(data: bytes, where: str = "JWKS") -> KeySet:
     A set holding private or symmetric key material is refused as a whole: that is a
     leaked key or a misconfigured issuer, never something to verify with.
     """
-    try:
-        doc = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+    try:  # fetched from the network: nesting bounded
+        doc = json_input.loads(data)
+    except ValueError as exc:  # also not UTF-8, nested too deep
         raise JwksError("jwks_invalid", f"{where} is not JSON ({exc})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
         raise JwksError("jwks_invalid", f"{where} has no 'keys' list (expected a JWK Set)")

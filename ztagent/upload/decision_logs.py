@@ -298,7 +298,7 @@ class DecisionLogShipper:
                     return after + [line for later in files[i + 1 :] for line in _lines(later)], 0
         lines = [line for path in files for line in _lines(path)]
         if cursor == GENESIS_PREV:
-            first_prev = json.loads(lines[0].data).get("prev_sha256") if lines else GENESIS_PREV
+            first_prev = _prev_sha256(lines[0].data) if lines else GENESIS_PREV
             return lines, 0 if first_prev == GENESIS_PREV else -1
         for i, line in enumerate(lines):  # a first batch after a start: find the cursor once
             if line_sha256(line.data) == cursor:

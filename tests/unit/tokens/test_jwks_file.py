@@ -107,6 +107,7 @@ async def test_no_key_set_ever_loaded_raises(tmp_path: Path, clock: FakeMonotoni
     ("doc", "needle"),
     [
         (b"[]", "no 'keys' list"),
+        (b"[" * 5000 + b"]" * 5000, "nested more than 32 levels"),  # from the network
         (b'{"keys": []}', "no public signing keys"),
         (b'{"keys": [1]}', "not an object"),
         (json.dumps({"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}).encode(), "symmetric"),
