@@ -22,9 +22,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ztagent._proto.workloads.v1 import storage_pb2_grpc
-from ztagent.config import Route
+from ztagent.config import ListenConfig, Route
 from ztagent.sidecar.heap import settle_heap
 from ztagent.sidecar.proxy import ProxyHandler
+from ztagent.sidecar.server import server_options
 from ztagent.sidecar.upstreams import Upstreams
 from ztagent.tokens.assertion import ASSERTION_HEADER, AssertionSigner
 from ztagent.workloads.identity import trust_verifier
@@ -104,12 +105,9 @@ class NoChecks:
 async def run_bare_proxy(args: argparse.Namespace) -> None:
     route = Route(service=STORAGE, upstream=args.upstream, timeout_s=30.0)
     upstreams = Upstreams((route,), MAX_MESSAGE)
+    # the sidecar's own server options (stream window, stream limit, connection age)
     server = grpc.aio.server(
-        options=[
-            ("grpc.so_reuseport", 0),
-            ("grpc.max_receive_message_length", MAX_MESSAGE),
-            ("grpc.max_send_message_length", MAX_MESSAGE),
-        ]
+        options=server_options(ListenConfig(max_message_bytes=MAX_MESSAGE), reuseport=False)
     )
     servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)

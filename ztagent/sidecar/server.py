@@ -30,7 +30,7 @@ from ztagent._proto.v1 import attestation_pb2_grpc
 # which lets the proxy take its unary fast path for their unary methods.
 from ztagent._proto.workloads.v1 import inference_pb2, storage_pb2  # noqa: F401
 from ztagent.admission.call import Clock, utc_now
-from ztagent.config import Config, check_files
+from ztagent.config import Config, ListenConfig, check_files
 from ztagent.device.bundle_fetch import BundleFetcher
 from ztagent.device.crl_fetch import CrlFetcher
 from ztagent.errors import ConfigError, TransportError, ZtagentError
@@ -291,22 +291,7 @@ class Sidecar:
         )
         self._upstreams = Upstreams(config.routes, config.listen.max_message_bytes)
 
-        limit = config.listen.max_message_bytes
-        options = [
-            ("grpc.so_reuseport", 0 if self.worker is None else 1),
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.max_concurrent_streams", config.listen.max_concurrent_streams),
-            # A fixed receive window per call: no BDP growth, so a client cannot push
-            # megabytes per stream before admission has read a byte of it.
-            ("grpc.http2.bdp_probe", 0),
-            ("grpc.http2.lookahead_bytes", config.listen.stream_window_bytes),
-            ("grpc.max_send_message_length", limit),
-            ("grpc.max_connection_age_ms", int(config.listen.max_connection_age_s * 1000)),
-            (
-                "grpc.max_connection_age_grace_ms",
-                int(config.listen.max_connection_age_grace_s * 1000),
-            ),
-        ]
+        options = server_options(config.listen, reuseport=self.worker is not None)
         server: Any  # grpc.aio.Server, or SyncServer, which bridges aio servicers onto sync
         if self._sync_services is not None:
             server = SyncServer(
@@ -710,6 +695,23 @@ def admitted_reflection(
         )
         for service in REFLECTION_SERVICES
     )
+
+
+def server_options(listen: ListenConfig, *, reuseport: bool) -> list[tuple[str, int]]:
+    """The mTLS port's gRPC server options (the bench's bare proxy uses the same)."""
+    limit = listen.max_message_bytes
+    return [
+        ("grpc.so_reuseport", 1 if reuseport else 0),
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_concurrent_streams", listen.max_concurrent_streams),
+        # A fixed receive window per call: no BDP growth, so a client cannot push
+        # megabytes per stream before admission has read a byte of it.
+        ("grpc.http2.bdp_probe", 0),
+        ("grpc.http2.lookahead_bytes", listen.stream_window_bytes),
+        ("grpc.max_send_message_length", limit),
+        ("grpc.max_connection_age_ms", int(listen.max_connection_age_s * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(listen.max_connection_age_grace_s * 1000)),
+    ]
 
 
 def assertion_signer(config: Config) -> AssertionSigner:
