@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 from google.protobuf import descriptor_pool
@@ -170,25 +170,14 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
         """A unary call: admission on the headers first, then the one request message."""
         identity, route = await self._admit(method, context)
         try:
-            request = await context.read()
-            if request is grpc.aio.EOF or await context.read() is not grpc.aio.EOF:
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"unary method {method} expects exactly one request message",
-                )
-            assert isinstance(request, bytes)
+            request = await _one_request(method, context)
             key = (route.upstream, method)
             multicallable = self._unary_calls.get(key)
             if multicallable is None:
                 multicallable = self._upstreams.channel(route).unary_unary(method)
-                if len(self._unary_calls) < 4096:
+                if len(self._unary_calls) < 4096:  # bounded: method names come from clients
                     self._unary_calls[key] = multicallable
-            timeout = context.time_remaining()
-            if timeout is None:
-                timeout = route.timeout_s
-            metadata = forwardable(context.invocation_metadata())
-            metadata.extend(identity)
-            call = multicallable(request, metadata=tuple(metadata), timeout=timeout)
+            call = multicallable(request, **_upstream_call_args(route, identity, context))
         finally:  # the call is on its way (or refused): the writer may have the GIL now
             self._admission.release_log()
         try:
@@ -224,12 +213,7 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
                 multicallable = self._upstreams.channel(route).stream_stream(method)
                 if len(self._calls) < 4096:  # bounded: method names come from clients
                     self._calls[(route.upstream, method)] = multicallable
-            timeout = context.time_remaining()
-            if timeout is None:
-                timeout = route.timeout_s
-            metadata = forwardable(context.invocation_metadata())
-            metadata.extend(identity)
-            call = multicallable(metadata=tuple(metadata), timeout=timeout)
+            call = multicallable(**_upstream_call_args(route, identity, context))
         finally:
             self._admission.release_log()
         pump = asyncio.create_task(_pump_requests(context, call))
@@ -260,6 +244,30 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
                 self._metrics.upstream_error(route.service, code.name)
             context.set_code(code)
             context.set_details(details or "")
+
+
+async def _one_request(method: str, context: grpc.aio.ServicerContext) -> bytes:
+    """The call's one request message; anything but exactly one is INVALID_ARGUMENT (before
+    the upstream sees any of it, as grpc-java's unary server waits for the half-close)."""
+    request = await context.read()
+    if request is grpc.aio.EOF or await context.read() is not grpc.aio.EOF:
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"unary method {method} expects exactly one request message",
+        )
+    assert isinstance(request, bytes)
+    return request
+
+
+def _upstream_call_args(
+    route: Route, identity: Metadata, context: grpc.aio.ServicerContext
+) -> dict[str, Any]:
+    """Metadata (the client's forwardable keys plus the identity headers) and the deadline
+    (the client's, else the route's timeout) of the upstream call."""
+    timeout = context.time_remaining()
+    metadata = forwardable(context.invocation_metadata())
+    metadata.extend(identity)
+    return {"metadata": tuple(metadata), "timeout": route.timeout_s if timeout is None else timeout}
 
 
 async def _pump_requests(
