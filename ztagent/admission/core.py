@@ -354,27 +354,39 @@ class AdmissionCore:
             input=input_doc,
             refusal=refusal,
         )
-        logged = await self._submit_refusal(record, _caller(device, call.peer), err.code, method)
+        caller = _caller(device, call.peer)
+        logged = await self._submit_refusal(record, caller, err, call.full_method)
         if self.metrics is not None:
             self.metrics.refusal(err.code)
             self.metrics.observe_admission(record.latency_us / 1e6, logged)
         return Verdict(error=err)
 
     async def _submit_refusal(
-        self, record: DecisionRecord, caller: str, code: str, method: str
+        self, record: DecisionRecord, caller: str, err: ZtagentError, full_method: str
     ) -> bool:
-        """A refusal's line, within the caller's budget; beyond it, counted for a summary."""
-        write, summary = self._budget.admit(caller, code, method, self._monotonic())
+        """A refusal's decision-log line and its ``refused ...`` line in the sidecar's own log,
+        within the caller's budget; beyond it, counted for the summary, which both logs get
+        instead: a flood of refusals fills neither."""
+        write, summary = self._budget.admit(caller, err.code, record.method, self._monotonic())
         if summary is not None:
-            await self._submit(self._summary_record(summary))
-        return await self._submit(record) if write else True
+            await self._submit_summary(summary)
+        if not write:
+            return True
+        log.info("refused %s: %s", full_method[:MAX_REFUSAL_MESSAGE_CHARS], err)
+        return await self._submit(record)
+
+    async def _submit_summary(self, summary: RefusalSummary) -> None:
+        record = self._summary_record(summary)
+        assert record.refusal is not None
+        log.info("%s", record.refusal["message"])
+        await self._submit(record)
 
     async def flush_refusal_summaries(self) -> int:
         """Writes the summaries of callers whose window has ended (call it periodically, so a
         caller that went quiet still gets its summary line); returns how many."""
         summaries = self._budget.due(self._monotonic())
         for summary in summaries:
-            await self._submit(self._summary_record(summary))
+            await self._submit_summary(summary)
         return len(summaries)
 
     def _summary_record(self, summary: RefusalSummary) -> DecisionRecord:
@@ -491,25 +503,13 @@ class AdmissionCore:
             input=input_doc,
             refusal=None if unrouted is None else _refusal_doc(unrouted),
         )
+        error: ZtagentError | None = None
         if enforced:
             if hold_log and not self._block_on_full_log:
                 logged = self.decision_log.hold(record)
             else:
                 logged = await self._submit(record)
         else:
-            code = (
-                unrouted.code
-                if unrouted is not None
-                else failure.code
-                if failure is not None
-                else "policy_denied"
-            )
-            logged = await self._submit_refusal(record, _caller(device, call.peer), code, method)
-        if self.metrics is not None:
-            self._count(service, decision, failure, modes, policy_s)
-            self.metrics.observe_admission(record.latency_us / 1e6, logged)
-        if not enforced:
-            error: ZtagentError
             if unrouted is not None:
                 error = unrouted
             elif failure is not None:
@@ -521,6 +521,13 @@ class AdmissionCore:
                 error = DeniedError(
                     "policy_denied", ", ".join(decision.reasons) or "denied by policy"
                 )
+            logged = await self._submit_refusal(
+                record, _caller(device, call.peer), error, full_method
+            )
+        if self.metrics is not None:
+            self._count(service, decision, failure, modes, policy_s)
+            self.metrics.observe_admission(record.latency_us / 1e6, logged)
+        if error is not None:
             if self.metrics is not None:
                 self.metrics.refusal(error.code)
             return Verdict(error=error)

@@ -142,8 +142,7 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
         """Identity headers and route, or the call is aborted with the reason."""
         try:
             identity = await self._admission.admit(context, method, hold_log=True)
-        except ZtagentError as err:  # counted and logged by the admission core
-            log.info("refused %s: %s", method, err)
+        except ZtagentError as err:  # counted and logged (within a budget) by the core
             await context.abort(
                 grpc_status_for(err), f"{err.code}: {err.message}", error_trailers(err)
             )

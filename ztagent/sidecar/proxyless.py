@@ -185,8 +185,7 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             raise AssertionError("unreachable")
         verdict = await core.decide(call_of(context, method))
         err: ZtagentError | None = verdict.error
-        if err is not None:
-            log.info("refused %s: %s", method, err)
+        if err is not None:  # logged (within the caller's budget) by the core
             await context.abort(
                 grpc_status_for(err), f"{err.code}: {err.message}", error_trailers(err)
             )
@@ -262,8 +261,7 @@ class SyncAdmissionInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         call = call_of(context, method)
         verdict = asyncio.run_coroutine_threadsafe(core.decide(call), self._loop).result()
         err: ZtagentError | None = verdict.error
-        if err is not None:
-            log.info("refused %s: %s", method, err)
+        if err is not None:  # logged (within the caller's budget) by the core
             _abort(context, grpc_status_for(err), f"{err.code}: {err.message}", error_trailers(err))
         return set_admitted(verdict.admitted)
 

@@ -5,6 +5,7 @@ a client controls (metadata, tokens, method names, certificates) ends in anythin
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -288,10 +289,13 @@ async def test_junk_denials_from_one_device_cannot_rotate_history_away(
     tmp_path: Path,
     session_pki: Pki,  # noqa: F811
     mint: Mint,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """40,000 denied calls with 7 KB of junk metadata each, from one device: an allowed line
     written before them stays in the current log file (the issue's attack: about 37,000 such
-    calls used to rotate the whole history away)."""
+    calls used to rotate the whole history away). The sidecar's own log gets the same budget:
+    100 ``refused`` lines and the summary, not 40,000."""
+    caplog.set_level(logging.INFO, logger="ztagent.pipeline")
     from ztagent.policy.decision_log import DecisionLog
     from ztagent.policy.log_verify import verify_log
 
@@ -330,3 +334,7 @@ async def test_junk_denials_from_one_device_cannot_rotate_history_away(
         {"code": "policy_denied", "method": "Deny", "count": 40_000 - 100}
     ]
     assert verify_log(path).ok
+    said = [r.getMessage() for r in caplog.records if r.name == "ztagent.pipeline"]
+    assert len(said) == 100 + 1
+    assert said[0] == f"refused /{SERVICE}/Deny: policy_denied: role_required:writer"
+    assert said[-1] == summary["refusal"]["message"]
