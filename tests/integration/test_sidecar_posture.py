@@ -9,6 +9,7 @@ code, and expiry brings `posture_required` back.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -274,6 +275,30 @@ async def test_a_bug_in_verification_is_internal_and_fails_closed(
     lines = [r.getMessage() for r in caplog.records if "attestation_error" in r.getMessage()]
     assert len(lines) == 1 and lines[0].startswith("attestation_error: KeyError at ")
     assert "secret-from-the-device" not in caplog.text
+
+
+async def test_failed_attestations_log_within_the_refusal_budget(
+    stack: Stack,
+    swtpms: list[SwtpmProcess],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A device repeating bad evidence gets ``refusal_burst`` (100) failure lines in the
+    sidecar's log per interval, then one summary line for the rest: it cannot fill the log."""
+    dev = boot(stack, swtpms, "cam-flood")
+    dev.manifest = b"not json"
+    now = [1000.0]
+    monkeypatch.setattr(attestation, "_monotonic", lambda: now[0])
+    caplog.set_level(logging.WARNING, logger="ztagent.attestation")
+    for _ in range(105):
+        assert codes(await attest(stack, dev)) == ["evidence_malformed"]
+    now[0] += 61  # the window ends: the next failure brings the summary
+    assert codes(await attest(stack, dev)) == ["evidence_malformed"]
+    said = [r.getMessage() for r in caplog.records if r.name == "ztagent.attestation"]
+    assert len(said) == 100 + 2  # the burst, the summary, the first line of the new window
+    assert said[0].startswith("attestation of cam-flood refused: evidence_malformed")
+    assert said[100].startswith("5 further failed attestations of cam-flood in ")
+    assert said[100].endswith("beyond 100 lines per 60 s: evidence_malformed x5")
 
 
 async def _evidence(st: Stack, dev: Device, nonce: bytes) -> pb.Evidence:

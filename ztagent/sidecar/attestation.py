@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -20,6 +21,7 @@ import grpc
 
 from ztagent._proto.v1 import attestation_pb2, attestation_pb2_grpc
 from ztagent.admission.call import Clock
+from ztagent.admission.refusal_budget import RefusalBudget
 from ztagent.config import PostureConfig
 from ztagent.errors import ConfigError, TransportError, ZtagentError, raised_at
 from ztagent.files import make_private_dir
@@ -131,11 +133,26 @@ class PostureState:
         )
 
 
+def _monotonic() -> float:
+    return time.monotonic()
+
+
 class AttestationService(attestation_pb2_grpc.AttestationServicer):
-    def __init__(self, pipeline: Pipeline, state: PostureState, clock: Clock) -> None:
+    """``log_budget``: how many failure lines one device may write to the sidecar's log per
+    interval (the decision log's ``refusal_burst`` / ``refusal_interval_s``); the rest are
+    counted into one summary line, so a device repeating bad evidence cannot fill the log."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        state: PostureState,
+        clock: Clock,
+        log_budget: RefusalBudget | None = None,
+    ) -> None:
         self._pipeline = pipeline
         self._state = state
         self._clock = clock
+        self._log_budget = log_budget or RefusalBudget(100, 60.0)
 
     async def _device(self, context: grpc.aio.ServicerContext) -> VerifiedDevice:
         try:
@@ -145,6 +162,22 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
                 grpc_status_for(err), f"{err.code}: {err.message}", error_trailers(err)
             )
             raise AssertionError("unreachable") from err
+
+    def _log_failure(self, device_id: str, err: PostureError) -> None:
+        write, summary = self._log_budget.admit(device_id, err.code, "Attest", _monotonic())
+        if summary is not None:
+            kinds = ", ".join(f"{code} x{n}" for code, _, n in summary.by_kind)
+            log.warning(
+                "%d further failed attestations of %s in %.0f s, beyond %d lines per %g s: %s",
+                summary.count,
+                summary.caller,
+                summary.until - summary.since,
+                self._log_budget.burst,
+                self._log_budget.interval_s,
+                kinds,
+            )
+        if write:
+            log.warning("attestation of %s refused: %s", device_id, err)
 
     @staticmethod
     async def _abort(context: grpc.aio.ServicerContext, err: ZtagentError) -> NoReturn:
@@ -192,7 +225,7 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
             # The newest evidence says no: a posture cached from an earlier attestation of
             # this certificate no longer stands.
             state.cache.drop(device.fingerprint_sha256)
-            log.warning("attestation of %s refused: %s", device.device_id, err)
+            self._log_failure(device.device_id, err)
             if isinstance(self._pipeline.metrics, Metrics):
                 self._pipeline.metrics.attestation(False, err.code)
             return attestation_pb2.AttestResponse(

@@ -30,6 +30,7 @@ from ztagent._proto.v1 import attestation_pb2_grpc
 # which lets the proxy take its unary fast path for their unary methods.
 from ztagent._proto.workloads.v1 import inference_pb2, storage_pb2  # noqa: F401
 from ztagent.admission.call import Clock, utc_now
+from ztagent.admission.refusal_budget import RefusalBudget
 from ztagent.config import Config, ListenConfig, check_files
 from ztagent.device.bundle_fetch import BundleFetcher
 from ztagent.device.crl_fetch import CrlFetcher
@@ -305,7 +306,15 @@ class Sidecar:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if posture is not None:
             attestation_pb2_grpc.add_AttestationServicer_to_server(
-                AttestationService(self.pipeline, posture, self._clock), server
+                AttestationService(
+                    self.pipeline,
+                    posture,
+                    self._clock,
+                    RefusalBudget(
+                        config.decision_log.refusal_burst, config.decision_log.refusal_interval_s
+                    ),
+                ),
+                server,
             )
         server.add_generic_rpc_handlers(
             admitted_reflection(self.pipeline, config, attestation=posture is not None)
