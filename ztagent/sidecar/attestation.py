@@ -147,12 +147,12 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
         pipeline: Pipeline,
         state: PostureState,
         clock: Clock,
-        log_budget: RefusalBudget | None = None,
+        log_budget: RefusalBudget,
     ) -> None:
         self._pipeline = pipeline
         self._state = state
         self._clock = clock
-        self._log_budget = log_budget or RefusalBudget(100, 60.0)
+        self._log_budget = log_budget
 
     async def _device(self, context: grpc.aio.ServicerContext) -> VerifiedDevice:
         try:

@@ -147,12 +147,8 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
                 grpc_status_for(err), f"{err.code}: {err.message}", error_trailers(err)
             )
             raise AssertionError("unreachable") from err
-        except BaseException:  # not a refusal (a bug, a cancellation): nothing stays held
-            self._admission.release_log()
-            raise
         route = self._upstreams.route(service_of(method))
         if route is None:  # admission refuses unrouted services first; kept as a safeguard
-            self._admission.release_log()
             known = ", ".join(self._upstreams.services) or "none"
             await context.abort(
                 grpc.StatusCode.UNIMPLEMENTED,
@@ -162,13 +158,22 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
         return identity, route
 
     async def forward(self, method: str, context: grpc.aio.ServicerContext) -> None:
-        identity, route = await self._admit(method, context)
-        await self._relay(method, route, identity, context)
+        try:
+            identity, route = await self._admit(method, context)
+            multicallable = self._calls.get((route.upstream, method))
+            if multicallable is None:
+                multicallable = self._upstreams.channel(route).stream_stream(method)
+                if len(self._calls) < 4096:  # bounded: method names come from clients
+                    self._calls[(route.upstream, method)] = multicallable
+            call = multicallable(**_upstream_call_args(route, identity, context))
+        finally:  # the call is on its way (or refused): the writer may have the GIL now
+            self._admission.release_log()
+        await self._relay(route, call, context)
 
     async def forward_unary(self, method: str, context: grpc.aio.ServicerContext) -> bytes:
         """A unary call: admission on the headers first, then the one request message."""
-        identity, route = await self._admit(method, context)
         try:
+            identity, route = await self._admit(method, context)
             request = await _one_request(method, context)
             key = (route.upstream, method)
             multicallable = self._unary_calls.get(key)
@@ -200,21 +205,8 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
         return response
 
     async def _relay(
-        self,
-        method: str,
-        route: Route,
-        identity: Metadata,
-        context: grpc.aio.ServicerContext,
+        self, route: Route, call: grpc.aio.StreamStreamCall, context: grpc.aio.ServicerContext
     ) -> None:
-        try:
-            multicallable = self._calls.get((route.upstream, method))
-            if multicallable is None:
-                multicallable = self._upstreams.channel(route).stream_stream(method)
-                if len(self._calls) < 4096:  # bounded: method names come from clients
-                    self._calls[(route.upstream, method)] = multicallable
-            call = multicallable(**_upstream_call_args(route, identity, context))
-        finally:
-            self._admission.release_log()
         pump = asyncio.create_task(_pump_requests(context, call))
         try:
             initial = await call.initial_metadata()
