@@ -299,6 +299,14 @@ async def test_failed_attestations_log_within_the_refusal_budget(
     assert said[0].startswith("attestation of cam-flood refused: evidence_malformed")
     assert said[100].startswith("5 further failed attestations of cam-flood in ")
     assert said[100].endswith("beyond 100 lines per 60 s: evidence_malformed x5")
+    for _ in range(99 + 4):  # the rest of the new window's burst of 100, then 4 counted
+        assert codes(await attest(stack, dev)) == ["evidence_malformed"]
+    now[0] += 61  # the device stops failing: the sidecar's periodic flush writes the summary
+    assert stack.sidecar.attestation is not None
+    assert stack.sidecar.attestation.flush_log_summaries() == 1
+    said = [r.getMessage() for r in caplog.records if r.name == "ztagent.attestation"]
+    assert len(said) == 100 + 2 + 99 + 1
+    assert said[-1].startswith("4 further failed attestations of cam-flood in ")
 
 
 async def _evidence(st: Stack, dev: Device, nonce: bytes) -> pb.Evidence:

@@ -16,9 +16,12 @@ the client's data). The gRPC adapters (``ztagent.sidecar.pipeline``) turn it int
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import logging
 import re
 import time
+import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -354,7 +357,7 @@ class AdmissionCore:
             input=input_doc,
             refusal=refusal,
         )
-        caller = _caller(device, call.peer)
+        caller = _caller(device, call)
         logged = await self._submit_refusal(record, caller, err, call.full_method)
         if self.metrics is not None:
             self.metrics.refusal(err.code)
@@ -367,8 +370,8 @@ class AdmissionCore:
         """A refusal's decision-log line and its ``refused ...`` line in the sidecar's own log,
         within the caller's budget; beyond it, counted for the summary, which both logs get
         instead: a flood of refusals fills neither."""
-        write, summary = self._budget.admit(caller, err.code, record.method, self._monotonic())
-        if summary is not None:
+        write, summaries = self._budget.admit(caller, err.code, record.method, self._monotonic())
+        for summary in summaries:
             await self._submit_summary(summary)
         if not write:
             return True
@@ -391,7 +394,7 @@ class AdmissionCore:
 
     def _summary_record(self, summary: RefusalSummary) -> DecisionRecord:
         now = self._clock()
-        device = summary.caller if not summary.caller.startswith("peer:") else None
+        device = None if summary.caller.startswith(("peer:", "cert:")) else summary.caller
         return DecisionRecord(
             decision_id=new_decision_id(now),
             time=now,
@@ -521,9 +524,7 @@ class AdmissionCore:
                 error = DeniedError(
                     "policy_denied", ", ".join(decision.reasons) or "denied by policy"
                 )
-            logged = await self._submit_refusal(
-                record, _caller(device, call.peer), error, full_method
-            )
+            logged = await self._submit_refusal(record, _caller(device, call), error, full_method)
         if self.metrics is not None:
             self._count(service, decision, failure, modes, policy_s)
             self.metrics.observe_admission(record.latency_us / 1e6, logged)
@@ -561,9 +562,29 @@ def _refusal_doc(err: ZtagentError) -> dict[str, Any]:
     return refusal
 
 
-def _caller(device: VerifiedDevice | None, peer: str) -> str:
-    """Whose refusal budget a refusal uses: the device, else the peer address (no port)."""
+def _caller(device: VerifiedDevice | None, call: Call) -> str:
+    """Whose refusal budget a refusal uses: the device; else the certificate it presented
+    (one that failed the identity check, e.g. revoked: its holder cannot escape the budget by
+    changing address); else the peer's address, an IPv6 one by its /64 (a host picks any
+    address in its subnet), the port never."""
     if device is not None:
         return device.device_id
-    host = peer.rsplit(":", 1)[0] if peer.startswith(("ipv4:", "ipv6:")) else peer
-    return f"peer:{host}"
+    if call.peer_cert_pem:
+        return f"cert:{hashlib.sha256(call.peer_cert_pem).hexdigest()[:32]}"
+    return f"peer:{_peer_host(call.peer)}"
+
+
+def _peer_host(peer: str) -> str:
+    """``ipv4:10.0.0.7:5000`` -> ``10.0.0.7``; ``ipv6:%5B2001:db8::1%5D:5000`` (or without
+    the escapes) -> ``2001:db8::/64``; anything else (``unix:...``) as it is."""
+    kind, _, rest = peer.partition(":")
+    if kind not in ("ipv4", "ipv6"):
+        return peer
+    host = urllib.parse.unquote(rest).rsplit(":", 1)[0].strip("[]")
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])  # no zone index
+    except ValueError:
+        return host
+    if address.version == 6:
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)

@@ -21,7 +21,7 @@ import grpc
 
 from ztagent._proto.v1 import attestation_pb2, attestation_pb2_grpc
 from ztagent.admission.call import Clock
-from ztagent.admission.refusal_budget import RefusalBudget
+from ztagent.admission.refusal_budget import RefusalBudget, RefusalSummary
 from ztagent.config import PostureConfig
 from ztagent.errors import ConfigError, TransportError, ZtagentError, raised_at
 from ztagent.files import make_private_dir
@@ -164,20 +164,31 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
             raise AssertionError("unreachable") from err
 
     def _log_failure(self, device_id: str, err: PostureError) -> None:
-        write, summary = self._log_budget.admit(device_id, err.code, "Attest", _monotonic())
-        if summary is not None:
-            kinds = ", ".join(f"{code} x{n}" for code, _, n in summary.by_kind)
-            log.warning(
-                "%d further failed attestations of %s in %.0f s, beyond %d lines per %g s: %s",
-                summary.count,
-                summary.caller,
-                summary.until - summary.since,
-                self._log_budget.burst,
-                self._log_budget.interval_s,
-                kinds,
-            )
+        write, summaries = self._log_budget.admit(device_id, err.code, "Attest", _monotonic())
+        for summary in summaries:
+            self._log_summary(summary)
         if write:
             log.warning("attestation of %s refused: %s", device_id, err)
+
+    def flush_log_summaries(self) -> int:
+        """Logs the summaries of devices whose window has ended (call it periodically, so a
+        device that stopped failing still gets its summary line); returns how many."""
+        summaries = self._log_budget.due(_monotonic())
+        for summary in summaries:
+            self._log_summary(summary)
+        return len(summaries)
+
+    def _log_summary(self, summary: RefusalSummary) -> None:
+        kinds = ", ".join(f"{code} x{n}" for code, _, n in summary.by_kind)
+        log.warning(
+            "%d further failed attestations of %s in %.0f s, beyond %d lines per %g s: %s",
+            summary.count,
+            summary.caller,
+            summary.until - summary.since,
+            self._log_budget.burst,
+            self._log_budget.interval_s,
+            kinds,
+        )
 
     @staticmethod
     async def _abort(context: grpc.aio.ServicerContext, err: ZtagentError) -> NoReturn:

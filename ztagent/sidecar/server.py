@@ -218,6 +218,7 @@ class Sidecar:
         """The port of the plain health listener (``health.address``; 0: none)."""
         self._upstreams: Upstreams | None = None
         self.pipeline: Pipeline | None = None
+        self.attestation: AttestationService | None = None
         self._trust_files = TrustFiles(config.tls.client_ca, config.tls.crl)
         self._tls_paths = (config.tls.server_cert, config.tls.server_key, config.tls.client_ca)
         self._tls_signature: FileSignature = ()
@@ -305,17 +306,15 @@ class Sidecar:
             server = grpc.aio.server(interceptors=interceptors, options=options)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if posture is not None:
-            attestation_pb2_grpc.add_AttestationServicer_to_server(
-                AttestationService(
-                    self.pipeline,
-                    posture,
-                    self._clock,
-                    RefusalBudget(
-                        config.decision_log.refusal_burst, config.decision_log.refusal_interval_s
-                    ),
+            self.attestation = AttestationService(
+                self.pipeline,
+                posture,
+                self._clock,
+                RefusalBudget(
+                    config.decision_log.refusal_burst, config.decision_log.refusal_interval_s
                 ),
-                server,
             )
+            attestation_pb2_grpc.add_AttestationServicer_to_server(self.attestation, server)
         server.add_generic_rpc_handlers(
             admitted_reflection(self.pipeline, config, attestation=posture is not None)
         )
@@ -569,8 +568,11 @@ class Sidecar:
             await asyncio.sleep(interval)
             self.reload()
             await self._report_health()
-            if self.pipeline is not None:  # callers that went quiet get their summary line
+            # Callers that went quiet get their summary line.
+            if self.pipeline is not None:
                 await self.pipeline.flush_refusal_summaries()
+            if self.attestation is not None:
+                self.attestation.flush_log_summaries()
 
     # -- stop -------------------------------------------------------------------------------
 

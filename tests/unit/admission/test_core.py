@@ -82,7 +82,7 @@ class ScriptedEngine:
         return None
 
 
-def _config(tmp_path: Path) -> Config:
+def _config(tmp_path: Path, **decision_log: Any) -> Config:
     for name in ("s.pem", "s.key", "ca.pem", "crl.pem"):
         (tmp_path / name).write_text("")
     raw = {
@@ -93,6 +93,7 @@ def _config(tmp_path: Path) -> Config:
             "crl": "crl.pem",
         },
         "routes": [{"service": SERVICE, "upstream": "127.0.0.1:1"}],
+        "decision_log": decision_log,
     }
     return parse_config(raw, tmp_path)
 
@@ -338,3 +339,35 @@ async def test_junk_denials_from_one_device_cannot_rotate_history_away(
     assert len(said) == 100 + 1
     assert said[0] == f"refused /{SERVICE}/Deny: policy_denied: role_required:writer"
     assert said[-1] == summary["refusal"]["message"]
+
+
+async def test_a_refused_caller_cannot_escape_its_budget_by_changing_address(
+    tmp_path: Path,
+    session_pki: Pki,  # noqa: F811
+    mint: Mint,  # noqa: F811
+) -> None:
+    """The budget of a certificate that fails the identity check is the certificate's, not
+    its address's; without one, an IPv6 caller's is its /64's (any address in it is the
+    host's to take)."""
+    core = AdmissionCore(
+        _config(tmp_path, refusal_burst=2),
+        DeviceChecker(session_pki.trust(), _device_policy()),
+        ScriptedEngine(),
+        None,
+        RecordingLog(),
+        lambda: NOW,
+        monotonic=lambda: 0.0,
+    )
+    foreign = _pem(mint, uris=["spiffe://evil.example/device/x"])
+    for host in range(5):  # a new address for each call
+        verdict = await core.decide(Call(f"/{SERVICE}/Get", (), f"ipv4:10.0.0.{host}:5", foreign))
+        assert verdict.error is not None and verdict.error.code == "spiffe_id_wrong_trust_domain"
+    assert len(_records(core)) == 2
+    for host in range(5):  # no certificate: grpc's escaped form, then the plain one
+        address = f"2001:db8::{host + 1:x}"
+        peer = f"ipv6:%5B{address}%5D:443" if host % 2 else f"ipv6:[{address}]:9"
+        verdict = await core.decide(Call(f"/{SERVICE}/Get", (), peer, None))
+        assert verdict.error is not None and verdict.error.code == "cert_missing"
+    assert len(_records(core)) == 4
+    await core.decide(Call(f"/{SERVICE}/Get", (), "ipv6:[2001:db8:0:1::1]:9", None))
+    assert len(_records(core)) == 5  # another /64, another budget
