@@ -12,6 +12,7 @@ serves its copy of the last good bundle.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import io
 import json
 import tarfile
@@ -29,6 +30,7 @@ from tests.integration.conftest import Pki, channel, write_config
 from tests.integration.echo_upstream import SERVICE, EchoUpstream
 from ztagent.config import load_config
 from ztagent.policy.authoring import build_bundle
+from ztagent.policy.sources import MAX_TAR_BYTES
 from ztagent.sidecar.server import Sidecar
 
 pytestmark = pytest.mark.integration
@@ -102,6 +104,15 @@ async def _call(pki: Pki, car: Sidecar) -> str:
     return _revisions(pki)[-1]
 
 
+def _bomb() -> bytes:
+    """A PAX header declaring 1 GiB, then zeros past ``MAX_TAR_BYTES``: about 80 KB to send,
+    gigabytes for a reader that trusts the header."""
+    info = tarfile.TarInfo("././@PaxHeader")
+    info.type, info.size = tarfile.XHDTYPE, 1 << 30
+    body = info.tobuf(format=tarfile.USTAR_FORMAT) + bytes(MAX_TAR_BYTES + (1 << 20))
+    return gzip.compress(body, compresslevel=9)
+
+
 async def _policy_health(car: Sidecar) -> int:
     request = health_pb2.HealthCheckRequest(service="ztagent.policy")
     reply = await health.aio.HealthServicer.Check(car.health, request, None)
@@ -140,6 +151,7 @@ async def test_bundles_from_nginx_new_revisions_refusals_and_the_last_good_copy(
         for forged, code in (
             (bundle(tmp_path, "rev-3", ALLOW % "forged", ATTACKER_KEY), "bundle_signature_invalid"),
             (bundle(tmp_path, "rev-4", BROKEN), "bundle_signature_missing"),
+            (_bomb(), f"decompresses to more than {MAX_TAR_BYTES} bytes"),
         ):
             nginx.publish(path, forged)
 

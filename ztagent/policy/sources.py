@@ -14,7 +14,9 @@ documents into an immutable ``PolicySources``; compiling and evaluating live in
   enforced (``PolicySources.dry_run``).
 - Bundle members are read in memory, never extracted. Refused with ``bundle_invalid``:
   drive-letter or '//' names, ``..`` components, symlinks, hard links and other non-regular members,
-  duplicate names, a member over ``MAX_MEMBER_BYTES`` or a total over ``MAX_BUNDLE_BYTES``.
+  duplicate names, a member over ``MAX_MEMBER_BYTES`` or a total over ``MAX_BUNDLE_BYTES``,
+  more than ``MAX_MEMBERS`` entries, and a file that decompresses to more than
+  ``MAX_TAR_BYTES`` (read as a stream, so a decompression bomb costs at most that much).
 
 Signatures (OPA's ``.signatures.json``, checked by ``ztagent.policy.bundle_sign``):
 
@@ -40,11 +42,13 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import os
 import shutil
 import tarfile
 import tempfile
+import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -68,6 +72,13 @@ MAX_MEMBER_BYTES = 16 * 1024 * 1024
 """Largest bundle member read, in bytes (uncompressed)."""
 MAX_BUNDLE_BYTES = 64 * 1024 * 1024
 """Largest sum of declared member sizes in a bundle, in bytes (uncompressed)."""
+MAX_MEMBERS = 10_000
+"""Most tar entries (files and directories) in a bundle."""
+MAX_TAR_BYTES = MAX_BUNDLE_BYTES + 16 * 1024 * 1024
+"""Most bytes a bundle may decompress to: its members, their headers and padding. Without it
+a header (a PAX or GNU long-name record) could declare gigabytes of zeros that ``tarfile``
+reads into memory at once; a 3 MB download made the loader allocate 3 GB and spend a minute
+before refusing it, and bundles are read before their signature can be checked."""
 
 _TEST_SUFFIX = "_test.rego"
 
@@ -240,29 +251,66 @@ def load_bundle(
 def read_bundle_members(path: Path) -> dict[str, bytes]:
     """Every regular member of a ``.tar.gz`` bundle by bundle-relative name (no leading
     ``/``), in archive order, read in memory; refuses unsafe members (``bundle_invalid``)."""
-    members: dict[str, bytes] = {}
-    total = 0
     try:
-        with tarfile.open(path, mode="r:gz") as tar:
-            for member in tar:
-                rel = _safe_member_name(path, member)
-                if member.isdir():
-                    continue
-                if rel in members:
-                    raise _bad_bundle(path, f"member {member.name!r} appears twice")
-                total += member.size
-                if total > MAX_BUNDLE_BYTES:
-                    raise _bad_bundle(path, f"members add up to more than {MAX_BUNDLE_BYTES} bytes")
-                extracted = tar.extractfile(member)
-                if extracted is None:  # pragma: no cover - regular files always extract
-                    raise _bad_bundle(path, f"member {member.name!r} cannot be read")
-                content = extracted.read(MAX_MEMBER_BYTES + 1)
-                if len(content) > MAX_MEMBER_BYTES:  # header lied about the size
-                    raise _bad_bundle(path, f"member {member.name!r} is larger than declared")
-                members[rel] = content
-    except (tarfile.TarError, gzip.BadGzipFile, EOFError, OSError) as exc:
+        with gzip.open(path, "rb") as raw:
+            stream = _Capped(raw, MAX_TAR_BYTES)
+            with tarfile.open(fileobj=stream, mode="r|") as tar:
+                members = _read_members(path, tar)
+            while stream.read(1 << 16):  # to the end: gzip checks its CRC there, so a
+                pass  # damaged file is refused, not read as other content
+    except _TarTooLarge:
+        raise _bad_bundle(path, f"decompresses to more than {MAX_TAR_BYTES} bytes") from None
+    except (tarfile.TarError, gzip.BadGzipFile, EOFError, OSError, zlib.error) as exc:
         raise _bad_bundle(path, f"not a readable .tar.gz ({exc})") from None
     return members
+
+
+def _read_members(path: Path, tar: tarfile.TarFile) -> dict[str, bytes]:
+    members: dict[str, bytes] = {}
+    total = 0
+    for count, member in enumerate(tar, 1):
+        if count > MAX_MEMBERS:
+            raise _bad_bundle(path, f"more than {MAX_MEMBERS} entries")
+        rel = _safe_member_name(path, member)
+        if member.isdir():
+            continue
+        if rel in members:
+            raise _bad_bundle(path, f"member {member.name!r} appears twice")
+        total += member.size
+        if total > MAX_BUNDLE_BYTES:
+            raise _bad_bundle(path, f"members add up to more than {MAX_BUNDLE_BYTES} bytes")
+        extracted = tar.extractfile(member)
+        if extracted is None:  # pragma: no cover - regular files always extract
+            raise _bad_bundle(path, f"member {member.name!r} cannot be read")
+        content = extracted.read(MAX_MEMBER_BYTES + 1)
+        if len(content) > MAX_MEMBER_BYTES:  # header lied about the size
+            raise _bad_bundle(path, f"member {member.name!r} is larger than declared")
+        members[rel] = content
+    return members
+
+
+class _TarTooLarge(Exception):
+    pass
+
+
+class _Capped(io.RawIOBase):
+    """The decompressed stream, refusing (``_TarTooLarge``) to yield more than ``limit``
+    bytes: reads are cut to what is left, so no single read can allocate more."""
+
+    def __init__(self, raw: gzip.GzipFile, limit: int) -> None:
+        self._raw = raw
+        self._left = limit
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        want = self._left + 1 if size is None or size < 0 else min(size, self._left + 1)
+        data = self._raw.read(want)
+        self._left -= len(data)
+        if self._left < 0:
+            raise _TarTooLarge
+        return data
 
 
 def sources_signature(path: Path) -> tuple[tuple[str, int, int, int], ...]:

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -159,6 +161,61 @@ def test_oversized_member_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyP
     with pytest.raises(PolicyLoadError, match=r"bytes \(limit 100\)") as err:
         load_bundle(bundle)
     assert err.value.code == "bundle_invalid"
+
+
+def _header(name: str, kind: bytes, size: int = 0) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.type, info.size = kind, size
+    return info.tobuf(format=tarfile.USTAR_FORMAT)
+
+
+def test_a_header_declaring_gigabytes_is_refused_before_it_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PAX record declaring 4 MiB of zeros (gigabytes in the attack): ``tarfile`` would read
+    it into memory at once; the stream is cut at ``MAX_TAR_BYTES`` and refused."""
+    monkeypatch.setattr(sources_mod, "MAX_TAR_BYTES", 1024 * 1024)
+    bomb = tmp_path / "pax.tar.gz"
+    with gzip.open(bomb, "wb") as out:
+        out.write(_header("././@PaxHeader", tarfile.XHDTYPE, 4 * 1024 * 1024))
+        out.write(bytes(4 * 1024 * 1024))
+    with pytest.raises(PolicyLoadError, match="decompresses to more than 1048576 bytes") as err:
+        load_bundle(bomb)
+    assert err.value.code == "bundle_invalid"
+
+
+def test_a_flood_of_entries_is_refused(tmp_path: Path) -> None:
+    """The same directory header over and over: no file, no duplicate name among files,
+    only entries that ``tarfile`` keeps a record of each (gigabytes for a 16 MiB download)."""
+    bomb = tmp_path / "dirs.tar.gz"
+    with gzip.open(bomb, "wb") as out:
+        out.write(_header("d/", tarfile.DIRTYPE) * (sources_mod.MAX_MEMBERS + 1) + bytes(1024))
+    with pytest.raises(PolicyLoadError, match="more than 10000 entries") as err:
+        load_bundle(bomb)
+    assert err.value.code == "bundle_invalid"
+
+
+def test_a_damaged_file_is_refused_never_read_as_other_content(tmp_path: Path) -> None:
+    """One byte flipped anywhere after the gzip header: refused ``bundle_invalid`` (a bad
+    deflate block, or the CRC at the end of the stream), or read exactly as written. Reading
+    stopped at the end of the tar, before the CRC, and some flips escaped as ``zlib.error``."""
+    text = "".join(f"# line {i} {i * i}\n" for i in range(20_000))  # compressible: many blocks
+    bundle = make_bundle(tmp_path / "b.tar.gz", {"authz.rego": AUTHZ + text})
+    original = bundle.read_bytes()
+    expected = sources_mod.read_bundle_members(bundle)
+    refused = 0
+    for offset in range(20, len(original), 499):
+        damaged = bytearray(original)
+        damaged[offset] ^= 0xFF
+        bundle.write_bytes(bytes(damaged))
+        try:
+            members = sources_mod.read_bundle_members(bundle)
+        except PolicyLoadError as err:
+            assert err.code == "bundle_invalid"
+            refused += 1
+            continue
+        assert members == expected, f"byte {offset} flipped: read as other content"
+    assert refused > 0
 
 
 def test_not_a_tarball_is_refused(tmp_path: Path) -> None:
