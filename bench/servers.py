@@ -101,6 +101,9 @@ class NoChecks:
     def release_log(self) -> None:
         return None  # no decision log
 
+    async def recheck_call(self, context: grpc.aio.ServicerContext, full_method: str) -> None:
+        return None  # nothing to check again
+
 
 async def run_bare_proxy(args: argparse.Namespace) -> None:
     route = Route(service=STORAGE, upstream=args.upstream, timeout_s=30.0)

@@ -4,6 +4,7 @@ and CRLs fetched from a source, verified, kept on disk."""
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -139,6 +140,45 @@ async def test_revoked_device_on_an_open_connection_is_cut_off(
                 pytest.fail("the revoked device kept calling")
     finally:
         await car.stop(0)
+
+
+async def test_an_open_stream_of_a_device_revoked_later_is_ended(
+    pki: Pki, upstream: EchoUpstream
+) -> None:
+    """A bidirectional stream admitted before the revocation: the sidecar checks its
+    credentials again every tls.reload_interval_s and ends it UNAUTHENTICATED cert_revoked
+    (the upstream call cancelled), with a decision-log line marked ``open_call``."""
+    car = Sidecar(load_config(write_config(pki, {SERVICE: upstream.address})))
+    await car.start()
+    cert_path = pki.layout.dir / "cam-stream.pem"
+    ca_store.issue_device_cert(pki.layout.dir, "cam-stream", cert_path)
+    from tests.integration.test_sidecar_identity import _load
+
+    pair = builders.KeyPair(*_load(cert_path, cert_path.with_suffix(".key")))
+    try:
+        async with channel(pki, car.port, pair) as ch:
+            stream = ch.stream_stream(f"/{SERVICE}/Bidi")(timeout=30)
+            await stream.write(b"abc")
+            assert await stream.read() == b"cba"
+            ca_store.revoke(pki.layout.dir, cert_path=cert_path)
+            for _ in range(100):  # 5 s at most; the recheck comes within 0.1 s
+                try:
+                    await stream.write(b"xy")
+                    assert await stream.read() == b"yx"
+                except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                    break  # ended by the sidecar
+                await asyncio.sleep(0.05)
+            else:
+                pytest.fail("the revoked device's stream stayed open")
+            assert await stream.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert (await stream.details() or "").startswith("cert_revoked: ")
+    finally:
+        await car.stop(0)
+    log_path = pki.layout.dir.parent / "decisions.jsonl"
+    lines = [json.loads(line) for line in log_path.read_text().splitlines()]
+    ended = [line for line in lines if (line.get("refusal") or {}).get("open_call")]
+    assert len(ended) == 1 and ended[0]["refusal"]["code"] == "cert_revoked"
+    assert ended[0]["method"] == "Bidi"
 
 
 async def test_crl_fetched_from_source_verified_and_kept_on_disk(

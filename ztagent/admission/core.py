@@ -317,6 +317,27 @@ class AdmissionCore:
             error = AdmissionError("admission_error", "internal error in admission (see the log)")
             return await self._refuse(error, call, device, user, now, started)
 
+    async def recheck(self, call: Call) -> ZtagentError | None:
+        """The credentials of a call admitted earlier and still open (a stream), checked
+        again: the device certificate (revoked since, expired, a trust reload) and the user
+        token (expired, its key withdrawn). None while they hold, and nothing is logged;
+        otherwise the refusal, logged like any (its ``refusal`` has ``"open_call": true``)
+        for the caller to end the call with. Never raises for client input."""
+        started = time.perf_counter()
+        now = self._clock()
+        device: VerifiedDevice | None = None
+        try:
+            device = self.verify_device_pem(call.peer_cert_pem)
+            await self.user_input(call.metadata, device)
+            return None
+        except ZtagentError as err:
+            error = err
+        except Exception as exc:  # a bug: INTERNAL, one line without the client's data
+            log.error("admission_error: %s at %s", type(exc).__name__, raised_at(exc))
+            error = AdmissionError("admission_error", "internal error in admission (see the log)")
+        await self._refuse(error, call, device, None, now, started, open_call=True)
+        return error
+
     async def _refuse(
         self,
         err: ZtagentError,
@@ -325,10 +346,15 @@ class AdmissionCore:
         user: dict[str, Any] | None,
         now: datetime,
         started: float,
+        *,
+        open_call: bool = False,
     ) -> Verdict:
-        """A refusal before (or instead of) a policy decision: logged like any decision."""
+        """A refusal before (or instead of) a policy decision: logged like any decision.
+        ``open_call``: it ends a call admitted earlier (``recheck``)."""
         service, method = split_method(call.full_method)
         refusal = _refusal_doc(err)
+        if open_call:
+            refusal["open_call"] = True
         input_doc: dict[str, Any] = {
             "device": self._device_doc(device)[0] if device is not None else None,
             "user": user,

@@ -11,6 +11,7 @@ import grpc
 
 from ztagent.admission.call import peer_certificate_pem
 from ztagent.admission.core import AdmissionCore, Call, Metadata
+from ztagent.errors import ZtagentError
 from ztagent.pki.verify import VerifiedDevice
 from ztagent.tokens.assertion import ASSERTION_HEADER, AssertionSigner
 
@@ -56,6 +57,13 @@ class Pipeline(AdmissionCore):
             user=admitted.user,
         )
         return (*verdict.headers, (ASSERTION_HEADER, assertion))
+
+    async def recheck_call(
+        self, context: grpc.aio.ServicerContext, full_method: str
+    ) -> ZtagentError | None:
+        """``recheck`` of an open call: None while its credentials hold, else the refusal
+        (logged) to end it with."""
+        return await self.recheck(call_of(context, full_method))
 
     def verify_device(self, auth_context: Mapping[str, Sequence[bytes]]) -> VerifiedDevice:
         """The identity check alone (the attestation service and health use it)."""

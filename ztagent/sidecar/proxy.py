@@ -9,6 +9,7 @@ trailing metadata are carried both ways.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -70,6 +71,12 @@ class Admission(Protocol):
         """Wakes the decision-log writer for what ``admit(hold_log=True)`` held."""
         ...
 
+    async def recheck_call(
+        self, context: grpc.aio.ServicerContext, full_method: str
+    ) -> ZtagentError | None:
+        """None while an open call's credentials still hold, else the refusal (logged)."""
+        ...
+
 
 def is_unary_unary(full_method: str) -> bool:
     """True when the method is known (its service's descriptor is in protobuf's default pool,
@@ -95,12 +102,22 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
     Methods whose kind is known to be unary-unary take a unary fast path (grpc.aio's unary
     call costs much less than a stream-stream one); every other method is relayed as a raw
     stream-stream call, which carries all four kinds byte for byte.
+
+    A relayed stream's credentials are checked again every ``recheck_s`` seconds
+    (``Admission.recheck_call``): a device revoked, or a user token expired, while its stream
+    is open loses the stream (the upstream call is cancelled) with the refusal's status.
     """
 
     def __init__(
-        self, admission: Admission, upstreams: Upstreams, metrics: Metrics | None = None
+        self,
+        admission: Admission,
+        upstreams: Upstreams,
+        metrics: Metrics | None = None,
+        *,
+        recheck_s: float = 2.0,
     ) -> None:
         self._admission = admission
+        self._recheck_s = recheck_s
         self._metrics = metrics
         self._upstreams = upstreams
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
@@ -168,7 +185,21 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
             call = multicallable(**_upstream_call_args(route, identity, context))
         finally:  # the call is on its way (or refused): the writer may have the GIL now
             self._admission.release_log()
-        await self._relay(route, call, context)
+        relay = asyncio.ensure_future(self._relay(route, call, context))
+        try:
+            while not (await asyncio.wait({relay}, timeout=self._recheck_s))[0]:
+                err = await self._admission.recheck_call(context, method)
+                if err is not None:
+                    relay.cancel()  # cancels the upstream call
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await relay
+                    await context.abort(
+                        grpc_status_for(err), f"{err.code}: {err.message}", error_trailers(err)
+                    )
+            relay.result()
+        finally:
+            if not relay.done():
+                relay.cancel()
 
     async def forward_unary(self, method: str, context: grpc.aio.ServicerContext) -> bytes:
         """A unary call: admission on the headers first, then the one request message."""

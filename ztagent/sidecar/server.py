@@ -324,7 +324,14 @@ class Sidecar:
             self._sync_services(server.sync)  # proxyless, synchronous servicers
         else:
             server.add_generic_rpc_handlers(
-                (ProxyHandler(self.pipeline, self._upstreams, self.metrics),)
+                (
+                    ProxyHandler(
+                        self.pipeline,
+                        self._upstreams,
+                        self.metrics,
+                        recheck_s=config.tls.reload_interval_s,
+                    ),
+                )
             )
         credentials = grpc.dynamic_ssl_server_credentials(
             initial, self._fetch_tls, require_client_authentication=True

@@ -371,3 +371,38 @@ async def test_a_refused_caller_cannot_escape_its_budget_by_changing_address(
     assert len(_records(core)) == 4
     await core.decide(Call(f"/{SERVICE}/Get", (), "ipv6:[2001:db8:0:1::1]:9", None))
     assert len(_records(core)) == 5  # another /64, another budget
+
+
+async def test_recheck_ends_an_open_call_when_its_credentials_lapse(
+    tmp_path: Path,
+    session_pki: Pki,  # noqa: F811
+    mint: Mint,  # noqa: F811
+    key: ECKey,
+) -> None:
+    """``recheck`` of an open call: nothing logged while the certificate and the token hold;
+    once the token has expired, the refusal, logged with ``open_call``."""
+    from datetime import timedelta
+
+    now = [NOW]
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps({"keys": [key.as_dict(private=False)]}))
+    tokens = TokenVerifier(
+        JwksSource(jwks, clock=lambda: 0.0, wall_clock=lambda: now[0]), _policy(), lambda: now[0]
+    )
+    checker = DeviceChecker(session_pki.trust(), _device_policy())
+    core = AdmissionCore(
+        _config(tmp_path), checker, ScriptedEngine(), tokens, RecordingLog(), lambda: now[0]
+    )
+    call = _call(_pem(mint), "Bidi", token=sign(key, claims()))  # expires at NOW + 600 s
+    assert (await core.decide(call)).allowed
+    assert await core.recheck(call) is None
+    assert len(_records(core)) == 1  # the admission only
+    now[0] = NOW + timedelta(seconds=3600)  # past exp and the leeway
+    err = await core.recheck(call)
+    assert err is not None and err.code == "token_expired" and err.rpc_status() == "UNAUTHENTICATED"
+    record = _records(core)[-1]
+    assert not record.enforced and record.method == "Bidi" and record.device_id == "dev-1"
+    assert record.refusal is not None and record.refusal["open_call"] is True
+    foreign = _call(_pem(mint, uris=["spiffe://evil.example/device/x"]), "Bidi")
+    err = await core.recheck(foreign)
+    assert err is not None and err.code == "spiffe_id_wrong_trust_domain"
