@@ -221,6 +221,32 @@ async def test_handlers_read_the_admitted_caller_for_every_rpc_kind(
         admitted()  # outside a call
 
 
+@pytest.mark.parametrize("mode", MODES[:2])
+async def test_an_open_stream_of_a_device_revoked_later_is_ended(
+    pki: Pki, upstream: EchoUpstream, tmp_path: Path, mode: str
+) -> None:
+    """A Bidi stream admitted before its device's revocation is ended with the refusal,
+    through the proxy and proxyless alike (the credentials are checked again every
+    tls.reload_interval_s)."""
+    config = load_config(_config(pki, upstream, tmp_path))
+    late = pki.mint("cam-late")
+    async with _Started(mode, config) as car, channel(pki, car.port, late) as ch:
+        stream = ch.stream_stream(f"/{SERVICE}/Bidi")(timeout=30)
+        await stream.write(b"before")
+        assert await stream.read() not in (None, grpc.aio.EOF)
+        now = datetime.now(UTC)
+        crl = builders.build_crl(
+            pki.issuing, {late.cert.serial_number: now - timedelta(minutes=1)}, number=902,
+            this_update=now - timedelta(minutes=1), next_update=now + timedelta(days=7),
+        )  # fmt: skip
+        pki.layout.crl.write_bytes(crl.public_bytes(Encoding.PEM))
+        with pytest.raises(grpc.aio.AioRpcError):  # idle, as a Watch is: the sidecar ends it
+            await asyncio.wait_for(stream.read(), 5)  # the CRL reload and recheck take 0.2 s
+        assert await stream.code() == grpc.StatusCode.UNAUTHENTICATED
+        trailers = dict(await stream.trailing_metadata() or ())
+        assert trailers[ERROR_CODE_HEADER] == "cert_revoked"
+
+
 async def test_a_sync_server_serves_health_and_reflection_through_the_same_checks(
     pki: Pki, upstream: EchoUpstream, tmp_path: Path
 ) -> None:

@@ -83,10 +83,13 @@ UNWRAPPED_SERVICES = frozenset(
 
 
 class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Runs ``core().decide`` before every handler of the workload's services."""
+    """Runs ``core().decide`` before every handler of the workload's services. A streaming
+    call's credentials are checked again every ``recheck_s`` seconds while it is open
+    (``AdmissionCore.recheck``), as the proxy does: a device revoked later loses its stream."""
 
-    def __init__(self, core: Callable[[], AdmissionCore | None]) -> None:
+    def __init__(self, core: Callable[[], AdmissionCore | None], recheck_s: float = 2.0) -> None:
         self._core = core
+        self._recheck_s = recheck_s
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
         """method -> (the workload's handler, its admitted wrapper): built once per method,
         not per call."""
@@ -110,7 +113,7 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         service = method.lstrip("/").split("/", 1)[0]
         if service in UNWRAPPED_SERVICES:
             return handler
-        admit = self._admit
+        admit, watch = self._admit, self._watch
         if handler is None:  # an unknown method: refused as the sidecar refuses it (no_route)
 
             async def unknown(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -138,10 +141,12 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 request: Any, context: grpc.aio.ServicerContext
             ) -> AsyncIterator[Any]:
                 token = await admit(method, context)
+                watcher = watch(method, context)
                 try:
                     async for item in inner_us(request, context):
                         yield item
                 finally:
+                    watcher.cancel()
                     reset_admitted(token)
 
             return grpc.unary_stream_rpc_method_handler(
@@ -152,9 +157,11 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
             async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
                 token = await admit(method, context)
+                watcher = watch(method, context)
                 try:
                     return await inner_su(requests, context)
                 finally:
+                    watcher.cancel()
                     reset_admitted(token)
 
             return grpc.stream_unary_rpc_method_handler(
@@ -166,10 +173,12 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             requests: Any, context: grpc.aio.ServicerContext
         ) -> AsyncIterator[Any]:
             token = await admit(method, context)
+            watcher = watch(method, context)
             try:
                 async for item in inner_ss(requests, context):
                     yield item
             finally:
+                watcher.cancel()
                 reset_admitted(token)
 
         return grpc.stream_stream_rpc_method_handler(
@@ -191,6 +200,27 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             )
             raise AssertionError("unreachable")
         return set_admitted(verdict.admitted)
+
+    def _watch(self, method: str, context: grpc.aio.ServicerContext) -> asyncio.Task[None]:
+        """Checks the open call's credentials every ``recheck_s``; on a refusal, ends the call
+        with it (the status goes to the client at once) and cancels the handler's task."""
+        handler_task = asyncio.current_task()
+
+        async def watch() -> None:
+            while True:
+                await asyncio.sleep(self._recheck_s)
+                core = self._core()
+                err = await core.recheck(call_of(context, method)) if core is not None else None
+                if err is not None:
+                    with contextlib.suppress(grpc.aio.AbortError):
+                        await context.abort(
+                            grpc_status_for(err), f"{err.code}: {err.message}", error_trailers(err)
+                        )
+                    if handler_task is not None:
+                        handler_task.cancel()
+                    return
+
+        return asyncio.ensure_future(watch())
 
 
 # -- synchronous grpc.server ----------------------------------------------------------------

@@ -302,7 +302,9 @@ class Sidecar:
         else:
             interceptors = []
             if self._services is not None:
-                interceptors.append(AdmissionInterceptor(lambda: self.pipeline))
+                interceptors.append(
+                    AdmissionInterceptor(lambda: self.pipeline, config.tls.reload_interval_s)
+                )
             server = grpc.aio.server(interceptors=interceptors, options=options)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if posture is not None:
