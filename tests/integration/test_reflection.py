@@ -258,3 +258,27 @@ async def test_sidecar_refuses_reflection_without_a_certificate(pki: Pki, sideca
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await list_services(ch)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # the TLS handshake
+
+
+async def test_another_method_of_the_reflection_service_is_no_route(
+    pki: Pki, upstream: EchoUpstream
+) -> None:
+    """Only ServerReflectionInfo is answered by the sidecar; under a policy that allows every
+    call, any other method of the reflection services is refused ``no_route`` with its code,
+    and its decision-log line says it was not let through (it was logged as admitted, then
+    refused without a code)."""
+    car = Sidecar(load_config(write_config(pki, {RAW_SERVICE: upstream.address})))  # allow all
+    await car.start()
+    try:
+        for service in (REFLECTION, "grpc.reflection.v1.ServerReflection"):
+            async with channel(pki, car.port, pki.mint("cam-r")) as ch:
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await ch.unary_unary(f"/{service}/Other")(b"", timeout=5)
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            assert (info.value.details() or "").startswith("no_route: no route for service ")
+            assert dict(info.value.trailing_metadata() or ())[ERROR_CODE_HEADER] == "no_route"
+    finally:
+        await car.stop(0)
+    other = [d for d in decisions(pki) if d.get("method") == "Other"]
+    assert len(other) == 2 and not any(d["enforced"] for d in other)
+    assert {d["refusal"]["code"] for d in other} == {"no_route"}  # type: ignore[index]

@@ -164,10 +164,11 @@ class AdmissionCore:
         metrics: AdmissionMetrics | None = None,
         node: str = "",
         monotonic: Callable[[], float] = time.monotonic,
-        local_services: Sequence[str] = (),
+        local_methods: Sequence[str] = (),
     ) -> None:
-        """``local_services``: services the adapter answers itself (server reflection), admitted
-        like routed ones instead of refused ``no_route``."""
+        """``local_methods``: full method names the adapter answers itself (server
+        reflection's ``ServerReflectionInfo``), admitted like routed ones instead of refused
+        ``no_route``; any other method of their services is ``no_route``."""
         self.checker = checker
         self.engine = engine
         self.tokens = tokens
@@ -178,7 +179,11 @@ class AdmissionCore:
         self._node = node
         """``input.context.node``: the host name (the adapter knows it)."""
         self._input_headers = config.policy.input_headers
-        self._routed = tuple(sorted({*(r.service for r in config.routes), *local_services}))
+        self._forwarded = frozenset(r.service for r in config.routes)
+        self._local_methods = frozenset(local_methods)
+        local_services = {split_method(m)[0] for m in local_methods}
+        self._routed = tuple(sorted({*self._forwarded, *local_services}))
+        """Every service served, for the ``no_route`` message."""
         self._budget = RefusalBudget(
             config.decision_log.refusal_burst, config.decision_log.refusal_interval_s
         )
@@ -507,7 +512,7 @@ class AdmissionCore:
             modes = RouteModes(modes.failure_mode, dry_run=True)
         enforced = decision.allow or modes.dry_run
         unrouted: RouteError | None = None
-        if enforced and service not in self._routed:
+        if enforced and service not in self._forwarded and full_method not in self._local_methods:
             known = ", ".join(self._routed) or "none"
             unrouted = RouteError(
                 "no_route", f"no route for service {service or full_method!r} (routed: {known})"

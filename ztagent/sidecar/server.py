@@ -289,7 +289,7 @@ class Sidecar:
             posture_cache=posture.cache if posture is not None else None,
             metrics=self.metrics,
             signer=assertion_signer(config),
-            local_services=REFLECTION_SERVICES,  # answered here, never forwarded
+            local_methods=REFLECTION_METHODS,  # answered here, never forwarded
         )
         self._upstreams = Upstreams(config.routes, config.listen.max_message_bytes)
 
@@ -664,6 +664,8 @@ REFLECTION_SERVICES = (
 )
 """gRPC server reflection, answered by the sidecar itself (never forwarded): v1alpha is
 what grpcio-reflection implements; v1 has the same messages and is served by the same code."""
+REFLECTION_METHODS = tuple(f"/{service}/ServerReflectionInfo" for service in REFLECTION_SERVICES)
+"""Their one method; any other method of theirs is refused ``no_route``."""
 
 
 def admitted_reflection(
@@ -710,10 +712,8 @@ def admitted_reflection(
         )
 
     return tuple(
-        grpc.method_handlers_generic_handler(
-            service, {"ServerReflectionInfo": bind(f"/{service}/ServerReflectionInfo")}
-        )
-        for service in REFLECTION_SERVICES
+        grpc.method_handlers_generic_handler(service, {"ServerReflectionInfo": bind(method)})
+        for service, method in zip(REFLECTION_SERVICES, REFLECTION_METHODS, strict=True)
     )
 
 
