@@ -13,6 +13,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
 
 from tests.integration.echo_upstream import RAW_SERVICE, SERVICE, EchoUpstream
@@ -60,6 +61,16 @@ class Pki:
             not_before=now + not_before,
             not_after=now + not_after,
         )
+
+    def revoke(self, pair: builders.KeyPair, number: int) -> None:
+        """Writes the CRL file the sidecar reads: ``pair`` revoked a minute ago (CRL number
+        ``number``, valid a week), in place of whatever it held."""
+        now = datetime.now(UTC)
+        crl = builders.build_crl(
+            self.issuing, {pair.cert.serial_number: now - timedelta(minutes=1)}, number=number,
+            this_update=now - timedelta(minutes=1), next_update=now + timedelta(days=7),
+        )  # fmt: skip
+        self.layout.crl.write_bytes(crl.public_bytes(Encoding.PEM))
 
 
 @pytest.fixture(scope="session")

@@ -630,19 +630,9 @@ async def test_the_inference_workload_serves_proxyless_from_the_cli(
     import socket
     import subprocess
     import sys
-    from datetime import UTC, datetime, timedelta
-
-    from cryptography.hazmat.primitives.serialization import Encoding
-
-    from ztagent.ca import builders
 
     revoked = pki.mint("cam-gone")
-    now = datetime.now(UTC)
-    crl = builders.build_crl(
-        pki.issuing, {revoked.cert.serial_number: now - timedelta(minutes=1)}, number=902,
-        this_update=now - timedelta(minutes=1), next_update=now + timedelta(days=7),
-    )  # fmt: skip
-    pki.layout.crl.write_bytes(crl.public_bytes(Encoding.PEM))
+    pki.revoke(revoked, number=902)
     config = write_config(pki, {SERVICE_NAME: "127.0.0.1:1"})  # the route's upstream: unused
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

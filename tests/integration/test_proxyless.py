@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from cryptography.hazmat.primitives.serialization import Encoding
 
 from tests.integration.conftest import Pki, channel, write_config
 from tests.integration.echo_upstream import SERVICE, EchoUpstream
@@ -160,12 +158,7 @@ async def test_the_refusal_suite_answers_the_same_in_both_modes(
 ) -> None:
     config = load_config(_config(pki, upstream, tmp_path))
     good, revoked = pki.mint("cam-1"), pki.mint("cam-revoked")
-    now = datetime.now(UTC)
-    crl = builders.build_crl(
-        pki.issuing, {revoked.cert.serial_number: now - timedelta(minutes=1)}, number=900,
-        this_update=now - timedelta(minutes=1), next_update=now + timedelta(days=7),
-    )  # fmt: skip
-    pki.layout.crl.write_bytes(crl.public_bytes(Encoding.PEM))
+    pki.revoke(revoked, number=900)
     foreign = pki.mint("cam-2", uris=["spiffe://other.example/device/cam-2"])
     cases = [
         (good, f"/{SERVICE}/Unary", {}),
@@ -234,12 +227,7 @@ async def test_an_open_stream_of_a_device_revoked_later_is_ended(
         stream = ch.stream_stream(f"/{SERVICE}/Bidi")(timeout=30)
         await stream.write(b"before")
         assert await stream.read() not in (None, grpc.aio.EOF)
-        now = datetime.now(UTC)
-        crl = builders.build_crl(
-            pki.issuing, {late.cert.serial_number: now - timedelta(minutes=1)}, number=902,
-            this_update=now - timedelta(minutes=1), next_update=now + timedelta(days=7),
-        )  # fmt: skip
-        pki.layout.crl.write_bytes(crl.public_bytes(Encoding.PEM))
+        pki.revoke(late, number=902)
         with pytest.raises(grpc.aio.AioRpcError):  # idle, as a Watch is: the sidecar ends it
             await asyncio.wait_for(stream.read(), 5)  # the CRL reload and recheck take 0.2 s
         assert await stream.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -259,12 +247,7 @@ async def test_a_sync_server_serves_health_and_reflection_through_the_same_check
 
     config = load_config(_config(pki, upstream, tmp_path))
     revoked = pki.mint("cam-gone")
-    now = datetime.now(UTC)
-    crl = builders.build_crl(
-        pki.issuing, {revoked.cert.serial_number: now - timedelta(minutes=1)}, number=901,
-        this_update=now - timedelta(minutes=1), next_update=now + timedelta(days=7),
-    )  # fmt: skip
-    pki.layout.crl.write_bytes(crl.public_bytes(Encoding.PEM))
+    pki.revoke(revoked, number=901)
     async with _Started("proxyless-sync", config) as guard:
         async with channel(pki, guard.port, pki.mint("cam-8")) as ch:
             health = health_pb2_grpc.HealthStub(ch)

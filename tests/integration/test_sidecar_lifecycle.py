@@ -113,16 +113,22 @@ def _served_certificate(pki: Pki, port: int) -> bytes:
             return der
 
 
+def _ca_device(pki: Pki, name: str) -> tuple[Path, builders.KeyPair]:
+    """A device certificate issued by the CA store (so ``ca_store.revoke`` can revoke it):
+    its path and its key pair."""
+    from tests.integration.test_sidecar_identity import _load
+
+    cert_path = pki.layout.dir / f"{name}.pem"
+    ca_store.issue_device_cert(pki.layout.dir, name, cert_path)
+    return cert_path, builders.KeyPair(*_load(cert_path, cert_path.with_suffix(".key")))
+
+
 async def test_revoked_device_on_an_open_connection_is_cut_off(
     pki: Pki, upstream: EchoUpstream
 ) -> None:
     car = Sidecar(load_config(write_config(pki, {SERVICE: upstream.address})))
     await car.start()
-    cert_path = pki.layout.dir / "cam-open.pem"
-    ca_store.issue_device_cert(pki.layout.dir, "cam-open", cert_path)
-    from tests.integration.test_sidecar_identity import _load
-
-    pair = builders.KeyPair(*_load(cert_path, cert_path.with_suffix(".key")))
+    cert_path, pair = _ca_device(pki, "cam-open")
     try:
         async with channel(pki, car.port, pair) as ch:
             call = ch.unary_unary(UNARY)
@@ -150,11 +156,7 @@ async def test_an_open_stream_of_a_device_revoked_later_is_ended(
     (the upstream call cancelled), with a decision-log line marked ``open_call``."""
     car = Sidecar(load_config(write_config(pki, {SERVICE: upstream.address})))
     await car.start()
-    cert_path = pki.layout.dir / "cam-stream.pem"
-    ca_store.issue_device_cert(pki.layout.dir, "cam-stream", cert_path)
-    from tests.integration.test_sidecar_identity import _load
-
-    pair = builders.KeyPair(*_load(cert_path, cert_path.with_suffix(".key")))
+    cert_path, pair = _ca_device(pki, "cam-stream")
     try:
         async with channel(pki, car.port, pair) as ch:
             stream = ch.stream_stream(f"/{SERVICE}/Bidi")(timeout=30)
@@ -188,11 +190,7 @@ async def test_crl_fetched_from_source_verified_and_kept_on_disk(
     config.write_text(text)
     car = Sidecar(load_config(config))
     await car.start()
-    cert_path = pki.layout.dir / "cam-crl.pem"
-    ca_store.issue_device_cert(pki.layout.dir, "cam-crl", cert_path)
-    from tests.integration.test_sidecar_identity import _load
-
-    pair = builders.KeyPair(*_load(cert_path, cert_path.with_suffix(".key")))
+    cert_path, pair = _ca_device(pki, "cam-crl")
     try:
         async with channel(pki, car.port, pair) as ch:
             assert await ch.unary_unary(UNARY)(b"x", timeout=5) == b"x"
