@@ -23,20 +23,32 @@ from outside (reasons written by policy authors, method names) are capped: past
 One process: each ``Sidecar`` has its own registry and endpoint. With ``listen.workers > 1``
 the supervisor sets ``PROMETHEUS_MULTIPROC_DIR`` for the workers, which write their values
 there, and serves the sum at ``metrics.address`` itself.
+
+The endpoint (``MetricsEndpoint``) serves at most ``MAX_SCRAPE_CONNECTIONS`` connections at
+once, one thread each, and closes one idle for ``SCRAPE_TIMEOUT_S``: prometheus_client's own
+server starts a thread per connection and waits for its request without a timeout, so
+anyone who could reach the port could hold a thread of the sidecar's process per open socket.
 """
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Iterable, Sequence
-from wsgiref.simple_server import WSGIServer
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from ztagent.addresses import parse_host_port
 from ztagent.errors import ConfigError
 
 MAX_LABEL_VALUES = 200
+MAX_SCRAPE_CONNECTIONS = 16
+"""Connections the metrics endpoint serves at once; one more is closed at once."""
+SCRAPE_TIMEOUT_S = 10.0
+"""A metrics connection that sends nothing for this long is closed."""
 UNROUTED = "unrouted"
 OTHER = "other"
 
@@ -207,18 +219,63 @@ class Metrics:
         self.attestations.labels(result, self._code(code) if code else "").inc()
 
 
+class _ScrapeHandler(WSGIRequestHandler):
+    """Serves one connection; its socket times out after ``SCRAPE_TIMEOUT_S`` of silence."""
+
+    def setup(self) -> None:
+        super().setup()
+        self.connection.settimeout(SCRAPE_TIMEOUT_S)  # read per connection: tests shorten it
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Logs nothing (a scrape every few seconds is not news)."""
+
+
+class _ScrapeServer(ThreadingWSGIServer):
+    """prometheus_client's threaded WSGI server with a cap on connections served at once."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._slots = threading.BoundedSemaphore(MAX_SCRAPE_CONNECTIONS)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # over the cap: closed, no thread
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 class MetricsEndpoint:
     """``/metrics`` over HTTP on a daemon thread; ``close()`` stops it."""
 
     def __init__(self, address: str, registry: CollectorRegistry) -> None:
         host, port = parse_host_port(address, "metrics.address")
         try:
-            server, thread = start_http_server(port, addr=host, registry=registry)
+            family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+
+            class Server(_ScrapeServer):
+                address_family = family
+
+            self._server = make_server(
+                host, port, make_wsgi_app(registry), Server, handler_class=_ScrapeHandler
+            )
         except OSError as exc:
-            raise ConfigError("metrics.address", f"cannot bind {address}: {exc.strerror}") from exc
-        self._server: WSGIServer = server
-        self._thread = thread
-        self.port = int(server.server_address[1])
+            reason = exc.strerror or str(exc)
+            raise ConfigError("metrics.address", f"cannot bind {address}: {reason}") from exc
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="metrics", daemon=True
+        )
+        self._thread.start()
+        self.port = int(self._server.server_address[1])
 
     def close(self) -> None:
         self._server.shutdown()

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
+import urllib.request
+
+import pytest
 from prometheus_client import CollectorRegistry
 
+from ztagent.sidecar import metrics as metrics_mod
 from ztagent.sidecar.metrics import MAX_LABEL_VALUES, OTHER, UNROUTED, Metrics
 
 
@@ -54,3 +61,39 @@ def test_decision_log_lost_follows_the_writers_total() -> None:
     metrics.decision_log_lost(3)  # reported again by the next health round: no change
     metrics.decision_log_lost(5)
     assert _value(registry, "ztagent_decision_log_lost_total", {}) == 5
+
+
+def _scrape(port: int) -> bytes:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        body: bytes = reply.read()
+        return body
+
+
+def test_the_endpoint_holds_no_thread_per_idle_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Idle connections past MAX_SCRAPE_CONNECTIONS are closed at once (no thread each), an
+    idle one within the cap is closed after SCRAPE_TIMEOUT_S, and a scrape gets through once
+    the idle ones are gone."""
+    monkeypatch.setattr(metrics_mod, "MAX_SCRAPE_CONNECTIONS", 4)
+    monkeypatch.setattr(metrics_mod, "SCRAPE_TIMEOUT_S", 2.0)
+    registry = CollectorRegistry()
+    Metrics(registry, [])
+    endpoint = metrics_mod.MetricsEndpoint("127.0.0.1:0", registry)
+    before = threading.active_count()
+    idle = [socket.create_connection(("127.0.0.1", endpoint.port), timeout=5) for _ in range(30)]
+    try:
+        closed_at_once = 0
+        for sock in idle[4:]:  # past the cap: the server closes them without reading
+            closed_at_once += sock.recv(1) == b""
+        assert closed_at_once == 26
+        assert threading.active_count() <= before + 4
+        started = time.monotonic()
+        for sock in idle[:4]:  # within the cap: closed once idle for SCRAPE_TIMEOUT_S
+            assert sock.recv(1) == b""
+        assert time.monotonic() - started < 8
+        assert b"ztagent_refused_total" in _scrape(endpoint.port)
+    finally:
+        for sock in idle:
+            sock.close()
+        endpoint.close()
