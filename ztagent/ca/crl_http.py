@@ -60,6 +60,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from ztagent.addresses import AddressError, parse_address
+from ztagent.connection_cap import CappedThreadingMixIn
 from ztagent.errors import ConfigError
 from ztagent.failure_log import FailureLog
 
@@ -272,7 +273,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
 
 
-class _CrlHttpd(ThreadingHTTPServer):
+class _CrlHttpd(CappedThreadingMixIn, ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 64
 
@@ -290,7 +291,7 @@ class _CrlHttpd(ThreadingHTTPServer):
         self._tls = tls
         self._clock = clock
         self._max_age_s = max_age_s
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.cap_connections(MAX_CONNECTIONS)
         self._failures = FailureLog(log, "serving the CRL over HTTP (answering 503)")
         self._lock = threading.Lock()
         """Guards ``_memo`` and ``_failures`` (requests run in threads)."""
@@ -318,26 +319,10 @@ class _CrlHttpd(ThreadingHTTPServer):
             parsed, max_age_s=cache_max_age(parsed.next_update, self._clock(), self._max_age_s)
         )
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            log.debug(
-                "CRL HTTP: %d connections open, closing one from %s",
-                MAX_CONNECTIONS,
-                client_address,
-            )
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
+    def refused_connection(self, client_address: Any) -> None:
+        log.debug(
+            "CRL HTTP: %d connections open, closing one from %s", MAX_CONNECTIONS, client_address
+        )
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         if self._tls is None:

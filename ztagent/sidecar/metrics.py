@@ -42,6 +42,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make
 from prometheus_client.exposition import ThreadingWSGIServer
 
 from ztagent.addresses import parse_host_port
+from ztagent.connection_cap import CappedThreadingMixIn
 from ztagent.errors import ConfigError
 
 MAX_LABEL_VALUES = 200
@@ -230,28 +231,12 @@ class _ScrapeHandler(WSGIRequestHandler):
         """Logs nothing (a scrape every few seconds is not news)."""
 
 
-class _ScrapeServer(ThreadingWSGIServer):
+class _ScrapeServer(CappedThreadingMixIn, ThreadingWSGIServer):
     """prometheus_client's threaded WSGI server with a cap on connections served at once."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._slots = threading.BoundedSemaphore(MAX_SCRAPE_CONNECTIONS)
+        self.cap_connections(MAX_SCRAPE_CONNECTIONS)
         super().__init__(*args, **kwargs)
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            self.shutdown_request(request)  # over the cap: closed, no thread
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
 
 
 class MetricsEndpoint:
