@@ -10,6 +10,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from ztagent._proto.v1 import enrollment_pb2, enrollment_pb2_grpc
+from ztagent.ca import crl_http
 from ztagent.ca import store as ca_store
 from ztagent.ca.crl_http import (
     DEFAULT_MAX_AGE_S,
@@ -220,6 +222,33 @@ def test_a_silent_client_does_not_block_the_others(
     thread, not in the accept loop)."""
     with socket.create_connection(("127.0.0.1", served.port)):  # no TLS handshake, nothing
         assert _request(layout, served.port, "/crl.der").status == 200
+
+
+def test_connections_past_the_cap_are_closed_at_accept(
+    layout: ca_store.CaLayout, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MAX_CONNECTIONS silent sockets hold every slot: one more is closed at once, without a
+    thread; once they are gone a request is served again."""
+    monkeypatch.setattr(crl_http, "MAX_CONNECTIONS", 3)
+    server = start_crl_http("127.0.0.1:0", layout.crl.read_bytes, tls=None, clock=clock)
+    try:
+        silent = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(3)]
+        time.sleep(0.2)  # accepted, each in its thread waiting for a request line
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as extra:
+            assert extra.recv(1) == b""  # closed by the server, not timed out
+        for sock in silent:
+            sock.close()
+        for _ in range(50):  # their threads see the close and free the slots
+            try:
+                if _request(layout, server.port, "/crl.der", tls=False).status == 200:
+                    break
+            except (ConnectionError, http.client.HTTPException):
+                pass
+            time.sleep(0.05)
+        else:
+            pytest.fail("no request served after the silent connections closed")
+    finally:
+        server.close()
 
 
 def test_openssl_parses_what_curl_downloaded(

@@ -83,10 +83,12 @@ def test_the_endpoint_holds_no_thread_per_idle_connection(
     before = threading.active_count()
     idle = [socket.create_connection(("127.0.0.1", endpoint.port), timeout=5) for _ in range(30)]
     try:
+        started = time.monotonic()
         closed_at_once = 0
         for sock in idle[4:]:  # past the cap: the server closes them without reading
             closed_at_once += sock.recv(1) == b""
         assert closed_at_once == 26
+        assert time.monotonic() - started < 1.5  # at accept, not after SCRAPE_TIMEOUT_S
         assert threading.active_count() <= before + 4
         started = time.monotonic()
         for sock in idle[:4]:  # within the cap: closed once idle for SCRAPE_TIMEOUT_S
