@@ -25,7 +25,8 @@ base      ``config`` (one validated object), ``errors`` (the root error and its 
           2/3, backoff with jitter), ``failure_log`` (a failing dependency logged once,
           then summarised), ``pkcs11_keys`` (PKCS#11 sessions and key stores: device and
           CA keys on one token share them), ``logs`` (text or JSON log lines, credentials
-          redacted), ``randomness`` (per-call random ids from a pooled urandom);
+          redacted), ``randomness`` (per-call random ids from a pooled urandom),
+          ``connection_cap`` (a bound on the connections a threaded HTTP server serves);
           gRPC-facing base:
           ``rpc_status`` (the one error-to-status mapping), ``signals``, ``_proto``
 ========  ===========================================================================

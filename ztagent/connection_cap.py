@@ -4,16 +4,22 @@
 open socket that sends nothing holds a thread of the serving process. ``CappedThreadingMixIn``
 serves at most ``cap_connections(n)`` at once; one more is closed at accept, without a
 thread. The CA's CRL server and the sidecar's metrics endpoint use it, with a socket timeout
-per connection so that an idle one frees its slot.
+per connection so that an idle one frees its slot. A connection that times out or breaks is
+logged at debug level, not printed as a traceback (``socketserver``'s default): any client
+can cause one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 import socketserver
+import sys
 import threading
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 class CappedThreadingMixIn(socketserver.ThreadingMixIn):
@@ -38,6 +44,13 @@ class CappedThreadingMixIn(socketserver.ThreadingMixIn):
         except BaseException:
             self._slots.release()
             raise
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):  # a timeout, a reset: the client's doing
+            log.debug("%s: connection from %s ended: %r", type(self).__name__, client_address, exc)
+        else:
+            log.error("%s: serving %s failed", type(self).__name__, client_address, exc_info=True)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:

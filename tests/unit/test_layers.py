@@ -32,6 +32,7 @@ BASE = {
     "ztagent.randomness",
     "ztagent.canonical_json",
     "ztagent.json_input",
+    "ztagent.connection_cap",
 }
 """``pkcs11_keys`` is base so that ``device/`` (key stores) and ``ca/`` (a token-held issuing
 key) share one PKCS#11 session registry without importing each other."""

@@ -340,9 +340,6 @@ class _CrlHttpd(CappedThreadingMixIn, ThreadingHTTPServer):
             with contextlib.suppress(OSError):
                 tls_sock.close()
 
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        log.debug("CRL HTTP request from %s failed", client_address, exc_info=True)
-
 
 class CrlHttpServer:
     """A started CRL server: ``port`` (the bound one), ``url`` (of ``/crl.der``), ``close()``."""
