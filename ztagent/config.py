@@ -26,7 +26,10 @@ from ztagent.tokens.policy import TokenPolicy
 
 FailureMode = Literal["closed", "open"]
 
-_SERVICE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
+SERVICE_NAME = rf"{IDENT}(?:\.{IDENT})*"
+"""A protobuf identifier and a dotted service name (``fullmatch`` them): what a route names
+and, in a gRPC path, what admission routes by (``admission.policy_input.split_method``)."""
 
 
 @dataclass(frozen=True)
@@ -979,7 +982,7 @@ def _routes(raw: object, base: Path) -> tuple[Route, ...]:
         table = _expect_table(item, name)
         _check_keys(table, name, {"service", "upstream", "timeout_s", "failure_mode", "dry_run"})
         service = _str(table, "service", f"{name}.service")
-        if not _SERVICE_RE.match(service):
+        if not re.fullmatch(SERVICE_NAME, service):
             raise ConfigError(
                 f"{name}.service", f"expected a gRPC service name like pkg.v1.Svc, got {service!r}"
             )

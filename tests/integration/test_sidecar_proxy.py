@@ -168,6 +168,24 @@ async def test_unknown_service_is_unimplemented(
     assert upstream.seen == []
 
 
+@pytest.mark.parametrize("odd", ["Unary\x00", "Un ary", "Unary\t", "Unäry"])
+async def test_a_method_name_with_odd_characters_names_no_service(
+    pki: Pki,
+    sidecar: Sidecar,
+    upstream: EchoUpstream,
+    device,  # type: ignore[no-untyped-def]
+    odd: str,
+) -> None:
+    """Of a routed service too: a path that is not a protobuf service and method name is
+    refused ``no_route`` and never forwarded (it was, with the odd name in the policy input)."""
+    async with channel(pki, sidecar.port, device) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await ch.unary_unary(m(odd))(b"x", timeout=5)
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert (info.value.details() or "").startswith("no_route: no route for service '/test.v1.")
+    assert upstream.seen == []
+
+
 async def test_unknown_service_still_requires_identity(pki: Pki, sidecar: Sidecar) -> None:
     bad = pki.mint(uris=["spiffe://evil.example/device/x"])
     async with channel(pki, sidecar.port, bad) as ch:

@@ -105,6 +105,7 @@ def test_listen_override(tmp_path: Path) -> None:
             "is not a loopback address",
         ),
         ("[[routes]]\nservice = 'a/B'\nupstream = 'unix:/x'\n", "routes[1].service", "service"),
+        ("[[routes]]\nservice = \"a.B\\n\"\nupstream = 'unix:/x'\n", "routes[1].service", "a.B"),
         (
             "[[routes]]\nservice = 'ztagent.workloads.v1.Storage'\nupstream = 'unix:/x'\n",
             "routes[1].service",

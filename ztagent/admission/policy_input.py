@@ -9,12 +9,14 @@ per certificate, attestation and token and shares them, read-only, between the r
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
 from ztagent import __version__
 from ztagent.admission.headers import MAX_HEADER_VALUE_CHARS, InputHeaders
+from ztagent.config import IDENT, SERVICE_NAME
 from ztagent.posture import unverified_posture
 from ztagent.timefmt import rfc3339
 
@@ -42,12 +44,18 @@ def request_metadata(
     return out
 
 
+_METHOD_NAME = re.compile(rf"/({SERVICE_NAME})/({IDENT})")
+"""A gRPC path as protobuf names it: ``/`` a dotted service name ``/`` a method name."""
+
+
 def split_method(full_method: str) -> tuple[str, str]:
-    """'/pkg.Svc/Method' -> ('pkg.Svc', 'Method'); ('', '') when malformed."""
-    parts = full_method.split("/")
-    if len(parts) != 3 or parts[0] or not parts[1] or not parts[2]:
+    """'/pkg.Svc/Method' -> ('pkg.Svc', 'Method'); ('', '') for anything that is not a
+    protobuf service and method name (control characters, spaces, empty parts), so such a
+    call names no service and is refused ``no_route``."""
+    match = _METHOD_NAME.fullmatch(full_method)
+    if match is None:
         return "", ""
-    return parts[1], parts[2]
+    return match[1], match[2]
 
 
 def build_input(

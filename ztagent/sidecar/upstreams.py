@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import grpc
 
+from ztagent.admission.policy_input import split_method
 from ztagent.config import Route
 
 
 def service_of(full_method: str) -> str:
     """'/pkg.v1.Svc/Method' -> 'pkg.v1.Svc' ('' when the name is malformed)."""
-    parts = full_method.split("/")
-    if len(parts) != 3 or parts[0] or not parts[1] or not parts[2]:
-        return ""
-    return parts[1]
+    return split_method(full_method)[0]
 
 
 class Upstreams:

@@ -89,7 +89,10 @@ def test_client_identity_headers_are_not_forwarded() -> None:
 def test_method_names() -> None:
     assert split_method("/pkg.v1.Svc/Method") == ("pkg.v1.Svc", "Method")
     assert service_of("/pkg.v1.Svc/Method") == "pkg.v1.Svc"
-    for bad in ("", "/", "pkg.Svc/Method", "/pkg.Svc/", "//M", "/a/b/c"):
+    assert split_method("/_p.v2._Svc/Get_1") == ("_p.v2._Svc", "Get_1")
+    bad_names = ("", "/", "pkg.Svc/Method", "/pkg.Svc/", "//M", "/a/b/c", "/pkg..Svc/M")
+    odd_characters = ("/pkg.Svc/Method\x00", "/pkg.Svc/Me thod", "/pkg.Svc/M\n", "/pkg.Svc/Mé")
+    for bad in (*bad_names, *odd_characters, "/pkg.Svc/Method/", "/1pkg.Svc/M", "/pkg.Svc/M-1"):
         assert split_method(bad) == ("", "")
         assert service_of(bad) == ""
 
