@@ -235,6 +235,32 @@ async def test_an_open_stream_of_a_device_revoked_later_is_ended(
         assert trailers[ERROR_CODE_HEADER] == "cert_revoked"
 
 
+async def test_a_sync_servers_open_stream_of_a_device_revoked_later_ends_when_it_moves(
+    pki: Pki, upstream: EchoUpstream, tmp_path: Path
+) -> None:
+    """A sync handler's thread cannot be ended from outside: the credentials are checked
+    again in it, before a message passes. Once the revocation is loaded, the next message
+    ends the stream with the refusal instead of reaching the handler."""
+    config = load_config(_config(pki, upstream, tmp_path))
+    late = pki.mint("cam-late-sync")
+    async with _Started("proxyless-sync", config) as car, channel(pki, car.port, late) as ch:
+        stream = ch.stream_stream(f"/{SERVICE}/Bidi")(timeout=30)
+        await stream.write(b"before")
+        assert await stream.read() not in (None, grpc.aio.EOF)
+        pki.revoke(late, number=903)
+        echoed = 0
+        with pytest.raises(grpc.aio.AioRpcError):
+            for _ in range(50):  # the CRL reload and the recheck interval: 0.2 s each
+                await asyncio.sleep(0.1)
+                await stream.write(b"after")
+                await asyncio.wait_for(stream.read(), 5)
+                echoed += 1
+        assert echoed < 50
+        assert await stream.code() == grpc.StatusCode.UNAUTHENTICATED
+        trailers = dict(await stream.trailing_metadata() or ())
+        assert trailers[ERROR_CODE_HEADER] == "cert_revoked"
+
+
 async def test_a_sync_server_serves_health_and_reflection_through_the_same_checks(
     pki: Pki, upstream: EchoUpstream, tmp_path: Path
 ) -> None:

@@ -51,6 +51,7 @@ import inspect
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -229,13 +230,21 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 class SyncAdmissionInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     """``AdmissionInterceptor`` for a synchronous ``grpc.server``: the handler's thread asks
     the admission loop for the verdict and waits for it, then runs the handler (or aborts
-    with the sidecar's status, details and trailers)."""
+    with the sidecar's status, details and trailers). A sync handler's thread cannot be
+    ended from outside, so an open stream's credentials are checked again in that thread,
+    before a message passes once ``recheck_s`` has gone by since the last check: a device
+    revoked later gets no further message and its stream ends with the refusal (an idle
+    stream ends only when it next moves)."""
 
     def __init__(
-        self, core: Callable[[], AdmissionCore | None], loop: asyncio.AbstractEventLoop
+        self,
+        core: Callable[[], AdmissionCore | None],
+        loop: asyncio.AbstractEventLoop,
+        recheck_s: float = 2.0,
     ) -> None:
         self._core = core
         self._loop = loop
+        self._recheck_s = recheck_s
 
     def intercept_service(
         self,
@@ -260,6 +269,8 @@ class SyncAdmissionInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 
             def unary(request: Any, context: grpc.ServicerContext) -> Any:
                 token = admit(method, context)
+                if handler.stream_unary is not None:  # a client stream: checked as it moves
+                    request = _checked(request, self._rechecker(method, context))
                 try:
                     return inner(request, context)
                 finally:
@@ -272,14 +283,43 @@ class SyncAdmissionInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 
         def streaming(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             token = admit(method, context)
+            recheck = self._rechecker(method, context)
             try:
-                yield from inner_stream(request, context)
+                if handler.stream_stream is not None:
+                    request = _checked(request, recheck)
+                for response in inner_stream(request, context):
+                    recheck()
+                    yield response
             finally:
                 reset_admitted(token)
 
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(streaming, de, se)
         return grpc.stream_stream_rpc_method_handler(streaming, de, se)
+
+    def _rechecker(self, method: str, context: grpc.ServicerContext) -> Callable[[], None]:
+        """A check to run before each message of an open stream: every ``recheck_s`` it asks
+        the admission loop to check the call's credentials again and aborts on a refusal."""
+        checked = time.monotonic()
+
+        def recheck() -> None:
+            nonlocal checked
+            if time.monotonic() - checked < self._recheck_s:
+                return
+            checked = time.monotonic()
+            core = self._core()
+            if core is None:
+                return
+            future = asyncio.run_coroutine_threadsafe(
+                core.recheck(call_of(context, method)), self._loop
+            )
+            err = future.result()
+            if err is not None:  # logged by the core (open_call)
+                _abort(
+                    context, grpc_status_for(err), f"{err.code}: {err.message}", error_trailers(err)
+                )
+
+        return recheck
 
     def _admit(
         self, method: str, context: grpc.ServicerContext
@@ -294,6 +334,12 @@ class SyncAdmissionInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         if err is not None:  # logged (within the caller's budget) by the core
             _abort(context, grpc_status_for(err), f"{err.code}: {err.message}", error_trailers(err))
         return set_admitted(verdict.admitted)
+
+
+def _checked(requests: Iterator[Any], recheck: Callable[[], None]) -> Iterator[Any]:
+    for request in requests:
+        recheck()
+        yield request
 
 
 def _abort(
@@ -453,6 +499,7 @@ class SyncServer:
         loop: asyncio.AbstractEventLoop,
         options: Sequence[tuple[str, Any]],
         max_workers: int,
+        recheck_s: float = 2.0,
     ) -> None:
         self._loop = loop
         self._pool = concurrent.futures.ThreadPoolExecutor(
@@ -460,7 +507,7 @@ class SyncServer:
         )
         self.sync = grpc.server(
             self._pool,
-            interceptors=[SyncAdmissionInterceptor(core, loop)],
+            interceptors=[SyncAdmissionInterceptor(core, loop, recheck_s)],
             options=list(options),
         )
 

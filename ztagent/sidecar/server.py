@@ -297,7 +297,11 @@ class Sidecar:
         server: Any  # grpc.aio.Server, or SyncServer, which bridges aio servicers onto sync
         if self._sync_services is not None:
             server = SyncServer(
-                lambda: self.pipeline, asyncio.get_running_loop(), options, self._sync_workers
+                lambda: self.pipeline,
+                asyncio.get_running_loop(),
+                options,
+                self._sync_workers,
+                recheck_s=config.tls.reload_interval_s,
             )
         else:
             interceptors = []
