@@ -33,6 +33,7 @@ import grpc
 import psutil
 
 from bench import micro
+from bench.flood import VALID_CALLS, FloodResult, refused_large_calls
 from bench.loadgen import LoadResult, Target, run_load
 from bench.stack import DEVICE_ID, REPO, STORAGE, Stack, running_stack
 from ztagent._proto.workloads.v1 import storage_pb2
@@ -290,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
             f"p50 {hs.p50_ms:.2f} ms",
             flush=True,
         )
+        print("large unary calls refused from their headers ...", flush=True)
+        flood = refused_large_calls(st, tg["d"].metadata)
+        print("  " + flood.summary() + ("" if flood.met else "  [TARGET MISSED]"), flush=True)
         logs = (
             [st.decision_log]
             if args.workers == 1
@@ -329,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         rss_rest,
         peak,
         hs,
+        flood,
         rows,
         vm_note,
         enrollment.rate,
@@ -376,6 +381,7 @@ class Report:
     rss_rest: float
     rss_peak: float
     handshakes: LoadResult
+    flood: FloodResult
     rows: list[micro.Row]
     vm_note: str
     enroll_rate: float
@@ -460,6 +466,11 @@ class Report:
             f"| sidecar RSS at rest (after start, attestation, first calls) | "
             f"{self.rss_rest:.0f} MB |",
             f"| sidecar RSS peak under load (leg d) | {self.rss_peak:.0f} MB |",
+            f"| 16 concurrent 15 MiB `Put`s with no user token (refused from the headers), "
+            f"a valid client calling meanwhile: sidecar RSS growth (target < 50 MB) | "
+            f"{self.flood.growth_mb:.1f} MB; refused: {self.flood.codes()}; valid "
+            f"`Get`s served {self.flood.valid_served} of {VALID_CALLS}, p50 "
+            f"{self.flood.valid_p50_ms:.2f} ms |",
             f"| enrollment (CSR + Enroll RPC + issuance + device dir; back to back, "
             f"{self.enroll_devices} devices) | {self.enroll_rate:.1f} devices/s |",
             "",

@@ -180,13 +180,15 @@ def _wait_healthy(st: Stack, name: str, channel: grpc.Channel) -> None:
     raise RuntimeError(f"{name} not SERVING after 30 s; see {st.root / name}.log")
 
 
-def mtls_channel(st: Stack, port: int) -> grpc.Channel:
+def mtls_channel(
+    st: Stack, port: int, options: list[tuple[str, int]] | None = None
+) -> grpc.Channel:
     creds = grpc.ssl_channel_credentials(
         root_certificates=st.bundle.read_bytes(),
         private_key=st.device_key.read_bytes(),
         certificate_chain=st.device_cert.read_bytes(),
     )
-    return grpc.secure_channel(f"127.0.0.1:{port}", creds)
+    return grpc.secure_channel(f"127.0.0.1:{port}", creds, options=options)
 
 
 def _attest(st: Stack, vendor_key: Path) -> None:
